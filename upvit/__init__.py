@@ -1,0 +1,33 @@
+"""upvit: unified structured pruning of vision transformers (UP-ViTs).
+
+Importing upvit stays light; the heavy pieces load on first use.
+
+>>> import upvit
+>>> teacher = upvit.load("upvit/assets/teacher")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "UpvitError": "upvit.errors",
+    "ModelConfig": "upvit.models",
+    "load_model": "upvit.models",
+    "save": "upvit.io",
+    "load": "upvit.io",
+    "evaluate": "upvit.evaluate",
+    "TrainConfig": "upvit.train",
+    "fit": "upvit.train",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'upvit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

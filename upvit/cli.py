@@ -1,0 +1,170 @@
+"""The ``upvit`` command: thin argument parsing over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from .errors import UpvitError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _add_model_args(p: argparse.ArgumentParser, name: str = "model", nargs=None) -> None:
+    p.add_argument(name, nargs=nargs, help="model directory (config.json + model.safetensors) or timm:NAME[,key=value,...]")
+    p.add_argument("--checkpoint", help="state dict (.safetensors or .pth) to load into the model")
+
+
+# ----------------------------------------------------------------------------------------- train
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    import copy
+
+    from .data import load_data
+    from .models import load_model
+    from .train import TrainConfig, fit
+
+    model = load_model(args.model, args.checkpoint)
+    train_ds, info = load_data(args.data, train=True, seed=args.seed)
+    config = model.upvit_config
+    config.data_config = info.data_config()
+    config.class_names = info.class_names
+    val_ds = load_data(args.val_data, data_config=config.data_config)[0] if args.val_data else None
+    if getattr(model, "num_classes", info.num_classes) != info.num_classes:
+        raise UpvitError(f"the model has {model.num_classes} classes but the data has {info.num_classes}: "
+                         f"add num_classes={info.num_classes} to the timm spec")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, seed=args.seed,
+                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
+    if args.drop_path:
+        _set_drop_path(model, args.drop_path)
+    record = fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
+                 extra_config={"command": " ".join(["upvit", *sys.argv[1:]])})
+    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss")}))
+    return 0
+
+
+def _set_drop_path(model, rate: float) -> None:
+    """Stochastic depth, linearly increasing with depth (timm's rule), without rebuilding."""
+    blocks = getattr(model, "blocks", [])
+    from timm.layers import DropPath
+
+    for i, block in enumerate(blocks):
+        r = rate * i / max(1, len(blocks) - 1)
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(block, name) and r > 0:
+                setattr(block, name, DropPath(r))
+
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
+    p.add_argument("--val-data", help="validation data evaluated after every epoch")
+    p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun ranks)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=2.0)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
+    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+
+# ------------------------------------------------------------------------------------------ eval
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_data
+    from .evaluate import evaluate
+    from .models import load_model
+
+    model = load_model(args.model, args.checkpoint)
+    dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device)
+    print(f"top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['n']} images)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "data": args.data, **metrics}, f, indent=2)
+    return 0
+
+
+def _eval_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="animal-mnist:val or an ImageFolder directory")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+
+
+# ----------------------------------------------------------------------------------------- bench
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import describe, format_table
+    from .models import load_model
+
+    rows = []
+    for spec in args.models:
+        model = load_model(spec, args.checkpoint if len(args.models) == 1 else None)
+        rows.append(describe(model, spec, batch_size=args.batch_size, runs=args.runs, device=args.device))
+    print(format_table(rows))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p, "models", nargs="+")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--runs", type=int, default=10, help="timed runs; the median is reported")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write the rows as JSON here")
+
+
+PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
+           "eval": (_eval_parser, "top-1 accuracy and loss of a model on a dataset"),
+           "bench": (_bench_parser, "parameters, MACs and throughput of models")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="upvit", description="Unified structured pruning of vision transformers (UP-ViTs).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, help_text) in PARSERS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UpvitError as e:
+        print(f"upvit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("upvit: interrupted; long jobs continue from their last checkpoint with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,237 @@
+"""The training loop shared by from-scratch training and distillation fine-tuning.
+
+One loop for both: the criterion is a callable ``criterion(logits, images, labels) -> (loss, parts)``,
+so distillation is a criterion that holds the teacher (the DeiT habit) and the loop never branches.
+
+The loop is deterministic given the seed: data order comes from a sampler seeded by (seed, epoch),
+augmentation from the dataset's (seed, epoch, index) generator, the learning rate from the global
+step. A checkpoint is written atomically after every epoch; ``resume=True`` continues from it and
+ends with exactly the weights an uninterrupted run would have.
+Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, nccl on GPU).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from . import distributed as dist_utils
+from .errors import UpvitError
+from .evaluate import evaluate, logits_of
+from .io import atomic_write_bytes, save
+from .progress import progress
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``batch_size`` is the global batch, split over ranks."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    grad_clip: float | None = None
+    seed: int = 0
+    num_workers: int = 0
+    amp: str = "auto"  # auto: bfloat16 autocast on CUDA, off on CPU; "off" / "bf16" force it
+    max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
+    eval_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UpvitError("epochs and batch size must be at least 1")
+        if self.lr <= 0:
+            raise UpvitError("the learning rate must be positive")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise UpvitError("--ema-decay must lie strictly between 0 and 1 (e.g. 0.999)")
+        if self.amp not in ("auto", "off", "bf16"):
+            raise UpvitError("--amp must be auto, off or bf16")
+
+
+class CrossEntropy:
+    """Plain (optionally label-smoothed) cross-entropy in the criterion contract."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, logits, images, labels):
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        return loss, {"ce": loss.item()}
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from 0, then cosine from ``lr`` down to ``min_lr``."""
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms, tokens and position embeddings (1-D or named so)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed", "reg_token"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _fingerprint(cfg: TrainConfig, model: nn.Module, dataset_len: int) -> str:
+    shape = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    blob = json.dumps([asdict(cfg), shape, dataset_len], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    cfg: TrainConfig,
+    out_dir: str,
+    criterion: Criterion | None = None,
+    val_data: Dataset | None = None,
+    resume: bool = False,
+    device: torch.device | str | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place; write checkpoints, a JSON-lines log and the final model directory.
+
+    Returns the last epoch's log record. ``model.upvit_config`` (see :mod:`upvit.models`) must be
+    set so the result can be saved as a model directory.
+    """
+    distributed = dist_utils.init_if_needed()
+    device = torch.device(device) if device is not None else dist_utils.default_device()
+    world, rank = dist_utils.world_size(), dist_utils.rank()
+    if cfg.batch_size % world:
+        raise UpvitError(f"batch size {cfg.batch_size} does not split over {world} processes: use a multiple of {world}")
+    criterion = criterion or CrossEntropy(cfg.label_smoothing)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    model.to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay else None
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_data, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+    if len(loader) == 0:
+        raise UpvitError(f"the training set ({len(train_data)} images) is smaller than one batch ({cfg.batch_size})")
+    steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path, log_path = os.path.join(out_dir, CHECKPOINT_FILE), os.path.join(out_dir, LOG_FILE)
+    fingerprint = _fingerprint(cfg, model, len(train_data))
+    start_epoch, step, history = 0, 0, []
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            raise UpvitError(f"--resume: no {CHECKPOINT_FILE} in {out_dir}; start without --resume")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["fingerprint"] != fingerprint:
+            raise UpvitError(f"--resume: the checkpoint in {out_dir} was made with other settings, model or data; "
+                             "use the original command or a new --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
+    elif os.path.isfile(ckpt_path):
+        raise UpvitError(f"{out_dir} already holds a training checkpoint: add --resume to continue it or choose a new --out")
+
+    record: dict[str, Any] = history[-1] if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler.set_epoch(epoch)
+        if hasattr(train_data, "set_epoch"):
+            train_data.set_epoch(epoch)
+        train_model.train()
+        t0, sums, seen = time.time(), {}, 0
+        bar = progress(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
+        for i, (images, labels) in enumerate(loader):
+            if i >= steps_per_epoch:
+                break
+            images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = logits_of(train_model(images))
+            loss, parts = criterion(logits.float(), images, labels)
+            if not torch.isfinite(loss):
+                raise UpvitError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+                        e.copy_(e * cfg.ema_decay + p.detach() * (1 - cfg.ema_decay)) if e.is_floating_point() else e.copy_(p)
+            step += 1
+            seen += labels.numel()
+            parts = {"loss": loss.item(), **parts}
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.update(1)
+        bar.close()
+        record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
+                  **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
+                  "epoch_seconds": round(time.time() - t0, 2), "images_per_second": round(seen * world / (time.time() - t0), 1)}
+        if val_data is not None:
+            metrics = evaluate(ema if ema is not None else model, val_data, batch_size=cfg.eval_batch_size, device=device)
+            record.update({"val_top1": metrics["top1"], "val_loss": metrics["loss"]})
+        history.append(record)
+        if dist_utils.is_main():
+            _save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch, "step": step, "history": history, "fingerprint": fingerprint,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            })
+            with open(log_path, "w") as f:  # rewritten whole: consistent with the checkpoint after a resume
+                f.writelines(json.dumps(r) + "\n" for r in history)
+            print(json.dumps(record), flush=True)
+        dist_utils.barrier()
+
+    if dist_utils.is_main():
+        final = ema if ema is not None else model
+        config = copy.deepcopy(model.upvit_config)
+        config.extra.update(extra_config or {})
+        config.extra["training"] = {**asdict(cfg), "final": record, "world_size": world}
+        save(final, out_dir, config)
+    dist_utils.barrier()
+    return record
