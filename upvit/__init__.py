@@ -20,6 +20,9 @@ _EXPORTS = {
     "evaluate": "upvit.evaluate",
     "TrainConfig": "upvit.train",
     "fit": "upvit.train",
+    "score": "upvit.importance.api",
+    "Scores": "upvit.importance.scores",
+    "get_adapter": "upvit.adapters",
 }
 
 

@@ -1,0 +1,93 @@
+"""``upvit.score``: one entry point over all scoring methods.
+
+A method is a function ``fn(adapter, images, **options) -> Scores`` registered under a name with
+:func:`register_method` in its own module; :data:`METHOD_MODULES` says which module defines which
+name, so a method's module is imported only when it is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import UpvitError
+from .scores import Scores
+
+MethodFn = Callable[..., Scores]
+METHODS: dict[str, MethodFn] = {}
+METHOD_MODULES = {
+    "kl": "upvit.importance.kl",
+    "fisher": "upvit.importance.fisher",
+    "hybrid": "upvit.importance.hybrid",
+    "magnitude": "upvit.importance.baselines",
+    "random": "upvit.importance.baselines",
+}
+
+
+def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
+    def decorator(fn: MethodFn) -> MethodFn:
+        METHODS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> MethodFn:
+    if name not in METHODS and name in METHOD_MODULES:
+        try:
+            importlib.import_module(METHOD_MODULES[name])
+        except ModuleNotFoundError as e:
+            if e.name != METHOD_MODULES[name]:
+                raise
+    if name not in METHODS:
+        known = sorted(set(METHODS) | {n for n, mod in METHOD_MODULES.items() if importlib.util.find_spec(mod)})
+        raise UpvitError(f"unknown scoring method {name!r}: choose one of {', '.join(known)}")
+    return METHODS[name]
+
+
+def proxy_tensor(proxy: torch.Tensor | Dataset | DataLoader, input_size: tuple[int, ...] | None = None) -> torch.Tensor:
+    """All proxy images as one float tensor [N, C, H, W]; labels, if any, are dropped.
+
+    Refuses an empty proxy set, images of the wrong size and non-finite pixels with one clear line.
+    """
+    if isinstance(proxy, torch.Tensor):
+        images = proxy
+    else:
+        loader = proxy if isinstance(proxy, DataLoader) else DataLoader(proxy, batch_size=256, shuffle=False)
+        chunks = []
+        for batch in loader:
+            chunks.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        if not chunks:
+            raise UpvitError("the proxy set is empty: give at least one image")
+        images = torch.cat(chunks)
+    if images.numel() == 0 or images.shape[0] == 0:
+        raise UpvitError("the proxy set is empty: give at least one image")
+    if images.dim() != 4:
+        raise UpvitError(f"proxy images must be a [N, C, H, W] batch, got shape {list(images.shape)}")
+    if input_size is not None and tuple(images.shape[1:]) != tuple(input_size):
+        raise UpvitError(f"proxy images are {list(images.shape[1:])} but the model expects {list(input_size)}: "
+                         "use the model's evaluation transform (upvit.data.load_data with its data_config)")
+    if not torch.isfinite(images).all():
+        raise UpvitError("the proxy images contain NaN or inf values: check the data and its transform")
+    return images.float()
+
+
+def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader, method: str = "kl", **options: Any) -> Scores:
+    """Importance of every channel of every site of ``model`` (see docs/method.md section 2).
+
+    >>> import upvit, torch
+    >>> model = upvit.load("upvit/assets/teacher")                      # doctest: +SKIP
+    >>> scores = upvit.score(model, torch.randn(8, 1, 28, 28))          # doctest: +SKIP
+    >>> scores.embed.shape, scores.ffn[0].shape                         # doctest: +SKIP
+    (torch.Size([192]), torch.Size([768]))
+    """
+    from ..adapters import get_adapter
+    from ..bench import input_size_of
+
+    adapter = get_adapter(model)
+    fn = get_method(method)
+    images = proxy_tensor(proxy, input_size_of(model))
+    return fn(adapter, images, **options)
