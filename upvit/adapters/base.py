@@ -119,6 +119,14 @@ class Adapter(ABC):
             "ffn_dim": [self.ffn_dim(b) for b in range(self.num_blocks)],
         }
 
+    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
+        """``(tensor, dim)`` pairs whose index i along ``dim`` is carried by channel i of the site
+        (used by the magnitude baseline). Families that support it override this."""
+        from ..errors import UpvitError
+
+        raise UpvitError(f"the {self.family} adapter does not list its weights per channel: magnitude scoring "
+                         "is not available for this model family")
+
     # ---------------------------------------------------------------- masking and staged forward
     @abstractmethod
     def masking(self, masks: Masks | None) -> contextlib.AbstractContextManager:
@@ -139,6 +147,19 @@ class Adapter(ABC):
     @abstractmethod
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Residual stream leaving the last block -> logits (eval-mode output)."""
+
+    # ---------------------------------------------------------------- optional fast paths (scorers fall back without them)
+    def head_tokens(self) -> int | None:
+        """Number of leading tokens the head reads (class/distillation tokens), or None if it reads all.
+
+        When set, the last block's FFN half may run on those tokens only without changing the logits."""
+        return None
+
+    def ffn_rank1(self, block: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """``(out, acts, dirs)`` for the residual stream ``h`` entering ``block``'s FFN half (no masks active):
+        ``out = ffn_half(block, h)``, ``acts`` [..., H] the hidden activations and ``dirs`` [H, D] such that
+        removing FFN unit j gives exactly ``out - acts[..., j, None] * dirs[j]``. None where unsupported."""
+        return None
 
     def run_from(self, h: torch.Tensor, block: int, stage: str) -> torch.Tensor:
         """Continue the staged forward from ``stage`` ("attn" or "ffn") of ``block`` to logits."""

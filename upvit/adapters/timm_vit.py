@@ -99,6 +99,56 @@ class TimmViTAdapter(Adapter):
         norms += [m.norm, getattr(m, "fc_norm", nn.Identity())]
         return [n for n in norms if isinstance(n, nn.LayerNorm)]
 
+    # ---------------------------------------------------------------- weights per channel (magnitude baseline)
+    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
+        """``(tensor, dim)`` pairs: index i along ``dim`` of each tensor is a weight carried by channel i of
+        the site. ``embed``: every residual-width slice (patch embedding out, tokens, position embedding,
+        residual LayerNorms, qkv/fc1/head inputs, proj/fc2 outputs, LayerScale). ``attn.b``: q, k and v
+        rows (and biases) of dim d and the proj column d. ``ffn.b``: fc1 row j and bias, fc2 column j."""
+        m = self.model
+        component, _, block = site_key.partition(".")
+        out: list[tuple[torch.Tensor, int]] = []
+
+        def add(t, dim):
+            if isinstance(t, torch.Tensor):
+                out.append((t.detach(), dim))
+
+        if component == "attn" and block.isdigit() and int(block) < self.num_blocks:
+            attn = m.blocks[int(block)].attn
+            a = self.attn_dim(int(block))
+            add(attn.qkv.weight.view(3, a, -1), 1)
+            if attn.qkv.bias is not None:
+                add(attn.qkv.bias.view(3, a), 1)
+            add(attn.proj.weight, 1)
+        elif component == "ffn" and block.isdigit() and int(block) < self.num_blocks:
+            mlp = m.blocks[int(block)].mlp
+            add(mlp.fc1.weight, 0)
+            add(mlp.fc1.bias, 0)
+            add(mlp.fc2.weight, 1)
+        elif site_key == "embed":
+            add(m.patch_embed.proj.weight, 0)
+            add(m.patch_embed.proj.bias, 0)
+            for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
+                add(getattr(m, name, None), -1)
+            for norm in self.residual_norms():
+                add(norm.weight, 0)
+                add(norm.bias, 0)
+            for blk in m.blocks:
+                add(blk.attn.qkv.weight, 1)
+                add(blk.attn.proj.weight, 0)
+                add(blk.attn.proj.bias, 0)
+                add(blk.mlp.fc1.weight, 1)
+                add(blk.mlp.fc2.weight, 0)
+                add(blk.mlp.fc2.bias, 0)
+                for ls in (blk.ls1, blk.ls2):
+                    add(getattr(ls, "gamma", None), 0)
+            for head in (m.head, getattr(m, "head_dist", None)):
+                if isinstance(head, nn.Linear):
+                    add(head.weight, 1)
+        else:
+            raise UpvitError(f"no site {site_key!r} in this model: use embed, attn.B or ffn.B with B < {self.num_blocks}")
+        return out
+
     # ---------------------------------------------------------------- masking
     @contextlib.contextmanager
     def masking(self, masks: Masks | None):
@@ -156,6 +206,28 @@ class TimmViTAdapter(Adapter):
     def ffn_half(self, block: int, h: torch.Tensor) -> torch.Tensor:
         blk = self.model.blocks[block]
         return h + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(h))))
+
+    def head_tokens(self) -> int | None:
+        m = self.model
+        n = int(getattr(m, "num_prefix_tokens", 0))
+        if self.distilled:
+            return n if n >= 2 else None
+        return n if m.global_pool == "token" and n >= 1 else None
+
+    def ffn_rank1(self, block: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        blk = self.model.blocks[block]
+        if self.model.training or not isinstance(blk.mlp.norm, nn.Identity):
+            return None
+        mlp = blk.mlp
+        acts = mlp.drop1(mlp.act(mlp.fc1(blk.norm2(h))))
+        out = h + blk.drop_path2(blk.ls2(mlp.drop2(mlp.fc2(acts))))
+        dirs = mlp.fc2.weight.t()
+        gamma = getattr(blk.ls2, "gamma", None)
+        if gamma is not None:
+            dirs = dirs * gamma
+        elif not isinstance(blk.ls2, nn.Identity):
+            return None
+        return out, acts, dirs
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         out = self.model.forward_head(self.model.norm(h))
