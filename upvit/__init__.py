@@ -20,6 +20,8 @@ _EXPORTS = {
     "evaluate": "upvit.evaluate",
     "TrainConfig": "upvit.train",
     "fit": "upvit.train",
+    "finetune": "upvit.distill",
+    "DistillationLoss": "upvit.distill",
     "score": "upvit.importance.api",
     "Scores": "upvit.importance.scores",
     "get_adapter": "upvit.adapters",

@@ -88,6 +88,57 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
 
 
+# -------------------------------------------------------------------------------------- finetune
+@command("finetune")
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .data import load_data
+    from .distill import check_teacher, finetune
+    from .models import load_model
+    from .train import TrainConfig
+
+    student = load_model(args.model, args.checkpoint)
+    teacher = load_model(args.teacher, args.teacher_checkpoint)
+    check_teacher(student, teacher)
+    data_config = student.upvit_config.data_config or None
+    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed)
+    if getattr(student, "num_classes", info.num_classes) != info.num_classes:
+        raise UpvitError(f"the model has {student.num_classes} classes but the data {args.data!r} has {info.num_classes}")
+    val_ds = load_data(args.val_data, data_config=data_config)[0] if args.val_data else None
+    lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256  # public recipe: 1e-3 at batch 256
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
+                      weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay, seed=args.seed,
+                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
+    record = finetune(student, teacher, train_ds, cfg, args.out, alpha=args.alpha, temperature=args.temperature,
+                      val_data=val_ds, resume=args.resume, teacher_name=args.teacher,
+                      extra_config={"command": " ".join(["upvit", *sys.argv[1:]])})
+    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss")}))
+    return 0
+
+
+def _finetune_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--teacher", required=True, help="the original (unpruned) model: directory or timm:NAME")
+    p.add_argument("--teacher-checkpoint", help="state dict to load into the teacher")
+    p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
+    p.add_argument("--val-data", help="validation data evaluated after every epoch")
+    p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (x T^2)")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun ranks)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default min(2, epochs / 10))")
+    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+
 # ------------------------------------------------------------------------------------------ eval
 @command("eval")
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -141,6 +192,7 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
 
 
 PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
+           "finetune": (_finetune_parser, "fine-tune a pruned model with distillation from the original"),
            "eval": (_eval_parser, "top-1 accuracy and loss of a model on a dataset"),
            "bench": (_bench_parser, "parameters, MACs and throughput of models")}
 

@@ -100,10 +100,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _fingerprint(cfg: TrainConfig, model: nn.Module, dataset_len: int) -> str:
+def _fingerprint(cfg: TrainConfig, model: nn.Module, dataset_len: int, criterion: Any = None) -> str:
+    """Identifies a run: settings, model shape, data size and the criterion's ``describe()`` if it has one."""
     shape = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
-    blob = json.dumps([asdict(cfg), shape, dataset_len], sort_keys=True, default=str)
+    describe = getattr(criterion, "describe", None)
+    blob = json.dumps([asdict(cfg), shape, dataset_len, describe() if callable(describe) else None],
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _mean_over_ranks(sums: dict[str, float]) -> dict[str, float]:
+    """Average per-rank loss sums over ranks, so the log describes the global batch (equal shards)."""
+    if not dist_utils.is_distributed():
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+    dist_utils.all_reduce_sum(t)
+    return {k: v / dist_utils.world_size() for k, v in zip(keys, t.tolist())}
 
 
 def _save_checkpoint(path: str, state: dict[str, Any]) -> None:
@@ -153,7 +166,7 @@ def fit(
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(out_dir, CHECKPOINT_FILE), os.path.join(out_dir, LOG_FILE)
-    fingerprint = _fingerprint(cfg, model, len(train_data))
+    fingerprint = _fingerprint(cfg, model, len(train_data), criterion)
     start_epoch, step, history = 0, 0, []
     if resume:
         if not os.path.isfile(ckpt_path):
@@ -208,6 +221,7 @@ def fit(
             bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             bar.update(1)
         bar.close()
+        sums = _mean_over_ranks(sums)
         record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                   "epoch_seconds": round(time.time() - t0, 2), "images_per_second": round(seen * world / (time.time() - t0), 1)}
