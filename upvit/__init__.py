@@ -25,6 +25,9 @@ _EXPORTS = {
     "score": "upvit.importance.api",
     "Scores": "upvit.importance.scores",
     "get_adapter": "upvit.adapters",
+    "make_plan": "upvit.plan",
+    "Plan": "upvit.plan",
+    "prune": "upvit.surgery",
 }
 
 

@@ -236,4 +236,221 @@ class TimmViTAdapter(Adapter):
         return out
 
 
+    # ================================================================ surgery (issue 4): plan -> smaller timm model
+    # timm's VisionTransformer builds every block with attn_dim == embed_dim (head_dim = embed_dim /
+    # num_heads) and one mlp_ratio for all blocks, so a plan for it must be uniform with attn_dim == embed_dim.
+    def check_plan(self, plan) -> None:
+        """Refuse plans timm's VisionTransformer constructor cannot express, in one line."""
+        attn = {len(a) for a in plan.keep_attn}
+        ffn = {len(f) for f in plan.keep_ffn}
+        if len(attn) > 1 or len(ffn) > 1:
+            raise UpvitError("timm VisionTransformer needs the same attention and FFN width in every block: "
+                             "keep the same number of dims in every block")
+        if attn != {plan.embed_dim}:
+            raise UpvitError(f"timm VisionTransformer ties the attention width to embed_dim, so attn_dim "
+                             f"({attn.pop()}) must equal embed_dim ({plan.embed_dim}): leave attn_dim unset")
+
+    def prune_config_kwargs(self, plan) -> dict:
+        """timm constructor kwargs of the pruned shape (embed_dim, num_heads, an exact mlp_ratio)."""
+        import math
+
+        dim, hidden = plan.embed_dim, plan.ffn_dim(0)
+        ratio = hidden / dim
+        while int(dim * ratio) < hidden:  # float rounding: nudge up until timm's int(dim * ratio) is exact
+            ratio = math.nextafter(ratio, math.inf)
+        if int(dim * ratio) != hidden:
+            raise UpvitError(f"no mlp_ratio gives {hidden} FFN units at embed_dim {dim} in timm")
+        return {"embed_dim": dim, "num_heads": plan.num_heads, "mlp_ratio": ratio}
+
+    def slice_state_dict(self, plan) -> dict[str, torch.Tensor]:
+        """The original state dict sliced to ``plan`` (new tensors; the model is not modified).
+
+        The attention scale is preserved: the pruned module uses ``new_head_dim ** -0.5`` (timm's rule,
+        also what fused attention uses), so when the kept per-head dim differs from the original
+        ``head_dim`` the ratio ``sqrt(new_head_dim / head_dim)`` is folded into the q rows of qkv
+        (weight and bias). Logits then equal the masked original's for any attention backend.
+        """
+        m = self.model
+        state = m.state_dict()
+        dev = next(iter(state.values())).device
+        E = torch.tensor(plan.keep_embed, dtype=torch.long, device=dev)
+        rules: dict[str, list[tuple[int, torch.Tensor]]] = {}  # key -> [(dim, index), ...]
+
+        def residual(prefix: str, module: nn.Module | None) -> None:  # LayerNorm or LayerScale over width D
+            if module is None:
+                return
+            for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                rules[f"{prefix}.{name}"] = [(0, E)]
+
+        for key in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+            if getattr(m, key, None) is not None:
+                rules[key] = [(-1, E)]
+        rules["patch_embed.proj.weight"] = [(0, E)]
+        if m.patch_embed.proj.bias is not None:
+            rules["patch_embed.proj.bias"] = [(0, E)]
+        for name in ("patch_embed.norm", "norm_pre", "norm", "fc_norm"):
+            try:
+                mod = m.get_submodule(name)
+            except AttributeError:
+                continue
+            if not isinstance(mod, nn.Identity):
+                residual(name, mod)
+        for head in ("head", "head_dist"):
+            mod = getattr(m, head, None)
+            if isinstance(mod, nn.Linear):
+                rules[f"{head}.weight"] = [(1, E)]
+                if mod.bias is not None:
+                    rules[f"{head}.bias"] = []
+        scales: dict[str, float] = {}
+        for b, blk in enumerate(m.blocks):
+            p = f"blocks.{b}"
+            a_src = self.attn_dim(b)
+            A = torch.tensor(plan.keep_attn[b], dtype=torch.long, device=dev)
+            QKV = torch.cat([A, A + a_src, A + 2 * a_src])
+            F = torch.tensor(plan.keep_ffn[b], dtype=torch.long, device=dev)
+            residual(f"{p}.norm1", blk.norm1)
+            residual(f"{p}.norm2", blk.norm2)
+            for ls in ("ls1", "ls2"):
+                if not isinstance(getattr(blk, ls), nn.Identity):
+                    residual(f"{p}.{ls}", getattr(blk, ls))
+            rules[f"{p}.attn.qkv.weight"] = [(0, QKV), (1, E)]
+            if blk.attn.qkv.bias is not None:
+                rules[f"{p}.attn.qkv.bias"] = [(0, QKV)]
+            rules[f"{p}.attn.proj.weight"] = [(0, E), (1, A)]
+            if blk.attn.proj.bias is not None:
+                rules[f"{p}.attn.proj.bias"] = [(0, E)]
+            rules[f"{p}.mlp.fc1.weight"] = [(0, F), (1, E)]
+            if blk.mlp.fc1.bias is not None:
+                rules[f"{p}.mlp.fc1.bias"] = [(0, F)]
+            rules[f"{p}.mlp.fc2.weight"] = [(0, E), (1, F)]
+            if blk.mlp.fc2.bias is not None:
+                rules[f"{p}.mlp.fc2.bias"] = [(0, E)]
+            old_hd, new_hd = self.head_dim(b), plan.head_dim(b)
+            if old_hd != new_hd:
+                scales[f"{p}.attn.qkv"] = (new_hd / old_hd) ** 0.5
+
+        unknown = sorted(set(state) - set(rules))
+        if unknown:
+            raise UpvitError(f"surgery does not know how to slice {unknown[0]} of this timm model: "
+                             "this variant is not supported for pruning yet")
+        out = {}
+        for key, tensor in state.items():
+            t = tensor.detach()
+            for dim, index in rules[key]:
+                t = t.index_select(dim, index)  # a copy
+            out[key] = t if rules[key] else t.clone()
+        for prefix, c in scales.items():
+            n = len(plan.keep_attn[int(prefix.split(".")[1])])
+            for suffix in ("weight", "bias"):
+                if f"{prefix}.{suffix}" in out:
+                    out[f"{prefix}.{suffix}"][:n] *= c  # q rows only: q . k * new_scale == q . k * old_scale
+        return out
+
+    def build_pruned(self, plan) -> nn.Module:
+        """A new model of the same timm architecture at the plan's shape, weights sliced from this one.
+
+        Built through ``timm.create_model`` (via ``create_timm_model``) so it is a genuine timm model;
+        it carries ``upvit_config`` (a ModelConfig with the new kwargs and ``timm_equivalent``)."""
+        import copy
+
+        from ..models import ModelConfig, create_timm_model, default_data_config
+
+        self.check_plan(plan)
+        m = self.model
+        base = getattr(m, "upvit_config", None)
+        if base is None:
+            arch = (getattr(m, "pretrained_cfg", None) or {}).get("architecture")
+            if not arch:
+                raise UpvitError("this timm model carries neither an upvit config nor a timm architecture name: "
+                                 "load it with upvit.load_model('timm:NAME,...') so it can be rebuilt")
+            pe = m.patch_embed
+            base = ModelConfig(timm_name=arch, timm_kwargs={"img_size": list(pe.img_size), "in_chans": pe.proj.in_channels,
+                                                            "num_classes": m.num_classes},
+                               data_config=default_data_config(m))
+        kwargs = {**base.timm_kwargs, **self.prune_config_kwargs(plan)}
+        # built on the meta device (no memory, no init), then the sliced tensors are assigned
+        new = create_timm_model(base.timm_name, {**kwargs, "device": "meta", "weight_init": "skip"})
+        state = self.slice_state_dict(plan)
+        expected = new.state_dict()
+        if set(expected) != set(state):
+            missing = sorted(set(expected) ^ set(state))
+            raise UpvitError(f"the rebuilt timm model and the sliced weights disagree on {missing[0]}: "
+                             "this variant is not supported for pruning yet")
+        for key, tensor in state.items():
+            if expected[key].shape != tensor.shape:
+                raise UpvitError(f"sliced {key} has shape {tuple(tensor.shape)}, the rebuilt model expects "
+                                 f"{tuple(expected[key].shape)}: this variant is not supported for pruning yet")
+        new.load_state_dict(state, strict=True, assign=True)
+        left = [k for k, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+        if left:
+            raise UpvitError(f"the rebuilt timm model has {left[0]} outside its state dict: this variant is not "
+                             "supported for pruning yet")
+        for name, mod in m.named_modules():  # keep the attention backend choice (fused or not)
+            if hasattr(mod, "fused_attn"):
+                target = new.get_submodule(name)
+                target.fused_attn = mod.fused_attn
+        new.train(m.training)
+        config = copy.deepcopy(base)
+        config.timm_kwargs = kwargs
+        config.timm_equivalent, equivalent_kwargs = timm_equivalent(new, kwargs, base.timm_name)
+        config.extra = dict(config.extra)
+        if equivalent_kwargs:
+            config.extra["timm_equivalent_kwargs"] = equivalent_kwargs
+        else:
+            config.extra.pop("timm_equivalent_kwargs", None)
+        new.upvit_config = config
+        return new
+
+
+# ==================================================================== surgery helpers (issue 4)
+_EQUIVALENT_CANDIDATES = [
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+    "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_224",
+    "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+    "vit_small_patch32_224", "vit_base_patch32_224", "vit_large_patch32_224",
+    "deit_base_patch16_384", "vit_tiny_patch16_384", "vit_small_patch16_384", "vit_base_patch16_384",
+]
+# kwargs that do not change the architecture and are passed on to the candidate; any other kwarg
+# beyond the shape ones makes the model non-standard (no equivalent reported)
+_PASS_KWARGS = ("img_size", "in_chans", "num_classes")
+_SHAPE_KWARGS = ("embed_dim", "num_heads", "mlp_ratio", "depth", "patch_size", "drop_rate", "drop_path_rate",
+                 "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
+
+
+def _signature(model: nn.Module) -> tuple:
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    blk = model.blocks[0]
+    return (type(model), shapes, model.global_pool, model.num_prefix_tokens, model.no_embed_class,
+            type(blk.mlp.act), getattr(blk.norm1, "eps", None), getattr(model, "dynamic_img_size", False))
+
+
+def timm_equivalent(model: nn.Module, kwargs: dict, source_name: str) -> tuple[str | None, dict]:
+    """``(name, kwargs)`` of a registered timm architecture whose ``create_model(name, **kwargs)`` has
+    exactly this model's state-dict shapes and structure, or ``(None, {})``. Candidates are built on
+    the meta device (no memory, no init). ``kwargs`` holds only img_size/in_chans/num_classes overrides
+    that differ from the candidate's defaults (empty for standard 224px ImageNet models)."""
+    from ..models import create_timm_model
+
+    if set(kwargs) - set(_PASS_KWARGS) - set(_SHAPE_KWARGS):
+        return None, {}
+    passed = {k: kwargs[k] for k in _PASS_KWARGS if k in kwargs}
+    prefix = source_name.split("_")[0]
+    names = [source_name] + sorted(_EQUIVALENT_CANDIDATES, key=lambda n: n.split("_")[0] != prefix)
+    sig = _signature(model)
+    seen = set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            cand = create_timm_model(name, {**passed, "device": "meta", "weight_init": "skip"})
+        except Exception:  # an unknown or incompatible candidate is simply not equivalent
+            continue
+        if _signature(cand) == sig:
+            if passed and _signature(create_timm_model(name, {"device": "meta", "weight_init": "skip"})) == sig:
+                passed = {}
+            return name, passed
+    return None, {}
+
+
 register("timm_vit", is_timm_vit, TimmViTAdapter)

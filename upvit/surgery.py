@@ -1,0 +1,56 @@
+"""Plan + model -> a genuine smaller model of the same family (docs/method.md section 3).
+
+The family-independent driver: validate the plan against the model, let the family's adapter build
+the new model through the family's own constructor and slice every tensor that carries a pruned
+channel, then check the result has the planned shape. No masks or patched forwards are left behind,
+and the original model is not modified.
+
+Attention scale: the pruned attention uses its own ``head_dim ** -0.5`` (so fused and unfused
+attention agree); where the kept per-head dim differs from the original, the adapter folds
+``sqrt(new_head_dim / old_head_dim)`` into the q projection, which keeps the original model's
+scale exactly (the pruned model equals the masked original).
+
+>>> import upvit
+>>> plan = upvit.make_plan(model, scores, embed_dim=384, num_heads=6, mlp_hidden=1536)  # doctest: +SKIP
+>>> small = upvit.prune(model, plan)                                                    # doctest: +SKIP
+>>> upvit.save(small, "runs/pruned")                                                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .errors import UpvitError
+from .plan import Plan
+
+
+def prune(model: nn.Module, plan: Plan) -> nn.Module:
+    """A new model of ``model``'s family at ``plan``'s shape, with sliced weights.
+
+    The result carries ``upvit_config`` (rebuildable by ``upvit.load`` after ``upvit.save``) whose
+    ``extra["plan"]`` is the plan as JSON data and whose ``timm_equivalent`` names a registered timm
+    architecture of the same shape, if any.
+    """
+    from .adapters import get_adapter
+
+    if not isinstance(plan, Plan):
+        raise UpvitError(f"prune needs a upvit.Plan, got {type(plan).__name__}: build one with upvit.make_plan "
+                         "or Plan.from_json")
+    adapter = get_adapter(model)
+    plan.check_fits(adapter.describe())
+    build = getattr(adapter, "build_pruned", None)
+    if build is None:
+        raise UpvitError(f"the {adapter.family} adapter cannot rebuild models at a new shape yet: pruning "
+                         "is not available for this model family")
+    new = build(plan)
+    got = get_adapter(new).describe()
+    want = plan.target_shape()
+    for key, value in want.items():
+        if got[key] != value:
+            raise UpvitError(f"internal error: the pruned model has {key}={got[key]}, the plan asks for {value}")
+    config = getattr(new, "upvit_config", None)
+    if config is not None:
+        config.extra["plan"] = plan.to_dict()
+    return new
+
+
+__all__ = ["prune"]
