@@ -1,0 +1,115 @@
+"""The Fisher estimate against finite differences of the KL along each channel's mask."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import upvit
+from helpers import tiny_images, tiny_vit
+from upvit.adapters import Masks, get_adapter
+from upvit.errors import UpvitError
+from upvit.importance.fisher import fisher_scores
+
+
+def kl_along_mask(adapter, images, key: str, channel: int, m: float, logq: torch.Tensor | None = None) -> float:
+    """sum_i KL(q_i || p_i(m)) with channel ``channel`` of site ``key`` scaled to ``m`` (float64)."""
+    size = {s.key: s.size for s in adapter.sites()}[key]
+    mask = torch.ones(size, dtype=torch.float64)
+    mask[channel] = m
+    with torch.no_grad():
+        if logq is None:
+            logq = torch.log_softmax(adapter.forward(images), -1)
+        logp = torch.log_softmax(adapter.forward(images, Masks({key: mask})), -1)
+    return float((logq.exp() * (logq - logp)).sum())
+
+
+def fd_hessian(adapter, images, key: str, channel: int, h: float = 4e-3) -> float:
+    """Central second difference of the KL at m = 1 (the KL and its slope vanish there), with one
+    Richardson step (steps h and h/2) to cancel the O(h^2) truncation error."""
+    with torch.no_grad():
+        logq = torch.log_softmax(adapter.forward(images), -1)
+
+    def second_difference(step: float) -> float:
+        plus, zero, minus = (kl_along_mask(adapter, images, key, channel, 1 + s, logq) for s in (step, 0.0, -step))
+        return (plus - 2 * zero + minus) / step**2
+
+    return (4 * second_difference(h / 2) - second_difference(h)) / 3
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_fisher_equals_finite_difference_kl_hessian(distilled):
+    model = tiny_vit(distilled=distilled, std=0.2).double()
+    adapter = get_adapter(model)
+    images = tiny_images(5).double()
+    scores = fisher_scores(adapter, images, batch_size=3, classes="exact")
+    assert scores.meta["method"] == "fisher" and scores.meta["classes"] == "exact"
+    checked = 0
+    for key, channels in [("embed", [0, 7, 23]), ("attn.0", [1, 12, 22]), ("attn.1", [5, 17]),
+                          ("ffn.0", [0, 30, 47]), ("ffn.1", [9, 40])]:
+        for c in channels:
+            fd = fd_hessian(adapter, images, key, c)
+            est = 2 * float(scores[key][c])  # score = 1/2 * Hessian diagonal
+            assert fd > 0
+            assert est == pytest.approx(fd, rel=1e-4, abs=1e-12), (key, c)
+            checked += 1
+    assert checked == 13
+
+
+def test_fisher_is_second_order_limit_of_true_removal_kl():
+    """For small weights the removal KL is close to its quadratic estimate; ranks agree broadly."""
+    model = tiny_vit(std=0.08).double()
+    adapter = get_adapter(model)
+    images = tiny_images(6).double()
+    est = fisher_scores(adapter, images, classes="exact")
+    for key, c in [("embed", 3), ("attn.1", 4), ("ffn.0", 11)]:
+        exact = kl_along_mask(adapter, images, key, c, 0.0)
+        assert float(est[key][c]) == pytest.approx(exact, rel=0.25)
+
+
+def test_sampled_classes_are_seeded_and_unbiased():
+    model = tiny_vit(std=0.2)
+    adapter = get_adapter(model)
+    images = tiny_images(4)
+    exact = fisher_scores(adapter, images, classes="exact")
+    a = fisher_scores(adapter, images, classes="sample", num_samples=300, seed=3)
+    b = fisher_scores(adapter, images, classes="sample", num_samples=300, seed=3)
+    c = fisher_scores(adapter, images, classes="sample", num_samples=300, seed=4)
+    assert a.meta["classes"] == "sample" and a.meta["seed"] == 3
+    for key, t in exact.items():
+        assert torch.equal(a[key], b[key])
+        assert not torch.equal(a[key], c[key])
+        rel = (a[key] - t).abs().sum() / t.abs().sum()
+        assert rel < 0.15, key
+
+
+def test_auto_switches_to_sampling_above_max_exact_classes():
+    model = tiny_vit(std=0.2)
+    images = tiny_images(3)
+    s = upvit.score(model, images, method="fisher", max_exact_classes=4, num_samples=2)
+    assert s.meta["classes"] == "sample" and s.meta["num_samples"] == 2
+    s = upvit.score(model, images, method="fisher")
+    assert s.meta["classes"] == "exact" and s.meta["num_images"] == 3
+
+
+def test_batching_does_not_change_scores_and_model_is_untouched():
+    model = tiny_vit(std=0.2)
+    images = tiny_images(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = upvit.score(model, images, method="fisher", batch_size=7)
+    b = upvit.score(model, images, method="fisher", batch_size=2)
+    for key, t in a.items():
+        torch.testing.assert_close(t, b[key], rtol=1e-5, atol=1e-12)
+        assert t.dtype == torch.float64 and (t >= 0).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"batch_size": 0}, "batch_size"),
+    ({"classes": "all"}, "classes must be one of"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"max_exact_classes": -1}, "max_exact_classes"),
+])
+def test_bad_options_give_clear_errors(options, match):
+    with pytest.raises(UpvitError, match=match):
+        upvit.score(tiny_vit(), tiny_images(2), method="fisher", **options)

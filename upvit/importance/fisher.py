@@ -1,0 +1,121 @@
+"""Second-order estimate of the KL score: the Fisher information of a multiplicative channel mask.
+
+For the removal of channel c, write p(m) for the model's output distribution with keep-mask m on
+that channel (m = 1: original model, m = 0: channel removed; the adapter's masks interpolate
+between the two, residual channels included, whose LayerNorms are renormalised with mask weights).
+KL(q || p(m)) vanishes at m = 1 together with its gradient, and its second derivative there is the
+Fisher information F_c = E_{y~q}[(d log p(y) / d m_c)^2]. The quadratic term of the expansion at
+the removal (delta m = -1) gives
+
+    s_c  ~  1/2 * sum_i F_{i,c}      (summed over the proxy images, like the exact score).
+
+Per-sample masks ``[B, size]`` on every site at once make one backward pass of sum_i log p_i(y)
+return d log p_i(y) / d m_{i,c} for every image i and every channel c of every component. The
+expectation over y ~ q_i is exact (a loop over the classes, weighted by q_i(y)) when there are at
+most ``max_exact_classes`` classes, and a seeded Monte-Carlo average over ``num_samples`` classes
+drawn from q_i otherwise. Sums over images are accumulated in float64.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from ..adapters.base import Adapter, Masks
+from ..errors import UpvitError
+from ..progress import progress
+from .api import register_method
+from .scores import Scores
+
+CLASS_MODES = ("auto", "exact", "sample")
+
+
+def _check_options(batch_size: int, classes: str, num_samples: int, max_exact_classes: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UpvitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if classes not in CLASS_MODES:
+        raise UpvitError(f"classes must be one of {', '.join(CLASS_MODES)}, got {classes!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise UpvitError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not isinstance(max_exact_classes, int) or max_exact_classes < 1:
+        raise UpvitError(f"max_exact_classes must be a positive integer, got {max_exact_classes!r}")
+
+
+def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
+                num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-site sums over images of the Fisher information F_{i,c} (float64), and a record of the run."""
+    _check_options(batch_size, classes, num_samples, max_exact_classes)
+    model = adapter.model
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    sites = adapter.sites()
+    sums = {s.key: torch.zeros(s.size, dtype=torch.float64, device=device) for s in sites}
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    mode = None
+    was_training = model.training
+    model.eval()
+    try:
+        for start in progress(range(0, images.shape[0], batch_size), desc="fisher", unit="batch"):
+            x = images[start:start + batch_size].to(device=device, dtype=dtype)
+            n = x.shape[0]
+            leaves = {s.key: torch.ones(n, s.size, dtype=dtype, device=device, requires_grad=True) for s in sites}
+            inputs = list(leaves.values())
+            with torch.enable_grad():
+                logits = adapter.forward(x, Masks(dict(leaves)))
+                if not torch.isfinite(logits).all():
+                    raise UpvitError("the model produced NaN or inf logits on the proxy set: check the weights and inputs")
+                logp = torch.log_softmax(logits, dim=-1)
+                q = logp.detach().exp().to(torch.float64)
+                num_classes = logp.shape[-1]
+                mode = ("exact" if num_classes <= max_exact_classes else "sample") if classes == "auto" else classes
+                if mode == "exact":
+                    picks = [(torch.full((n,), y, dtype=torch.long), q[:, y]) for y in range(num_classes)]
+                else:
+                    picks = _sampled_picks(q.cpu(), num_samples, generator, device)
+                for j, (ys, w) in enumerate(picks):
+                    target = logp.gather(1, ys.to(device).view(-1, 1)).sum()
+                    grads = torch.autograd.grad(target, inputs, retain_graph=j < len(picks) - 1)
+                    for key, g in zip(leaves, grads):
+                        g = g.to(torch.float64)
+                        sums[key] += (w.view(-1, 1) * g * g).sum(0)
+    finally:
+        model.train(was_training)
+    record = {"classes": mode, "num_samples": num_samples if mode == "sample" else None, "seed": seed if mode == "sample" else None}
+    return sums, record
+
+
+def _sampled_picks(q: torch.Tensor, num_samples: int, generator: torch.Generator,
+                   device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Draw ``num_samples`` classes per image from q and fold repeats into weights: slot j holds each
+    image's j-th distinct drawn class with weight count/num_samples (0 where an image has fewer),
+    so the number of backward passes is the largest number of distinct classes drawn for an image."""
+    drawn = torch.multinomial(q.to(torch.float64), num_samples, replacement=True, generator=generator)
+    counts = torch.zeros_like(q, dtype=torch.float64).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
+    order = counts.argsort(dim=1, descending=True, stable=True)
+    slots = int((counts > 0).sum(1).max())
+    picks = []
+    for j in range(slots):
+        ys = order[:, j]
+        weight = counts.gather(1, ys.view(-1, 1)).view(-1) / num_samples
+        picks.append((ys.to(device), weight.to(device)))
+    return picks
+
+
+@register_method("fisher")
+def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
+                  num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, **meta: Any) -> Scores:
+    """Estimated KL score of every channel: 1/2 * sum over images of the mask's Fisher information.
+
+    ``classes``: "exact" (sum over all classes weighted by q), "sample" (``num_samples`` classes
+    drawn from q per image, seeded by ``seed``) or "auto" (exact up to ``max_exact_classes`` classes).
+    Extra keyword arguments are recorded in the metadata (e.g. the proxy set's description).
+    """
+    t0 = time.perf_counter()
+    sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed)
+    scores = {k: 0.5 * v.cpu() for k, v in sums.items()}
+    blocks = range(adapter.num_blocks)
+    info = {"criterion": "kl", "method": "fisher", "estimate": "0.5 * sum_i E_{y~q_i}[(d log p_i(y)/d m_c)^2] at m=1",
+            "num_images": int(images.shape[0]), "batch_size": batch_size, **record,
+            "model": adapter.describe(), "wall_time_s": time.perf_counter() - t0, **meta}
+    return Scores(scores["embed"], [scores[f"attn.{b}"] for b in blocks], [scores[f"ffn.{b}"] for b in blocks], info)
