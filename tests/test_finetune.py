@@ -204,3 +204,15 @@ def test_torchrun_two_processes_match_one(mnist_models, tmp_path):
     start = _weights(str(mnist_models / "student"))
     moved = max((w1[k] - start[k]).abs().max().item() for k in w1)
     assert moved > 1e-3
+
+
+def test_worker_processes_give_the_same_run(tmp_path):
+    """Seeded per-epoch augmentation reaches DataLoader workers: 1 worker == in-process loading, bit for bit."""
+    results = []
+    for workers in (0, 1):
+        student = _student()
+        cfg = TrainConfig(**{**CFG, "num_workers": workers, "ema_decay": None})
+        upvit.finetune(student, tiny_vit(seed=1), _dataset(), cfg, str(tmp_path / f"w{workers}"))
+        results.append(_weights(str(tmp_path / f"w{workers}")))
+    for k in results[0]:
+        assert torch.equal(results[0][k], results[1][k]), k

@@ -154,8 +154,10 @@ def fit(
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema_decay else None
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+    # Workers are not persistent: each epoch's workers copy the dataset after set_epoch, so seeded
+    # augmentation follows the epoch (persistent workers would keep epoch 0's copy forever).
     loader = DataLoader(train_data, batch_size=cfg.batch_size // world, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
+                        num_workers=cfg.num_workers, persistent_workers=False)
     if len(loader) == 0:
         raise UpvitError(f"the training set ({len(train_data)} images) is smaller than one batch ({cfg.batch_size})")
     steps_per_epoch = min(len(loader), cfg.max_steps_per_epoch or len(loader))
