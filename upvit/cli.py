@@ -191,10 +191,65 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write the rows as JSON here")
 
 
+# ------------------------------------------------------------------------------------------ prune
+# issue-4-prune-begin
+@command("prune")
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .bench import count_macs, count_params
+    from .importance.scores import Scores
+    from .io import save
+    from .models import load_model
+    from .plan import Plan, make_plan
+    from .surgery import prune
+
+    targets = {"embed_dim": args.embed_dim, "num_heads": args.num_heads, "mlp_hidden": args.mlp_hidden,
+               "attn_dim": args.attn_dim}
+    given = [k for k, v in targets.items() if v is not None]
+    if (args.scores is None) == (args.plan is None):
+        raise UpvitError("give exactly one of --scores FILE (with targets) or --plan FILE")
+    if args.ratio is not None and given:
+        raise UpvitError("give either --ratio or explicit targets (--embed-dim/--num-heads/--mlp-hidden/--attn-dim), not both")
+    if args.plan is not None and (given or args.ratio is not None):
+        raise UpvitError("--plan already fixes the shape: drop the target options, or use --scores with them")
+    model = load_model(args.model, args.checkpoint)
+    if args.plan is not None:
+        plan = Plan.load(args.plan)
+    else:
+        if not given and args.ratio is None:
+            raise UpvitError("no target given: pass --ratio R or --embed-dim/--num-heads/--mlp-hidden")
+        plan = make_plan(model, Scores.load(args.scores), ratio=args.ratio, **targets)
+    pruned = prune(model, plan)
+    save(pruned, args.out)
+    plan.save(os.path.join(args.out, "plan.json"))
+    p0, p1 = count_params(model), count_params(pruned)
+    m0, m1 = count_macs(model), count_macs(pruned)
+    print(f"params {p0:,} -> {p1:,} ({p1 / p0:.1%})")
+    print(f"MACs   {m0:,} -> {m1:,} ({m1 / m0:.1%})")
+    eq = pruned.upvit_config.timm_equivalent
+    print(f"wrote {args.out} (embed {plan.embed_dim}, {plan.num_heads} heads x {plan.head_dim()}, "
+          f"FFN {plan.ffn_dim()})" + (f"; same architecture as timm {eq}" if eq else ""))
+    return 0
+
+
+def _prune_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--scores", help="scores file from `upvit score` (.safetensors)")
+    src.add_argument("--plan", help="plan.json to replay (from an earlier prune, or written by hand)")
+    p.add_argument("--embed-dim", type=int, help="residual width to keep")
+    p.add_argument("--num-heads", type=int, help="heads to keep (must divide the model's heads)")
+    p.add_argument("--mlp-hidden", type=int, help="FFN hidden units to keep per block")
+    p.add_argument("--attn-dim", type=int, help="attention width (default: embed dim; timm ViT requires that)")
+    p.add_argument("--ratio", type=float, help="keep this fraction of embed dims, heads and FFN units")
+    p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json)")
+# issue-4-prune-end
+
+
 PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
            "finetune": (_finetune_parser, "fine-tune a pruned model with distillation from the original"),
            "eval": (_eval_parser, "top-1 accuracy and loss of a model on a dataset"),
-           "bench": (_bench_parser, "parameters, MACs and throughput of models")}
+           "bench": (_bench_parser, "parameters, MACs and throughput of models"),
+           "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan")}
 
 
 def build_parser() -> argparse.ArgumentParser:

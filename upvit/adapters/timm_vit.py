@@ -424,30 +424,46 @@ def _signature(model: nn.Module) -> tuple:
             type(blk.mlp.act), getattr(blk.norm1, "eps", None), getattr(model, "dynamic_img_size", False))
 
 
+_SIGNATURES: dict[tuple[str, str], tuple | None] = {}  # (name, kwargs as JSON) -> signature, built once
+
+
+def _candidate_signature(name: str, passed_json: str) -> tuple | None:
+    """Signature of ``create_model(name, **passed)`` built on the meta device; None if it cannot be built."""
+    import json
+
+    from ..models import create_timm_model
+
+    if (name, passed_json) not in _SIGNATURES:
+        try:
+            cand = create_timm_model(name, {**json.loads(passed_json), "device": "meta", "weight_init": "skip"})
+            _SIGNATURES[name, passed_json] = _signature(cand)
+        except Exception:  # an unknown or incompatible candidate is simply not equivalent
+            _SIGNATURES[name, passed_json] = None
+    return _SIGNATURES[name, passed_json]
+
+
 def timm_equivalent(model: nn.Module, kwargs: dict, source_name: str) -> tuple[str | None, dict]:
     """``(name, kwargs)`` of a registered timm architecture whose ``create_model(name, **kwargs)`` has
     exactly this model's state-dict shapes and structure, or ``(None, {})``. Candidates are built on
     the meta device (no memory, no init). ``kwargs`` holds only img_size/in_chans/num_classes overrides
     that differ from the candidate's defaults (empty for standard 224px ImageNet models)."""
-    from ..models import create_timm_model
-
     if set(kwargs) - set(_PASS_KWARGS) - set(_SHAPE_KWARGS):
         return None, {}
+    import json
+    import re
+
     passed = {k: kwargs[k] for k in _PASS_KWARGS if k in kwargs}
     prefix = source_name.split("_")[0]
     names = [source_name] + sorted(_EQUIVALENT_CANDIDATES, key=lambda n: n.split("_")[0] != prefix)
+    patch = model.patch_embed.patch_size[0]
+    distilled = hasattr(model, "head_dist")
     sig = _signature(model)
-    seen = set()
-    for name in names:
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            cand = create_timm_model(name, {**passed, "device": "meta", "weight_init": "skip"})
-        except Exception:  # an unknown or incompatible candidate is simply not equivalent
-            continue
-        if _signature(cand) == sig:
-            if passed and _signature(create_timm_model(name, {"device": "meta", "weight_init": "skip"})) == sig:
+    for name in dict.fromkeys(names):
+        found = re.search(r"patch(\d+)", name)
+        if (found and int(found.group(1)) != patch) or ("distilled" in name) != distilled:
+            continue  # cheap filter before building anything
+        if _candidate_signature(name, json.dumps(passed, sort_keys=True)) == sig:
+            if passed and _candidate_signature(name, "{}") == sig:
                 passed = {}
             return name, passed
     return None, {}
