@@ -390,6 +390,8 @@ class TimmViTAdapter(Adapter):
                 target = new.get_submodule(name)
                 target.fused_attn = mod.fused_attn
         new.train(m.training)
+        if hasattr(m, "distilled_training"):
+            new.distilled_training = m.distilled_training
         config = copy.deepcopy(base)
         config.timm_kwargs = kwargs
         config.timm_equivalent, equivalent_kwargs = timm_equivalent(new, kwargs, base.timm_name)
