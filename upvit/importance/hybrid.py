@@ -1,0 +1,283 @@
+"""Screen then verify: rank with the Fisher estimate, score exactly only near the keep/drop boundaries.
+
+For every requested target a site splits into *selection problems* (one set of channels, keep k):
+``embed`` (all D channels, keep embed_dim), ``ffn.b`` (all H units, keep mlp_hidden) and, because
+attention dims are kept per merged head (docs/method.md section 3), one problem per merged head
+group of ``attn.b`` (h_b/h_t consecutive heads, keep attn_dim/h_t). In each problem the channels are
+ordered by the estimate and a band of Fisher ranks [k - w, k + w) is scored exactly with the exact
+engine (:func:`upvit.importance.kl.kl_scores` with ``candidates``). Channels above the band are
+taken as kept, channels below as dropped, and the band's kept channels are its best by exact KL.
+
+Stability (when to stop widening): per site, the log-ratio exact/estimate of the exactly scored
+channels (at least MIN_CALIBRATION of them, else none is trusted) gives a calibration (median mu) and a spread (robust sigma, from the MAD). A problem is
+stable when the unscored channel nearest above the band, its estimate calibrated, is still z sigma
+above the best exactly scored channel the problem drops, and the unscored channel nearest below is
+z sigma under the worst kept one (a band reaching the end of the order needs no check there).
+Otherwise w doubles; a band covering the whole problem is exact.
+
+Returned values: exactly scored channels carry their exact KL. Every other channel carries its
+calibrated estimate exp(mu) * fisher, clipped into the interval that keeps every problem's decision:
+strictly above the largest exact value a problem drops where the channel is above that problem's
+band, strictly under it where the channel is below the band (so under every exact value the problem
+keeps, and under every unscored channel above the band). The keep sets of the result (top-k,
+per merged head for attention, as :func:`upvit.plan.make_plan` computes them) are then checked
+against the decisions; a channel whose interval is empty or that lands on the wrong side is scored
+exactly and the procedure repeats. So the result's keep sets are exactly the hybrid's decisions.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..adapters.base import Adapter
+from ..errors import UpvitError
+from .api import register_method
+from .fisher import fisher_scores
+from .scores import Scores
+
+TINY = 1e-30
+MIN_CALIBRATION = 16  # exactly scored channels a site needs before its estimate's spread is trusted
+
+
+@dataclass
+class Problem:
+    """Keep the best ``k`` of ``channels`` (indices into ``site``); ``order`` is by estimate, best first."""
+
+    site: str
+    channels: torch.Tensor
+    k: int
+    order: torch.Tensor
+    w: int
+
+    @property
+    def band(self) -> tuple[int, int]:
+        n = self.order.numel()
+        return max(0, self.k - self.w), min(n, self.k + self.w)
+
+
+def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None) -> list[dict[str, int]]:
+    """Target dicts {embed_dim, num_heads, mlp_hidden, attn_dim} from ``targets`` or ``ratios``."""
+    from ..plan import targets_from_ratio
+
+    if (targets is None) == (ratios is None):
+        raise UpvitError("method 'hybrid' needs exactly one of targets=[{embed_dim, num_heads, mlp_hidden}, ...] "
+                         "or ratios=[0.5, ...]")
+    out = []
+    if ratios is not None:
+        if isinstance(ratios, (int, float)):
+            ratios = [ratios]
+        if not isinstance(ratios, (list, tuple)) or not ratios:
+            raise UpvitError(f"ratios must be a non-empty list of numbers in (0, 1], got {ratios!r}")
+        out = [targets_from_ratio(adapter, r) for r in ratios]
+    else:
+        if isinstance(targets, dict):
+            targets = [targets]
+        if not isinstance(targets, (list, tuple)) or not targets:
+            raise UpvitError(f"targets must be a non-empty list of dicts, got {targets!r}")
+        allowed = {"embed_dim", "num_heads", "mlp_hidden", "attn_dim"}
+        for t in targets:
+            if not isinstance(t, dict):
+                raise UpvitError(f"each target must be a dict like {{'embed_dim': 96, 'num_heads': 6, 'mlp_hidden': 384}}, got {t!r}")
+            unknown = set(t) - allowed
+            if unknown:
+                raise UpvitError(f"unknown target key(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(allowed))}")
+            full = {"embed_dim": adapter.embed_dim, "num_heads": adapter.num_heads(0), "mlp_hidden": adapter.ffn_dim(0), **t}
+            full.setdefault("attn_dim", full["embed_dim"])
+            out.append(full)
+    return out
+
+
+def _order(values: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+    """``channels`` sorted by ``values`` descending; ties go to the lower index (as make_plan)."""
+    return channels[torch.argsort(-values[channels], stable=True)]
+
+
+def build_problems(adapter: Adapter, estimate: Scores, targets: list[dict[str, int]], band: float,
+                   min_band: int) -> list[Problem]:
+    """One selection problem per (target, site) and per merged head group for attention."""
+    problems = []
+
+    def add(site: str, channels: torch.Tensor, k: int) -> None:
+        n = channels.numel()
+        if k >= n:
+            return  # everything kept: no boundary
+        order = _order(estimate[site].to(torch.float64), channels)
+        problems.append(Problem(site, channels, k, order, max(min_band, math.ceil(band * n))))
+
+    for t in targets:
+        add("embed", torch.arange(adapter.embed_dim), t["embed_dim"])
+        h_t, per_head = t["num_heads"], t["attn_dim"] // t["num_heads"]
+        for b in range(adapter.num_blocks):
+            group = adapter.num_heads(b) // h_t * (adapter.attn_dim(b) // adapter.num_heads(b))
+            for j in range(h_t):
+                add(f"attn.{b}", torch.arange(j * group, (j + 1) * group), per_head)
+            add(f"ffn.{b}", torch.arange(adapter.ffn_dim(b)), t["mlp_hidden"])
+    return problems
+
+
+def _calibration(est: torch.Tensor, exact: torch.Tensor, known: torch.Tensor) -> tuple[float, float]:
+    """Median and robust spread of log(exact / estimate) over the exactly scored channels (an
+    infinite spread, i.e. no confidence, until MIN_CALIBRATION channels or all of them are scored)."""
+    if int(known.sum()) < min(MIN_CALIBRATION, known.numel()):
+        return 0.0, float("inf")
+    r = torch.log(exact[known].clamp_min(TINY)) - torch.log(est[known].clamp_min(TINY))
+    mu = float(r.median())
+    sigma = 1.4826 * float((r - mu).abs().median())
+    return mu, sigma
+
+
+def _decide(p: Problem, exact: torch.Tensor, known: torch.Tensor) -> dict[str, Any]:
+    """The problem's decision from its band: kept channels, and the exact thresholds it implies."""
+    lo, hi = p.band
+    above, below = p.order[:lo], p.order[hi:]
+    scored = p.order[known[p.order]]
+    unscored_above = above[~known[above]]
+    unscored_below = below[~known[below]]
+    slots = p.k - unscored_above.numel()
+    ascending = scored.sort().values  # equal exact values: the lower index first, as make_plan
+    ranked = ascending[torch.argsort(-exact[ascending], stable=True)]
+    kept_scored, dropped_scored = ranked[:slots], ranked[slots:]
+    return {
+        "keep": set(unscored_above.tolist()) | set(kept_scored.tolist()),
+        "unscored_above": unscored_above, "unscored_below": unscored_below,
+        "t_keep": float(exact[kept_scored].min()) if kept_scored.numel() else math.inf,
+        "t_drop": float(exact[dropped_scored].max()) if dropped_scored.numel() else -math.inf,
+        "valid": 0 <= slots <= scored.numel(),
+    }
+
+
+def _stable(p: Problem, d: dict[str, Any], est: torch.Tensor, mu: float, sigma: float, z: float) -> bool:
+    if not d["valid"]:
+        return False
+    if d["unscored_above"].numel():
+        nearest = d["unscored_above"][-1]  # lowest estimate among the unscored channels above the band
+        if math.log(max(float(est[nearest]), TINY)) + mu - z * sigma <= math.log(max(d["t_drop"], TINY)):
+            return False
+    if d["unscored_below"].numel():
+        nearest = d["unscored_below"][0]
+        if math.log(max(float(est[nearest]), TINY)) + mu + z * sigma >= math.log(max(d["t_keep"], TINY)):
+            return False
+    return True
+
+
+def _top_k_set(values: torch.Tensor, channels: torch.Tensor, k: int) -> set[int]:
+    return set(_order(values, channels)[:k].tolist())
+
+
+@register_method("hybrid")
+def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, ratios: Any = None,
+                  band: float = 0.03, min_band: int = 3, z: float = 2.0, batch_size: int = 64,
+                  fisher_options: dict[str, Any] | None = None, progress: bool = False,
+                  max_rounds: int = 64, **meta: Any) -> Scores:
+    """KL scores whose keep sets at ``targets`` (or ``ratios``) are those of exact scoring, computing
+    the exact KL only near each boundary (see the module doc for the rule and the returned values).
+
+    Options: ``band`` initial half-width of each band as a fraction of the problem's channels
+    (at least ``min_band``); ``z`` how many robust standard deviations of log(exact/estimate) an
+    unscored channel must clear; ``fisher_options`` passed to the Fisher estimate.
+    """
+    from ..plan import make_plan
+    from .kl import kl_scores
+
+    if not isinstance(band, (int, float)) or not 0 < band <= 1:
+        raise UpvitError(f"band must be a fraction in (0, 1], got {band!r}")
+    if not isinstance(min_band, int) or min_band < 1:
+        raise UpvitError(f"min_band must be a positive integer, got {min_band!r}")
+    if not isinstance(z, (int, float)) or z < 0:
+        raise UpvitError(f"z must be a non-negative number, got {z!r}")
+    t0 = time.perf_counter()
+    target_list = resolve_targets(adapter, targets, ratios)
+    estimate = fisher_scores(adapter, images, batch_size=batch_size, **(fisher_options or {}))
+    for t in target_list:  # validation with make_plan's own messages
+        make_plan(adapter.model, estimate, **t)
+    t_fisher = time.perf_counter() - t0
+
+    sizes = {s.key: s.size for s in adapter.sites()}
+    est = {k: v.to(torch.float64) for k, v in estimate.items()}
+    exact = {k: torch.full((n,), math.nan, dtype=torch.float64) for k, n in sizes.items()}
+    known = {k: torch.zeros(n, dtype=torch.bool) for k, n in sizes.items()}
+    problems = build_problems(adapter, estimate, target_list, band, min_band)
+    extra: dict[str, set[int]] = {k: set() for k in sizes}  # channels scored to repair the values
+    t_exact, rounds, exact_calls = 0.0, 0, 0
+    values: dict[str, torch.Tensor] = {}
+    while True:
+        rounds += 1
+        if rounds > max_rounds:
+            raise UpvitError(f"hybrid scoring did not settle in {max_rounds} rounds: raise max_rounds or use method='kl'")
+        need: dict[str, set[int]] = {k: set(extra[k]) for k in sizes}
+        for p in problems:
+            lo, hi = p.band
+            need[p.site].update(p.order[lo:hi].tolist())
+        need = {k: sorted(i for i in v if not known[k][i]) for k, v in need.items()}
+        need = {k: v for k, v in need.items() if v}
+        if need:
+            t1 = time.perf_counter()
+            got = kl_scores(adapter, images, batch_size=batch_size, candidates=need, progress=progress)
+            t_exact += time.perf_counter() - t1
+            exact_calls += 1
+            for k, idx in need.items():
+                ix = torch.tensor(idx)
+                exact[k][ix] = got[k].to(torch.float64)[ix]
+                known[k][ix] = True
+        calib = {k: _calibration(est[k], exact[k], known[k]) for k in sizes}
+        decisions = [_decide(p, exact[p.site], known[p.site]) for p in problems]
+        unstable = [p for p, d in zip(problems, decisions) if not _stable(p, d, est[p.site], *calib[p.site], z)]
+        if unstable:
+            for p in unstable:
+                p.w *= 2
+            continue
+        values, repairs = _assign_values(sizes, est, exact, known, calib, problems, decisions)
+        if not repairs:
+            break
+        for k, idx in repairs.items():
+            extra[k].update(idx)
+
+    scored = {k: int(v.sum()) for k, v in known.items()}
+    info = {"criterion": "kl", "method": "hybrid", "targets": target_list, "num_images": int(images.shape[0]),
+            "band": band, "min_band": min_band, "z": z, "rounds": rounds, "exact_calls": exact_calls,
+            "exact_channels": {k: torch.nonzero(v).view(-1).tolist() for k, v in known.items()},
+            "exact_counts": scored, "exact_fraction": sum(scored.values()) / sum(sizes.values()),
+            "final_band_halfwidths": {f"{p.site}[{int(p.channels[0])}:{int(p.channels[-1]) + 1}]k{p.k}": p.w for p in problems},
+            "fisher": {k: v for k, v in estimate.meta.items() if k in ("classes", "num_samples", "seed")},
+            "fisher_time_s": t_fisher, "exact_time_s": t_exact, "wall_time_s": time.perf_counter() - t0,
+            "model": adapter.describe(), **meta}
+    blocks = range(adapter.num_blocks)
+    return Scores(values["embed"], [values[f"attn.{b}"] for b in blocks], [values[f"ffn.{b}"] for b in blocks], info)
+
+
+def _assign_values(sizes: dict[str, int], est: dict[str, torch.Tensor], exact: dict[str, torch.Tensor],
+                   known: dict[str, torch.Tensor], calib: dict[str, tuple[float, float]], problems: list[Problem],
+                   decisions: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Exact values where known, clipped calibrated estimates elsewhere; channels to score exactly
+    where no value can honour every decision."""
+    lower = {k: torch.full((n,), -math.inf, dtype=torch.float64) for k, n in sizes.items()}
+    upper = {k: torch.full((n,), math.inf, dtype=torch.float64) for k, n in sizes.items()}
+    for p, d in zip(problems, decisions):
+        if d["unscored_above"].numel():
+            ix = d["unscored_above"]
+            lower[p.site][ix] = lower[p.site][ix].clamp_min(d["t_drop"])
+        if d["unscored_below"].numel():  # under the best dropped exact value, so under every kept one
+            ix = d["unscored_below"]
+            cap = d["t_drop"] if math.isfinite(d["t_drop"]) else d["t_keep"]
+            upper[p.site][ix] = upper[p.site][ix].clamp_max(cap)
+    values, repairs = {}, {}
+    for k in sizes:
+        v = est[k] * math.exp(calib[k][0])
+        lo_open = torch.nextafter(lower[k], torch.full_like(lower[k], math.inf))
+        hi_open = torch.nextafter(upper[k], torch.full_like(upper[k], -math.inf))
+        v = torch.minimum(torch.maximum(v, lo_open), hi_open)
+        v = torch.where(known[k], exact[k], v)
+        values[k] = v
+        bad = (~known[k]) & (lo_open > hi_open)
+        if bad.any():
+            repairs[k] = torch.nonzero(bad).view(-1).tolist()
+    for p, d in zip(problems, decisions):
+        if _top_k_set(values[p.site], p.channels, p.k) != d["keep"]:
+            wrong = _top_k_set(values[p.site], p.channels, p.k) ^ d["keep"]
+            unscored = [i for i in wrong if not known[p.site][i]]
+            repairs.setdefault(p.site, []).extend(unscored or p.order[~known[p.site][p.order]].tolist())
+    return values, repairs
