@@ -245,10 +245,73 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
 # issue-4-prune-end
 
 
+# ------------------------------------------------------------------------------------------ score
+# issue-3-score-begin
+@command("score")
+def cmd_score(args: argparse.Namespace) -> int:
+    import inspect
+    import time
+
+    import torch
+
+    from . import distributed as dist_utils
+    from .adapters import get_adapter
+    from .bench import input_size_of
+    from .data import load_data, sample_proxy
+    from .importance.api import get_method, proxy_tensor
+    from .models import load_model
+
+    t0 = time.time()
+    started = dist_utils.init_if_needed()
+    try:
+        model = load_model(args.model, args.checkpoint)
+        adapter = get_adapter(model)
+        fn = get_method(args.method)
+        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None)
+        subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
+                                      per_class=args.per_class, seed=args.seed)
+        images = proxy_tensor(subset, input_size_of(model))
+        record["data"] = args.data
+        device = torch.device(args.device) if args.device else dist_utils.default_device()
+        model.to(device)
+        meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
+        options = {"batch_size": args.batch_size, "out": args.out, "resume": args.resume, "proxy_meta": record,
+                   "meta": meta}
+        accepted = inspect.signature(fn).parameters
+        scores = fn(adapter, images, **{k: v for k, v in options.items() if k in accepted})
+        if "out" not in accepted:  # methods that do not persist themselves
+            scores.meta.update({"criterion": scores.meta.get("criterion", args.method), "proxy": record,
+                                "model": adapter.describe(), "wall_time_s": round(time.time() - t0, 3), **meta})
+            if dist_utils.is_main():
+                scores.save(args.out)
+        if dist_utils.is_main():
+            print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
+                  f"on {len(images)} proxy images in {time.time() - t0:.1f}s")
+        return 0
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _score_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train or an ImageFolder")
+    p.add_argument("--proxy-size", type=int, default=2000, help="random proxy images (seeded)")
+    p.add_argument("--per-class", type=int, default=None, help="instead: this many images of every class")
+    p.add_argument("--seed", type=int, default=0, help="seed of the proxy sampling")
+    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random")
+    p.add_argument("--batch-size", type=int, default=64, help="proxy images per forward")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", required=True, help="scores file (.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run writing --out")
+# issue-3-score-end
+
+
 PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
            "finetune": (_finetune_parser, "fine-tune a pruned model with distillation from the original"),
            "eval": (_eval_parser, "top-1 accuracy and loss of a model on a dataset"),
            "bench": (_bench_parser, "parameters, MACs and throughput of models"),
+           "score": (_score_parser, "importance of every channel (exact KL by default) on a seeded proxy set"),
            "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan")}
 
 

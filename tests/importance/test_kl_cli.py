@@ -1,0 +1,123 @@
+"""`upvit score`: proxy sampling and metadata, torchrun with 2 processes, one-line errors."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import upvit
+from helpers import tiny_vit
+from naive_vit import naive_score
+from upvit.adapters import get_adapter
+from upvit.data import load_data, sample_proxy
+from upvit.importance.api import proxy_tensor
+from upvit.importance.kl import kl_scores
+from upvit.io import save
+
+ENV = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+
+def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and fragment in lines[0], result.stderr
+
+
+def mnist_model(tmp_path, name="m", seed=0):
+    model = tiny_vit(in_chans=1, img_size=28, patch_size=7, num_classes=10, seed=seed)
+    model.upvit_config.data_config.update({"mean": [0.2725], "std": [0.4056]})
+    save(model, str(tmp_path / name))
+    return model, str(tmp_path / name)
+
+
+def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
+    model, mdir = mnist_model(tmp_path)
+    out = str(tmp_path / "s.safetensors")
+    r = run(["-m", "upvit", "score", mdir, "--data", "animal-mnist:train", "--proxy-size", "6", "--seed", "3",
+             "--batch-size", "4", "--out", out])
+    assert r.returncode == 0, r.stderr
+    scores = upvit.Scores.load(out)
+    meta = scores.meta
+    assert meta["criterion"] == "kl" and meta["seed"] == 3 and meta["num_images"] == 6
+    assert meta["proxy"]["sampling"] == "random" and meta["proxy"]["seed"] == 3 and meta["proxy"]["data"] == "animal-mnist:train"
+    assert meta["model"]["depth"] == 2 and meta["wall_time_s"] > 0 and meta["model_spec"] == mdir
+
+    # the same proxy images, drawn independently, scored in-process and by the naive reference
+    dataset, _ = load_data("animal-mnist:train")
+    subset, _ = sample_proxy(dataset, size=6, seed=3)
+    images = proxy_tensor(subset)
+    torch.set_num_threads(1)
+    local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)
+    for key, t in local.items():
+        torch.testing.assert_close(scores[key], t, rtol=1e-6, atol=0.0)
+    for key, c in (("embed", 5), ("attn.1", 2), ("ffn.0", 7)):
+        assert math.isclose(float(scores[key][c]), naive_score(model, images, key, c), rel_tol=1e-4)
+
+
+def test_cli_per_class_proxy(tmp_path):
+    _, mdir = mnist_model(tmp_path)
+    out = str(tmp_path / "s.safetensors")
+    r = run(["-m", "upvit", "score", mdir, "--data", "animal-mnist:train", "--per-class", "1", "--out", out])
+    assert r.returncode == 0, r.stderr
+    meta = upvit.Scores.load(out).meta
+    assert meta["proxy"]["sampling"] == "per_class" and meta["proxy"]["num_images"] == 10 and meta["num_images"] == 10
+
+
+def test_torchrun_two_processes_identical_to_one(tmp_path):
+    _, mdir = mnist_model(tmp_path, seed=4)
+    common = [mdir, "--data", "animal-mnist:train", "--proxy-size", "5", "--seed", "1", "--batch-size", "2"]
+    one = str(tmp_path / "one.safetensors")
+    two = str(tmp_path / "two.safetensors")
+    r1 = run(["-m", "upvit", "score", *common, "--out", one])
+    assert r1.returncode == 0, r1.stderr
+    r2 = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "upvit", "score", *common,
+              "--out", two], timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = upvit.Scores.load(one), upvit.Scores.load(two)
+    assert b.meta["world_size"] == 2 and a.meta["world_size"] == 1
+    for key, t in a.items():
+        assert torch.isfinite(t).all()
+        assert torch.equal(b[key], t), key
+    assert not os.path.exists(two + ".partial")
+
+
+def test_cli_bad_input_one_line(tmp_path):
+    _, mdir = mnist_model(tmp_path)
+    out = str(tmp_path / "s.safetensors")
+    assert_one_line_error(run(["-m", "upvit", "score", mdir, "--data", "animal-mnist:train", "--proxy-size", "0",
+                               "--out", out]), "empty")
+    assert_one_line_error(run(["-m", "upvit", "score", "timm:resnet10t,num_classes=10,in_chans=1", "--data",
+                               "animal-mnist:train", "--out", out]), "no adapter")
+    small = str(tmp_path / "rgb")
+    save(tiny_vit(), small)  # 3x16x16 input
+    assert_one_line_error(run(["-m", "upvit", "score", small, "--data", "animal-mnist:train", "--out", out]), "expects input")
+    broken = tiny_vit(in_chans=1, img_size=28, patch_size=7, num_classes=10)
+    with torch.no_grad():
+        broken.blocks[0].mlp.fc2.bias.fill_(float("nan"))
+    save(broken, str(tmp_path / "nan"))
+    assert_one_line_error(run(["-m", "upvit", "score", str(tmp_path / "nan"), "--data", "animal-mnist:train",
+                               "--proxy-size", "3", "--out", out]), "NaN or inf")
+    assert not os.path.exists(out)
+
+
+def test_cli_resume_refuses_other_model(tmp_path):
+    _, mdir = mnist_model(tmp_path)
+    _, other = mnist_model(tmp_path, "other", seed=8)
+    out = str(tmp_path / "s.safetensors")
+    args = ["--data", "animal-mnist:train", "--proxy-size", "3", "--out", out]
+    r = run(["-m", "upvit", "score", mdir, *args])
+    assert r.returncode == 0, r.stderr
+    before = upvit.Scores.load(out)
+    r = run(["-m", "upvit", "score", mdir, *args, "--resume"])  # finished: resume returns the same scores
+    assert r.returncode == 0, r.stderr
+    assert all(torch.equal(upvit.Scores.load(out)[k], t) for k, t in before.items())
+    assert_one_line_error(run(["-m", "upvit", "score", other, *args, "--resume"]), "different model")
