@@ -148,7 +148,7 @@ def test_finetune_cli_end_to_end(mnist_models, tmp_path, capsys):
     from upvit.data import load_data
 
     val, _ = load_data("animal-mnist:val", data_config=cfg.data_config)
-    from upvit.evaluate import evaluate
+    from upvit.evaluation import evaluate
 
     assert evaluate(model, val, device="cpu")["top1"] == pytest.approx(log[-1]["val_top1"])
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "load_model": "upvit.models",
     "save": "upvit.io",
     "load": "upvit.io",
-    "evaluate": "upvit.evaluate",
+    "evaluate": "upvit.evaluation",
     "TrainConfig": "upvit.train",
     "fit": "upvit.train",
     "finetune": "upvit.distill",

@@ -30,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as dist_utils
 from .errors import UpvitError
-from .evaluate import evaluate, logits_of
+from .evaluation import evaluate, logits_of
 from .io import atomic_write_bytes, save
 from .progress import progress
 
