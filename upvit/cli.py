@@ -143,7 +143,7 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
 @command("eval")
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_data
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .models import load_model
 
     model = load_model(args.model, args.checkpoint)
@@ -307,12 +307,34 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
 # issue-3-score-end
 
 
+# ------------------------------------------------------------------------------------------ demo
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    overrides = {k: v for k, v in {"out": args.out, "teacher": args.teacher, "epochs": args.epochs,
+                                   "proxy_size": args.proxy_size, "method": args.method}.items() if v is not None}
+    cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    run_demo(cfg)
+    return 0
+
+
+def _demo_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a tiny version (seconds to minutes) for tests and smoke checks")
+    p.add_argument("--out", default=None, help="output directory (default demo_out)")
+    p.add_argument("--teacher", default=None, help="teacher model directory (default: the shipped teacher)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs for every student (default 5)")
+    p.add_argument("--proxy-size", type=int, default=None, help="proxy images for scoring (default 256)")
+    p.add_argument("--method", default=None, help="scoring method for the UP-ViT students (default hybrid)")
+
+
 PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
            "finetune": (_finetune_parser, "fine-tune a pruned model with distillation from the original"),
            "eval": (_eval_parser, "top-1 accuracy and loss of a model on a dataset"),
            "bench": (_bench_parser, "parameters, MACs and throughput of models"),
            "score": (_score_parser, "importance of every channel (exact KL by default) on a seeded proxy set"),
-           "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan")}
+           "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan"),
+           "demo": (_demo_parser, "the whole method on the embedded default, with baselines")}
 
 
 def build_parser() -> argparse.ArgumentParser:
