@@ -113,3 +113,26 @@ def test_batching_does_not_change_scores_and_model_is_untouched():
 def test_bad_options_give_clear_errors(options, match):
     with pytest.raises(UpvitError, match=match):
         upvit.score(tiny_vit(), tiny_images(2), method="fisher", **options)
+
+
+def test_rank_truncation_keeps_the_largest_eigen_components():
+    """rank=K-1 is the full expectation; smaller ranks give a lower bound that grows with the rank."""
+    model = tiny_vit(std=0.2)
+    adapter = get_adapter(model)
+    images = tiny_images(4)
+    full = fisher_scores(adapter, images)
+    assert full.meta["captured_fraction"] == pytest.approx(1.0)
+    previous = None
+    for r in (1, 2, 4):
+        s = fisher_scores(adapter, images, rank=r)
+        total = sum(float(t.sum()) for _, t in s.items())
+        if r == 4:  # 5 classes: 4 non-zero components = exact
+            for key, t in full.items():
+                torch.testing.assert_close(s[key], t, rtol=1e-5, atol=1e-12)
+        else:
+            assert 0 < s.meta["captured_fraction"] < 1
+            assert all((s[key] <= t * (1 + 1e-5) + 1e-12).all() for key, t in full.items())
+        assert previous is None or total > previous
+        previous = total
+    with pytest.raises(UpvitError, match="rank must be"):
+        fisher_scores(adapter, images, rank=0)

@@ -9,11 +9,12 @@ the removal (delta m = -1) gives
 
     s_c  ~  1/2 * sum_i F_{i,c}      (summed over the proxy images, like the exact score).
 
-Per-sample masks ``[B, size]`` on every site at once make one backward pass of sum_i log p_i(y)
-return d log p_i(y) / d m_{i,c} for every image i and every channel c of every component. The
-expectation over y ~ q_i is exact (a loop over the classes, weighted by q_i(y)) when there are at
-most ``max_exact_classes`` classes, and a seeded Monte-Carlo average over ``num_samples`` classes
-drawn from q_i otherwise. Sums over images are accumulated in float64.
+Per-sample masks ``[B, size]`` on every site at once make one backward pass of sum_i v_i . z_i
+(z: logits) return d(v_i . z_i) / d m_{i,c} for every image i and every channel c of every
+component. Since d log p(y) = d z_y - q . dz, F_i = J_i^T (diag q_i - q_i q_i^T) J_i; the expectation
+over y ~ q_i is exact (one backward per eigen-component of that covariance, K - 1 of them, or the
+``rank`` largest) when there are at most ``max_exact_classes`` classes, and a seeded Monte-Carlo
+average over ``num_samples`` classes drawn from q_i otherwise. Sums over images are accumulated in float64.
 """
 from __future__ import annotations
 
@@ -43,9 +44,11 @@ def _check_options(batch_size: int, classes: str, num_samples: int, max_exact_cl
 
 
 def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
-                num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Per-site sums over images of the Fisher information F_{i,c} (float64), and a record of the run."""
     _check_options(batch_size, classes, num_samples, max_exact_classes)
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise UpvitError(f"rank must be a positive integer or None, got {rank!r}")
     model = adapter.model
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
@@ -53,6 +56,7 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
     sums = {s.key: torch.zeros(s.size, dtype=torch.float64, device=device) for s in sites}
     generator = torch.Generator(device="cpu").manual_seed(seed)
     mode = None
+    captured = total = 0.0
     was_training = model.training
     model.eval()
     try:
@@ -70,18 +74,31 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
                 num_classes = logp.shape[-1]
                 mode = ("exact" if num_classes <= max_exact_classes else "sample") if classes == "auto" else classes
                 if mode == "exact":
-                    picks = [(torch.full((n,), y, dtype=torch.long), q[:, y]) for y in range(num_classes)]
+                    # F_i = J_i^T (diag q_i - q_i q_i^T) J_i with J_i = d logits_i / d m: one backward per
+                    # eigen-component of the class covariance (the zero one, along 1, is skipped)
+                    lam, vec = torch.linalg.eigh(torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1))
+                    lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)  # largest first
+                    r = num_classes - 1 if rank is None else min(rank, num_classes - 1)
+                    captured += float(lam[:, :r].sum()); total += float(lam.sum())
+                    picks = [(vec[:, :, j] * lam[:, j:j + 1].sqrt()).to(dtype) for j in range(r)]
+                    weights = [None] * r
                 else:
-                    picks = _sampled_picks(q.cpu(), num_samples, generator, device)
-                for j, (ys, w) in enumerate(picks):
-                    target = logp.gather(1, ys.to(device).view(-1, 1)).sum()
+                    picks, weights = [], []
+                    for ys, w in _sampled_picks(q.cpu(), num_samples, generator, device):
+                        picks.append(torch.nn.functional.one_hot(ys, num_classes).to(dtype) -
+                                     logp.detach().exp())  # d log p(y) = d z_y - sum_k p_k d z_k
+                        weights.append(w)
+                for j, (direction, w) in enumerate(zip(picks, weights)):
+                    target = (logits * direction).sum()
                     grads = torch.autograd.grad(target, inputs, retain_graph=j < len(picks) - 1)
                     for key, g in zip(leaves, grads):
                         g = g.to(torch.float64)
-                        sums[key] += (w.view(-1, 1) * g * g).sum(0)
+                        sums[key] += (g * g).sum(0) if w is None else (w.view(-1, 1) * g * g).sum(0)
     finally:
         model.train(was_training)
-    record = {"classes": mode, "num_samples": num_samples if mode == "sample" else None, "seed": seed if mode == "sample" else None}
+    record = {"classes": mode, "num_samples": num_samples if mode == "sample" else None,
+              "seed": seed if mode == "sample" else None, "rank": rank if mode == "exact" else None,
+              "captured_fraction": captured / total if mode == "exact" and total > 0 else None}
     return sums, record
 
 
@@ -104,15 +121,19 @@ def _sampled_picks(q: torch.Tensor, num_samples: int, generator: torch.Generator
 
 @register_method("fisher")
 def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
-                  num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, **meta: Any) -> Scores:
+                  num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None,
+                  **meta: Any) -> Scores:
     """Estimated KL score of every channel: 1/2 * sum over images of the mask's Fisher information.
 
     ``classes``: "exact" (sum over all classes weighted by q), "sample" (``num_samples`` classes
     drawn from q per image, seeded by ``seed``) or "auto" (exact up to ``max_exact_classes`` classes).
+    The exact expectation is J^T (diag q - q q^T) J, computed with one backward pass per eigen-
+    component of the class covariance (K - 1 of them); ``rank=r`` keeps only each image's r largest
+    (deterministic truncation; meta ``captured_fraction`` = kept share of the covariance's trace).
     Extra keyword arguments are recorded in the metadata (e.g. the proxy set's description).
     """
     t0 = time.perf_counter()
-    sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed)
+    sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank)
     scores = {k: 0.5 * v.cpu() for k, v in sums.items()}
     blocks = range(adapter.num_blocks)
     info = {"criterion": "kl", "method": "fisher", "estimate": "0.5 * sum_i E_{y~q_i}[(d log p_i(y)/d m_c)^2] at m=1",
