@@ -74,11 +74,19 @@ def functional_vit(p: dict, heads: list, x: torch.Tensor, patch: int, scale: flo
         qkv = y @ p[pre + "attn.qkv.weight"].T + p.get(pre + "attn.qkv.bias", 0)
         A = qkv.shape[-1] // 3
         q, k, v = qkv[..., :A], qkv[..., A:2 * A], qkv[..., 2 * A:]
-        outs = []
-        for dims in heads[b]:
-            att = torch.softmax((q[..., dims] @ k[..., dims].transpose(1, 2)) * scale, -1)
-            outs.append(att @ v[..., dims])
-        o = torch.cat(outs, -1) @ p[pre + "attn.proj.weight"].T + p[pre + "attn.proj.bias"]
+        sizes = {len(dims) for dims in heads[b]}
+        if len(sizes) == 1:  # equal heads: all at once, [B, heads, T, head_dim]
+            nh, hd = len(heads[b]), sizes.pop()
+            qh, kh, vh = (z.reshape(B, -1, nh, hd).transpose(1, 2) for z in (q, k, v))
+            att = torch.softmax((qh @ kh.transpose(-1, -2)) * scale, -1)
+            o = (att @ vh).transpose(1, 2).reshape(B, -1, nh * hd)
+        else:  # one head lost a dimension: head by head
+            outs = []
+            for dims in heads[b]:
+                att = torch.softmax((q[..., dims] @ k[..., dims].transpose(1, 2)) * scale, -1)
+                outs.append(att @ v[..., dims])
+            o = torch.cat(outs, -1)
+        o = o @ p[pre + "attn.proj.weight"].T + p[pre + "attn.proj.bias"]
         t = t + o * p.get(pre + "ls1.gamma", 1.0)
         y = F.layer_norm(t, (D,), p[pre + "norm2.weight"], p[pre + "norm2.bias"], eps)
         hdn = F.gelu(y @ p[pre + "mlp.fc1.weight"].T + p[pre + "mlp.fc1.bias"])
