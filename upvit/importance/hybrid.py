@@ -9,7 +9,8 @@ engine (:func:`upvit.importance.kl.kl_scores` with ``candidates``). Channels abo
 taken as kept, channels below as dropped, and the band's kept channels are its best by exact KL.
 
 Stability (when to stop widening): per site, the log-ratio exact/estimate of the exactly scored
-channels (at least MIN_CALIBRATION of them, else none is trusted) gives a calibration (median mu) and a spread (robust sigma, from the MAD). A problem is
+channels (at least MIN_CALIBRATION of them, else none is trusted) gives a calibration (median mu) and a spread sigma (the larger of the MAD-based sigma and the 95th
+percentile of |deviation| / 1.96, since the estimate's errors have heavy tails). A problem is
 stable when the unscored channel nearest above the band, its estimate calibrated, is still z sigma
 above the best exactly scored channel the problem drops, and the unscored channel nearest below is
 z sigma under the worst kept one (a band reaching the end of the order needs no check there).
@@ -126,7 +127,9 @@ def _calibration(est: torch.Tensor, exact: torch.Tensor, known: torch.Tensor) ->
         return 0.0, float("inf")
     r = torch.log(exact[known].clamp_min(TINY)) - torch.log(est[known].clamp_min(TINY))
     mu = float(r.median())
-    sigma = 1.4826 * float((r - mu).abs().median())
+    dev = (r - mu).abs()
+    # robust but tail-aware: the larger of the MAD-based sigma and the 95th-percentile deviation / 1.96
+    sigma = max(1.4826 * float(dev.median()), float(torch.quantile(dev, 0.95)) / 1.96)
     return mu, sigma
 
 
