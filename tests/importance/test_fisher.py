@@ -136,3 +136,67 @@ def test_rank_truncation_keeps_the_largest_eigen_components():
         previous = total
     with pytest.raises(UpvitError, match="rank must be"):
         fisher_scores(adapter, images, rank=0)
+
+
+# ---------------------------------------------------------------- fast path (mask probes) vs autograd through masks
+VARIANTS = [dict(distilled=False), dict(distilled=True), dict(distilled=False, init_values=0.5),
+            dict(distilled=True, init_values=0.5), dict(distilled=False, global_pool="avg", init_values=0.5)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+def test_probe_gradients_equal_mask_gradients(variant):
+    """Signed per-sample d(v . z_i)/d m_{i,c} of every site: plain forward + probes == autograd through masks."""
+    from upvit.importance.fisher import _masks_forward, _probes_forward
+
+    adapter = get_adapter(tiny_vit(std=0.2, **variant).double())
+    images = tiny_images(4).double()
+    with torch.enable_grad():
+        logits_m, grads_m = _masks_forward(adapter, images)
+        logits_p, grads_p = _probes_forward(adapter, images)
+        torch.testing.assert_close(logits_p, logits_m, rtol=1e-12, atol=1e-12)
+        v = torch.randn(logits_m.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        ref = grads_m((logits_m * v).sum(), False)
+        got = grads_p((logits_p * v).sum(), False)
+    assert set(got) == set(ref) == {s.key for s in adapter.sites()}
+    for key, g in ref.items():
+        assert g.shape == (4, {s.key: s.size for s in adapter.sites()}[key]) and g.abs().max() > 0
+        torch.testing.assert_close(got[key], g, rtol=1e-9, atol=1e-12 * float(g.abs().max()), msg=key)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()))
+def test_probes_engine_scores_equal_masks_engine(variant):
+    adapter = get_adapter(tiny_vit(std=0.2, **variant).double())
+    images = tiny_images(5).double()
+    ref = fisher_scores(adapter, images, batch_size=3, engine="masks")
+    got = fisher_scores(adapter, images, batch_size=3)
+    assert ref.meta["engine"] == "masks" and got.meta["engine"] == "probes"
+    for key, t in ref.items():
+        torch.testing.assert_close(got[key], t, rtol=1e-9, atol=1e-12 * float(t.max()), msg=key)
+
+
+def test_probes_engine_on_frozen_weights_float32():
+    """Frozen weights build no graph by themselves: the probes make the stream require grad."""
+    model = tiny_vit(std=0.2, init_values=0.5)
+    images = tiny_images(4)
+    ref = fisher_scores(get_adapter(model), images, engine="masks")
+    model.requires_grad_(False)
+    got = fisher_scores(get_adapter(model), images, engine="probes")
+    assert not any(p.requires_grad for p in model.parameters())
+    for key, t in ref.items():
+        torch.testing.assert_close(got[key], t, rtol=1e-4, atol=1e-6 * float(t.max()), msg=key)
+
+
+def test_engine_option_errors():
+    from upvit.adapters.timm_vit import TimmViTAdapter
+
+    class NoProbes(TimmViTAdapter):
+        def probing(self):
+            return None
+
+    model = tiny_vit()
+    with pytest.raises(UpvitError, match="engine must be one of"):
+        upvit.score(model, tiny_images(2), method="fisher", engine="fast")
+    adapter = NoProbes(model)
+    with pytest.raises(UpvitError, match="records no mask probes"):
+        fisher_scores(adapter, tiny_images(2), engine="probes")
+    assert fisher_scores(adapter, tiny_images(2)).meta["engine"] == "masks"

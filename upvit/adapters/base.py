@@ -74,6 +74,54 @@ def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor 
     return y * m
 
 
+@dataclass
+class MaskProbe:
+    """A point where a site's keep-mask acts, recorded during a plain (unmasked) forward.
+
+    ``kind`` "scale": the mask multiplies ``tensor``'s last dim (``[B, ..., groups * size]``, the
+    mask repeated per group, e.g. q, k and v). ``kind`` "layer_norm": ``tensor`` is the output of a
+    LayerNorm the mask renormalises (:func:`masked_layer_norm`), ``norm_input`` its input. From the
+    gradient of a loss at ``tensor``, :meth:`mask_grad` gives the per-sample gradient w.r.t. that
+    mask at m = 1 without the mask ever entering the graph (summed over probes of a site, it equals
+    the gradient w.r.t. a ``[B, size]`` mask of :meth:`Adapter.masking`)."""
+
+    site: str
+    kind: str  # "scale" | "layer_norm"
+    tensor: torch.Tensor
+    groups: int = 1
+    norm_input: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    eps: float = 0.0
+    _cache: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    def mask_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Per-sample d loss / d m_c at m = 1, ``[B, size]``, from ``grad`` = d loss / d ``tensor``."""
+        b, width = grad.shape[0], grad.shape[-1]
+        out = self.tensor.detach()
+        if self.kind == "scale":
+            return (grad * out).reshape(b, -1, self.groups, width // self.groups).sum((1, 2))
+        if self.kind != "layer_norm":
+            from ..errors import UpvitError
+
+            raise UpvitError(f"unknown mask probe kind {self.kind!r}: use 'scale' or 'layer_norm'")
+        # y = (w * yhat + bias) * m over kept channels, mean and variance weighted by m; at m = 1:
+        # dy_k/dm_c = delta_kc y_c - w_k (yhat_c + 1/2 yhat_k (yhat_c^2 - var/(var+eps))) / D
+        if self._cache is None:
+            with torch.no_grad():
+                x = self.norm_input.detach().reshape(b, -1, width)
+                var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
+                yhat = (x - mean) * torch.rsqrt(var + self.eps)
+                self._cache = (yhat, yhat * yhat, (var / (var + self.eps)).squeeze(-1))
+        yhat, yhat2, c2 = self._cache
+        g = grad.reshape(b, -1, width)
+        gw = g if self.weight is None else g * self.weight.detach()
+        s1, s2 = gw.sum(-1), (gw * yhat).sum(-1)  # [B, T]
+        direct = (g * out.reshape(b, -1, width)).sum(1)
+        stats = torch.einsum("bt,btc->bc", s1, yhat) + 0.5 * (torch.einsum("bt,btc->bc", s2, yhat2) -
+                                                              (s2 * c2).sum(1, keepdim=True))
+        return direct - stats / width
+
+
 class Adapter(ABC):
     """Wraps a model of one family. Never copies or permanently modifies the model."""
 
@@ -159,6 +207,12 @@ class Adapter(ABC):
         """``(out, acts, dirs)`` for the residual stream ``h`` entering ``block``'s FFN half (no masks active):
         ``out = ffn_half(block, h)``, ``acts`` [..., H] the hidden activations and ``dirs`` [H, D] such that
         removing FFN unit j gives exactly ``out - acts[..., j, None] * dirs[j]``. None where unsupported."""
+        return None
+
+    def probing(self) -> contextlib.AbstractContextManager[list[MaskProbe]] | None:
+        """Context yielding a list that the model's plain forward fills with a :class:`MaskProbe` for
+        every point where a site's mask acts (the Fisher estimate's fast path). None where unsupported:
+        the estimate then differentiates through ``[B, size]`` masks instead."""
         return None
 
     def run_from(self, h: torch.Tensor, block: int, stage: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import UpvitError
 from . import register
-from .base import Adapter, Masks, broadcast_mask, masked_layer_norm
+from .base import Adapter, MaskProbe, Masks, broadcast_mask, masked_layer_norm
 
 
 def _timm_classes():
@@ -190,6 +190,52 @@ class TimmViTAdapter(Adapter):
             if ffn_mask is not None:
                 handles.append(blk.mlp.act.register_forward_hook(scale_output(ffn_mask)))
         return handles
+
+    @contextlib.contextmanager
+    def probing(self):
+        """Record a :class:`MaskProbe` at every point where :meth:`_install` would apply a mask (same
+        modules), leaving every output unchanged; the residual stream is made to require grad, and the
+        FFN activation (elementwise) is linearised at its forward point, which keeps its value and its
+        gradient and makes repeated backward passes cheaper."""
+        m = self.model
+        probes: list[MaskProbe] = []
+        handles = []
+
+        def scale(site, groups=1, leaf=False):
+            def hook(module, inputs, out):
+                if leaf and not out.requires_grad:  # frozen weights: the stream is the graph's leaf
+                    out = out.detach().requires_grad_(True)
+                probes.append(MaskProbe(site, "scale", out, groups=groups))
+                return out
+            return hook
+
+        def act_hook(site):
+            def hook(module, inputs, out):  # elementwise: linearised at the forward point, same value,
+                u = inputs[0]  # and a backward of one multiply instead of the activation's own
+                if not u.requires_grad:
+                    return scale(site)(module, inputs, out)
+                slope = torch.autograd.grad(out, u, torch.ones_like(out), retain_graph=True)[0]
+                out = out.detach() + (u - u.detach()) * slope
+                probes.append(MaskProbe(site, "scale", out))
+                return out
+            return hook
+
+        def norm_hook(module, inputs, out):
+            probes.append(MaskProbe("embed", "layer_norm", out, norm_input=inputs[0], weight=module.weight, eps=module.eps))
+
+        try:
+            handles.append(m.patch_drop.register_forward_hook(scale("embed", leaf=True)))
+            for norm in self.residual_norms():
+                handles.append(norm.register_forward_hook(norm_hook))
+            for b, blk in enumerate(m.blocks):
+                handles.append(blk.attn.register_forward_hook(scale("embed")))
+                handles.append(blk.mlp.register_forward_hook(scale("embed")))
+                handles.append(blk.attn.qkv.register_forward_hook(scale(f"attn.{b}", groups=3)))
+                handles.append(blk.mlp.act.register_forward_hook(act_hook(f"ffn.{b}")))
+            yield probes
+        finally:
+            for h in handles:
+                h.remove()
 
     # ---------------------------------------------------------------- staged forward (timm Block.forward split in two)
     def stem(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,21 +15,31 @@ component. Since d log p(y) = d z_y - q . dz, F_i = J_i^T (diag q_i - q_i q_i^T)
 over y ~ q_i is exact (one backward per eigen-component of that covariance, K - 1 of them, or the
 ``rank`` largest) when there are at most ``max_exact_classes`` classes, and a seeded Monte-Carlo
 average over ``num_samples`` classes drawn from q_i otherwise. Sums over images are accumulated in float64.
+
+Engines: "masks" puts the ``[B, size]`` masks in the graph (per-sample masked LayerNorms in every
+backward pass). "probes" (default where the adapter supports it) runs the plain model and records,
+at each point where a mask acts, the activation; at m = 1 the gradient w.r.t. a multiplicative mask
+is sum over tokens of (gradient x activation) there, plus, for a renormalised LayerNorm, the terms
+from d mean / d m_c and d var / d m_c (:meth:`MaskProbe.mask_grad`). Same values up to float rounding;
+the last block's FFN runs on the head's tokens only (the others' gradients are zero).
 """
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..adapters.base import Adapter, Masks
+from ..adapters.base import Adapter, MaskProbe, Masks
 from ..errors import UpvitError
 from ..progress import progress
 from .api import register_method
 from .scores import Scores
 
 CLASS_MODES = ("auto", "exact", "sample")
+ENGINES = ("auto", "probes", "masks")
+
+GradFn = Callable[[torch.Tensor, bool], dict[str, torch.Tensor]]
 
 
 def _check_options(batch_size: int, classes: str, num_samples: int, max_exact_classes: int) -> None:
@@ -44,9 +54,23 @@ def _check_options(batch_size: int, classes: str, num_samples: int, max_exact_cl
 
 
 def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
-                num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Per-site sums over images of the Fisher information F_{i,c} (float64), and a record of the run."""
+                num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None,
+                engine: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-site sums over images of the Fisher information F_{i,c} (float64), and a record of the run.
+
+    ``engine``: how d(v . z_i)/d m_{i,c} is obtained ("auto": "probes" where the adapter has them).
+    "masks" differentiates through ``[B, size]`` masks on every site; "probes" runs the plain model
+    and forms the same gradients at m = 1 from the gradients at the adapter's :class:`MaskProbe`
+    points (no per-sample masked LayerNorms in the graph; same values up to float rounding)."""
     _check_options(batch_size, classes, num_samples, max_exact_classes)
+    if engine not in ENGINES:
+        raise UpvitError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "masks" and adapter.probing() is not None:
+        engine, forward = "probes", lambda x: _probes_forward(adapter, x)
+    elif engine == "probes":
+        raise UpvitError(f"the {adapter.family} adapter records no mask probes: use engine='masks' (or 'auto')")
+    else:
+        engine, forward = "masks", lambda x: _masks_forward(adapter, x)
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise UpvitError(f"rank must be a positive integer or None, got {rank!r}")
     model = adapter.model
@@ -62,11 +86,8 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
     try:
         for start in progress(range(0, images.shape[0], batch_size), desc="fisher", unit="batch"):
             x = images[start:start + batch_size].to(device=device, dtype=dtype)
-            n = x.shape[0]
-            leaves = {s.key: torch.ones(n, s.size, dtype=dtype, device=device, requires_grad=True) for s in sites}
-            inputs = list(leaves.values())
             with torch.enable_grad():
-                logits = adapter.forward(x, Masks(dict(leaves)))
+                logits, per_sample_grads = forward(x)
                 if not torch.isfinite(logits).all():
                     raise UpvitError("the model produced NaN or inf logits on the proxy set: check the weights and inputs")
                 logp = torch.log_softmax(logits, dim=-1)
@@ -89,17 +110,62 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
                                      logp.detach().exp())  # d log p(y) = d z_y - sum_k p_k d z_k
                         weights.append(w)
                 for j, (direction, w) in enumerate(zip(picks, weights)):
-                    target = (logits * direction).sum()
-                    grads = torch.autograd.grad(target, inputs, retain_graph=j < len(picks) - 1)
-                    for key, g in zip(leaves, grads):
+                    grads = per_sample_grads((logits * direction).sum(), j < len(picks) - 1)
+                    for key, g in grads.items():
                         g = g.to(torch.float64)
                         sums[key] += (g * g).sum(0) if w is None else (w.view(-1, 1) * g * g).sum(0)
     finally:
         model.train(was_training)
-    record = {"classes": mode, "num_samples": num_samples if mode == "sample" else None,
+    record = {"engine": engine, "classes": mode, "num_samples": num_samples if mode == "sample" else None,
               "seed": seed if mode == "sample" else None, "rank": rank if mode == "exact" else None,
               "captured_fraction": captured / total if mode == "exact" and total > 0 else None}
     return sums, record
+
+
+def _masks_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, GradFn]:
+    """Logits with all-ones ``[B, size]`` leaf masks on every site, and target -> d target / d masks."""
+    param = next(adapter.model.parameters())
+    leaves = {s.key: torch.ones(x.shape[0], s.size, dtype=param.dtype, device=param.device, requires_grad=True)
+              for s in adapter.sites()}
+    logits = adapter.forward(x, Masks(dict(leaves)))
+
+    def grads(target: torch.Tensor, retain: bool) -> dict[str, torch.Tensor]:
+        return dict(zip(leaves, torch.autograd.grad(target, list(leaves.values()), retain_graph=retain)))
+
+    return logits, grads
+
+
+def _probes_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, GradFn]:
+    """Logits of the plain model recording the adapter's mask probes, and target -> d target / d masks
+    at m = 1 (per site, summed over its probes)."""
+    prefix = adapter.head_tokens()
+    with adapter.probing() as probes:
+        h = adapter.stem(x)
+        for b in range(adapter.num_blocks):
+            h = adapter.attn_half(b, h)
+            if b == adapter.num_blocks - 1 and prefix:  # the head reads these tokens only: the others'
+                h = h[:, :prefix]  # gradients below are zero, so their last FFN is skipped
+            h = adapter.ffn_half(b, h)
+        logits = adapter.head(h)
+    probes = list(probes)
+    sizes = {s.key: s.size for s in adapter.sites()}
+    missing = sorted(set(sizes) - {p.site for p in probes})
+    if missing:
+        raise UpvitError(f"the {adapter.family} adapter recorded no mask probe for site {missing[0]}: use engine='masks'")
+    tensors = [p.tensor for p in probes]
+
+    def grads(target: torch.Tensor, retain: bool) -> dict[str, torch.Tensor]:
+        got = torch.autograd.grad(target, tensors, retain_graph=retain, allow_unused=True)
+        out: dict[str, torch.Tensor] = {}
+        for p, g in zip(probes, got):
+            if g is None:
+                continue
+            d = p.mask_grad(g)
+            out[p.site] = d if p.site not in out else out[p.site] + d
+        return {k: out.get(k, torch.zeros(x.shape[0], n, dtype=logits.dtype, device=logits.device))
+                for k, n in sizes.items()}
+
+    return logits, grads
 
 
 def _sampled_picks(q: torch.Tensor, num_samples: int, generator: torch.Generator,
@@ -122,7 +188,7 @@ def _sampled_picks(q: torch.Tensor, num_samples: int, generator: torch.Generator
 @register_method("fisher")
 def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
                   num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None,
-                  **meta: Any) -> Scores:
+                  engine: str = "auto", **meta: Any) -> Scores:
     """Estimated KL score of every channel: 1/2 * sum over images of the mask's Fisher information.
 
     ``classes``: "exact" (sum over all classes weighted by q), "sample" (``num_samples`` classes
@@ -130,10 +196,12 @@ def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, 
     The exact expectation is J^T (diag q - q q^T) J, computed with one backward pass per eigen-
     component of the class covariance (K - 1 of them); ``rank=r`` keeps only each image's r largest
     (deterministic truncation; meta ``captured_fraction`` = kept share of the covariance's trace).
+    ``engine``: "probes" (plain forward, gradients at the adapter's mask probes; the default where
+    the adapter has them) or "masks" (autograd through per-sample masks; same values, slower).
     Extra keyword arguments are recorded in the metadata (e.g. the proxy set's description).
     """
     t0 = time.perf_counter()
-    sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank)
+    sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank, engine)
     scores = {k: 0.5 * v.cpu() for k, v in sums.items()}
     blocks = range(adapter.num_blocks)
     info = {"criterion": "kl", "method": "fisher", "estimate": "0.5 * sum_i E_{y~q_i}[(d log p_i(y)/d m_c)^2] at m=1",
