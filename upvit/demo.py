@@ -41,7 +41,7 @@ class DemoConfig:
     teacher: str = ASSET_TEACHER
     out: str = "demo_out"
     method: str = "hybrid"
-    proxy_size: int = 256
+    proxy_size: int = 32  # random training images, seed 0; the public code used 2-5 images per class
     proxy_seed: int = 0
     epochs: int = 5
     batch_size: int = 128
