@@ -192,7 +192,6 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------ prune
-# issue-4-prune-begin
 @command("prune")
 def cmd_prune(args: argparse.Namespace) -> int:
     from .bench import count_macs, count_params
@@ -242,11 +241,9 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-dim", type=int, help="attention width (default: embed dim; timm ViT requires that)")
     p.add_argument("--ratio", type=float, help="keep this fraction of embed dims, heads and FFN units")
     p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json)")
-# issue-4-prune-end
 
 
 # ------------------------------------------------------------------------------------------ score
-# issue-3-score-begin
 @command("score")
 def cmd_score(args: argparse.Namespace) -> int:
     import inspect
@@ -304,7 +301,6 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run writing --out")
-# issue-3-score-end
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -282,7 +282,7 @@ class TimmViTAdapter(Adapter):
         return out
 
 
-    # ================================================================ surgery (issue 4): plan -> smaller timm model
+    # ================================================================ surgery: plan -> smaller timm model
     # timm's VisionTransformer builds every block with attn_dim == embed_dim (head_dim = embed_dim /
     # num_heads) and one mlp_ratio for all blocks, so a plan for it must be uniform with attn_dim == embed_dim.
     def check_plan(self, plan) -> None:
@@ -450,7 +450,7 @@ class TimmViTAdapter(Adapter):
         return new
 
 
-# ==================================================================== surgery helpers (issue 4)
+# ==================================================================== surgery helpers
 _EQUIVALENT_CANDIDATES = [
     "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
     "deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224", "deit_base_distilled_patch16_224",
