@@ -319,7 +319,7 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny version (seconds to minutes) for tests and smoke checks")
     p.add_argument("--out", default=None, help="output directory (default demo_out)")
     p.add_argument("--teacher", default=None, help="teacher model directory (default: the shipped teacher)")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs for every student (default 5)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs for every student (default 4)")
     p.add_argument("--proxy-size", type=int, default=None, help="proxy images for scoring (default 32)")
     p.add_argument("--method", default=None, help="scoring method for the UP-ViT students (default hybrid)")
 

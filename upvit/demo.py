@@ -43,7 +43,7 @@ class DemoConfig:
     method: str = "hybrid"
     proxy_size: int = 32  # random training images, seed 0; the public code used 2-5 images per class
     proxy_seed: int = 0
-    epochs: int = 5
+    epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05
