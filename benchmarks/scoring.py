@@ -170,7 +170,11 @@ def main() -> None:
     full = None
     if have_teacher and spec == TEACHER and not args.skip_full:
         full = full_scores(model, args.batch_size, os.path.join(RESULTS, "teacher_scores_p256_seed0.safetensors"))
-    report["teacher_scores_p256_seed0"] = full or "pending: run `.venv/bin/python benchmarks/scoring.py` once upvit/assets/teacher exists"
+    if full is None:
+        why = "skipped (--skip-full)" if have_teacher else "no teacher at upvit/assets/teacher"
+        full = (f"not computed in this run: {why}. It resumes from the partial file if one exists; "
+                "run `.venv/bin/python benchmarks/scoring.py` to compute or continue it.")
+    report["teacher_scores_p256_seed0"] = full
 
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, "scoring.json"), "w") as f:
