@@ -25,6 +25,16 @@ def _add_model_args(p: argparse.ArgumentParser, name: str = "model", nargs=None)
     p.add_argument("--checkpoint", help="state dict (.safetensors or .pth) to load into the model")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options every training run shares (train and finetune)."""
+    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+
+
 # ----------------------------------------------------------------------------------------- train
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
@@ -80,12 +90,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
-    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_run_args(p)
 
 
 # -------------------------------------------------------------------------------------- finetune
@@ -131,12 +136,7 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default min(2, epochs / 10))")
-    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    _add_run_args(p)
 
 
 # ------------------------------------------------------------------------------------------ eval
