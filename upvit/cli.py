@@ -273,7 +273,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         model.to(device)
         meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
         options = {"batch_size": args.batch_size, "out": args.out, "resume": args.resume, "proxy_meta": record,
-                   "meta": meta}
+                   "meta": meta, "targets": _parse_targets(args.target), "ratios": args.ratios}
+        if args.method == "hybrid" and options["targets"] is None and args.ratios is None:
+            raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
+                             "or --ratios 0.5 0.25")
         accepted = inspect.signature(fn).parameters
         scores = fn(adapter, images, **{k: v for k, v in options.items() if k in accepted})
         if "out" not in accepted:  # methods that do not persist themselves
@@ -290,6 +293,19 @@ def cmd_score(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+def _parse_targets(values: list[str] | None) -> list[dict[str, int]] | None:
+    """``["96,6,384", ...]`` -> ``[{"embed_dim": 96, "num_heads": 6, "mlp_hidden": 384}, ...]``."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        parts = v.split(",")
+        if len(parts) != 3 or not all(x.strip().isdigit() for x in parts):
+            raise UpvitError(f"--target {v!r}: write EMBED,HEADS,MLP, e.g. --target 96,6,384")
+        out.append(dict(zip(("embed_dim", "num_heads", "mlp_hidden"), (int(x) for x in parts))))
+    return out
+
+
 def _score_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train or an ImageFolder")
@@ -297,6 +313,8 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=int, default=0, help="seed of the proxy sampling")
     p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random")
+    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's (repeatable)")
+    p.add_argument("--ratios", type=float, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
     p.add_argument("--batch-size", type=int, default=64, help="proxy images per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")

@@ -121,3 +121,16 @@ def test_cli_resume_refuses_other_model(tmp_path):
     assert r.returncode == 0, r.stderr
     assert all(torch.equal(upvit.Scores.load(out)[k], t) for k, t in before.items())
     assert_one_line_error(run(["-m", "upvit", "score", other, *args, "--resume"]), "different model")
+
+
+def test_cli_hybrid_needs_targets_and_parses_them():
+    from upvit.cli import _parse_targets
+    from upvit.errors import UpvitError
+
+    assert _parse_targets(["96,6,384", "48,3,192"]) == [{"embed_dim": 96, "num_heads": 6, "mlp_hidden": 384},
+                                                        {"embed_dim": 48, "num_heads": 3, "mlp_hidden": 192}]
+    assert _parse_targets(None) is None
+    import pytest
+
+    with pytest.raises(UpvitError, match="EMBED,HEADS,MLP"):
+        _parse_targets(["96x6"])
