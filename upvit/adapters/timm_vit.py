@@ -328,6 +328,11 @@ class TimmViTAdapter(Adapter):
             for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
                 rules[f"{prefix}.{name}"] = [(0, E)]
 
+        def linear(prefix: str, module: nn.Linear, out_idx: torch.Tensor, in_idx: torch.Tensor) -> None:
+            rules[f"{prefix}.weight"] = [(0, out_idx), (1, in_idx)]
+            if module.bias is not None:
+                rules[f"{prefix}.bias"] = [(0, out_idx)]
+
         for key in ("cls_token", "reg_token", "dist_token", "pos_embed"):
             if getattr(m, key, None) is not None:
                 rules[key] = [(-1, E)]
@@ -359,18 +364,10 @@ class TimmViTAdapter(Adapter):
             for ls in ("ls1", "ls2"):
                 if not isinstance(getattr(blk, ls), nn.Identity):
                     residual(f"{p}.{ls}", getattr(blk, ls))
-            rules[f"{p}.attn.qkv.weight"] = [(0, QKV), (1, E)]
-            if blk.attn.qkv.bias is not None:
-                rules[f"{p}.attn.qkv.bias"] = [(0, QKV)]
-            rules[f"{p}.attn.proj.weight"] = [(0, E), (1, A)]
-            if blk.attn.proj.bias is not None:
-                rules[f"{p}.attn.proj.bias"] = [(0, E)]
-            rules[f"{p}.mlp.fc1.weight"] = [(0, F), (1, E)]
-            if blk.mlp.fc1.bias is not None:
-                rules[f"{p}.mlp.fc1.bias"] = [(0, F)]
-            rules[f"{p}.mlp.fc2.weight"] = [(0, E), (1, F)]
-            if blk.mlp.fc2.bias is not None:
-                rules[f"{p}.mlp.fc2.bias"] = [(0, E)]
+            linear(f"{p}.attn.qkv", blk.attn.qkv, QKV, E)
+            linear(f"{p}.attn.proj", blk.attn.proj, E, A)
+            linear(f"{p}.mlp.fc1", blk.mlp.fc1, F, E)
+            linear(f"{p}.mlp.fc2", blk.mlp.fc2, E, F)
             old_hd, new_hd = self.head_dim(b), plan.head_dim(b)
             if old_hd != new_hd:
                 scales[f"{p}.attn.qkv"] = (new_hd / old_hd) ** 0.5
