@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -163,8 +164,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         before = evaluate(student, val_ds, desc=f"eval {name}")["top1"]
         run_dir = os.path.join(cfg.out, name)
         if os.path.isdir(run_dir):
-            import shutil
-
             shutil.rmtree(run_dir)
         t0 = time.time()
         record = finetune(student, shared, train_ds, train_cfg, run_dir, alpha=cfg.alpha, val_data=val_ds,

@@ -214,7 +214,10 @@ def fit(
             if ema is not None:
                 with torch.no_grad():
                     for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
-                        e.copy_(e * cfg.ema_decay + p.detach() * (1 - cfg.ema_decay)) if e.is_floating_point() else e.copy_(p)
+                        if e.is_floating_point():
+                            e.copy_(e * cfg.ema_decay + p.detach() * (1 - cfg.ema_decay))
+                        else:  # integer buffers (counters) are copied, not averaged
+                            e.copy_(p)
             step += 1
             seen += labels.numel()
             parts = {"loss": loss.item(), **parts}
