@@ -113,6 +113,9 @@ def main() -> None:
     est = fisher_scores(adapter, images, batch_size=args.batch_size)
     times["fisher"] = time.perf_counter() - t
     estimates = {"fisher": est}
+    t = time.perf_counter()
+    estimates["fisher_local_attn"] = fisher_scores(adapter, images, batch_size=args.batch_size, attention="local")
+    times["fisher_local_attn"] = time.perf_counter() - t  # hybrid's screen: attention dims by upvit.importance.local
     if args.fisher_rank:
         t = time.perf_counter()
         estimates[f"fisher_rank{args.fisher_rank}"] = fisher_scores(adapter, images, batch_size=args.batch_size,
@@ -165,7 +168,9 @@ def render(r: dict) -> str:
         c = s["component"]
         worst = min(s["per_block"], key=s["per_block"].get)
         lines.append(f"| {name} | {c['embed']:.3f} | {c['attn']:.3f} | {c['ffn']:.3f} | {worst} {s['per_block'][worst]:.3f} |")
-    lines += ["", "Per block: " + ", ".join(f"{k} {v:.3f}" for k, v in r["spearman"]["fisher"]["per_block"].items()), "",
+    for name, s in r["spearman"].items():
+        lines += ["", f"Per block ({name}): " + ", ".join(f"{k} {v:.4f}" for k, v in s["per_block"].items())]
+    lines += ["",
               "## Keep-set agreement with exact (share of channels with the same keep/drop decision)", "",
               "| scores | target | embed | attn | ffn | all |", "|---|---|---|---|---|---|"]
     for name, per in r["keep_agreement"].items():

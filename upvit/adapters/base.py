@@ -209,6 +209,18 @@ class Adapter(ABC):
         removing FFN unit j gives exactly ``out - acts[..., j, None] * dirs[j]``. None where unsupported."""
         return None
 
+    def attn_removal_deltas(self, block: int, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``[C, *h.shape]``: how ``attn_half(block, h)`` changes when attention dim ``idx[c]`` is removed
+        (no other mask active). This default runs the masked forward with the C candidates stacked on
+        the batch axis; adapters may override it with a cheaper computation of the same values."""
+        size, n = self.attn_dim(block), len(idx)
+        mask = torch.ones(n, size, dtype=h.dtype, device=h.device)
+        mask[torch.arange(n, device=h.device), idx.to(h.device)] = 0
+        base = self.attn_half(block, h)
+        with self.masking(Masks({f"attn.{block}": mask.repeat_interleave(h.shape[0], dim=0)})):
+            out = self.attn_half(block, h.repeat(n, *([1] * (h.dim() - 1))))
+        return out.view(n, *h.shape) - base
+
     def probing(self) -> contextlib.AbstractContextManager[list[MaskProbe]] | None:
         """Context yielding a list that the model's plain forward fills with a :class:`MaskProbe` for
         every point where a site's mask acts (the Fisher estimate's fast path). None where unsupported:

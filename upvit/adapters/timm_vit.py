@@ -275,6 +275,33 @@ class TimmViTAdapter(Adapter):
             return None
         return out, acts, dirs
 
+    def attn_removal_deltas(self, block: int, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Only the head holding a removed dim changes: its scores lose the rank-1 term q_j k_j^T, its
+        value column j is zeroed, and the change of its output goes through its slice of ``proj``.
+        Falls back to the masked forward for attention variants this does not model."""
+        blk = self.model.blocks[block]
+        attn = blk.attn
+        plain = all(isinstance(getattr(attn, name, nn.Identity()), nn.Identity) for name in ("q_norm", "k_norm", "norm"))
+        gamma = getattr(blk.ls1, "gamma", None)
+        if (self.model.training or not plain or getattr(attn, "gate", None) is not None
+                or (gamma is None and not isinstance(blk.ls1, nn.Identity))):
+            return super().attn_removal_deltas(block, h, idx)
+        B, N, _ = h.shape
+        heads, dh = attn.num_heads, attn.head_dim
+        q, k, v = attn.qkv(blk.norm1(h)).reshape(B, N, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, dh]
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        out = scores.softmax(-1) @ v
+        idx = idx.to(h.device)
+        hh, j = idx // dh, idx % dh
+        qj, kj = q[:, hh, :, j], k[:, hh, :, j]  # [C, B, N]
+        new_scores = scores[:, hh].transpose(0, 1) - attn.scale * qj.unsqueeze(-1) * kj.unsqueeze(-2)
+        new_out = new_scores.softmax(-1) @ v[:, hh].transpose(0, 1)  # [C, B, N, dh]
+        new_out[torch.arange(len(idx), device=h.device), :, :, j] = 0  # value column j removed
+        change = new_out - out[:, hh].transpose(0, 1)
+        w = attn.proj.weight.view(-1, heads, dh)[:, hh].permute(1, 2, 0)  # [C, dh, D]
+        delta = torch.einsum("cbne,ced->cbnd", change, w)
+        return delta * gamma if gamma is not None else delta
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
         out = self.model.forward_head(self.model.norm(h))
         if isinstance(out, (tuple, list)):  # distilled model in training mode

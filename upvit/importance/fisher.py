@@ -90,25 +90,10 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
                 logits, per_sample_grads = forward(x)
                 if not torch.isfinite(logits).all():
                     raise UpvitError("the model produced NaN or inf logits on the proxy set: check the weights and inputs")
-                logp = torch.log_softmax(logits, dim=-1)
-                q = logp.detach().exp().to(torch.float64)
-                num_classes = logp.shape[-1]
-                mode = ("exact" if num_classes <= max_exact_classes else "sample") if classes == "auto" else classes
-                if mode == "exact":
-                    # F_i = J_i^T (diag q_i - q_i q_i^T) J_i with J_i = d logits_i / d m: one backward per
-                    # eigen-component of the class covariance (the zero one, along 1, is skipped)
-                    lam, vec = torch.linalg.eigh(torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1))
-                    lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)  # largest first
-                    r = num_classes - 1 if rank is None else min(rank, num_classes - 1)
-                    captured += float(lam[:, :r].sum()); total += float(lam.sum())
-                    picks = [(vec[:, :, j] * lam[:, j:j + 1].sqrt()).to(dtype) for j in range(r)]
-                    weights = [None] * r
-                else:
-                    picks, weights = [], []
-                    for ys, w in _sampled_picks(q.cpu(), num_samples, generator, device):
-                        picks.append(torch.nn.functional.one_hot(ys, num_classes).to(dtype) -
-                                     logp.detach().exp())  # d log p(y) = d z_y - sum_k p_k d z_k
-                        weights.append(w)
+                picks, weights, mode, cap, tot = class_directions(logits, classes, max_exact_classes, rank,
+                                                                   num_samples, generator)
+                captured += cap
+                total += tot
                 for j, (direction, w) in enumerate(zip(picks, weights)):
                     grads = per_sample_grads((logits * direction).sum(), j < len(picks) - 1)
                     for key, g in grads.items():
@@ -120,6 +105,32 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
               "seed": seed if mode == "sample" else None, "rank": rank if mode == "exact" else None,
               "captured_fraction": captured / total if mode == "exact" and total > 0 else None}
     return sums, record
+
+
+def class_directions(logits: torch.Tensor, classes: str, max_exact_classes: int, rank: int | None,
+                     num_samples: int, generator: torch.Generator
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], str, float, float]:
+    """Directions v_j ([B, K] each) and weights w_j with E_{y~q}[(d log p(y))^2] = sum_j w_j (v_j . dz)^2
+    for every image (w_j None means 1), the class mode used, and the captured/total covariance trace.
+
+    "exact": the eigen-components sqrt(lambda) u of diag(q) - q q^T (the zero one, along 1, skipped;
+    the ``rank`` largest if given). "sample": one-hot(y) - q for classes y drawn from q (seeded)."""
+    logp = torch.log_softmax(logits.detach(), dim=-1)
+    q = logp.exp().to(torch.float64)
+    num_classes = logp.shape[-1]
+    mode = ("exact" if num_classes <= max_exact_classes else "sample") if classes == "auto" else classes
+    dtype, device = logits.dtype, logits.device
+    if mode == "exact":
+        lam, vec = torch.linalg.eigh(torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1))
+        lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)  # largest first
+        r = num_classes - 1 if rank is None else min(rank, num_classes - 1)
+        picks = [(vec[:, :, j] * lam[:, j:j + 1].sqrt()).to(dtype) for j in range(r)]
+        return picks, [None] * r, mode, float(lam[:, :r].sum()), float(lam.sum())
+    picks, weights = [], []
+    for ys, w in _sampled_picks(q.cpu(), num_samples, generator, device):
+        picks.append(torch.nn.functional.one_hot(ys, num_classes).to(dtype) - logp.exp())  # d log p(y) = d z_y - q . dz
+        weights.append(w)
+    return picks, weights, mode, 0.0, 0.0
 
 
 def _masks_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, GradFn]:
@@ -188,7 +199,7 @@ def _sampled_picks(q: torch.Tensor, num_samples: int, generator: torch.Generator
 @register_method("fisher")
 def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
                   num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None,
-                  engine: str = "auto", **meta: Any) -> Scores:
+                  engine: str = "auto", attention: str = "fisher", **meta: Any) -> Scores:
     """Estimated KL score of every channel: 1/2 * sum over images of the mask's Fisher information.
 
     ``classes``: "exact" (sum over all classes weighted by q), "sample" (``num_samples`` classes
@@ -198,13 +209,21 @@ def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, 
     (deterministic truncation; meta ``captured_fraction`` = kept share of the covariance's trace).
     ``engine``: "probes" (plain forward, gradients at the adapter's mask probes; the default where
     the adapter has them) or "masks" (autograd through per-sample masks; same values, slower).
+    ``attention``: "fisher" (the mask's Fisher information, as for the other components) or "local"
+    (the dim's removal computed exactly inside its block and linearised after it,
+    :mod:`upvit.importance.local`: closer to exact KL, slower; hybrid scoring screens with it).
     Extra keyword arguments are recorded in the metadata (e.g. the proxy set's description).
     """
+    from .local import check_attention_option, local_attention_sums
+
+    check_attention_option(attention)
     t0 = time.perf_counter()
     sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank, engine)
+    if attention == "local":
+        sums.update(local_attention_sums(adapter, images, batch_size, classes, max_exact_classes, rank, num_samples, seed))
     scores = {k: 0.5 * v.cpu() for k, v in sums.items()}
     blocks = range(adapter.num_blocks)
     info = {"criterion": "kl", "method": "fisher", "estimate": "0.5 * sum_i E_{y~q_i}[(d log p_i(y)/d m_c)^2] at m=1",
-            "num_images": int(images.shape[0]), "batch_size": batch_size, **record,
+            "num_images": int(images.shape[0]), "batch_size": batch_size, "attention": attention, **record,
             "model": adapter.describe(), "wall_time_s": time.perf_counter() - t0, **meta}
     return Scores(scores["embed"], [scores[f"attn.{b}"] for b in blocks], [scores[f"ffn.{b}"] for b in blocks], info)

@@ -9,12 +9,13 @@ engine (:func:`upvit.importance.kl.kl_scores` with ``candidates``). Channels abo
 taken as kept, channels below as dropped, and the band's kept channels are its best by exact KL.
 
 Stability (when to stop widening): per site, the log-ratio exact/estimate of the exactly scored
-channels (at least MIN_CALIBRATION of them, else none is trusted) gives a calibration (median mu) and a spread sigma (the larger of the MAD-based sigma and the 95th
-percentile of |deviation| / 1.96, since the estimate's errors have heavy tails). A problem is
-stable when the unscored channel nearest above the band, its estimate calibrated, is still z sigma
-above the best exactly scored channel the problem drops, and the unscored channel nearest below is
-z sigma under the worst kept one (a band reaching the end of the order needs no check there).
-Otherwise w doubles; a band covering the whole problem is exact.
+channels (at least MIN_CALIBRATION of them, else none is trusted) gives a calibration (median mu) and
+a spread sigma (the larger of the MAD-based sigma and the 95th percentile of |deviation| / 1.96, since
+the estimate's errors have heavy tails). A problem is stable when every unscored channel above the
+band, its estimate calibrated, is still z sigma above the best exactly scored channel the problem
+drops, and every unscored channel below is z sigma under the worst kept one. Otherwise the band
+grows on that side by exactly the channels that fail (it doubles while the site is uncalibrated),
+and the exact engine scores them; a band covering the whole problem is exact.
 
 Returned values: exactly scored channels carry their exact KL. Every other channel carries its
 calibrated estimate exp(mu) * fisher, clipped into the interval that keeps every problem's decision:
@@ -52,12 +53,13 @@ class Problem:
     channels: torch.Tensor
     k: int
     order: torch.Tensor
-    w: int
+    up: int  # the band reaches this many ranks above the boundary ...
+    down: int  # ... and this many below it
 
     @property
     def band(self) -> tuple[int, int]:
         n = self.order.numel()
-        return max(0, self.k - self.w), min(n, self.k + self.w)
+        return max(0, self.k - self.up), min(n, self.k + self.down)
 
 
 def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None) -> list[dict[str, int]]:
@@ -107,7 +109,8 @@ def build_problems(adapter: Adapter, estimate: Scores, targets: list[dict[str, i
         if k >= n:
             return  # everything kept: no boundary
         order = _order(estimate[site].to(torch.float64), channels)
-        problems.append(Problem(site, channels, k, order, max(min_band, math.ceil(band * n))))
+        w = max(min_band, math.ceil(band * n))
+        problems.append(Problem(site, channels, k, order, w, w))
 
     for t in targets:
         add("embed", torch.arange(adapter.embed_dim), t["embed_dim"])
@@ -153,18 +156,30 @@ def _decide(p: Problem, exact: torch.Tensor, known: torch.Tensor) -> dict[str, A
     }
 
 
-def _stable(p: Problem, d: dict[str, Any], est: torch.Tensor, mu: float, sigma: float, z: float) -> bool:
-    if not d["valid"]:
+def _widen(p: Problem, d: dict[str, Any], est: torch.Tensor, mu: float, sigma: float, z: float) -> bool:
+    """Widen an unstable problem's band; False if it is stable. Uncalibrated sites (infinite sigma) and
+    invalid decisions double the band; otherwise each side grows to take in exactly the unscored
+    channels whose calibrated estimate is within z sigma of the exact threshold they must clear."""
+    if not d["valid"] or not math.isfinite(sigma):
+        if not d["valid"] or d["unscored_above"].numel() or d["unscored_below"].numel():
+            p.up, p.down = 2 * p.up, 2 * p.down
+            return True
         return False
-    if d["unscored_above"].numel():
-        nearest = d["unscored_above"][-1]  # lowest estimate among the unscored channels above the band
-        if math.log(max(float(est[nearest]), TINY)) + mu - z * sigma <= math.log(max(d["t_drop"], TINY)):
-            return False
-    if d["unscored_below"].numel():
-        nearest = d["unscored_below"][0]
-        if math.log(max(float(est[nearest]), TINY)) + mu + z * sigma >= math.log(max(d["t_keep"], TINY)):
-            return False
-    return True
+    widened = False
+    above, below = d["unscored_above"], d["unscored_below"]
+    if above.numel():  # ordered best first: the ones nearest the band are last
+        log_est = torch.log(est[above].clamp_min(TINY)) + mu - z * sigma
+        close = int((log_est <= math.log(max(d["t_drop"], TINY))).sum())
+        if close:
+            p.up += close
+            widened = True
+    if below.numel():
+        log_est = torch.log(est[below].clamp_min(TINY)) + mu + z * sigma
+        close = int((log_est >= math.log(max(d["t_keep"], TINY))).sum())
+        if close:
+            p.down += close
+            widened = True
+    return widened
 
 
 def _top_k_set(values: torch.Tensor, channels: torch.Tensor, k: int) -> set[int]:
@@ -173,7 +188,7 @@ def _top_k_set(values: torch.Tensor, channels: torch.Tensor, k: int) -> set[int]
 
 @register_method("hybrid")
 def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, ratios: Any = None,
-                  band: float = 0.03, min_band: int = 3, z: float = 2.0, batch_size: int = 64,
+                  band: float = 0.005, min_band: int = 2, z: float = 3.0, batch_size: int = 64,
                   fisher_options: dict[str, Any] | None = None, progress: bool = False,
                   max_rounds: int = 64, **meta: Any) -> Scores:
     """KL scores whose keep sets at ``targets`` (or ``ratios``) are those of exact scoring, computing
@@ -181,7 +196,9 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
 
     Options: ``band`` initial half-width of each band as a fraction of the problem's channels
     (at least ``min_band``); ``z`` how many robust standard deviations of log(exact/estimate) an
-    unscored channel must clear; ``fisher_options`` passed to the Fisher estimate.
+    unscored channel must clear; ``fisher_options`` passed to the estimate (default
+    ``{"attention": "local"}``: attention dims screened with :mod:`upvit.importance.local`, whose
+    ranking is far closer to exact's, so their bands stay narrow).
     """
     from ..plan import make_plan
     from .kl import kl_scores
@@ -194,7 +211,7 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
         raise UpvitError(f"z must be a non-negative number, got {z!r}")
     t0 = time.perf_counter()
     target_list = resolve_targets(adapter, targets, ratios)
-    estimate = fisher_scores(adapter, images, batch_size=batch_size, **(fisher_options or {}))
+    estimate = fisher_scores(adapter, images, batch_size=batch_size, **{"attention": "local", **(fisher_options or {})})
     for t in target_list:  # validation with make_plan's own messages
         make_plan(adapter.model, estimate, **t)
     t_fisher = time.perf_counter() - t0
@@ -228,10 +245,8 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
                 known[k][ix] = True
         calib = {k: _calibration(est[k], exact[k], known[k]) for k in sizes}
         decisions = [_decide(p, exact[p.site], known[p.site]) for p in problems]
-        unstable = [p for p, d in zip(problems, decisions) if not _stable(p, d, est[p.site], *calib[p.site], z)]
-        if unstable:
-            for p in unstable:
-                p.w *= 2
+        widened = [_widen(p, d, est[p.site], *calib[p.site], z) for p, d in zip(problems, decisions)]
+        if any(widened):
             continue
         values, repairs = _assign_values(sizes, est, exact, known, calib, problems, decisions)
         if not repairs:
@@ -241,10 +256,10 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
 
     scored = {k: int(v.sum()) for k, v in known.items()}
     info = {"criterion": "kl", "method": "hybrid", "targets": target_list, "num_images": int(images.shape[0]),
-            "band": band, "min_band": min_band, "z": z, "rounds": rounds, "exact_calls": exact_calls,
+            "band": band, "min_band": min_band, "z": z, "screen": estimate.meta.get("attention"), "rounds": rounds, "exact_calls": exact_calls,
             "exact_channels": {k: torch.nonzero(v).view(-1).tolist() for k, v in known.items()},
             "exact_counts": scored, "exact_fraction": sum(scored.values()) / sum(sizes.values()),
-            "final_band_halfwidths": {f"{p.site}[{int(p.channels[0])}:{int(p.channels[-1]) + 1}]k{p.k}": p.w for p in problems},
+            "final_bands": {f"{p.site}[{int(p.channels[0])}:{int(p.channels[-1]) + 1}]k{p.k}": list(p.band) for p in problems},
             "fisher": {k: v for k, v in estimate.meta.items() if k in ("classes", "num_samples", "seed")},
             "fisher_time_s": t_fisher, "exact_time_s": t_exact, "wall_time_s": time.perf_counter() - t0,
             "model": adapter.describe(), **meta}

@@ -76,7 +76,7 @@ def fingerprint(adapter: Adapter, images: torch.Tensor, options: dict[str, Any])
     return h.hexdigest()
 
 
-def _continue(adapter: Adapter, h: torch.Tensor, block: int, stage: str, prefix: int | None) -> torch.Tensor:
+def continue_forward(adapter: Adapter, h: torch.Tensor, block: int, stage: str, prefix: int | None) -> torch.Tensor:
     """Logits from the residual stream ``h`` entering ``stage`` of ``block`` (``block == L``: the head).
     With ``prefix``, the last block's FFN half runs on the first ``prefix`` tokens only."""
     L = adapter.num_blocks
@@ -275,7 +275,7 @@ def _run(adapter: Adapter, images: torch.Tensor, batches: list[tuple[int, int]],
             mask = _one_hot_off(embed.size, idx, e - s, x)
             with adapter.masking(Masks({"embed": mask})):
                 hh = adapter.stem(x.repeat(len(idx), 1, 1, 1))
-                return _continue(adapter, hh, 0, "attn", prefix).view(len(idx), e - s, -1)
+                return continue_forward(adapter, hh, 0, "attn", prefix).view(len(idx), e - s, -1)
 
         score_site(embed, embed_fn)
 
@@ -288,7 +288,7 @@ def _run(adapter: Adapter, images: torch.Tensor, batches: list[tuple[int, int]],
                 mask = _one_hot_off(size, idx, e - s, hh)
                 with adapter.masking(Masks({f"attn.{b}": mask})):
                     hh = adapter.attn_half(b, hh.repeat(len(idx), 1, 1))
-                return _continue(adapter, hh, b, "ffn", prefix).view(len(idx), e - s, -1)
+                return continue_forward(adapter, hh, b, "ffn", prefix).view(len(idx), e - s, -1)
 
             score_site(site, attn_fn)
             h_mid = torch.cat([adapter.attn_half(b, h[s:e]) for s, e in batches])
@@ -309,11 +309,11 @@ def _run(adapter: Adapter, images: torch.Tensor, batches: list[tuple[int, int]],
                     a = acts.index_select(-1, idx_d).permute(2, 0, 1).unsqueeze(-1)  # [C, B, T, 1]
                     hh = full_out.unsqueeze(0) - a * dirs.index_select(0, idx_d)[:, None, None, :]
                     hh = hh.reshape(-1, *full_out.shape[1:])
-                    return _continue(adapter, hh, b + 1, "attn", prefix).view(len(idx), e - s, -1)
+                    return continue_forward(adapter, hh, b + 1, "attn", prefix).view(len(idx), e - s, -1)
                 hh = h_mid[s:e]
                 mask = _one_hot_off(size, idx, e - s, hh)
                 with adapter.masking(Masks({f"ffn.{b}": mask})):
-                    return _continue(adapter, hh.repeat(len(idx), 1, 1), b, "ffn", prefix).view(len(idx), e - s, -1)
+                    return continue_forward(adapter, hh.repeat(len(idx), 1, 1), b, "ffn", prefix).view(len(idx), e - s, -1)
 
             score_site(site, ffn_fn, prepare if site.key not in done and site.key in cands else None)
             cache.clear()
