@@ -141,6 +141,21 @@ def full_scores(model, batch_size: int, out: str) -> dict:
             "channels": sum(t.numel() for _, t in scores.items())}
 
 
+def full_only(batch_size: int) -> None:
+    """Compute or resume the 256-image scores and record them in the existing scoring.json/md."""
+    model = load_model(TEACHER).eval()
+    full = full_scores(model, batch_size, os.path.join(RESULTS, "teacher_scores_p256_seed0.safetensors"))
+    path = os.path.join(RESULTS, "scoring.json")
+    with open(path) as f:
+        report = json.load(f)
+    report["teacher_scores_p256_seed0"] = full
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(RESULTS, "scoring.md"), "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="default: the shipped teacher, else a random model of its shape")
@@ -150,7 +165,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-full", action="store_true", help="do not compute the teacher's 256-image scores")
+    ap.add_argument("--full-only", action="store_true",
+                    help="only compute (or resume) the teacher's 256-image scores and update the existing report")
     args = ap.parse_args()
+    if args.full_only:
+        full_only(args.batch_size)
+        return
 
     have_teacher = os.path.isfile(os.path.join(TEACHER, "config.json"))
     spec = args.model or (TEACHER if have_teacher else STAND_IN)
