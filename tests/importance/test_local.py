@@ -78,3 +78,16 @@ def test_unknown_attention_option_is_refused():
     model = tiny_vit()
     with pytest.raises(UpvitError, match="attention must be"):
         fisher_scores(get_adapter(model), tiny_images(2), attention="exact")
+
+
+def test_per_block_gradients_equal_the_one_pass_gradients(monkeypatch):
+    # above GRADIENT_BYTES the stream gradients are taken block by block: same sums
+    import upvit.importance.local as local
+
+    model = tiny_vit(distilled=True)
+    images = tiny_images(5)
+    one_pass = local.local_attention_sums(get_adapter(model), images, batch_size=4)
+    monkeypatch.setattr(local, "GRADIENT_BYTES", 0)
+    per_block = local.local_attention_sums(get_adapter(model), images, batch_size=4)
+    for key in one_pass:
+        assert torch.allclose(one_pass[key], per_block[key], rtol=1e-5, atol=1e-12)

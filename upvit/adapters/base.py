@@ -57,6 +57,14 @@ def broadcast_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
 
 
+def removal_masks(size: int, idx: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """Keep-masks ``[C*rows, size]`` for C candidates stacked on the batch axis: row block c removes
+    channel ``idx[c]`` (dtype and device of ``like``)."""
+    m = torch.ones(len(idx), size, dtype=like.dtype, device=like.device)
+    m[torch.arange(len(idx), device=like.device), idx.to(like.device)] = 0
+    return m.repeat_interleave(rows, dim=0)
+
+
 def masked_layer_norm(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None,
                       bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """LayerNorm over the kept channels only (mean and variance weighted by the mask); removed
@@ -213,11 +221,9 @@ class Adapter(ABC):
         """``[C, *h.shape]``: how ``attn_half(block, h)`` changes when attention dim ``idx[c]`` is removed
         (no other mask active). This default runs the masked forward with the C candidates stacked on
         the batch axis; adapters may override it with a cheaper computation of the same values."""
-        size, n = self.attn_dim(block), len(idx)
-        mask = torch.ones(n, size, dtype=h.dtype, device=h.device)
-        mask[torch.arange(n, device=h.device), idx.to(h.device)] = 0
+        n = len(idx)
         base = self.attn_half(block, h)
-        with self.masking(Masks({f"attn.{block}": mask.repeat_interleave(h.shape[0], dim=0)})):
+        with self.masking(Masks({f"attn.{block}": removal_masks(self.attn_dim(block), idx, h.shape[0], h)})):
             out = self.attn_half(block, h.repeat(n, *([1] * (h.dim() - 1))))
         return out.view(n, *h.shape) - base
 

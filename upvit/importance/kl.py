@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed as dist_utils
-from ..adapters.base import Adapter, Masks, Site
+from ..adapters.base import Adapter, Masks, Site, removal_masks
 from ..errors import UpvitError
 from .api import register_method
 from .scores import Scores
@@ -89,13 +89,6 @@ def continue_forward(adapter: Adapter, h: torch.Tensor, block: int, stage: str, 
     if block >= L and prefix:
         h = h[:, :prefix]
     return adapter.head(h)
-
-
-def _one_hot_off(size: int, idx: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """Keep-masks ``[C*rows, size]``: row block c removes channel ``idx[c]``."""
-    m = torch.ones(len(idx), size, dtype=like.dtype, device=like.device)
-    m[torch.arange(len(idx), device=like.device), idx.to(like.device)] = 0
-    return m.repeat_interleave(rows, dim=0)
 
 
 def _kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -272,7 +265,7 @@ def _run(adapter: Adapter, images: torch.Tensor, batches: list[tuple[int, int]],
 
         def embed_fn(s: int, e: int, idx: torch.Tensor) -> torch.Tensor:
             x = images[s:e]
-            mask = _one_hot_off(embed.size, idx, e - s, x)
+            mask = removal_masks(embed.size, idx, e - s, x)
             with adapter.masking(Masks({"embed": mask})):
                 hh = adapter.stem(x.repeat(len(idx), 1, 1, 1))
                 return continue_forward(adapter, hh, 0, "attn", prefix).view(len(idx), e - s, -1)
@@ -285,7 +278,7 @@ def _run(adapter: Adapter, images: torch.Tensor, batches: list[tuple[int, int]],
 
             def attn_fn(s: int, e: int, idx: torch.Tensor, b: int = b, size: int = site.size) -> torch.Tensor:
                 hh = h[s:e]
-                mask = _one_hot_off(size, idx, e - s, hh)
+                mask = removal_masks(size, idx, e - s, hh)
                 with adapter.masking(Masks({f"attn.{b}": mask})):
                     hh = adapter.attn_half(b, hh.repeat(len(idx), 1, 1))
                 return continue_forward(adapter, hh, b, "ffn", prefix).view(len(idx), e - s, -1)
@@ -311,7 +304,7 @@ def _run(adapter: Adapter, images: torch.Tensor, batches: list[tuple[int, int]],
                     hh = hh.reshape(-1, *full_out.shape[1:])
                     return continue_forward(adapter, hh, b + 1, "attn", prefix).view(len(idx), e - s, -1)
                 hh = h_mid[s:e]
-                mask = _one_hot_off(size, idx, e - s, hh)
+                mask = removal_masks(size, idx, e - s, hh)
                 with adapter.masking(Masks({f"ffn.{b}": mask})):
                     return continue_forward(adapter, hh.repeat(len(idx), 1, 1), b, "ffn", prefix).view(len(idx), e - s, -1)
 
