@@ -72,16 +72,21 @@ def main() -> None:
                      "seconds": round(time.time() - t0)})
         print(rows[-1], flush=True)
     res = os.path.join(ROOT, "benchmarks", "results", "t_shape_levers")
+    reading = None
     if args.only_exact256 and os.path.exists(res + ".json"):
         with open(res + ".json") as f:
-            rows = [r for r in json.load(f)["rows"] if r["scores"] != "kl256-exact"] + rows
-    result = {"rows": rows, "demo_4_epochs_alpha1": DEMO_4_EPOCHS, "machine": machine_description()}
+            previous = json.load(f)
+        rows = [r for r in previous["rows"] if r["scores"] != "kl256-exact"] + rows
+        reading = previous.get("reading")  # written by hand after the runs
+    result = {"rows": rows, "reading": reading, "demo_4_epochs_alpha1": DEMO_4_EPOCHS, "machine": machine_description()}
     with open(res + ".json", "w") as f:
         json.dump(result, f, indent=2)
     lines = ["| T student scores | alpha | epochs | top-1 |", "|---|---:|---:|---:|",
              f"| kl32 (demo) | 1.0 | 4 | {DEMO_4_EPOCHS['upvit (kl32)']:.2f} |",
              f"| magnitude (demo) | 1.0 | 4 | {DEMO_4_EPOCHS['magnitude']:.2f} |"]
     lines += [f"| {r['scores']} | {r['alpha']} | {r['epochs']} | {r['top1']:.2f} |" for r in rows]
+    if reading:
+        lines += ["", "## Reading", "", reading]
     with open(res + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
