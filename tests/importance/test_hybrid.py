@@ -110,3 +110,29 @@ def test_hybrid_recovers_from_a_misleading_estimate(setup, monkeypatch):
 def test_bad_options_give_clear_errors(options, match):
     with pytest.raises(UpvitError, match=match):
         upvit.score(tiny_vit(**SHAPE), tiny_images(2), method="hybrid", **options)
+
+
+def test_band_grows_by_exactly_the_channels_too_close_to_call():
+    # 10 channels, estimate = exact except where set; keep 5; band ranks 4..5 scored exactly
+    est = torch.tensor([10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.5, 3.0, 2.0, 1.0], dtype=torch.float64)
+    exact = torch.full((10,), float("nan"), dtype=torch.float64)
+    known = torch.zeros(10, dtype=torch.bool)
+    exact[[4, 5]] = torch.tensor([6.0, 5.0], dtype=torch.float64)
+    known[[4, 5]] = True
+    p = hybrid_module.Problem("ffn.0", torch.arange(10), 5, torch.arange(10), up=1, down=1)
+    d = hybrid_module._decide(p, exact, known)
+    assert d["keep"] == {0, 1, 2, 3, 4} and d["t_keep"] == 6.0 and d["t_drop"] == 5.0
+    # sigma 0.2, z 2 (a factor e^0.4 = 1.49): unscored channels above must exceed 5 * 1.49 = 7.46, so
+    # channel 3 (7) fails and 8, 9, 10 clear; below they must stay under 6 / 1.49 = 4.02, so channel 6
+    # (4.5) fails and 3, 2, 1 clear: each side grows by one
+    assert hybrid_module._widen(p, d, est, mu=0.0, sigma=0.2, z=2.0)
+    assert (p.up, p.down) == (2, 2) and p.band == (3, 7)
+    # with those two scored, nothing is left too close: stable
+    exact[[3, 6]] = torch.tensor([7.0, 4.5], dtype=torch.float64)
+    known[[3, 6]] = True
+    d = hybrid_module._decide(p, exact, known)
+    assert d["keep"] == {0, 1, 2, 3, 4}
+    assert not hybrid_module._widen(p, d, est, mu=0.0, sigma=0.2, z=2.0)
+    # an uncalibrated site doubles both sides
+    assert hybrid_module._widen(p, d, est, mu=0.0, sigma=float("inf"), z=2.0)
+    assert (p.up, p.down) == (4, 4)
