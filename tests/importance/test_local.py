@@ -91,3 +91,10 @@ def test_per_block_gradients_equal_the_one_pass_gradients(monkeypatch):
     per_block = local.local_attention_sums(get_adapter(model), images, batch_size=4)
     for key in one_pass:
         assert torch.allclose(one_pass[key], per_block[key], rtol=1e-5, atol=1e-12)
+
+
+def test_single_class_model_scores_zero():
+    # one class: p = q whatever is removed, so there is no direction to differentiate and every score is 0
+    model = tiny_vit(num_classes=1)
+    sums = local_attention_sums(get_adapter(model), tiny_images(3))
+    assert all(v.shape == (24,) and not v.any() for v in sums.values())

@@ -61,6 +61,8 @@ def local_attention_sums(adapter: Adapter, images: torch.Tensor, batch_size: int
                 directions, weights, *_ = class_directions(logits, classes, max_exact_classes, rank, num_samples,
                                                            generator)
                 h = adapter.stem(x)
+            if not directions:  # a single class: every removal leaves p = q, the KL is 0
+                continue
             all_grads = None
             if len(directions) * L * h.numel() * h.element_size() <= GRADIENT_BYTES:
                 all_grads = _stream_gradients_all_blocks(adapter, h, prefix, directions)
@@ -113,7 +115,7 @@ def _stream_gradients(adapter: Adapter, mid: torch.Tensor, block: int, prefix: i
         logits = continue_forward(adapter, stream, block, "ffn", prefix)
         out = [torch.autograd.grad((logits * v).sum(), stream, retain_graph=j < len(directions) - 1)[0]
                for j, v in enumerate(directions)]
-    return torch.stack(out) if out else torch.zeros(0, *mid.shape, dtype=mid.dtype, device=mid.device)
+    return torch.stack(out)
 
 
 def check_attention_option(value: Any) -> str:
