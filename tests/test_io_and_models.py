@@ -26,6 +26,12 @@ def test_timm_spec_parsing():
     assert kwargs == {"img_size": 28, "mlp_ratio": 4.0, "global_pool": "token", "qkv_bias": False}
 
 
+def test_timm_spec_keeps_list_values_whole():
+    name, kwargs = parse_timm_spec("timm:swin_tiny_patch4_window7_224,depths=[2,2,2,2],num_heads=[2, 4],embed_dim=32")
+    assert name == "swin_tiny_patch4_window7_224"
+    assert kwargs == {"depths": [2, 2, 2, 2], "num_heads": [2, 4], "embed_dim": 32}
+
+
 def test_timm_spec_builds_the_requested_shape():
     m = load_model("timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_classes=10,embed_dim=48,depth=2,num_heads=3")
     assert m.embed_dim == 48 and len(m.blocks) == 2 and m.upvit_config.data_config["input_size"] == [1, 28, 28]

@@ -47,11 +47,28 @@ class ModelConfig:
         return cls(**fields)
 
 
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets, so list values survive: ``a=1,b=[2,3]`` -> ``["a=1", "b=[2,3]"]``."""
+    parts, depth, current = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
 def parse_timm_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``timm:NAME,key=value,...`` -> (NAME, kwargs)."""
     if not spec.startswith("timm:"):
         raise UpvitError(f"{spec!r} is not a timm spec: write timm:NAME[,key=value,...]")
-    name, *pairs = spec[len("timm:"):].split(",")
+    name, *pairs = split_top_level(spec[len("timm:"):])
     kwargs: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

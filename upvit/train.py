@@ -90,12 +90,15 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) -> f
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, tokens and position embeddings (1-D or named so)."""
+    """No weight decay on biases, norms and whatever the model's own ``no_weight_decay()`` names
+    (tokens, position embeddings, relative-position bias tables)."""
+    named = getattr(model, "no_weight_decay", None)
+    exempt = set(named()) if callable(named) else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(("cls_token", "dist_token", "pos_embed", "reg_token"))
+        skip = p.ndim <= 1 or name in exempt or name.endswith(("cls_token", "dist_token", "pos_embed", "reg_token"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
