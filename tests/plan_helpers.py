@@ -8,14 +8,10 @@ from upvit.importance.scores import Scores
 
 
 def random_scores(model, seed: int = 0) -> Scores:
-    a = get_adapter(model)
+    topo = get_adapter(model).topology()
     g = torch.Generator().manual_seed(seed)
-
-    def r(n):
-        return torch.rand(n, generator=g, dtype=torch.float64)
-
-    return Scores(r(a.embed_dim), [r(a.attn_dim(b)) for b in range(a.num_blocks)],
-                  [r(a.ffn_dim(b)) for b in range(a.num_blocks)], {"criterion": "random-test"})
+    values = {s.key: torch.rand(s.size, generator=g, dtype=torch.float64) for s in topo.sites}
+    return Scores.from_sites(topo, values, {"criterion": "random-test"})
 
 
 def keep_mask(indices: list[int], size: int) -> torch.Tensor:
@@ -26,16 +22,10 @@ def keep_mask(indices: list[int], size: int) -> torch.Tensor:
 
 def plan_masks(model, plan, sites=("embed", "attn", "ffn")) -> Masks:
     """Keep-masks on the original model that correspond to ``plan`` (for the sites named)."""
-    a = get_adapter(model)
-    by_site = {}
-    if "embed" in sites:
-        by_site["embed"] = keep_mask(plan.keep_embed, a.embed_dim)
-    for b in range(a.num_blocks):
-        if "attn" in sites:
-            by_site[f"attn.{b}"] = keep_mask(plan.keep_attn[b], a.attn_dim(b))
-        if "ffn" in sites:
-            by_site[f"ffn.{b}"] = keep_mask(plan.keep_ffn[b], a.ffn_dim(b))
-    return Masks(by_site)
+    topo = get_adapter(model).topology()
+    kinds = {"embed": "residual", "attn": "attn", "ffn": "ffn"}
+    wanted = {kinds.get(s, s) for s in sites}
+    return Masks({s.key: keep_mask(plan.keep[s.key], s.size) for s in topo.sites if s.kind in wanted})
 
 
 def vit_param_count(D: int, H: int, depth: int, img: int, patch: int, chans: int, classes: int,
@@ -48,3 +38,11 @@ def vit_param_count(D: int, H: int, depth: int, img: int, patch: int, chans: int
     block = 2 * D + (3 * D * D + 3 * D) + (D * D + D) + 2 * D + (H * D + H) + (D * H + D)
     heads = (D * classes + classes) * (2 if distilled else 1)
     return embed + depth * block + 2 * D + heads
+
+
+def vit_scores(embed, attn, ffn) -> Scores:
+    """Scores of a one-stage (ViT) model from the residual, per-block attention and FFN tensors."""
+    values = {"res.0": embed}
+    for b, (a, f) in enumerate(zip(attn, ffn)):
+        values[f"attn.{b}"], values[f"ffn.{b}"] = a, f
+    return Scores(values)

@@ -47,7 +47,7 @@ def test_prune_from_scores_then_replay_plan(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(again(x), pruned(x))
     with open(tmp_path / "replay" / "config.json") as f:
-        assert json.load(f)["extra"]["plan"]["keep_embed"] == plan.keep_embed
+        assert json.load(f)["extra"]["plan"]["keep"]["res.0"] == plan.keep_embed
 
 
 def test_prune_ratio_and_clear_errors(tmp_path, capsys):

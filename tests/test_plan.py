@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import tiny_vit
-from plan_helpers import random_scores
+from plan_helpers import random_scores, vit_scores
 from upvit.errors import UpvitError
 from upvit.importance.scores import Scores
 from upvit.plan import PLAN_VERSION, Plan, make_plan
@@ -21,7 +21,7 @@ def test_hand_computed_head_merging_4_to_2():
     # 4 heads x 2 dims (embed 8) -> 2 heads, attn_dim 4: merged head 0 = source heads 0-1 (dims 0-3),
     # merged head 1 = source heads 2-3 (dims 4-7); keep the 2 best dims of each, in original order.
     model = tiny_vit(embed_dim=8, num_heads=4, depth=2, mlp_ratio=1.0)
-    scores = Scores(
+    scores = vit_scores(
         embed=t([0.5, 0.1, 0.9, 0.3, 0.8, 0.2, 0.7, 0.0]),
         attn=[t([0.1, 0.9, 0.5, 0.2, 0.3, 0.8, 0.7, 0.05]),
               t([0.9, 0.8, 0.1, 0.2, 0.0, 0.1, 0.2, 0.3])],
@@ -37,15 +37,15 @@ def test_hand_computed_head_merging_4_to_2():
 def test_hand_computed_merge_all_heads_into_one():
     model = tiny_vit(embed_dim=8, num_heads=4, depth=1, mlp_ratio=1.0)
     s = t([0.1, 0.9, 0.5, 0.2, 0.3, 0.8, 0.7, 0.05])
-    scores = Scores(embed=s, attn=[s], ffn=[s])
+    scores = vit_scores(embed=s, attn=[s], ffn=[s])
     plan = make_plan(model, scores, embed_dim=3, num_heads=1, mlp_hidden=2)
     assert plan.keep_attn == [[1, 5, 6]] and plan.keep_embed == [1, 5, 6] and plan.keep_ffn == [[1, 5]]
 
 
 def test_ties_keep_lower_indices():
     model = tiny_vit(depth=1)
-    scores = Scores(torch.zeros(24, dtype=torch.float64), [torch.zeros(24, dtype=torch.float64)],
-                    [torch.zeros(48, dtype=torch.float64)])
+    scores = vit_scores(torch.zeros(24, dtype=torch.float64), [torch.zeros(24, dtype=torch.float64)],
+                        [torch.zeros(48, dtype=torch.float64)])
     plan = make_plan(model, scores, embed_dim=8, num_heads=4, mlp_hidden=5)
     assert plan.keep_embed == list(range(8))
     assert plan.keep_attn == [[0, 1, 6, 7, 12, 13, 18, 19]]  # 2 of each 6-dim head
@@ -124,15 +124,17 @@ def test_json_round_trip_and_versioning():
     text = plan.to_json()
     data = json.loads(text)
     assert data["format"] == "upvit-plan" and data["version"] == PLAN_VERSION
-    assert data["keep_attn"] == plan.keep_attn and data["source"]["embed_dim"] == 24
+    assert data["keep"]["attn.1"] == plan.keep_attn[1] and data["source"]["sites"][0] == {
+        "key": "res.0", "kind": "residual", "size": 24, "stage": 0}
+    assert data["heads"]["attn.0"] == [[0, 1], [2, 3]]  # 4 source heads merged pairwise into 2
     again = Plan.from_json(text)
     assert again == plan
     with pytest.raises(UpvitError, match="newer than this upvit"):
         Plan.from_dict({**data, "version": PLAN_VERSION + 1})
     with pytest.raises(UpvitError, match="not an upvit plan"):
         Plan.from_dict({**data, "format": "something-else"})
-    with pytest.raises(UpvitError, match="missing num_heads"):
-        Plan.from_dict({k: v for k, v in data.items() if k != "num_heads"})
+    with pytest.raises(UpvitError, match="missing heads"):
+        Plan.from_dict({k: v for k, v in data.items() if k != "heads"})
     with pytest.raises(UpvitError, match="not valid JSON"):
         Plan.from_json("{")
 
@@ -154,12 +156,13 @@ def test_hand_written_plan_needs_no_source():
 def test_invalid_plans_are_refused_clearly(fields, message):
     base = dict(keep_embed=[0, 1], keep_attn=[[0, 1]], keep_ffn=[[0]], num_heads=2)
     with pytest.raises(UpvitError, match=message):
-        Plan(**{**base, **fields})
+        Plan.from_v1({**base, **fields})
 
 
 def test_plan_out_of_range_for_its_source():
     source = {"embed_dim": 4, "depth": 1, "num_heads": [2], "attn_dim": [4], "ffn_dim": [8]}
     with pytest.raises(UpvitError, match=r"keep_ffn\[0\] has index 8 out of range: indices must be in 0..7"):
-        Plan(keep_embed=[0, 1], keep_attn=[[0, 1]], keep_ffn=[[8]], num_heads=2, source=source)
+        Plan.from_v1(dict(keep_embed=[0, 1], keep_attn=[[0, 1]], keep_ffn=[[8]], num_heads=2, source=source))
     with pytest.raises(UpvitError, match="plan has 1 blocks but the model has 2"):
-        Plan(keep_embed=[0, 1], keep_attn=[[0, 1]], keep_ffn=[[7]], num_heads=2, source={**source, "depth": 2})
+        Plan.from_v1(dict(keep_embed=[0, 1], keep_attn=[[0, 1]], keep_ffn=[[7]], num_heads=2,
+                          source={**source, "depth": 2}))

@@ -155,13 +155,15 @@ def test_plan_for_another_model_is_refused():
     model = tiny_vit()
     plan = make_plan(model, random_scores(model), ratio=0.5)
     other = tiny_vit(mlp_ratio=3.0)
-    with pytest.raises(UpvitError, match=r"plan was made for a model with ffn_dim=\[48, 48\], this model has \[72, 72\]"):
+    with pytest.raises(UpvitError, match=r"plan was made for a model with ffn=\[48, 48\], this model has \[72, 72\]"):
         upvit.prune(other, plan)
-    hand = Plan(keep_embed=list(range(12)), keep_attn=[list(range(12))] * 2, keep_ffn=[[0, 99]] * 2, num_heads=2)
-    with pytest.raises(UpvitError, match=r"keep_ffn\[0\] has index 99 out of range: indices must be in 0..47"):
+    hand = Plan.from_v1(dict(keep_embed=list(range(12)), keep_attn=[list(range(12))] * 2, keep_ffn=[[0, 99]] * 2,
+                             num_heads=2))
+    with pytest.raises(UpvitError, match=r"keep\[ffn.0\] has index 99 out of range: indices must be in 0..47"):
         upvit.prune(model, hand)
-    uneven = Plan(keep_embed=list(range(12)), keep_attn=[list(range(12)), list(range(8))], keep_ffn=[[0]] * 2, num_heads=2)
-    with pytest.raises(UpvitError, match="same attention and FFN width in every block"):
+    uneven = Plan.from_v1(dict(keep_embed=list(range(12)), keep_attn=[list(range(12)), list(range(8))],
+                               keep_ffn=[[0]] * 2, num_heads=2))
+    with pytest.raises(UpvitError, match="same attention width in every block"):
         upvit.prune(model, uneven)
     with pytest.raises(UpvitError, match="prune needs a upvit.Plan"):
         upvit.prune(model, {"keep_embed": [0]})
@@ -171,7 +173,7 @@ def test_hand_written_plan_with_permuted_heads_runs():
     model, x = tiny_vit(), tiny_images()
     # heads listed in another order: a permutation of heads gives the same function
     keep_attn = [list(range(18, 24)) + list(range(0, 18))] * 2
-    plan = Plan(keep_embed=list(range(24)), keep_attn=keep_attn, keep_ffn=[list(range(48))] * 2, num_heads=4)
+    plan = Plan.from_v1(dict(keep_embed=list(range(24)), keep_attn=keep_attn, keep_ffn=[list(range(48))] * 2, num_heads=4))
     with torch.no_grad():
         torch.testing.assert_close(upvit.prune(model, plan)(x), model(x), rtol=0, atol=1e-5)
 

@@ -1,8 +1,8 @@
 """Parameters, FLOPs (attention matmuls included) and throughput of a model.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one image while every timm
-attention module runs its explicit (unfused) path, so the two attention matmuls (q k^T and attn v)
-are counted as ordinary matmuls. We report multiply-accumulates ("MACs"), the unit the ViT papers
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one image while every
+attention module runs its explicit (unfused) path (the model's adapter switches it), so the two
+attention matmuls (q k^T and attn v) are counted as ordinary matmuls. We report multiply-accumulates ("MACs"), the unit the ViT papers
 call FLOPs (timm DeiT-S: 4.6 G).
 """
 from __future__ import annotations
@@ -20,27 +20,29 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@contextlib.contextmanager
-def unfused_attention(model: nn.Module):
-    """Temporarily switch timm attention modules to their explicit matmul path."""
-    changed = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
-    for m in changed:
-        m.fused_attn = False
+def _adapter(model: nn.Module):
+    from .adapters import get_adapter
+    from .errors import UpvitError
+
     try:
-        yield
-    finally:
-        for m in changed:
-            m.fused_attn = True
+        return get_adapter(model)
+    except UpvitError:
+        return None
 
 
-def input_size_of(model: nn.Module) -> tuple[int, int, int]:
+def unfused_attention(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Attention as explicit matmuls while inside (so the FLOP counter sees them); the adapter knows how."""
+    adapter = _adapter(model)
+    return adapter.explicit_attention() if adapter is not None else contextlib.nullcontext()
+
+
+def input_size_of(model: nn.Module) -> tuple[int, ...]:
     config = getattr(model, "upvit_config", None)
     if config is not None and config.data_config.get("input_size"):
         return tuple(config.data_config["input_size"])
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and hasattr(pe, "img_size"):
-        return (pe.proj.in_channels, *pe.img_size)
-    return (3, 224, 224)
+    adapter = _adapter(model)
+    size = adapter.input_size() if adapter is not None else None
+    return tuple(size) if size else (3, 224, 224)
 
 
 @torch.inference_mode()

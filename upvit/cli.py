@@ -67,14 +67,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _set_drop_path(model, rate: float) -> None:
     """Stochastic depth, linearly increasing with depth (timm's rule), without rebuilding."""
-    blocks = getattr(model, "blocks", [])
-    from timm.layers import DropPath
+    from .adapters import get_adapter
 
-    for i, block in enumerate(blocks):
-        r = rate * i / max(1, len(blocks) - 1)
-        for name in ("drop_path1", "drop_path2"):
-            if hasattr(block, name) and r > 0:
-                setattr(block, name, DropPath(r))
+    setter = getattr(get_adapter(model), "set_drop_path", None)
+    if setter is None:
+        raise UpvitError("--drop-path is available for timm ViT/DeiT models only: give the family's own "
+                         "constructor argument in the model spec instead (e.g. timm:NAME,drop_path_rate=0.1)")
+    setter(rate)
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -216,7 +215,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     else:
         if not given and args.ratio is None:
             raise UpvitError("no target given: pass --ratio R or --embed-dim/--num-heads/--mlp-hidden")
-        plan = make_plan(model, Scores.load(args.scores), ratio=args.ratio, **targets)
+        plan = make_plan(model, Scores.load(args.scores), ratio=args.ratio, keep_heads=args.keep_heads,
+                         head_bias=args.head_bias, **targets)
     pruned = prune(model, plan)
     save(pruned, args.out)
     plan.save(os.path.join(args.out, "plan.json"))
@@ -225,9 +225,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"params {p0:,} -> {p1:,} ({p1 / p0:.1%})")
     print(f"MACs   {m0:,} -> {m1:,} ({m1 / m0:.1%})")
     eq = pruned.upvit_config.timm_equivalent
-    print(f"wrote {args.out} (embed {plan.embed_dim}, {plan.num_heads} heads x {plan.head_dim()}, "
-          f"FFN {plan.ffn_dim()})" + (f"; same architecture as timm {eq}" if eq else ""))
+    print(f"wrote {args.out} ({plan.summary()})" + (f"; same architecture as timm {eq}" if eq else ""))
     return 0
+
+
+def _int_or_list(text: str) -> int | list[int]:
+    """``12`` -> 12; ``16,32,64`` -> [16, 32, 64] (one value per stage)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _prune_parser(p: argparse.ArgumentParser) -> None:
@@ -235,27 +243,29 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scores", help="scores file from `upvit score` (.safetensors)")
     src.add_argument("--plan", help="plan.json to replay (from an earlier prune, or written by hand)")
-    p.add_argument("--embed-dim", type=int, help="residual width to keep")
-    p.add_argument("--num-heads", type=int, help="heads to keep (must divide the model's heads)")
-    p.add_argument("--mlp-hidden", type=int, help="FFN hidden units to keep per block")
-    p.add_argument("--attn-dim", type=int, help="attention width (default: embed dim; timm ViT requires that)")
+    p.add_argument("--embed-dim", type=_int_or_list, help="residual width to keep (N, or N1,N2,... one per stage)")
+    p.add_argument("--num-heads", type=_int_or_list, help="heads to keep per block (must divide the model's heads; "
+                   "one value, or one per stage)")
+    p.add_argument("--mlp-hidden", type=_int_or_list, help="FFN hidden units to keep per block (one value, or one per stage)")
+    p.add_argument("--attn-dim", type=_int_or_list, help="attention width (default: the embed dim; timm ViT requires that)")
     p.add_argument("--ratio", type=float, help="keep this fraction of embed dims, heads and FFN units")
+    p.add_argument("--keep-heads", action="store_true", help="with --ratio: keep the head count, shrink the head dim")
+    p.add_argument("--head-bias", default="mean", choices=["mean", "best"],
+                   help="Swin: a merged head's relative-position bias is the mean of its heads' or the best head's")
     p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json)")
 
 
 # ------------------------------------------------------------------------------------------ score
 @command("score")
 def cmd_score(args: argparse.Namespace) -> int:
-    import inspect
     import time
 
     import torch
 
     from . import distributed as dist_utils
     from .adapters import get_adapter
-    from .bench import input_size_of
     from .data import load_data, sample_proxy
-    from .importance.api import get_method, proxy_tensor
+    from .importance.api import get_method, proxy_tensor, score
     from .models import load_model
 
     t0 = time.time()
@@ -263,27 +273,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         model = load_model(args.model, args.checkpoint)
         adapter = get_adapter(model)
-        fn = get_method(args.method)
+        get_method(args.method)  # an unknown method fails before any data is read
         dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None)
         subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
                                       per_class=args.per_class, seed=args.seed)
-        images = proxy_tensor(subset, input_size_of(model))
+        images = proxy_tensor(subset, adapter.input_size())
         record["data"] = args.data
         device = torch.device(args.device) if args.device else dist_utils.default_device()
         model.to(device)
         meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
-        options = {"batch_size": args.batch_size, "out": args.out, "resume": args.resume, "proxy_meta": record,
-                   "meta": meta, "targets": _parse_targets(args.target), "ratios": args.ratios}
-        if args.method == "hybrid" and options["targets"] is None and args.ratios is None:
-            raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
-                             "or --ratios 0.5 0.25")
-        accepted = inspect.signature(fn).parameters
-        scores = fn(adapter, images, **{k: v for k, v in options.items() if k in accepted})
-        if "out" not in accepted:  # methods that do not persist themselves
-            scores.meta.update({"criterion": scores.meta.get("criterion", args.method), "proxy": record,
-                                "model": adapter.describe(), "wall_time_s": round(time.time() - t0, 3), **meta})
-            if dist_utils.is_main():
-                scores.save(args.out)
+        options = {"batch_size": args.batch_size}
+        if args.method == "hybrid":
+            targets = _parse_targets(args.target)
+            if targets is None and args.ratios is None:
+                raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
+                                 "or --ratios 0.5 0.25")
+            options.update({"targets": targets, "ratios": args.ratios})
+        elif args.target or args.ratios:
+            raise UpvitError("--target and --ratios apply to --method hybrid only")
+        scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
+                       meta=meta, **options)
         if dist_utils.is_main():
             print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
                   f"on {len(images)} proxy images in {time.time() - t0:.1f}s")

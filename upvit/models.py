@@ -118,9 +118,13 @@ def model_from_timm_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
     name, kwargs = parse_timm_spec(spec)
     model = create_timm_model(name, kwargs)
     data_config = default_data_config(model)
-    # timm's pretrained_cfg keeps the default input size even when img_size/in_chans are overridden.
-    if hasattr(model, "patch_embed") and hasattr(model.patch_embed, "img_size"):
-        data_config["input_size"] = [getattr(model.patch_embed.proj, "in_channels", 3), *model.patch_embed.img_size]
+    # timm's pretrained_cfg keeps the default input size even when img_size/in_chans are overridden:
+    # the model's adapter knows its real input size; otherwise at least the channel count follows in_chans
+    size = _adapter_input_size(model)
+    if size:
+        data_config["input_size"] = list(size)
+    elif isinstance(kwargs.get("in_chans"), int):
+        data_config["input_size"] = [kwargs["in_chans"], *data_config["input_size"][1:]]
     c = data_config["input_size"][0]
     if len(data_config["mean"]) != c:
         data_config["mean"], data_config["std"] = [0.5] * c, [0.5] * c
@@ -130,6 +134,15 @@ def model_from_timm_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
 
         load_into(model, load_state_dict_file(checkpoint), source=checkpoint)
     return model
+
+
+def _adapter_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    from .adapters import get_adapter
+
+    try:
+        return get_adapter(model).input_size()
+    except UpvitError:
+        return None
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -1,34 +1,46 @@
-"""Scores + targets -> a Plan: which channels of every site survive (docs/method.md section 3).
+"""Scores + targets -> a Plan: the kept channels of every site, the merged heads, the kept units.
 
-A :class:`Plan` is plain data (JSON-serialisable, versioned), replayable and writable by hand:
+A :class:`Plan` is plain data (versioned JSON), replayable and writable by hand:
 
-* ``keep_embed``: kept residual channels (component 1), top-k by score, in original order;
-* ``keep_attn[b]``: kept attention dims of block b (component 2), ordered head by head: new head j
-  is ``keep_attn[b][j * d : (j + 1) * d]`` with ``d = len(keep_attn[b]) // num_heads``;
-* ``keep_ffn[b]``: kept FFN hidden units of block b (component 3), top-k by score, in original order;
-* ``num_heads``: heads of every pruned block.
+* ``keep``: site key -> kept channel indices of the source model (``res.{s}``, ``attn.{b}``,
+  ``ffn.{b}``). Kept channels stay in their listed order; :func:`make_plan` lists them ascending.
+* ``heads``: attention site -> for each new head, the source heads merged into it. The new head j
+  consists of the dims ``keep[site][j*d:(j+1)*d]`` (d = kept dims / new heads).
+* ``bias_heads``: for families whose heads carry a bias column (Swin's relative-position table),
+  the source heads whose columns are averaged into each new head's column (None: all merged heads,
+  the default "mean" rule; :func:`make_plan` with ``head_bias="best"`` lists the best one only).
+* ``units``: the kept units in forward order (None: all; depth pruning removes some).
+* ``source``: the source model's :class:`~upvit.topology.Topology` as JSON, so a plan is never
+  applied to a model of another shape.
 
-Head merging: ``h_b`` source heads become ``h_t`` heads by merging each run of ``h_b / h_t``
-consecutive heads into one (12 -> 3 merges heads 0-3, 4-7, 8-11); inside each merged head the
-``attn_dim / h_t`` highest-scoring dims are kept, in original order.
+Version-1 plan files (single-stage timm ViT: ``keep_embed``, ``keep_attn``, ``keep_ffn``,
+``num_heads``) still load. Head merging (docs/method.md section 3): h_b heads -> h_t heads merges
+each run of h_b/h_t consecutive heads into one and keeps the best attn_t/h_t dims of each merged head,
+in their original order.
 
->>> plan = Plan(keep_embed=[0, 2], keep_attn=[[0, 2]], keep_ffn=[[1, 3, 5]], num_heads=1)
->>> Plan.from_json(plan.to_json()) == plan
-True
+>>> plan = make_plan(model, scores, embed_dim=384, num_heads=6, mlp_hidden=1536)  # doctest: +SKIP
+>>> plan.save("plan.json")                                                         # doctest: +SKIP
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .errors import UpvitError
+from .selection import problems, top_k
+from .targets import Targets
+from .topology import Rules, Topology
+
+if TYPE_CHECKING:
+    from .importance.scores import Scores
 
 PLAN_FORMAT = "upvit-plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+HEAD_BIAS_RULES = ("mean", "best")
 
 
 def _check_indices(name: str, idx: Any, size: int | None) -> None:
@@ -47,100 +59,228 @@ def _check_indices(name: str, idx: Any, size: int | None) -> None:
 
 @dataclass
 class Plan:
-    """Kept channel indices per site plus the new head count. See the module docstring.
+    """Kept channels per site, merged heads per attention site, kept units. See the module docstring."""
 
-    ``source`` optionally records the shape the plan was made for (``Adapter.describe()``); when
-    present, applying the plan to a model of another shape is refused.
-    """
-
-    keep_embed: list[int]
-    keep_attn: list[list[int]]
-    keep_ffn: list[list[int]]
-    num_heads: int
+    keep: dict[str, list[int]]
+    heads: dict[str, list[list[int]]]
     source: dict[str, Any] | None = None
+    units: list[str] | None = None
+    bias_heads: dict[str, list[list[int]]] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
 
-    # ------------------------------------------------------------------ shape of the result
+    # ------------------------------------------------------------------ structure of the result
+    def source_topology(self) -> Topology | None:
+        return Topology.from_dict(self.source) if self.source is not None else None
+
+    def attn_sites(self) -> list[str]:
+        return sorted((k for k in self.keep if k.startswith("attn.")), key=lambda k: int(k.split(".")[1]))
+
+    def ffn_sites(self) -> list[str]:
+        return sorted((k for k in self.keep if k.startswith("ffn.")), key=lambda k: int(k.split(".")[1]))
+
+    def residual_sites(self) -> list[str]:
+        return sorted((k for k in self.keep if k.startswith("res.")), key=lambda k: int(k.split(".")[1]))
+
+    def heads_of(self, site: str) -> int:
+        return len(self.heads[site])
+
+    def head_dim_of(self, site: str) -> int:
+        return len(self.keep[site]) // len(self.heads[site])
+
+    def kept_units(self, topology: Topology) -> list[str]:
+        return list(self.units) if self.units is not None else [u.key for u in topology.units]
+
+    # single-stage conveniences (the plain ViT layout; the names of plan format version 1)
     @property
     def depth(self) -> int:
-        return len(self.keep_attn)
+        return len(self.attn_sites())
+
+    @property
+    def keep_embed(self) -> list[int]:
+        return self.keep["res.0"]
+
+    @property
+    def keep_attn(self) -> list[list[int]]:
+        return [self.keep[k] for k in self.attn_sites()]
+
+    @property
+    def keep_ffn(self) -> list[list[int]]:
+        return [self.keep[k] for k in self.ffn_sites()]
 
     @property
     def embed_dim(self) -> int:
-        return len(self.keep_embed)
+        return len(self.keep["res.0"])
+
+    @property
+    def num_heads(self) -> int:
+        counts = {len(self.heads[k]) for k in self.attn_sites()}
+        if len(counts) != 1:
+            raise UpvitError("this plan has different head counts per block: use plan.heads_of(site)")
+        return counts.pop()
 
     def attn_dim(self, block: int = 0) -> int:
-        return len(self.keep_attn[block])
+        return len(self.keep[f"attn.{block}"])
 
     def head_dim(self, block: int = 0) -> int:
-        return len(self.keep_attn[block]) // self.num_heads
+        return self.head_dim_of(f"attn.{block}")
 
     def ffn_dim(self, block: int = 0) -> int:
-        return len(self.keep_ffn[block])
+        return len(self.keep[f"ffn.{block}"])
 
     def target_shape(self) -> dict[str, Any]:
-        """The pruned model's shape, in the form of ``Adapter.describe()``'s size entries."""
-        return {"embed_dim": self.embed_dim, "depth": self.depth, "num_heads": [self.num_heads] * self.depth,
-                "attn_dim": [len(a) for a in self.keep_attn], "ffn_dim": [len(f) for f in self.keep_ffn]}
+        """The pruned model's shape, in the layout of ``Topology.shape()`` (kept units only)."""
+        attn = self.attn_sites()
+        kept_blocks = None
+        if self.units is not None:
+            kept_blocks = {int(u.split(".")[1]) for u in self.units}
+        shape = {
+            "residual": [len(self.keep[k]) for k in self.residual_sites()],
+            "heads": [len(self.heads[k]) for k in attn],
+            "attn": [len(self.keep[k]) for k in attn],
+            "ffn": [len(self.keep[k]) for k in self.ffn_sites()],
+        }
+        if kept_blocks is not None:
+            shape["blocks"] = sorted(kept_blocks)
+        # the v1 names, for a plain ViT
+        shape.update({"embed_dim": shape["residual"][0] if shape["residual"] else None,
+                      "attn_dim": shape["attn"], "ffn_dim": shape["ffn"], "num_heads": shape["heads"]})
+        return shape
+
+    def summary(self) -> str:
+        """One line: the kept widths (per stage where they differ)."""
+        shape = self.target_shape()
+        heads = shape["heads"]
+        dims = [a // h for a, h in zip(shape["attn"], heads)]
+        if len(shape["residual"]) == 1 and len(set(heads)) == 1 and len(set(dims)) == 1 and len(set(shape["ffn"])) == 1:
+            return f"embed {shape['residual'][0]}, {heads[0]} heads x {dims[0]}, FFN {shape['ffn'][0]}"
+        return (f"stage widths {shape['residual']}, heads {heads}, head dims {dims}, FFN {shape['ffn']}")
 
     # ------------------------------------------------------------------ validation
-    def validate(self, source: dict[str, Any] | None = None) -> None:
-        """Raise a one-line UpvitError unless the plan is consistent (and fits ``source``, if given).
+    def validate(self, topology: Topology | None = None) -> None:
+        """Raise a one-line UpvitError unless the plan is consistent (and fits ``topology``, or the
+        recorded source when none is given)."""
+        topology = topology or self.source_topology()
+        if not isinstance(self.keep, dict) or not self.keep:
+            raise UpvitError("plan keep must map site keys (res.0, attn.0, ffn.0, ...) to kept channel lists")
+        if not isinstance(self.heads, dict):
+            raise UpvitError("plan heads must map attention sites to lists of merged source heads")
+        sizes = {s.key: s for s in topology.sites} if topology is not None else {}
+        for key, idx in self.keep.items():
+            site = sizes.get(key)
+            if topology is not None and site is None:
+                raise UpvitError(f"plan keeps channels of {key}, which the model does not have: make the plan "
+                                 "for this model")
+            _check_indices(f"keep[{key}]", idx, site.size if site else None)
+        for key in self.attn_sites():
+            groups = self.heads.get(key)
+            if not isinstance(groups, list) or not groups or not all(
+                    isinstance(g, list) and g and all(isinstance(h, int) and not isinstance(h, bool) for h in g)
+                    for g in groups):
+                raise UpvitError(f"plan heads[{key}] must list, for each new head, the source heads merged into it")
+            if len(self.keep[key]) % len(groups):
+                raise UpvitError(f"plan keep[{key}] has {len(self.keep[key])} dims, not divisible by its "
+                                 f"{len(groups)} heads: keep a multiple of {len(groups)} dims")
+            if topology is not None:
+                src = sizes[key].heads or 1
+                bad = [h for g in groups for h in g if not 0 <= h < src]
+                if bad:
+                    raise UpvitError(f"plan heads[{key}] names source head {bad[0]}, but the model has {src} heads there")
+        for key, groups in (self.bias_heads or {}).items():
+            if key not in self.heads or len(groups) != len(self.heads[key]):
+                raise UpvitError(f"plan bias_heads[{key}] must give one list of source heads per new head")
+        if topology is not None:
+            missing = [s.key for s in topology.sites if s.key not in self.keep and not self._dropped(s.key)]
+            if missing:
+                n_plan, n_model = self.depth, topology.num_blocks
+                if n_plan != n_model and all(k.startswith(("attn.", "ffn.")) for k in missing):
+                    raise UpvitError(f"plan has {n_plan} blocks but the model has {n_model}: make the plan for this model")
+                raise UpvitError(f"plan has no kept channels for {missing[0]}: make the plan for this model")
+            if self.units is not None:
+                names = {u.key for u in topology.units}
+                unknown = [u for u in self.units if u not in names]
+                if unknown:
+                    raise UpvitError(f"plan keeps unit {unknown[0]}, which the model does not have")
+                if not self.units:
+                    raise UpvitError("plan keeps no unit: keep at least one block")
 
-        ``source`` defaults to the recorded ``self.source``; it is a dict like ``Adapter.describe()``.
-        """
-        source = source if source is not None else self.source
-        if not isinstance(self.num_heads, int) or isinstance(self.num_heads, bool) or self.num_heads < 1:
-            raise UpvitError(f"plan num_heads must be an integer >= 1, got {self.num_heads!r}")
-        if not isinstance(self.keep_attn, list) or not isinstance(self.keep_ffn, list):
-            raise UpvitError("plan keep_attn and keep_ffn must be lists with one index list per block")
-        if len(self.keep_attn) != len(self.keep_ffn):
-            raise UpvitError(f"plan has {len(self.keep_attn)} keep_attn blocks but {len(self.keep_ffn)} keep_ffn "
-                             "blocks: give one list per block for both")
-        if not self.keep_attn:
-            raise UpvitError("plan has no blocks: keep_attn and keep_ffn need one list per block")
-        if source is not None and source.get("depth") is not None and source["depth"] != self.depth:
-            raise UpvitError(f"plan has {self.depth} blocks but the model has {source['depth']}: "
-                             "make the plan for this model")
-        _check_indices("keep_embed", self.keep_embed, source and source.get("embed_dim"))
-        for b, (attn, ffn) in enumerate(zip(self.keep_attn, self.keep_ffn)):
-            _check_indices(f"keep_attn[{b}]", attn, source and source["attn_dim"][b])
-            _check_indices(f"keep_ffn[{b}]", ffn, source and source["ffn_dim"][b])
-            if len(attn) % self.num_heads:
-                raise UpvitError(f"plan keep_attn[{b}] has {len(attn)} dims, not divisible by num_heads="
-                                 f"{self.num_heads}: keep a multiple of {self.num_heads} dims per block")
+    def _dropped(self, site_key: str) -> bool:
+        return self.units is not None and site_key.startswith(("attn.", "ffn.")) and site_key not in self.units
 
-    def check_fits(self, source: dict[str, Any]) -> None:
+    def check_fits(self, topology: Topology) -> None:
         """Refuse a model whose shape differs from the one the plan records (if it records one)."""
-        self.validate(source)
+        self.validate(topology)
         if self.source is not None:
-            keys = ("embed_dim", "depth", "num_heads", "attn_dim", "ffn_dim")
-            want = {k: self.source.get(k) for k in keys}
-            got = {k: source.get(k) for k in keys}
+            want, got = self.source_topology().shape(), topology.shape()
             if want != got:
-                diff = next(k for k in keys if want[k] != got[k])
-                raise UpvitError(f"plan was made for a model with {diff}={want[diff]}, this model has "
-                                 f"{got[diff]}: make the plan for this model")
+                diff = next(k for k in want if want[k] != got[k])
+                raise UpvitError(f"plan was made for a model with {diff}={want[diff]}, this model has {got[diff]}: "
+                                 "make the plan for this model")
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
-        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "keep": self.keep, "heads": self.heads,
+                "bias_heads": self.bias_heads, "units": self.units, "source": self.source, "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         if not isinstance(d, dict) or d.get("format", PLAN_FORMAT) != PLAN_FORMAT:
             raise UpvitError("not an upvit plan (expected a JSON object with format 'upvit-plan')")
-        if d.get("version", PLAN_VERSION) > PLAN_VERSION:
-            raise UpvitError(f"plan has version {d['version']}, newer than this upvit ({PLAN_VERSION}): upgrade upvit")
+        version = d.get("version", 1 if "keep_embed" in d else PLAN_VERSION)
+        if not isinstance(version, int) or version > PLAN_VERSION:
+            raise UpvitError(f"plan has version {version}, newer than this upvit ({PLAN_VERSION}): upgrade upvit")
+        if version == 1 or "keep_embed" in d:
+            return cls.from_v1(d)
+        missing = [k for k in ("keep", "heads") if k not in d]
+        if missing:
+            raise UpvitError(f"plan is missing {', '.join(missing)}: a plan needs keep and heads")
+        return cls(keep=d["keep"], heads=d["heads"], source=d.get("source"), units=d.get("units"),
+                   bias_heads=d.get("bias_heads"), meta=dict(d.get("meta") or {}))
+
+    @classmethod
+    def from_v1(cls, d: dict[str, Any]) -> "Plan":
+        """A version-1 plan (single-stage timm ViT): keep_embed, keep_attn, keep_ffn, num_heads,
+        optional source ``{embed_dim, depth, num_heads, attn_dim, ffn_dim}``."""
         missing = [k for k in ("keep_embed", "keep_attn", "keep_ffn", "num_heads") if k not in d]
         if missing:
             raise UpvitError(f"plan is missing {', '.join(missing)}: a plan needs keep_embed, keep_attn, "
                              "keep_ffn and num_heads")
-        return cls(keep_embed=d["keep_embed"], keep_attn=d["keep_attn"], keep_ffn=d["keep_ffn"],
-                   num_heads=d["num_heads"], source=d.get("source"), meta=dict(d.get("meta") or {}))
+        heads, attn, ffn, source = d["num_heads"], d["keep_attn"], d["keep_ffn"], d.get("source")
+        if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+            raise UpvitError(f"plan num_heads must be an integer >= 1, got {heads!r}")
+        if not isinstance(attn, list) or not isinstance(ffn, list):
+            raise UpvitError("plan keep_attn and keep_ffn must be lists with one index list per block")
+        if len(attn) != len(ffn):
+            raise UpvitError(f"plan has {len(attn)} keep_attn blocks but {len(ffn)} keep_ffn blocks: give one list "
+                             "per block for both")
+        if not attn:
+            raise UpvitError("plan has no blocks: keep_attn and keep_ffn need one list per block")
+        if source is not None and source.get("depth") is not None and source["depth"] != len(attn):
+            raise UpvitError(f"plan has {len(attn)} blocks but the model has {source['depth']}: make the plan for this model")
+        _check_indices("keep_embed", d["keep_embed"], source and source.get("embed_dim"))
+        for b, (a, f) in enumerate(zip(attn, ffn)):
+            _check_indices(f"keep_attn[{b}]", a, source and source["attn_dim"][b])
+            _check_indices(f"keep_ffn[{b}]", f, source and source["ffn_dim"][b])
+            if len(a) % heads:
+                raise UpvitError(f"plan keep_attn[{b}] has {len(a)} dims, not divisible by num_heads={heads}: "
+                                 f"keep a multiple of {heads} dims per block")
+        topo = None
+        if source is not None:
+            topo = Topology.single_stage("timm_vit", source["embed_dim"], list(source["num_heads"]),
+                                         list(source["attn_dim"]), list(source["ffn_dim"]), vit_rules())
+        keep = {"res.0": list(d["keep_embed"])}
+        head_groups: dict[str, list[list[int]]] = {}
+        for b, (a, f) in enumerate(zip(attn, ffn)):
+            keep[f"attn.{b}"], keep[f"ffn.{b}"] = list(a), list(f)
+            per = len(a) // heads
+            src_hd = (source["attn_dim"][b] // source["num_heads"][b]) if source else None
+            head_groups[f"attn.{b}"] = [sorted({i // src_hd for i in a[j * per:(j + 1) * per]}) if src_hd else [j]
+                                        for j in range(heads)]
+        meta = dict(d.get("meta") or {})
+        meta.setdefault("converted_from_version", 1)
+        return cls(keep=keep, heads=head_groups, source=topo.to_dict() if topo else None, meta=meta)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -167,46 +307,78 @@ class Plan:
         return cls.from_json(text)
 
 
+def vit_rules() -> Rules:
+    """The rules of timm's VisionTransformer (one stage; attention width tied to embed_dim)."""
+    return Rules("timm VisionTransformer", attn_tied_to_residual=True,
+                 uniform_across_stages=frozenset({"heads", "attn", "ffn"}))
+
+
+# ---------------------------------------------------------------------------------- rules check
+def check_against_rules(plan: Plan, topology: Topology) -> None:
+    """Refuse, in one line, a plan whose result the family's constructor cannot express."""
+    rules = topology.rules
+    multi = topology.num_stages > 1
+    kept = set(plan.kept_units(topology))
+    per_stage: list[dict[str, int]] = []
+    widths = {"heads": lambda k: len(plan.heads[k]), "attn": lambda k: len(plan.keep[k]),
+              "ffn": lambda k: len(plan.keep[k.replace("attn.", "ffn.")])}
+    what = {"heads": "head count", "attn": "attention width", "ffn": "FFN width"}
+    for s in range(topology.num_stages):
+        blocks = [b for b in topology.blocks_of(s) if f"attn.{b}" in kept or f"ffn.{b}" in kept]
+        values: dict[str, int] = {"residual": len(plan.keep[f"res.{s}"])}
+        for name, get in widths.items():
+            seen = [get(f"attn.{b}") for b in blocks]
+            if name in rules.uniform and len(set(seen)) > 1:
+                where = "every block of a stage" if multi else "every block"
+                raise UpvitError(f"{rules.family} needs the same {what[name]} in {where}: keep the same number "
+                                 f"in every block (got {seen})")
+            values[name] = seen[0] if seen else 0
+        per_stage.append(values)
+    for name in sorted(rules.uniform_across_stages):
+        seen = [v[name] for v in per_stage if v[name]]
+        if len(set(seen)) > 1:
+            raise UpvitError(f"{rules.family} needs the same {what.get(name, name)} in every stage (got {seen})")
+    for s, v in enumerate(per_stage):
+        if rules.attn_tied_to_residual and v["attn"] and v["attn"] != v["residual"]:
+            sfx = f"[{s}]" if multi else ""
+            raise UpvitError(f"{rules.family} ties the attention width to embed_dim, so attn_dim{sfx} ({v['attn']}) "
+                             f"must equal embed_dim{sfx} ({v['residual']}): leave attn_dim unset")
+    if rules.residual_ratios and multi:
+        from .targets import _check_ratios
+
+        _check_ratios(rules.family, rules.residual_ratios, [v["residual"] for v in per_stage])
+
+
 # ---------------------------------------------------------------------------------- make_plan
-def _top_k(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k highest scores, in ascending (original) order; ties go to the lower index."""
-    order = torch.argsort(-scores.detach().to(torch.float64).cpu(), stable=True)
-    return sorted(order[:k].tolist())
+def resolve_targets(topology: Topology, embed_dim: Any = None, num_heads: Any = None, mlp_hidden: Any = None,
+                    attn_dim: Any = None, ratio: float | None = None, targets: Targets | None = None,
+                    keep_heads: bool = False) -> Targets:
+    """One :class:`Targets` from whichever form was given (explicit values, a ratio, or Targets), checked."""
+    explicit = [v is not None for v in (embed_dim, num_heads, mlp_hidden, attn_dim)]
+    if targets is not None:
+        if any(explicit) or ratio is not None:
+            raise UpvitError("give either targets or explicit values / a ratio, not both")
+    elif ratio is not None:
+        if any(explicit):
+            raise UpvitError("give either ratio or explicit targets (embed_dim, num_heads, mlp_hidden, attn_dim), not both")
+        targets = Targets.from_ratio(topology, ratio, keep_heads=keep_heads)
+    else:
+        targets = Targets.from_values(topology, embed_dim, num_heads, mlp_hidden, attn_dim)
+    targets.check(topology)
+    return targets
 
 
-def _check_target(name: str, value: Any, source: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise UpvitError(f"{name} must be an integer, got {value!r}")
-    if value < 1 or value > source:
-        raise UpvitError(f"{name}={value} is impossible: the model has {source}, choose 1..{source}")
-    return value
+def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_heads: Any = None,
+              mlp_hidden: Any = None, attn_dim: Any = None, ratio: float | None = None,
+              targets: Targets | None = None, head_bias: str = "mean", keep_heads: bool = False) -> Plan:
+    """A plan keeping the best-scoring channels at the given targets.
 
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def targets_from_ratio(adapter, ratio: float) -> dict[str, int]:
-    """Targets keeping ``ratio`` of embed dims, heads and FFN units (rounded); attn_dim = embed_dim."""
-    if not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise UpvitError(f"ratio must be in (0, 1], got {ratio!r}")
-    heads = adapter.num_heads(0)
-    h_t = max(1, round(heads * ratio))
-    if heads % h_t:
-        ok = ", ".join(f"{d / heads:g}" for d in _divisors(heads))
-        raise UpvitError(f"ratio {ratio:g} gives {h_t} of {heads} heads, which does not divide {heads}: "
-                         f"use a ratio whose head count divides it ({ok}) or give the targets explicitly")
-    embed = max(h_t, round(adapter.embed_dim * ratio / h_t) * h_t)
-    return {"embed_dim": embed, "num_heads": h_t, "mlp_hidden": max(1, round(adapter.ffn_dim(0) * ratio)),
-            "attn_dim": embed}
-
-
-def make_plan(model: nn.Module, scores, embed_dim: int | None = None, num_heads: int | None = None,
-              mlp_hidden: int | None = None, attn_dim: int | None = None, ratio: float | None = None) -> Plan:
-    """A plan keeping the best-scoring channels at the given targets (same targets in every block).
-
-    Targets default to the model's own sizes; ``attn_dim`` defaults to ``embed_dim`` (the standard
-    ViT layout). ``ratio`` is a shorthand for all of them (not combinable with explicit targets).
+    Targets: explicit values (an int for every stage or a list with one per stage; None keeps the
+    model's size, ``attn_dim`` None means the residual width, the standard layout), ``ratio`` (the
+    same fraction of every width, as in the paper) or a :class:`~upvit.targets.Targets`.
+    ``head_bias`` ("mean" or "best"): for families whose heads carry a bias column (Swin), a merged
+    head's column is the mean of its source heads' columns, or the column of its best source head
+    (the one whose kept dims have the largest summed score; ties: the lower head).
 
     >>> plan = make_plan(deit_base, scores, embed_dim=384, num_heads=6, mlp_hidden=1536)  # doctest: +SKIP
     >>> plan.num_heads, len(plan.keep_embed), len(plan.keep_attn[0])                       # doctest: +SKIP
@@ -214,56 +386,35 @@ def make_plan(model: nn.Module, scores, embed_dim: int | None = None, num_heads:
     """
     from .adapters import get_adapter
 
+    if head_bias not in HEAD_BIAS_RULES:
+        raise UpvitError(f"head_bias must be one of {', '.join(HEAD_BIAS_RULES)}, got {head_bias!r}")
     adapter = get_adapter(model)
-    scores.check_matches(adapter)
+    topology = adapter.topology()
+    scores.check_matches(topology)
     for key, tensor in scores.items():
         if not torch.isfinite(tensor).all():
             raise UpvitError(f"scores for {key} contain NaN or infinite values: re-run the scoring")
-    if ratio is not None:
-        if any(v is not None for v in (embed_dim, num_heads, mlp_hidden, attn_dim)):
-            raise UpvitError("give either ratio or explicit targets (embed_dim, num_heads, mlp_hidden, attn_dim), not both")
-        t = targets_from_ratio(adapter, ratio)
-        embed_dim, num_heads, mlp_hidden, attn_dim = t["embed_dim"], t["num_heads"], t["mlp_hidden"], t["attn_dim"]
-
-    depth = adapter.num_blocks
-    embed_dim = _check_target("embed_dim", adapter.embed_dim if embed_dim is None else embed_dim, adapter.embed_dim)
-    if attn_dim is None:
-        attn_dim = embed_dim
-    for b in range(depth):
-        h_b, a_b, f_b = adapter.num_heads(b), adapter.attn_dim(b), adapter.ffn_dim(b)
-        h_t = _check_target("num_heads", h_b if num_heads is None else num_heads, h_b)
-        _check_target("attn_dim", attn_dim, a_b)
-        _check_target("mlp_hidden", f_b if mlp_hidden is None else mlp_hidden, f_b)
-        if h_b % h_t:
-            ok = ", ".join(map(str, _divisors(h_b)))
-            raise UpvitError(f"num_heads={h_t} does not divide the model's {h_b} heads, so heads cannot be merged "
-                             f"evenly: choose one of {ok}")
-        if attn_dim % h_t:
-            what = f"attn_dim={attn_dim}" if attn_dim != embed_dim else f"embed_dim={embed_dim} (also the attention width)"
-            raise UpvitError(f"{what} is not divisible by num_heads={h_t}: "
-                             f"choose a multiple of {h_t} (e.g. {max(h_t, attn_dim // h_t * h_t)})")
-    num_heads = adapter.num_heads(0) if num_heads is None else num_heads
-    mlp_hidden = adapter.ffn_dim(0) if mlp_hidden is None else mlp_hidden
-
-    keep_attn, keep_ffn = [], []
-    for b in range(depth):
-        s = scores.attn[b]
-        group = adapter.num_heads(b) // num_heads * (adapter.attn_dim(b) // adapter.num_heads(b))
-        per_head = attn_dim // num_heads
-        kept = []
-        for j in range(num_heads):  # merged head j = source dims [j*group, (j+1)*group)
-            kept += [j * group + i for i in _top_k(s[j * group:(j + 1) * group], per_head)]
-        keep_attn.append(kept)
-        keep_ffn.append(_top_k(scores.ffn[b], mlp_hidden))
-    plan = Plan(keep_embed=_top_k(scores.embed, embed_dim), keep_attn=keep_attn, keep_ffn=keep_ffn,
-                num_heads=num_heads, source=adapter.describe(),
-                meta={"criterion": scores.meta.get("criterion"),
-                      "targets": {"embed_dim": embed_dim, "num_heads": num_heads, "mlp_hidden": mlp_hidden,
-                                  "attn_dim": attn_dim}})
-    check = getattr(adapter, "check_plan", None)
-    if check is not None:
-        check(plan)
+    targets = resolve_targets(topology, embed_dim, num_heads, mlp_hidden, attn_dim, ratio, targets, keep_heads)
+    keep: dict[str, list[int]] = {}
+    heads: dict[str, list[list[int]]] = {}
+    bias: dict[str, list[list[int]]] = {}
+    for p in problems(topology, targets):
+        kept = top_k(scores[p.site], p.channels, p.k)
+        keep.setdefault(p.site, []).extend(kept)
+        if p.head is not None:
+            heads.setdefault(p.site, []).append(list(p.source_heads))
+            if head_bias == "best":
+                hd = topology.site(p.site).head_dim
+                values = scores[p.site].detach().to(torch.float64).cpu()
+                sums = [float(sum(values[i] for i in kept if i // hd == h)) for h in p.source_heads]
+                best = max(range(len(sums)), key=lambda i: (sums[i], -i))
+                bias.setdefault(p.site, []).append([p.source_heads[best]])
+    plan = Plan(keep=keep, heads=heads, source=topology.to_dict(),
+                bias_heads=bias if head_bias == "best" and topology.rules.head_bias else None,
+                meta={"criterion": scores.meta.get("criterion"), "targets": targets.to_dict(),
+                      "head_bias": head_bias if topology.rules.head_bias else None})
+    adapter.check_plan(plan)
     return plan
 
 
-__all__ = ["Plan", "make_plan", "targets_from_ratio", "PLAN_FORMAT", "PLAN_VERSION"]
+__all__ = ["Plan", "make_plan", "resolve_targets", "check_against_rules", "vit_rules", "PLAN_FORMAT", "PLAN_VERSION"]

@@ -36,20 +36,16 @@ def prune(model: nn.Module, plan: Plan) -> nn.Module:
         raise UpvitError(f"prune needs a upvit.Plan, got {type(plan).__name__}: build one with upvit.make_plan "
                          "or Plan.from_json")
     adapter = get_adapter(model)
-    plan.check_fits(adapter.describe())
-    build = getattr(adapter, "build_pruned", None)
-    if build is None:
-        raise UpvitError(f"the {adapter.family} adapter cannot rebuild models at a new shape yet: pruning "
-                         "is not available for this model family")
-    new = build(plan)
-    got = get_adapter(new).describe()
+    topology = adapter.topology()
+    plan.check_fits(topology)
+    new, config = adapter.rebuild(plan)
+    got = get_adapter(new).topology().shape()
     want = plan.target_shape()
-    for key, value in want.items():
-        if got[key] != value:
-            raise UpvitError(f"internal error: the pruned model has {key}={got[key]}, the plan asks for {value}")
-    config = getattr(new, "upvit_config", None)
-    if config is not None:
-        config.extra["plan"] = plan.to_dict()
+    for key in ("residual", "heads", "attn", "ffn"):
+        if got[key] != want[key]:  # an adapter bug, not a user error
+            raise AssertionError(f"the pruned model has {key}={got[key]}, the plan asks for {want[key]}")
+    config.extra["plan"] = plan.to_dict()
+    new.upvit_config = config
     return new
 
 

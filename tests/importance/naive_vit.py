@@ -19,7 +19,7 @@ def sliced_params(model: torch.nn.Module, key: str | None = None, channel: int |
     if key is None:
         return p, heads
     D = model.embed_dim
-    if key == "embed":
+    if key in ("res.0", "embed"):
         keep = torch.tensor([i for i in range(D) if i != channel])
         for k, v in list(p.items()):
             if k == "patch_embed.proj.weight" or k == "patch_embed.proj.bias":

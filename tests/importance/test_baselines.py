@@ -82,7 +82,7 @@ def _reference_magnitude(model) -> dict[str, torch.Tensor]:
             elif name.endswith("mlp.fc2.weight"):
                 emb += sq.sum(1)
                 ffn[b] += sq.sum(0)
-    out = {"embed": emb.sqrt()}
+    out = {"res.0": emb.sqrt()}
     for b in attn:
         out[f"attn.{b}"], out[f"ffn.{b}"] = attn[b].sqrt(), ffn[b].sqrt()
     return out
@@ -102,7 +102,7 @@ def test_magnitude_covers_every_residual_parameter():
     of them changes it."""
     model = tiny_vit()
     adapter = get_adapter(model)
-    listed = {t.data_ptr() for t, _ in adapter.channel_weights("embed")}
+    listed = {t.data_ptr() for t, _ in adapter.channel_weights("res.0")}
     width = {n for n, p in model.named_parameters() if TINY["embed_dim"] in p.shape}
     missing = [n for n, p in model.named_parameters() if n in width and p.data_ptr() not in listed]
     assert missing == []
@@ -114,7 +114,7 @@ def test_random_is_seeded_and_uniform():
     b = upvit.score(model, tiny_images(2), method="random", seed=3)
     c = upvit.score(model, tiny_images(2), method="random", seed=4)
     g = torch.Generator().manual_seed(3)
-    expected = torch.rand(24, generator=g, dtype=torch.float64)  # the first site drawn is embed
+    expected = torch.rand(24, generator=g, dtype=torch.float64)  # the first site drawn is res.0
     assert torch.equal(a.embed, expected)
     for (key, x), (_, y), (_, z) in zip(a.items(), b.items(), c.items()):
         assert torch.equal(x, y), key

@@ -13,7 +13,7 @@ from upvit.importance.fisher import fisher_scores
 
 def kl_along_mask(adapter, images, key: str, channel: int, m: float, logq: torch.Tensor | None = None) -> float:
     """sum_i KL(q_i || p_i(m)) with channel ``channel`` of site ``key`` scaled to ``m`` (float64)."""
-    size = {s.key: s.size for s in adapter.sites()}[key]
+    size = {s.key: s.size for s in adapter.topology().sites}[key]
     mask = torch.ones(size, dtype=torch.float64)
     mask[channel] = m
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_fisher_equals_finite_difference_kl_hessian(distilled):
     scores = fisher_scores(adapter, images, batch_size=3, classes="exact")
     assert scores.meta["method"] == "fisher" and scores.meta["classes"] == "exact"
     checked = 0
-    for key, channels in [("embed", [0, 7, 23]), ("attn.0", [1, 12, 22]), ("attn.1", [5, 17]),
+    for key, channels in [("res.0", [0, 7, 23]), ("attn.0", [1, 12, 22]), ("attn.1", [5, 17]),
                           ("ffn.0", [0, 30, 47]), ("ffn.1", [9, 40])]:
         for c in channels:
             fd = fd_hessian(adapter, images, key, c)
@@ -61,7 +61,7 @@ def test_fisher_is_second_order_limit_of_true_removal_kl():
     adapter = get_adapter(model)
     images = tiny_images(6).double()
     est = fisher_scores(adapter, images, classes="exact")
-    for key, c in [("embed", 3), ("attn.1", 4), ("ffn.0", 11)]:
+    for key, c in [("res.0", 3), ("attn.1", 4), ("ffn.0", 11)]:
         exact = kl_along_mask(adapter, images, key, c, 0.0)
         assert float(est[key][c]) == pytest.approx(exact, rel=0.25)
 
@@ -157,9 +157,9 @@ def test_probe_gradients_equal_mask_gradients(variant):
         v = torch.randn(logits_m.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
         ref = grads_m((logits_m * v).sum(), False)
         got = grads_p((logits_p * v).sum(), False)
-    assert set(got) == set(ref) == {s.key for s in adapter.sites()}
+    assert set(got) == set(ref) == {s.key for s in adapter.topology().sites}
     for key, g in ref.items():
-        assert g.shape == (4, {s.key: s.size for s in adapter.sites()}[key]) and g.abs().max() > 0
+        assert g.shape == (4, {s.key: s.size for s in adapter.topology().sites}[key]) and g.abs().max() > 0
         torch.testing.assert_close(got[key], g, rtol=1e-9, atol=1e-12 * float(g.abs().max()), msg=key)
 
 

@@ -21,7 +21,7 @@ def reference_exact(model, images) -> Scores:
     with torch.no_grad():
         logq = torch.log_softmax(adapter.forward(images).double(), -1)
         out = {}
-        for site in adapter.sites():
+        for site in adapter.topology().sites:
             vals = []
             for chunk in torch.arange(site.size).split(32):  # 32 removals side by side, one per sample row
                 masks = torch.ones(len(chunk), site.size)
@@ -32,8 +32,7 @@ def reference_exact(model, images) -> Scores:
                 kl = (logq.exp() * (logq - logp.view(len(chunk), *logq.shape))).sum((1, 2))
                 vals.append(kl)
             out[site.key] = torch.cat(vals)
-    blocks = range(adapter.num_blocks)
-    return Scores(out["embed"], [out[f"attn.{b}"] for b in blocks], [out[f"ffn.{b}"] for b in blocks])
+    return Scores.from_sites(adapter.topology(), out)
 
 
 def keep_sets(model, scores, target):
@@ -68,9 +67,9 @@ def test_hybrid_keep_sets_equal_exact_keep_sets(setup):
 def test_hybrid_with_ratios(setup):
     model, images, ref = setup
     s = upvit.score(model, images, method="hybrid", ratios=[0.5, 0.25])
-    assert [t["num_heads"] for t in s.meta["targets"]] == [2, 1]
+    assert [t["stages"][0]["heads"] for t in s.meta["targets"]] == [2, 1]
     for ratio in (0.5, 0.25):
-        assert make_plan(model, s, ratio=ratio).to_dict()["keep_ffn"] == make_plan(model, ref, ratio=ratio).to_dict()["keep_ffn"]
+        assert make_plan(model, s, ratio=ratio).keep_ffn == make_plan(model, ref, ratio=ratio).keep_ffn
         assert make_plan(model, s, ratio=ratio).keep_attn == make_plan(model, ref, ratio=ratio).keep_attn
         assert make_plan(model, s, ratio=ratio).keep_embed == make_plan(model, ref, ratio=ratio).keep_embed
 

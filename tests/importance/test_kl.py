@@ -56,10 +56,12 @@ def test_engine_equals_naive_reference(kind):
 class PlainAdapter(TimmViTAdapter):
     """The same model without the adapter's optional fast paths (rank-1 FFN, head tokens)."""
 
-    def head_tokens(self):
-        return None
+    def build_topology(self):
+        import dataclasses
 
-    def ffn_rank1(self, block, h):
+        return dataclasses.replace(super().build_topology(), head_tokens=None)
+
+    def ffn_rank1(self, unit, stream):
         return None
 
 
@@ -70,14 +72,14 @@ def test_generic_path_without_fast_paths_equals_naive():
     fast = kl_scores(get_adapter(model), images, batch_size=3, candidate_batch=7, progress=False)
     for key, t in plain.items():
         torch.testing.assert_close(fast[key], t, rtol=1e-4, atol=1e-9 * float(t.max()))
-    assert_matches_naive(model, images, plain, keys={"embed", "attn.2", "ffn.1", "ffn.2"})
+    assert_matches_naive(model, images, plain, keys={"res.0", "attn.2", "ffn.1", "ffn.2"})
 
 
 def test_candidates_only_scores_those_and_batching_does_not_matter():
     model = tiny_vit(seed=5)
     images = tiny_images(5, seed=6)
     full = kl_scores(get_adapter(model), images, batch_size=2, candidate_batch=3, progress=False)
-    chosen = {"embed": [3, 0, 3], "ffn.1": [47, 5], "attn.0": [11]}
+    chosen = {"res.0": [3, 0, 3], "ffn.1": [47, 5], "attn.0": [11]}
     part = kl_scores(get_adapter(model), images, batch_size=5, candidate_batch=16, candidates=chosen, progress=False)
     for key, t in part.items():
         picked = sorted(set(chosen.get(key, [])))
@@ -103,7 +105,7 @@ def test_saved_scores_round_trip_with_metadata(tmp_path):
     for key, t in scores.items():
         assert torch.equal(loaded[key], t)
     assert loaded.meta["criterion"] == "kl" and loaded.meta["proxy"]["seed"] == 7
-    assert loaded.meta["model"]["embed_dim"] == 24 and loaded.meta["num_images"] == 4
+    assert loaded.meta["model"]["residual"] == [24] and loaded.meta["num_images"] == 4
     assert loaded.meta["wall_time_s"] > 0
     assert not os.path.exists(partial_path(out))
 
@@ -128,7 +130,7 @@ def test_kill_and_resume_gives_identical_scores(tmp_path):
     with pytest.raises(Interrupt):
         kl_scores(get_adapter(model), images, batch_size=2, candidate_batch=4, out=out, progress=False,
                   callback=die_after_three)
-    assert seen == ["embed", "attn.0", "ffn.0"]
+    assert seen == ["res.0", "attn.0", "ffn.0"]
     assert os.path.exists(partial_path(out)) and not os.path.exists(out)
     with pytest.raises(UpvitError):  # a partial state is never taken for a scores file
         upvit.Scores.load(partial_path(out))

@@ -49,7 +49,7 @@ def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
     meta = scores.meta
     assert meta["criterion"] == "kl" and meta["seed"] == 3 and meta["num_images"] == 6
     assert meta["proxy"]["sampling"] == "random" and meta["proxy"]["seed"] == 3 and meta["proxy"]["data"] == "animal-mnist:train"
-    assert meta["model"]["depth"] == 2 and meta["wall_time_s"] > 0 and meta["model_spec"] == mdir
+    assert meta["model"]["depths"] == [2] and meta["wall_time_s"] > 0 and meta["model_spec"] == mdir
 
     # the same proxy images, drawn independently, scored in-process and by the naive reference
     dataset, _ = load_data("animal-mnist:train")
@@ -59,7 +59,7 @@ def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
     local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)
     for key, t in local.items():
         torch.testing.assert_close(scores[key], t, rtol=1e-6, atol=0.0)
-    for key, c in (("embed", 5), ("attn.1", 2), ("ffn.0", 7)):
+    for key, c in (("res.0", 5), ("attn.1", 2), ("ffn.0", 7)):
         assert math.isclose(float(scores[key][c]), naive_score(model, images, key, c), rel_tol=1e-4)
 
 

@@ -9,7 +9,8 @@ from upvit.adapters import get_adapter
 from upvit.adapters.base import Adapter
 from upvit.errors import UpvitError
 from upvit.importance.fisher import fisher_scores
-from upvit.importance.kl import continue_forward, kl_scores
+from upvit.adapters.base import forward_from
+from upvit.importance.kl import kl_scores
 from upvit.importance.local import local_attention_sums
 
 
@@ -18,11 +19,11 @@ def test_fast_attention_deltas_equal_the_masked_forward(options):
     model = tiny_vit(**options)
     adapter = get_adapter(model)
     with torch.no_grad():
-        h = adapter.ffn_half(0, adapter.attn_half(0, adapter.stem(tiny_images(3))))
+        h = adapter.run("ffn.0", adapter.run("attn.0", adapter.begin(tiny_images(3))))
         idx = torch.tensor([0, 3, 6, 11, 23])  # dims in several heads, first and last of a head
-        fast = adapter.attn_removal_deltas(1, h, idx)
-        generic = Adapter.attn_removal_deltas(adapter, 1, h, idx)
-    assert fast.shape == (5, *h.shape)
+        fast = adapter.attn_removal_deltas("attn.1", h, idx)
+        generic = Adapter.attn_removal_deltas(adapter, "attn.1", h, idx)
+    assert fast.shape == (5, *h.x.shape)
     assert torch.allclose(fast, generic, atol=1e-5, rtol=1e-4)
     assert generic.abs().amax() > 1e-2  # the removals do change the stream
 
@@ -32,13 +33,14 @@ def reference_local_kl(model, images, block: int, channel: int, eps: float = 1e-
     logit change dz = J delta by a central difference along delta, in float64."""
     adapter = get_adapter(model)
     with torch.no_grad():
-        h = adapter.stem(images)
+        h = adapter.begin(images)
         for b in range(block):
-            h = adapter.ffn_half(b, adapter.attn_half(b, h))
-        mid = adapter.attn_half(block, h)
-        delta = Adapter.attn_removal_deltas(adapter, block, h, torch.tensor([channel]))[0]
-        up = continue_forward(adapter, mid + eps * delta, block, "ffn", None)
-        down = continue_forward(adapter, mid - eps * delta, block, "ffn", None)
+            h = adapter.run(f"ffn.{b}", adapter.run(f"attn.{b}", h))
+        mid = adapter.run(f"attn.{block}", h)
+        delta = Adapter.attn_removal_deltas(adapter, f"attn.{block}", h, torch.tensor([channel]))[0]
+        after = 2 * block + 1  # the units after attn.{block}: from ffn.{block} on
+        up = forward_from(adapter, mid.replace(mid.x + eps * delta), after)[:, 0]
+        down = forward_from(adapter, mid.replace(mid.x - eps * delta), after)[:, 0]
         dz = (up - down) / (2 * eps)
         q = torch.softmax(adapter.forward(images), -1)
     cov = torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1)
@@ -65,7 +67,7 @@ def test_local_estimate_is_closer_to_exact_than_fisher_for_attention():
     fisher = fisher_scores(adapter, images, attention="fisher")
     local = fisher_scores(adapter, images, attention="local")
     assert local.meta["attention"] == "local"
-    for b in range(adapter.num_blocks):
+    for b in range(adapter.topology().num_blocks):
         e = exact.attn[b].double()
         err_local = ((local.attn[b].double() - e).abs() / e).median()
         err_fisher = ((fisher.attn[b].double() - e).abs() / e).median()

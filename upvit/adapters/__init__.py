@@ -1,41 +1,48 @@
 """Adapters: the only place that knows a model family's module names.
 
 ``get_adapter(model)`` returns the adapter for a supported model, or raises a one-line UpvitError.
+Third-party families call :func:`register` with a predicate and a constructor.
 """
 from __future__ import annotations
+
+import importlib
+from typing import Callable
 
 from torch import nn
 
 from ..errors import UpvitError
-from .base import Adapter, Masks, Site
+from .base import Adapter, Masks, Stream, forward_from
 
-_FACTORIES = []  # (name, predicate(model) -> bool, constructor)
+# built-in families: (name, module, predicate function, adapter class); modules import lazily
+BUILTIN = (
+    ("timm_vit", "upvit.adapters.timm_vit", "is_timm_vit", "TimmViTAdapter"),
+)
+_REGISTERED: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Adapter]]] = []
 
 
-def register(name: str, predicate, constructor) -> None:
-    _FACTORIES.append((name, predicate, constructor))
+def register(name: str, predicate: Callable[[nn.Module], bool], constructor: Callable[[nn.Module], Adapter]) -> None:
+    """Make :func:`get_adapter` return ``constructor(model)`` for models where ``predicate(model)``."""
+    if all(n != name for n, _, _ in _REGISTERED):
+        _REGISTERED.append((name, predicate, constructor))
+
+
+def _families():
+    out = []
+    for name, module, predicate, cls in BUILTIN:
+        mod = importlib.import_module(module)
+        out.append((name, getattr(mod, predicate), getattr(mod, cls)))
+    return out + [f for f in _REGISTERED if f[0] not in {b[0] for b in BUILTIN}]
 
 
 def get_adapter(model: nn.Module) -> Adapter:
     if isinstance(model, Adapter):
         return model
-    _load_builtin()
-    for _, predicate, constructor in _FACTORIES:
+    families = _families()
+    for _, predicate, constructor in families:
         if predicate(model):
             return constructor(model)
-    names = ", ".join(n for n, _, _ in _FACTORIES)
+    names = ", ".join(n for n, _, _ in families)
     raise UpvitError(f"no adapter for model class {type(model).__name__}: supported families are {names}")
 
 
-_loaded = False
-
-
-def _load_builtin() -> None:
-    global _loaded
-    if not _loaded:
-        from . import timm_vit  # noqa: F401  (registers itself)
-
-        _loaded = True
-
-
-__all__ = ["Adapter", "Masks", "Site", "get_adapter", "register"]
+__all__ = ["Adapter", "Masks", "Stream", "forward_from", "get_adapter", "register"]

@@ -1,45 +1,117 @@
-"""The adapter contract: components as sites, per-sample channel masks, a staged forward.
+"""The adapter contract: a model's structure as data, masks per site, and a forward unit by unit.
 
-A *site* is one group of channels scored together: ``embed`` (the residual stream, shared by all
-blocks), ``attn.{b}`` (attention dims of block b) and ``ffn.{b}`` (FFN hidden units of block b).
+An adapter wraps one model of one family and is the only code that knows the family's module
+names. It declares the model's :class:`~upvit.topology.Topology` (sites, units, rules) and runs the
+model as ``begin(inputs) -> run(unit) -> ... -> end(stream)``, where a :class:`Stream` is whatever
+flows between two residual branches (``[B, N, D]`` tokens for a ViT, ``[B, H, W, C]`` for Swin,
+tokens plus the feature-map size for PVTv2, tokens plus the attention mask for BERT). The scoring
+engines cache streams, repeat them to stack candidates on the batch axis, and continue from any
+unit with :func:`forward_from`; they never see a module name.
 
 A *mask* is a keep-mask per site: 1 keeps a channel, 0 removes it, with the exact semantics of
-docs/method.md section 1 (removing residual channel c renormalises every LayerNorm over the
-remaining channels; attention dim d zeroes q_d, k_d and v_d; FFN unit j is zeroed after the
-activation). A mask is either ``[size]`` (shared by the batch) or ``[B, size]`` (one per sample),
-so many single-channel removals can be evaluated in one forward by stacking them on the batch
-axis. Masks are real-valued: values between 0 and 1 interpolate, which the Fisher estimate uses.
+docs/method.md section 1 (removing residual channel c renormalises every LayerNorm of its stage over
+the remaining channels; attention dim d zeroes q_d, k_d and v_d; FFN unit j is zeroed after the
+activation). A mask is ``[size]`` (shared by the batch) or ``[B, size]`` (one per sample), so many
+single-channel removals run in one forward. Masks are real-valued: values between 0 and 1
+interpolate, which the Fisher estimate uses. ``skip`` removes whole units (depth pruning): the
+branch adds nothing to the residual stream.
 
-The staged forward (``stem`` -> ``attn_half(b)`` -> ``ffn_half(b)`` ... -> ``head``) lets a scorer
-cache everything before the first modified stage and run only from there on.
+``end`` returns logits with an event axis, ``[B, E, K]``: E = 1 for an image classifier, E = T for a
+language model (one next-token distribution per position). The KL of docs/method.md is summed over
+samples and events, weighted by :meth:`Adapter.event_weights` (padding gets weight 0).
 """
 from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Union
 
 import torch
 from torch import nn
 
+from ..errors import UpvitError
+from ..topology import Topology
 
-@dataclass(frozen=True)
-class Site:
-    """One scored group of channels."""
+if TYPE_CHECKING:
+    from ..models import ModelConfig
+    from ..plan import Plan
 
-    component: str  # "embed" | "attn" | "ffn"
-    block: int | None  # None for "embed"
-    size: int
-
-    @property
-    def key(self) -> str:
-        return self.component if self.block is None else f"{self.component}.{self.block}"
+Inputs = Union[torch.Tensor, dict]
 
 
+# ------------------------------------------------------------------------------------- inputs
+def batch_len(inputs: Inputs) -> int:
+    """Number of samples in a batch of inputs (an image tensor or a dict of per-sample tensors)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    return next(iter(inputs.values())).shape[0]
+
+
+def batch_slice(inputs: Inputs, start: int, end: int) -> Inputs:
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:end]
+    return {k: v[start:end] for k, v in inputs.items()}
+
+
+def batch_to(inputs: Inputs, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
+    """Move to ``device``; floating tensors also to ``dtype`` (token ids keep theirs)."""
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    if isinstance(inputs, torch.Tensor):
+        return move(inputs)
+    return {k: move(v) for k, v in inputs.items()}
+
+
+def batch_repeat(inputs: Inputs, n: int) -> Inputs:
+    """``n`` copies stacked on the batch axis (copy c is rows [c*B, (c+1)*B))."""
+    def rep(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(n, *([1] * (t.dim() - 1)))
+
+    if isinstance(inputs, torch.Tensor):
+        return rep(inputs)
+    return {k: rep(v) for k, v in inputs.items()}
+
+
+def batch_cat(parts: list[Inputs]) -> Inputs:
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# ------------------------------------------------------------------------------------- stream
+@dataclass
+class Stream:
+    """What flows between two units: ``x`` (batch first, channels last) plus per-sample tensors
+    (``batch``, e.g. an attention mask) and per-batch values (``info``, e.g. a feature-map size)."""
+
+    x: torch.Tensor
+    batch: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, x: torch.Tensor) -> "Stream":
+        return Stream(x, self.batch, self.info)
+
+    def repeat(self, n: int) -> "Stream":
+        """``n`` copies stacked on the batch axis, per-sample tensors included."""
+        return Stream(self.x.repeat(n, *([1] * (self.x.dim() - 1))),
+                      {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in self.batch.items()}, dict(self.info))
+
+    def head_only(self, k: int) -> "Stream":
+        """The first ``k`` tokens (the ones the head reads)."""
+        return Stream(self.x[:, :k], self.batch, {**self.info, "head_only": k})
+
+    def detach(self) -> "Stream":
+        return Stream(self.x.detach(), self.batch, self.info)
+
+
+# ------------------------------------------------------------------------------------- masks
 @dataclass
 class Masks:
-    """Keep-masks by site key (``embed``, ``attn.3``, ``ffn.3``); a missing key keeps everything."""
+    """Keep-masks by site key (``res.0``, ``attn.3``, ``ffn.3``); a missing key keeps everything."""
 
     by_site: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -55,6 +127,14 @@ def broadcast_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if mask.dim() == 1:
         return mask
     return mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
+
+
+def per_window(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """A ``[B, C]`` mask for a tensor whose batch axis holds ``rows`` = B * n rows, each sample's n
+    rows contiguous (windows of a Swin block, key/value tokens ...); ``[C]`` masks pass through."""
+    if mask.dim() == 1 or mask.shape[0] == rows:
+        return mask
+    return mask.repeat_interleave(rows // mask.shape[0], dim=0)
 
 
 def removal_masks(size: int, idx: torch.Tensor, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -109,8 +189,6 @@ class MaskProbe:
         if self.kind == "scale":
             return (grad * out).reshape(b, -1, self.groups, width // self.groups).sum((1, 2))
         if self.kind != "layer_norm":
-            from ..errors import UpvitError
-
             raise UpvitError(f"unknown mask probe kind {self.kind!r}: use 'scale' or 'layer_norm'")
         # y = (w * yhat + bias) * m over kept channels, mean and variance weighted by m; at m = 1:
         # dy_k/dm_c = delta_kc y_c - w_k (yhat_c + 1/2 yhat_k (yhat_c^2 - var/(var+eps))) / D
@@ -130,125 +208,149 @@ class MaskProbe:
         return direct - stats / width
 
 
+# ------------------------------------------------------------------------------------- adapter
 class Adapter(ABC):
-    """Wraps a model of one family. Never copies or permanently modifies the model."""
+    """Wraps a model of one family. Never copies or permanently modifies the model.
+
+    Subclasses implement the structure (:meth:`topology`), the unit-by-unit forward (:meth:`begin`,
+    :meth:`run`, :meth:`end`), masking and :meth:`rebuild` (plan -> a genuine smaller model of the
+    family); the fast paths (:meth:`probing`, :meth:`ffn_rank1`, :meth:`attn_removal_deltas`) are
+    optional and the engines fall back to the masked forward without them.
+    """
 
     family: str = "abstract"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self._topology: Topology | None = None
 
     # ---------------------------------------------------------------- structure
-    @property
-    @abstractmethod
-    def num_blocks(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def embed_dim(self) -> int: ...
+    def topology(self) -> Topology:
+        """The model's sites, units and rules (computed once; the adapter never reshapes the model)."""
+        if self._topology is None:
+            self._topology = self.build_topology()
+        return self._topology
 
     @abstractmethod
-    def attn_dim(self, block: int) -> int: ...
-
-    @abstractmethod
-    def num_heads(self, block: int) -> int: ...
-
-    @abstractmethod
-    def ffn_dim(self, block: int) -> int: ...
-
-    def sites(self) -> list[Site]:
-        """All sites in scoring order: embed, then per block attn.b, ffn.b."""
-        out = [Site("embed", None, self.embed_dim)]
-        for b in range(self.num_blocks):
-            out += [Site("attn", b, self.attn_dim(b)), Site("ffn", b, self.ffn_dim(b))]
-        return out
+    def build_topology(self) -> Topology: ...
 
     def describe(self) -> dict[str, Any]:
-        """Plain-data description of the shape (for metadata and fingerprints)."""
-        return {
-            "family": self.family,
-            "class": type(self.model).__name__,
-            "embed_dim": self.embed_dim,
-            "depth": self.num_blocks,
-            "num_heads": [self.num_heads(b) for b in range(self.num_blocks)],
-            "attn_dim": [self.attn_dim(b) for b in range(self.num_blocks)],
-            "ffn_dim": [self.ffn_dim(b) for b in range(self.num_blocks)],
-        }
+        """Plain-data description of the shape (metadata, messages)."""
+        return {"family": self.family, "class": type(self.model).__name__, **self.topology().shape()}
 
     def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
         """``(tensor, dim)`` pairs whose index i along ``dim`` is carried by channel i of the site
         (used by the magnitude baseline). Families that support it override this."""
-        from ..errors import UpvitError
-
         raise UpvitError(f"the {self.family} adapter does not list its weights per channel: magnitude scoring "
                          "is not available for this model family")
 
-    # ---------------------------------------------------------------- masking and staged forward
-    @abstractmethod
-    def masking(self, masks: Masks | None) -> contextlib.AbstractContextManager:
-        """Context in which the model's own forward applies ``masks``."""
-
-    @abstractmethod
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        """Input images -> residual stream entering block 0."""
-
-    @abstractmethod
-    def attn_half(self, block: int, h: torch.Tensor) -> torch.Tensor:
-        """Residual stream entering ``block`` -> after its attention residual add."""
-
-    @abstractmethod
-    def ffn_half(self, block: int, h: torch.Tensor) -> torch.Tensor:
-        """Residual stream after ``block``'s attention -> leaving the block."""
-
-    @abstractmethod
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Residual stream leaving the last block -> logits (eval-mode output)."""
-
-    # ---------------------------------------------------------------- optional fast paths (scorers fall back without them)
-    def head_tokens(self) -> int | None:
-        """Number of leading tokens the head reads (class/distillation tokens), or None if it reads all.
-
-        When set, the last block's FFN half may run on those tokens only without changing the logits."""
+    def input_size(self) -> tuple[int, ...] | None:
+        """The input one sample must have (``(C, H, W)`` for images), or None when it varies."""
+        config = getattr(self.model, "upvit_config", None)
+        if config is not None and config.data_config.get("input_size"):
+            return tuple(config.data_config["input_size"])
         return None
 
-    def ffn_rank1(self, block: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """``(out, acts, dirs)`` for the residual stream ``h`` entering ``block``'s FFN half (no masks active):
-        ``out = ffn_half(block, h)``, ``acts`` [..., H] the hidden activations and ``dirs`` [H, D] such that
-        removing FFN unit j gives exactly ``out - acts[..., j, None] * dirs[j]``. None where unsupported."""
+    def example_inputs(self, batch_size: int = 1, device: torch.device | str = "cpu") -> Inputs:
+        """Inputs of the model's expected shape (for FLOP counts and throughput)."""
+        size = self.input_size()
+        if size is None:
+            raise UpvitError(f"the {self.family} model does not record its input size: give it explicitly")
+        return torch.zeros(batch_size, *size, device=device)
+
+    @contextlib.contextmanager
+    def explicit_attention(self) -> Iterator[None]:
+        """Run attention as explicit matmuls (so a FLOP counter sees them); no-op by default."""
+        yield
+
+    # ---------------------------------------------------------------- the unit-by-unit forward
+    @abstractmethod
+    def begin(self, inputs: Inputs) -> Stream:
+        """Model inputs -> the stream entering the first unit."""
+
+    @abstractmethod
+    def run(self, unit: str, stream: Stream) -> Stream:
+        """One unit: the stage transition it starts with (if any), then its residual branch."""
+
+    @abstractmethod
+    def end(self, stream: Stream) -> torch.Tensor:
+        """The stream after the last unit -> logits ``[B, E, K]`` (eval-mode output)."""
+
+    def event_weights(self, inputs: Inputs) -> torch.Tensor | None:
+        """``[B, E]`` weights of the output events (0 for padding), or None when all count."""
         return None
 
-    def attn_removal_deltas(self, block: int, h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``[C, *h.shape]``: how ``attn_half(block, h)`` changes when attention dim ``idx[c]`` is removed
-        (no other mask active). This default runs the masked forward with the C candidates stacked on
-        the batch axis; adapters may override it with a cheaper computation of the same values."""
-        n = len(idx)
-        base = self.attn_half(block, h)
-        with self.masking(Masks({f"attn.{block}": removal_masks(self.attn_dim(block), idx, h.shape[0], h)})):
-            out = self.attn_half(block, h.repeat(n, *([1] * (h.dim() - 1))))
-        return out.view(n, *h.shape) - base
+    @abstractmethod
+    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()) -> contextlib.AbstractContextManager:
+        """Context in which the model's own forward applies ``masks`` and leaves out the units in ``skip``."""
 
+    def output(self, events: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, E, K]`` -> the model's own output layout (``[B, K]`` when E = 1)."""
+        return events[:, 0] if events.shape[1] == 1 else events
+
+    def events(self, inputs: Inputs, masks: Masks | None = None, skip: frozenset[str] = frozenset()) -> torch.Tensor:
+        """Logits ``[B, E, K]`` of the (masked) model through the unit-by-unit forward."""
+        with self.masking(masks, skip):
+            return forward_from(self, self.begin(inputs), 0)
+
+    def forward(self, inputs: Inputs, masks: Masks | None = None, skip: frozenset[str] = frozenset()) -> torch.Tensor:
+        """Logits in the model's own layout, through the unit-by-unit forward."""
+        return self.output(self.events(inputs, masks, skip))
+
+    # ---------------------------------------------------------------- optional fast paths
     def probing(self) -> contextlib.AbstractContextManager[list[MaskProbe]] | None:
         """Context yielding a list that the model's plain forward fills with a :class:`MaskProbe` for
         every point where a site's mask acts (the Fisher estimate's fast path). None where unsupported:
         the estimate then differentiates through ``[B, size]`` masks instead."""
         return None
 
-    def run_from(self, h: torch.Tensor, block: int, stage: str) -> torch.Tensor:
-        """Continue the staged forward from ``stage`` ("attn" or "ffn") of ``block`` to logits."""
-        if stage == "attn":
-            h = self.attn_half(block, h)
-        h = self.ffn_half(block, h)
-        for b in range(block + 1, self.num_blocks):
-            h = self.ffn_half(b, self.attn_half(b, h))
-        return self.head(h)
+    def ffn_rank1(self, unit: str, stream: Stream) -> tuple[Stream, torch.Tensor, torch.Tensor] | None:
+        """``(out, acts, dirs)`` for FFN ``unit`` run on ``stream`` (no masks active): ``out = run(unit,
+        stream)``, ``acts`` ``[..., H]`` the hidden activations laid out like ``out.x[..., :]`` and ``dirs``
+        ``[H, D]`` such that removing hidden unit j gives exactly ``out.x - acts[..., j, None] * dirs[j]``.
+        None where unsupported (post-norm blocks, where a LayerNorm follows the residual add)."""
+        return None
 
-    def forward(self, x: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
-        """Logits of the (masked) model through the staged forward."""
+    def attn_removal_deltas(self, unit: str, stream: Stream, idx: torch.Tensor) -> torch.Tensor:
+        """``[C, *stream.x.shape]``: how ``run(unit, stream).x`` changes when attention dim ``idx[c]`` is
+        removed (no other mask active). This default runs the masked forward with the C candidates
+        stacked on the batch axis; adapters may override it with a cheaper computation."""
+        n = len(idx)
+        base = self.run(unit, stream).x
+        size = self.topology().site(unit).size
+        masks = Masks({unit: removal_masks(size, idx, stream.x.shape[0], stream.x)})
         with self.masking(masks):
-            h = self.stem(x)
-            return self.run_from(h, 0, "attn")
+            out = self.run(unit, stream.repeat(n)).x
+        return out.view(n, *base.shape) - base
 
-    def stages(self) -> Iterator[tuple[int, str]]:
-        for b in range(self.num_blocks):
-            yield b, "attn"
-            yield b, "ffn"
+    # ---------------------------------------------------------------- surgery
+    @abstractmethod
+    def rebuild(self, plan: "Plan") -> tuple[nn.Module, "ModelConfig"]:
+        """A new model of this family at ``plan``'s shape with sliced weights, and its config
+        (rebuilt through the family's own constructor; the original model is not modified)."""
+
+    def check_plan(self, plan: "Plan") -> None:
+        """Refuse, in one line, a plan the family's constructor cannot express (default: the rules)."""
+        from ..plan import check_against_rules
+
+        check_against_rules(plan, self.topology())
+
+
+def forward_from(adapter: Adapter, stream: Stream, start: int, topology: Topology | None = None) -> torch.Tensor:
+    """Logits ``[B, E, K]`` from ``stream`` entering unit number ``start`` (``len(units)``: the head).
+
+    Where the topology has ``head_tokens``, the last unit, if it is an FFN, runs on those tokens only
+    (the logits are the same: the head reads nothing else, and an FFN mixes no tokens)."""
+    topo = topology or adapter.topology()
+    units = topo.units
+    last = len(units) - 1
+    for i in range(start, len(units)):
+        if i == last and topo.head_tokens and units[i].kind == "ffn" and "head_only" not in stream.info:
+            stream = stream.head_only(topo.head_tokens)
+        stream = adapter.run(units[i].key, stream)
+    return adapter.end(stream)
+
+
+__all__ = ["Adapter", "Inputs", "MaskProbe", "Masks", "Stream", "batch_cat", "batch_len", "batch_repeat",
+           "batch_slice", "batch_to", "broadcast_mask", "forward_from", "masked_layer_norm", "per_window",
+           "removal_masks"]

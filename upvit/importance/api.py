@@ -18,6 +18,7 @@ from .scores import Scores
 
 MethodFn = Callable[..., Scores]
 METHODS: dict[str, MethodFn] = {}
+PERSISTING: set[str] = {"kl"}  # methods that write ``out`` themselves, site by site (and can resume)
 METHOD_MODULES = {
     "kl": "upvit.importance.kl",
     "fisher": "upvit.importance.fisher",
@@ -75,19 +76,38 @@ def proxy_tensor(proxy: torch.Tensor | Dataset | DataLoader, input_size: tuple[i
     return images.float()
 
 
-def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader, method: str = "kl", **options: Any) -> Scores:
+def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict, method: str = "kl",
+          out: str | None = None, resume: bool = False, proxy_meta: dict[str, Any] | None = None,
+          meta: dict[str, Any] | None = None, **options: Any) -> Scores:
     """Importance of every channel of every site of ``model`` (see docs/method.md section 2).
+
+    ``out``: also write the scores there (the exact method persists site by site and continues an
+    interrupted run with ``resume=True``). ``proxy_meta`` (how the proxy set was drawn) and ``meta``
+    (e.g. the command line) are recorded in the scores' metadata with the model's topology.
 
     >>> import upvit, torch
     >>> model = upvit.load("upvit/assets/teacher")                      # doctest: +SKIP
     >>> scores = upvit.score(model, torch.randn(8, 1, 28, 28))          # doctest: +SKIP
-    >>> scores.embed.shape, scores.ffn[0].shape                         # doctest: +SKIP
+    >>> scores["res.0"].shape, scores["ffn.0"].shape                    # doctest: +SKIP
     (torch.Size([192]), torch.Size([768]))
     """
-    from ..adapters import get_adapter
-    from ..bench import input_size_of
+    import time
 
+    from .. import distributed as dist_utils
+    from ..adapters import get_adapter
+
+    t0 = time.time()
     adapter = get_adapter(model)
     fn = get_method(method)
-    images = proxy_tensor(proxy, input_size_of(model))
-    return fn(adapter, images, **options)
+    inputs = proxy if isinstance(proxy, dict) else proxy_tensor(proxy, adapter.input_size())
+    if method in PERSISTING:
+        return fn(adapter, inputs, out=out, resume=resume, proxy_meta=proxy_meta, meta=meta, **options)
+    if resume:
+        raise UpvitError(f"resume applies to the exact method 'kl' only; method {method!r} starts over (drop resume)")
+    scores = fn(adapter, inputs, **options)
+    scores.meta.update({**(meta or {}), "criterion": scores.meta.get("criterion", method), "proxy": dict(proxy_meta or {}),
+                        "model": adapter.describe(), "topology": adapter.topology().to_dict(),
+                        "wall_time_s": round(time.time() - t0, 3)})
+    if out and dist_utils.is_main():
+        scores.save(out)
+    return scores

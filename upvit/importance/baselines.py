@@ -5,7 +5,7 @@
   of the residual width; attention dim d = q, k, v rows d with their biases and proj column d; FFN
   unit j = fc1 row j with its bias and fc2 column j). No data is used.
 * ``random``: i.i.d. uniform [0, 1) scores from a ``torch.Generator`` seeded with ``seed``, drawn
-  site by site in the adapter's site order (embed, attn.0, ffn.0, attn.1, ...), float64.
+  site by site in the topology's site order (res.0, attn.0, ffn.0, attn.1, ...), float64.
 
 Both ignore the proxy images; they share the scorer contract ``fn(adapter, images, **options)``:
 ``batch_size`` and ``device`` are accepted and unused (no forward pass), other keyword arguments
@@ -23,9 +23,7 @@ from .scores import Scores
 
 
 def _scores_from(adapter, per_site: dict[str, torch.Tensor], meta: dict) -> Scores:
-    b = range(adapter.num_blocks)
-    meta = {**meta, "model": adapter.describe()}
-    return Scores(per_site["embed"], [per_site[f"attn.{i}"] for i in b], [per_site[f"ffn.{i}"] for i in b], meta)
+    return Scores.from_sites(adapter.topology(), per_site, {**meta, "model": adapter.describe()})
 
 
 def channel_l2_norm(weights: list[tuple[torch.Tensor, int]], size: int) -> torch.Tensor:
@@ -43,7 +41,7 @@ def channel_l2_norm(weights: list[tuple[torch.Tensor, int]], size: int) -> torch
 def magnitude_scores(adapter, images: torch.Tensor | None = None, batch_size: int | None = None,
                      device: str | None = None, **meta: Any) -> Scores:
     """L2 norm of the weights carried by each channel (the images are not used)."""
-    per_site = {site.key: channel_l2_norm(adapter.channel_weights(site.key), site.size) for site in adapter.sites()}
+    per_site = {site.key: channel_l2_norm(adapter.channel_weights(site.key), site.size) for site in adapter.topology().sites}
     return _scores_from(adapter, per_site, {**meta, "criterion": "magnitude", "norm": "l2"})
 
 
@@ -52,5 +50,5 @@ def random_scores(adapter, images: torch.Tensor | None = None, seed: int = 0, ba
                   device: str | None = None, **meta: Any) -> Scores:
     """Seeded uniform random scores (the images are not used)."""
     g = torch.Generator().manual_seed(int(seed))
-    per_site = {site.key: torch.rand(site.size, generator=g, dtype=torch.float64) for site in adapter.sites()}
+    per_site = {site.key: torch.rand(site.size, generator=g, dtype=torch.float64) for site in adapter.topology().sites}
     return _scores_from(adapter, per_site, {**meta, "criterion": "random", "seed": int(seed)})

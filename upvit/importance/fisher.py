@@ -30,10 +30,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..adapters.base import Adapter, MaskProbe, Masks
+from ..adapters.base import Adapter, Masks, forward_from
 from ..errors import UpvitError
 from ..progress import progress
 from .api import register_method
+from .directions import class_directions
+from .local import check_attention_option, local_attention_sums
 from .scores import Scores
 
 CLASS_MODES = ("auto", "exact", "sample")
@@ -76,7 +78,7 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
     model = adapter.model
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
-    sites = adapter.sites()
+    sites = adapter.topology().sites
     sums = {s.key: torch.zeros(s.size, dtype=torch.float64, device=device) for s in sites}
     generator = torch.Generator(device="cpu").manual_seed(seed)
     mode = None
@@ -107,38 +109,12 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
     return sums, record
 
 
-def class_directions(logits: torch.Tensor, classes: str, max_exact_classes: int, rank: int | None,
-                     num_samples: int, generator: torch.Generator
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], str, float, float]:
-    """Directions v_j ([B, K] each) and weights w_j with E_{y~q}[(d log p(y))^2] = sum_j w_j (v_j . dz)^2
-    for every image (w_j None means 1), the class mode used, and the captured/total covariance trace.
-
-    "exact": the eigen-components sqrt(lambda) u of diag(q) - q q^T (the zero one, along 1, skipped;
-    the ``rank`` largest if given). "sample": one-hot(y) - q for classes y drawn from q (seeded)."""
-    logp = torch.log_softmax(logits.detach(), dim=-1)
-    q = logp.exp().to(torch.float64)
-    num_classes = logp.shape[-1]
-    mode = ("exact" if num_classes <= max_exact_classes else "sample") if classes == "auto" else classes
-    dtype, device = logits.dtype, logits.device
-    if mode == "exact":
-        lam, vec = torch.linalg.eigh(torch.diag_embed(q) - q.unsqueeze(2) * q.unsqueeze(1))
-        lam, vec = lam.flip(-1).clamp_min(0), vec.flip(-1)  # largest first
-        r = num_classes - 1 if rank is None else min(rank, num_classes - 1)
-        picks = [(vec[:, :, j] * lam[:, j:j + 1].sqrt()).to(dtype) for j in range(r)]
-        return picks, [None] * r, mode, float(lam[:, :r].sum()), float(lam.sum())
-    picks, weights = [], []
-    for ys, w in _sampled_picks(q.cpu(), num_samples, generator, device):
-        picks.append(torch.nn.functional.one_hot(ys, num_classes).to(dtype) - logp.exp())  # d log p(y) = d z_y - q . dz
-        weights.append(w)
-    return picks, weights, mode, 0.0, 0.0
-
-
 def _masks_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, GradFn]:
     """Logits with all-ones ``[B, size]`` leaf masks on every site, and target -> d target / d masks."""
     param = next(adapter.model.parameters())
     leaves = {s.key: torch.ones(x.shape[0], s.size, dtype=param.dtype, device=param.device, requires_grad=True)
-              for s in adapter.sites()}
-    logits = adapter.forward(x, Masks(dict(leaves)))
+              for s in adapter.topology().sites}
+    logits = _single_event(adapter, adapter.events(x, Masks(dict(leaves))))
 
     def grads(target: torch.Tensor, retain: bool) -> dict[str, torch.Tensor]:
         return dict(zip(leaves, torch.autograd.grad(target, list(leaves.values()), retain_graph=retain)))
@@ -146,20 +122,20 @@ def _masks_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, Gra
     return logits, grads
 
 
+def _single_event(adapter: Adapter, events: torch.Tensor) -> torch.Tensor:
+    if events.shape[1] != 1:
+        raise UpvitError(f"the Fisher estimate needs one output distribution per input; this {adapter.family} model "
+                         f"has {events.shape[1]} (a language model): use method 'kl'")
+    return events[:, 0]
+
+
 def _probes_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, GradFn]:
     """Logits of the plain model recording the adapter's mask probes, and target -> d target / d masks
     at m = 1 (per site, summed over its probes)."""
-    prefix = adapter.head_tokens()
-    with adapter.probing() as probes:
-        h = adapter.stem(x)
-        for b in range(adapter.num_blocks):
-            h = adapter.attn_half(b, h)
-            if b == adapter.num_blocks - 1 and prefix:  # the head reads these tokens only: the others'
-                h = h[:, :prefix]  # gradients below are zero, so their last FFN is skipped
-            h = adapter.ffn_half(b, h)
-        logits = adapter.head(h)
+    with adapter.probing() as probes:  # the last FFN runs on the head's tokens only (forward_from): the
+        logits = _single_event(adapter, forward_from(adapter, adapter.begin(x), 0))  # others' gradients are zero
     probes = list(probes)
-    sizes = {s.key: s.size for s in adapter.sites()}
+    sizes = {s.key: s.size for s in adapter.topology().sites}
     missing = sorted(set(sizes) - {p.site for p in probes})
     if missing:
         raise UpvitError(f"the {adapter.family} adapter recorded no mask probe for site {missing[0]}: use engine='masks'")
@@ -177,23 +153,6 @@ def _probes_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, Gr
                 for k, n in sizes.items()}
 
     return logits, grads
-
-
-def _sampled_picks(q: torch.Tensor, num_samples: int, generator: torch.Generator,
-                   device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Draw ``num_samples`` classes per image from q and fold repeats into weights: slot j holds each
-    image's j-th distinct drawn class with weight count/num_samples (0 where an image has fewer),
-    so the number of backward passes is the largest number of distinct classes drawn for an image."""
-    drawn = torch.multinomial(q.to(torch.float64), num_samples, replacement=True, generator=generator)
-    counts = torch.zeros_like(q, dtype=torch.float64).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
-    order = counts.argsort(dim=1, descending=True, stable=True)
-    slots = int((counts > 0).sum(1).max())
-    picks = []
-    for j in range(slots):
-        ys = order[:, j]
-        weight = counts.gather(1, ys.view(-1, 1)).view(-1) / num_samples
-        picks.append((ys.to(device), weight.to(device)))
-    return picks
 
 
 @register_method("fisher")
@@ -214,16 +173,13 @@ def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, 
     :mod:`upvit.importance.local`: closer to exact KL, slower; hybrid scoring screens with it).
     Extra keyword arguments are recorded in the metadata (e.g. the proxy set's description).
     """
-    from .local import check_attention_option, local_attention_sums
-
     check_attention_option(attention)
     t0 = time.perf_counter()
     sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank, engine)
     if attention == "local":
         sums.update(local_attention_sums(adapter, images, batch_size, classes, max_exact_classes, rank, num_samples, seed))
     scores = {k: 0.5 * v.cpu() for k, v in sums.items()}
-    blocks = range(adapter.num_blocks)
     info = {"criterion": "kl", "method": "fisher", "estimate": "0.5 * sum_i E_{y~q_i}[(d log p_i(y)/d m_c)^2] at m=1",
             "num_images": int(images.shape[0]), "batch_size": batch_size, "attention": attention, **record,
             "model": adapter.describe(), "wall_time_s": time.perf_counter() - t0, **meta}
-    return Scores(scores["embed"], [scores[f"attn.{b}"] for b in blocks], [scores[f"ffn.{b}"] for b in blocks], info)
+    return Scores.from_sites(adapter.topology(), scores, info)

@@ -37,6 +37,10 @@ import torch
 
 from ..adapters.base import Adapter
 from ..errors import UpvitError
+from ..plan import resolve_targets as _resolve_one
+from ..selection import order as _order
+from ..selection import problems as selection_problems
+from ..targets import Targets
 from .api import register_method
 from .fisher import fisher_scores
 from .scores import Scores
@@ -62,65 +66,52 @@ class Problem:
         return max(0, self.k - self.up), min(n, self.k + self.down)
 
 
-def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None) -> list[dict[str, int]]:
-    """Target dicts {embed_dim, num_heads, mlp_hidden, attn_dim} from ``targets`` or ``ratios``."""
-    from ..plan import targets_from_ratio
-
+def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None) -> list[Targets]:
+    """The targets to verify, from ``targets`` (Targets, dicts of make_plan's keywords, or a list of
+    them) or ``ratios``; each is checked against the model's rules before any work is done."""
+    topology = adapter.topology()
     if (targets is None) == (ratios is None):
         raise UpvitError("method 'hybrid' needs exactly one of targets=[{embed_dim, num_heads, mlp_hidden}, ...] "
                          "or ratios=[0.5, ...]")
-    out = []
     if ratios is not None:
         if isinstance(ratios, (int, float)):
             ratios = [ratios]
         if not isinstance(ratios, (list, tuple)) or not ratios:
             raise UpvitError(f"ratios must be a non-empty list of numbers in (0, 1], got {ratios!r}")
-        out = [targets_from_ratio(adapter, r) for r in ratios]
-    else:
-        if isinstance(targets, dict):
-            targets = [targets]
-        if not isinstance(targets, (list, tuple)) or not targets:
-            raise UpvitError(f"targets must be a non-empty list of dicts, got {targets!r}")
-        allowed = {"embed_dim", "num_heads", "mlp_hidden", "attn_dim"}
-        for t in targets:
-            if not isinstance(t, dict):
-                raise UpvitError(f"each target must be a dict like {{'embed_dim': 96, 'num_heads': 6, 'mlp_hidden': 384}}, got {t!r}")
-            unknown = set(t) - allowed
-            if unknown:
-                raise UpvitError(f"unknown target key(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(allowed))}")
-            full = {"embed_dim": adapter.embed_dim, "num_heads": adapter.num_heads(0), "mlp_hidden": adapter.ffn_dim(0), **t}
-            full.setdefault("attn_dim", full["embed_dim"])
-            out.append(full)
+        return [_resolve_one(topology, ratio=r) for r in ratios]
+    if isinstance(targets, (dict, Targets)):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise UpvitError(f"targets must be a non-empty list of dicts, got {targets!r}")
+    allowed = {"embed_dim", "num_heads", "mlp_hidden", "attn_dim"}
+    out = []
+    for t in targets:
+        if isinstance(t, Targets):
+            out.append(_resolve_one(topology, targets=t))
+            continue
+        if not isinstance(t, dict):
+            raise UpvitError(f"each target must be a dict like {{'embed_dim': 96, 'num_heads': 6, 'mlp_hidden': 384}}, got {t!r}")
+        unknown = set(t) - allowed
+        if unknown:
+            raise UpvitError(f"unknown target key(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(allowed))}")
+        out.append(_resolve_one(topology, **t))
     return out
 
 
-def _order(values: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-    """``channels`` sorted by ``values`` descending; ties go to the lower index (as make_plan)."""
-    return channels[torch.argsort(-values[channels], stable=True)]
-
-
-def build_problems(adapter: Adapter, estimate: Scores, targets: list[dict[str, int]], band: float,
+def build_problems(adapter: Adapter, estimate: Scores, targets: list[Targets], band: float,
                    min_band: int) -> list[Problem]:
-    """One selection problem per (target, site) and per merged head group for attention."""
-    problems = []
-
-    def add(site: str, channels: torch.Tensor, k: int) -> None:
-        n = channels.numel()
-        if k >= n:
-            return  # everything kept: no boundary
-        order = _order(estimate[site].to(torch.float64), channels)
-        w = max(min_band, math.ceil(band * n))
-        problems.append(Problem(site, channels, k, order, w, w))
-
+    """One problem per (target, selection problem of :mod:`upvit.selection`) that drops something."""
+    out = []
+    topology = adapter.topology()
     for t in targets:
-        add("embed", torch.arange(adapter.embed_dim), t["embed_dim"])
-        h_t, per_head = t["num_heads"], t["attn_dim"] // t["num_heads"]
-        for b in range(adapter.num_blocks):
-            group = adapter.num_heads(b) // h_t * (adapter.attn_dim(b) // adapter.num_heads(b))
-            for j in range(h_t):
-                add(f"attn.{b}", torch.arange(j * group, (j + 1) * group), per_head)
-            add(f"ffn.{b}", torch.arange(adapter.ffn_dim(b)), t["mlp_hidden"])
-    return problems
+        for p in selection_problems(topology, t):
+            channels = torch.tensor(p.channels, dtype=torch.long)
+            n = channels.numel()
+            if p.k >= n:
+                continue  # everything kept: no boundary
+            w = max(min_band, math.ceil(band * n))
+            out.append(Problem(p.site, channels, p.k, _order(estimate[p.site], channels), w, w))
+    return out
 
 
 def _calibration(est: torch.Tensor, exact: torch.Tensor, known: torch.Tensor) -> tuple[float, float]:
@@ -144,8 +135,7 @@ def _decide(p: Problem, exact: torch.Tensor, known: torch.Tensor) -> dict[str, A
     unscored_above = above[~known[above]]
     unscored_below = below[~known[below]]
     slots = p.k - unscored_above.numel()
-    ascending = scored.sort().values  # equal exact values: the lower index first, as make_plan
-    ranked = ascending[torch.argsort(-exact[ascending], stable=True)]
+    ranked = _order(exact, scored)  # equal exact values: the lower index first, as make_plan
     kept_scored, dropped_scored = ranked[:slots], ranked[slots:]
     return {
         "keep": set(unscored_above.tolist()) | set(kept_scored.tolist()),
@@ -200,7 +190,6 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
     ``{"attention": "local"}``: attention dims screened with :mod:`upvit.importance.local`, whose
     ranking is far closer to exact's, so their bands stay narrow).
     """
-    from ..plan import make_plan
     from .kl import kl_scores
 
     if not isinstance(band, (int, float)) or not 0 < band <= 1:
@@ -212,11 +201,9 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
     t0 = time.perf_counter()
     target_list = resolve_targets(adapter, targets, ratios)
     estimate = fisher_scores(adapter, images, batch_size=batch_size, **{"attention": "local", **(fisher_options or {})})
-    for t in target_list:  # validation with make_plan's own messages
-        make_plan(adapter.model, estimate, **t)
     t_fisher = time.perf_counter() - t0
 
-    sizes = {s.key: s.size for s in adapter.sites()}
+    sizes = {s.key: s.size for s in adapter.topology().sites}
     est = {k: v.to(torch.float64) for k, v in estimate.items()}
     exact = {k: torch.full((n,), math.nan, dtype=torch.float64) for k, n in sizes.items()}
     known = {k: torch.zeros(n, dtype=torch.bool) for k, n in sizes.items()}
@@ -255,7 +242,7 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
             extra[k].update(idx)
 
     scored = {k: int(v.sum()) for k, v in known.items()}
-    info = {"criterion": "kl", "method": "hybrid", "targets": target_list, "num_images": int(images.shape[0]),
+    info = {"criterion": "kl", "method": "hybrid", "targets": [t.to_dict() for t in target_list], "num_images": int(images.shape[0]),
             "band": band, "min_band": min_band, "z": z, "screen": estimate.meta.get("attention"), "rounds": rounds, "exact_calls": exact_calls,
             "exact_channels": {k: torch.nonzero(v).view(-1).tolist() for k, v in known.items()},
             "exact_counts": scored, "exact_fraction": sum(scored.values()) / sum(sizes.values()),
@@ -263,8 +250,7 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
             "fisher": {k: v for k, v in estimate.meta.items() if k in ("classes", "num_samples", "seed")},
             "fisher_time_s": t_fisher, "exact_time_s": t_exact, "wall_time_s": time.perf_counter() - t0,
             "model": adapter.describe(), **meta}
-    blocks = range(adapter.num_blocks)
-    return Scores(values["embed"], [values[f"attn.{b}"] for b in blocks], [values[f"ffn.{b}"] for b in blocks], info)
+    return Scores.from_sites(adapter.topology(), values, info)
 
 
 def _assign_values(sizes: dict[str, int], est: dict[str, torch.Tensor], exact: dict[str, torch.Tensor],

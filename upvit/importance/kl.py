@@ -1,18 +1,19 @@
 """The paper's exact criterion (docs/method.md section 2), computed fast without changing a score.
 
-For every channel c of every site, ``s_c = sum_i KL(q_i || p_i)`` over the proxy images, with ``q``
-the softmax of the original logits and ``p`` the softmax of the logits with channel c removed
-(temperature 1). What makes it fast, none of which changes the definition:
+For every channel c of every site, ``s_c = sum_i KL(q_i || p_i)`` over the proxy inputs (and over
+the output events of each input: one for an image, every non-padding position for a language
+model), with ``q`` the softmax of the original logits and ``p`` the softmax of the logits with
+channel c removed (temperature 1). What makes it fast, none of which changes the definition:
 
 * the teacher's log-probabilities are computed once;
-* the residual stream entering each stage is cached (block by block, so only two caches live at
-  once): candidates of ``attn.b`` run from ``attn_half(b)``, those of ``ffn.b`` from ``ffn_half(b)``;
-  ``embed`` candidates run from the stem, the residual channel being everywhere;
+* the stream entering each unit is cached (unit by unit, so only one cache per proxy batch lives at
+  once): candidates of a site start from the unit where its mask first acts
+  (:meth:`upvit.topology.Topology.start_unit`); residual stage 0 starts from the inputs;
 * many candidates share one forward: they are stacked on the batch axis with per-sample masks
   ``[C*B, size]``;
-* where the adapter offers them: removing FFN unit j changes the block output by a rank-1 term
-  (``Adapter.ffn_rank1``), so the FFN of that block is not recomputed per candidate; and the last
-  block's FFN runs on the tokens the head reads only (``Adapter.head_tokens``).
+* where the adapter offers them: removing FFN unit j changes the unit's output by a rank-1 term
+  (``Adapter.ffn_rank1``), so that FFN is not recomputed per candidate; and the last FFN runs on
+  the tokens the head reads only (``Topology.head_tokens``).
 
 Forwards run in float32, the KL is accumulated in float64. Work is split into fixed units (a site's
 candidate chunk), so a unit's numbers do not depend on which process computes it: runs under
@@ -29,13 +30,15 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed as dist_utils
-from ..adapters.base import Adapter, Masks, Site, removal_masks
+from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_repeat, batch_slice, batch_to,
+                             forward_from, removal_masks)
 from ..errors import UpvitError
+from ..topology import Site, Topology
 from .api import register_method
 from .scores import Scores
 
 PARTIAL_FORMAT = "upvit-kl-partial"
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 TOKEN_ROWS = 32768  # target size of a stacked forward, in token rows, when candidate_batch is automatic
 
 
@@ -45,63 +48,63 @@ def partial_path(out: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def resolve_candidates(adapter: Adapter, candidates: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+def resolve_candidates(topology: Topology, candidates: dict[str, Any] | None) -> dict[str, torch.Tensor]:
     """Site key -> sorted unique channel indices to score (all channels when ``candidates`` is None)."""
-    sites = {s.key: s for s in adapter.sites()}
     if candidates is None:
-        return {k: torch.arange(s.size) for k, s in sites.items()}
+        return {s.key: torch.arange(s.size) for s in topology.sites}
     out = {}
     for key, idx in candidates.items():
-        if key not in sites:
-            raise UpvitError(f"candidates name site {key!r}, which this model does not have: use embed, attn.B or ffn.B")
+        site = topology.site(key)
         t = torch.as_tensor(idx, dtype=torch.long).flatten().unique(sorted=True)
-        if t.numel() and (t[0] < 0 or t[-1] >= sites[key].size):
-            raise UpvitError(f"candidate channel out of range for {key} (size {sites[key].size}): {t.tolist()[:8]}")
+        if t.numel() and (t[0] < 0 or t[-1] >= site.size):
+            raise UpvitError(f"candidate channel out of range for {key} (size {site.size}): {t.tolist()[:8]}")
         if t.numel():
             out[key] = t
     return out
 
 
-def fingerprint(adapter: Adapter, images: torch.Tensor, options: dict[str, Any]) -> str:
-    """sha256 over the model's weights, the proxy images and the options that affect the scores."""
-    h = hashlib.sha256()
-    for name, t in sorted(adapter.model.state_dict().items()):
+def digest_tensors(h: "hashlib._Hash", named: list[tuple[str, torch.Tensor]]) -> None:
+    """Feed names, dtypes, shapes and bytes of tensors into ``h``."""
+    for name, t in named:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    imgs = images.detach().cpu().float().contiguous()
-    h.update(f"images|{list(imgs.shape)}".encode())
-    h.update(imgs.numpy().tobytes())
+
+
+def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> str:
+    """sha256 over the model's weights, the proxy inputs and the options that affect the scores."""
+    h = hashlib.sha256()
+    digest_tensors(h, sorted(adapter.model.state_dict().items()))
+    named = [("inputs", inputs)] if isinstance(inputs, torch.Tensor) else sorted(inputs.items())
+    digest_tensors(h, [(f"input:{k}", v.float() if v.is_floating_point() else v) for k, v in named])
     h.update(json.dumps(options, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def continue_forward(adapter: Adapter, h: torch.Tensor, block: int, stage: str, prefix: int | None) -> torch.Tensor:
-    """Logits from the residual stream ``h`` entering ``stage`` of ``block`` (``block == L``: the head).
-    With ``prefix``, the last block's FFN half runs on the first ``prefix`` tokens only."""
-    L = adapter.num_blocks
-    for b in range(block, L):
-        if not (b == block and stage == "ffn"):
-            h = adapter.attn_half(b, h)
-        if b == L - 1 and prefix:
-            h = h[:, :prefix]
-        h = adapter.ffn_half(b, h)
-    if block >= L and prefix:
-        h = h[:, :prefix]
-    return adapter.head(h)
-
-
-def _kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``[C]`` float64: sum over the batch of KL(q || softmax(logits)); ``logits`` is ``[C, B, K]``."""
+def kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``[C]`` float64: sum over the batch and its events of KL(q || softmax(logits)), ``logits``
+    ``[C, B, E, K]``, ``logq``/``q`` ``[B, E, K]``, ``weights`` ``[B, E]`` or None."""
     logp = torch.log_softmax(logits.double(), dim=-1)
-    return (q.unsqueeze(0) * (logq.unsqueeze(0) - logp)).sum(-1).sum(-1)
+    kl = (q.unsqueeze(0) * (logq.unsqueeze(0) - logp)).sum(-1)  # [C, B, E]
+    if weights is not None:
+        kl = kl * weights.unsqueeze(0)
+    return kl.sum((1, 2))
+
+
+def check_proxy(inputs: Inputs) -> None:
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() != 4 or inputs.shape[0] == 0:
+            raise UpvitError("the proxy set must be a non-empty [N, C, H, W] image tensor (or a dict of per-sample "
+                             "tensors for text)")
+    elif not isinstance(inputs, dict) or not inputs or batch_len(inputs) == 0:
+        raise UpvitError("the proxy set must be a non-empty image tensor or a dict of per-sample tensors")
 
 
 # --------------------------------------------------------------------------------------- engine
 @register_method("kl")
 def kl_scores(
     adapter: Adapter,
-    images: torch.Tensor,
+    inputs: Inputs,
     batch_size: int = 64,
     candidate_batch: int | None = None,
     candidates: dict[str, Any] | None = None,
@@ -116,8 +119,9 @@ def kl_scores(
 
     Args:
         adapter: the adapted model (its own forward is never changed outside this call).
-        images: proxy images ``[N, C, H, W]`` (labels are not used).
-        batch_size: proxy images per forward; candidates are stacked on top of it.
+        inputs: proxy inputs: images ``[N, C, H, W]`` or a dict of per-sample tensors (token ids and
+            attention mask for text). Labels are not used.
+        batch_size: proxy inputs per forward; candidates are stacked on top of it.
         candidate_batch: candidates stacked per forward (default: about 32k token rows per forward).
         candidates: optional ``{site key: [channel, ...]}``; only those channels are scored.
         out: persist site by site to ``out + '.partial'`` and the final scores to ``out``.
@@ -131,8 +135,7 @@ def kl_scores(
     >>> s = kl_scores(get_adapter(model), images, out="scores.safetensors")  # doctest: +SKIP
     """
     t_start = time.time()
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise UpvitError("the proxy set must be a non-empty [N, C, H, W] image tensor")
+    check_proxy(inputs)
     if batch_size < 1 or (candidate_batch is not None and candidate_batch < 1):
         raise UpvitError("batch_size and candidate_batch must be at least 1")
     if resume and not out:
@@ -140,16 +143,16 @@ def kl_scores(
     model = adapter.model
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    images = images.to(device=device, dtype=dtype)
-    cands = resolve_candidates(adapter, candidates)
-    sites = adapter.sites()
-    N, L = images.shape[0], adapter.num_blocks
+    inputs = batch_to(inputs, device, dtype)
+    topology = adapter.topology()
+    cands = resolve_candidates(topology, candidates)
+    N = batch_len(inputs)
     batches = [(s, min(s + batch_size, N)) for s in range(0, N, batch_size)]
 
     options = {"engine": ENGINE_VERSION, "batch_size": batch_size, "candidate_batch": candidate_batch,
                "candidates": None if candidates is None else {k: v.tolist() for k, v in cands.items()},
                "dtype": str(dtype), "device": device.type}
-    fp = fingerprint(adapter, images, options)
+    fp = fingerprint(adapter, inputs, options)
     done: dict[str, torch.Tensor] = {}
     previous_wall = 0.0
     if out and resume:
@@ -161,16 +164,16 @@ def kl_scores(
     model.eval()
     try:
         with torch.no_grad():
-            result = _run(adapter, images, batches, sites, cands, candidate_batch, done, out, fp, progress, callback,
-                          previous_wall, t_start)
+            engine = _Engine(adapter, inputs, batches, cands, candidate_batch, progress)
+            result = engine.run(done, lambda key, res: _persist(out, fp, res, previous_wall + time.time() - t_start,
+                                                                 callback, key))
     finally:
         model.train(was_training)
 
-    embed, attn, ffn = result["embed"], [result[f"attn.{b}"] for b in range(L)], [result[f"ffn.{b}"] for b in range(L)]
     wall = time.time() - t_start
     info = {
         **(meta or {}),
-        "criterion": "kl", "method": "kl", "temperature": 1.0, "reduction": "sum over proxy images",
+        "criterion": "kl", "method": "kl", "temperature": 1.0, "reduction": "sum over proxy inputs and events",
         "proxy": dict(proxy_meta or {}), "num_images": N, "model": adapter.describe(),
         "candidates": {k: int(v.numel()) for k, v in cands.items()} if candidates is not None else "all",
         "batch_size": batch_size, "candidate_batch": candidate_batch, "device": str(device),
@@ -178,7 +181,7 @@ def kl_scores(
         "wall_time_s": round(wall, 3), "wall_time_total_s": round(wall + previous_wall, 3),
         "resumed": bool(done), "fingerprint": fp,
     }
-    scores = Scores(embed, attn, ffn, info)
+    scores = Scores.from_sites(topology, result, info)
     if out and dist_utils.is_main():
         scores.save(out)
         if os.path.exists(partial_path(out)):
@@ -187,135 +190,147 @@ def kl_scores(
     return scores
 
 
-def _run(adapter: Adapter, images: torch.Tensor, batches: list[tuple[int, int]], sites: list[Site],
-         cands: dict[str, torch.Tensor], candidate_batch: int | None, done: dict[str, torch.Tensor],
-         out: str | None, fp: str, show_progress: bool, callback: Callable[[str], None] | None,
-         previous_wall: float, t_start: float) -> dict[str, torch.Tensor]:
-    from ..progress import progress
+def _persist(out: str | None, fp: str, result: dict[str, torch.Tensor], wall: float,
+             callback: Callable[[str], None] | None, key: str) -> None:
+    if out and dist_utils.is_main():
+        _save_state(out, fp, result, wall)
+    if callback is not None:
+        callback(key)
 
-    L = adapter.num_blocks
-    rank, world = dist_utils.rank(), dist_utils.world_size()
-    prefix = adapter.head_tokens()
 
-    # teacher: log-probabilities once; the stem output is the first cache
-    logits = torch.cat([adapter.forward(images[s:e]) for s, e in batches])
-    bad = (~torch.isfinite(logits)).any(-1)
-    if bad.any():
-        raise UpvitError(f"the model's logits are NaN or inf on {int(bad.sum())} of {len(bad)} proxy images: "
-                         "check the weights and the input normalisation")
-    logq = torch.log_softmax(logits.double(), dim=-1)
-    q = logq.exp()
-    h = torch.cat([adapter.stem(images[s:e]) for s, e in batches])
-    tokens = h.shape[1]
-    C = candidate_batch or max(1, round(TOKEN_ROWS / (min(len(images), batches[0][1]) * tokens)))
+class _Engine:
+    """One exact-KL run: the teacher's outputs, the per-unit stream caches and the scoring of sites."""
 
-    # fixed work units: (site, chunk of C candidates); unit u belongs to rank u % world
-    units: dict[str, list[torch.Tensor]] = {}
-    counter = 0
-    mine: dict[str, list[bool]] = {}
-    for site in sites:
-        idx = cands.get(site.key)
-        chunks = list(idx.split(C)) if idx is not None else []
-        units[site.key] = chunks
-        mine[site.key] = [(counter + i) % world == rank for i in range(len(chunks))]
-        counter += len(chunks)
-    bars = {}
-    if show_progress:
-        for pos, comp in enumerate(("embed", "attn", "ffn")):
-            total = sum(len(c) for s in sites if s.component == comp and s.key not in done
-                        for c, m in zip(units[s.key], mine[s.key]) if m) * len(images)
-            if total:
-                bars[comp] = progress(total=total, desc=f"KL {comp}", unit="cand-img", position=pos, leave=True)
+    def __init__(self, adapter: Adapter, inputs: Inputs, batches: list[tuple[int, int]],
+                 cands: dict[str, torch.Tensor], candidate_batch: int | None, show_progress: bool) -> None:
+        self.adapter, self.inputs, self.batches, self.cands = adapter, inputs, batches, cands
+        self.topology = adapter.topology()
+        self.candidate_batch = candidate_batch
+        self.show_progress = show_progress
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.dtype = next(adapter.model.parameters()).dtype
 
-    result: dict[str, torch.Tensor] = dict(done)
+    # ---------------------------------------------------------------- set-up
+    def _teacher(self) -> list[Stream]:
+        """Log-probabilities of the original model (once) and the streams entering the first unit."""
+        a = self.adapter
+        self.logq, self.q, self.weights, streams = [], [], [], []
+        for s, e in self.batches:
+            x = batch_slice(self.inputs, s, e)
+            stream = a.begin(x)
+            logits = forward_from(a, stream, 0, self.topology)
+            bad = (~torch.isfinite(logits)).any(-1)
+            if bad.any():
+                raise UpvitError(f"the model's logits are NaN or inf on {int(bad.any(-1).sum())} proxy inputs: "
+                                 "check the weights and the input normalisation")
+            logq = torch.log_softmax(logits.double(), dim=-1)
+            self.logq.append(logq)
+            self.q.append(logq.exp())
+            w = a.event_weights(x)
+            self.weights.append(None if w is None else w.to(logq.device, torch.float64))
+            streams.append(stream)
+        x0 = streams[0].x
+        tokens = max(1, x0[0].numel() // x0.shape[-1])
+        rows = self.batches[0][1] - self.batches[0][0]
+        self.C = self.candidate_batch or max(1, round(TOKEN_ROWS / (rows * tokens)))
+        return streams
 
-    def score_site(site: Site, fn: Callable[[int, int, torch.Tensor], torch.Tensor],
-                   prepare: Callable[[int, int], None] | None = None) -> None:
-        """Score one site: ``fn(s, e, idx) -> logits [C, B, K]`` per image batch and chunk."""
+    def _plan_work(self, done: dict[str, torch.Tensor]) -> None:
+        """Fixed work units (site, chunk of C candidates); unit u belongs to rank u % world."""
+        self.chunks: dict[str, list[torch.Tensor]] = {}
+        self.mine: dict[str, list[bool]] = {}
+        counter = 0
+        for site in self.topology.sites:
+            idx = self.cands.get(site.key)
+            chunks = list(idx.split(self.C)) if idx is not None else []
+            self.chunks[site.key] = chunks
+            self.mine[site.key] = [(counter + i) % self.world == self.rank for i in range(len(chunks))]
+            counter += len(chunks)
+        self.bars = {}
+        if self.show_progress:
+            from ..progress import progress
+
+            for pos, kind in enumerate(("residual", "attn", "ffn")):
+                total = sum(len(c) for s in self.topology.sites if s.kind == kind and s.key not in done
+                            for c, m in zip(self.chunks[s.key], self.mine[s.key]) if m) * batch_len(self.inputs)
+                if total:
+                    label = {"residual": "res"}.get(kind, kind)
+                    self.bars[kind] = progress(total=total, desc=f"KL {label}", unit="cand-img", position=pos, leave=True)
+
+    # ---------------------------------------------------------------- the run
+    def run(self, done: dict[str, torch.Tensor], persist: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
+        streams = self._teacher()
+        self._plan_work(done)
+        result: dict[str, torch.Tensor] = dict(done)
+        by_start: dict[int, list[Site]] = {}
+        for site in self.topology.sites:
+            by_start.setdefault(self.topology.start_unit(site.key), []).append(site)
+        try:
+            for site in by_start.get(-1, []):
+                self._score(site, -1, None, result, persist)
+            for i, unit in enumerate(self.topology.units):
+                for site in by_start.get(i, []):
+                    self._score(site, i, streams, result, persist)
+                if i + 1 < len(self.topology.units):  # advance the caches past this unit
+                    streams = [self.adapter.run(unit.key, st) for st in streams]
+        finally:
+            for bar in self.bars.values():
+                bar.close()
+        return result
+
+    def _score(self, site: Site, start: int, streams: list[Stream] | None, result: dict[str, torch.Tensor],
+               persist: Callable[[str, dict[str, torch.Tensor]], None]) -> None:
+        """Score one site from the unit where its mask first acts; persist it."""
         key = site.key
-        if key in done:
+        if key in result:
             return
-        idx_all = cands.get(key)
         full = torch.full((site.size,), float("nan"), dtype=torch.float64)
+        idx_all = self.cands.get(key)
         if idx_all is not None:
-            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=images.device)
+            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=self.logq[0].device)
             offsets = [0]
-            for chunk in units[key]:
+            for chunk in self.chunks[key]:
                 offsets.append(offsets[-1] + len(chunk))
-            for s, e in batches:
-                if prepare is not None:
-                    prepare(s, e)
-                for i, chunk in enumerate(units[key]):
-                    if not mine[key][i]:
+            for n, (s, e) in enumerate(self.batches):
+                rank1 = None
+                if site.kind == "ffn" and streams is not None and any(self.mine[key]):
+                    rank1 = self.adapter.ffn_rank1(key, streams[n])
+                for i, chunk in enumerate(self.chunks[key]):
+                    if not self.mine[key][i]:
                         continue
-                    acc[offsets[i]:offsets[i + 1]] += _kl_sum(logq[s:e], q[s:e], fn(s, e, chunk))
-                    if site.component in bars:
-                        bars[site.component].update(len(chunk) * (e - s))
-            acc = dist_utils.all_reduce_sum(acc).cpu()
-            full[idx_all] = acc
+                    logits = self._candidates(site, start, n, chunk, streams, rank1)
+                    acc[offsets[i]:offsets[i + 1]] += kl_sum(self.logq[n], self.q[n], logits, self.weights[n])
+                    if site.kind in self.bars:
+                        self.bars[site.kind].update(len(chunk) * (e - s))
+            full[idx_all] = dist_utils.all_reduce_sum(acc).cpu()
         result[key] = full
-        if out and dist_utils.is_main():
-            _save_state(out, fp, result, previous_wall + time.time() - t_start)
-        if callback is not None:
-            callback(key)
+        persist(key, result)
 
-    try:
-        # component 1: the residual channel is everywhere, so candidates run from the stem
-        embed = sites[0]
-
-        def embed_fn(s: int, e: int, idx: torch.Tensor) -> torch.Tensor:
-            x = images[s:e]
-            mask = removal_masks(embed.size, idx, e - s, x)
-            with adapter.masking(Masks({"embed": mask})):
-                hh = adapter.stem(x.repeat(len(idx), 1, 1, 1))
-                return continue_forward(adapter, hh, 0, "attn", prefix).view(len(idx), e - s, -1)
-
-        score_site(embed, embed_fn)
-
-        by_key = {s.key: s for s in sites}
-        for b in range(L):
-            site = by_key[f"attn.{b}"]
-
-            def attn_fn(s: int, e: int, idx: torch.Tensor, b: int = b, size: int = site.size) -> torch.Tensor:
-                hh = h[s:e]
-                mask = removal_masks(size, idx, e - s, hh)
-                with adapter.masking(Masks({f"attn.{b}": mask})):
-                    hh = adapter.attn_half(b, hh.repeat(len(idx), 1, 1))
-                return continue_forward(adapter, hh, b, "ffn", prefix).view(len(idx), e - s, -1)
-
-            score_site(site, attn_fn)
-            h_mid = torch.cat([adapter.attn_half(b, h[s:e]) for s, e in batches])
-
-            site = by_key[f"ffn.{b}"]
-            cache: dict[str, Any] = {}
-
-            def prepare(s: int, e: int, b: int = b) -> None:
-                cache["rank1"] = adapter.ffn_rank1(b, h_mid[s:e])
-
-            def ffn_fn(s: int, e: int, idx: torch.Tensor, b: int = b, size: int = site.size) -> torch.Tensor:
-                r1 = cache.get("rank1")
-                if r1 is not None:
-                    full_out, acts, dirs = r1
-                    if b == L - 1 and prefix:
-                        full_out, acts = full_out[:, :prefix], acts[:, :prefix]
-                    idx_d = idx.to(acts.device)
-                    a = acts.index_select(-1, idx_d).permute(2, 0, 1).unsqueeze(-1)  # [C, B, T, 1]
-                    hh = full_out.unsqueeze(0) - a * dirs.index_select(0, idx_d)[:, None, None, :]
-                    hh = hh.reshape(-1, *full_out.shape[1:])
-                    return continue_forward(adapter, hh, b + 1, "attn", prefix).view(len(idx), e - s, -1)
-                hh = h_mid[s:e]
-                mask = removal_masks(size, idx, e - s, hh)
-                with adapter.masking(Masks({f"ffn.{b}": mask})):
-                    return continue_forward(adapter, hh.repeat(len(idx), 1, 1), b, "ffn", prefix).view(len(idx), e - s, -1)
-
-            score_site(site, ffn_fn, prepare if site.key not in done and site.key in cands else None)
-            cache.clear()
-            h = torch.cat([adapter.ffn_half(b, h_mid[s:e]) for s, e in batches])
-            del h_mid
-    finally:
-        for bar in bars.values():
-            bar.close()
-    return result
+    def _candidates(self, site: Site, start: int, n: int, idx: torch.Tensor, streams: list[Stream] | None,
+                    rank1: tuple[Stream, torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Logits ``[C, B, E, K]`` of the model with channel ``idx[c]`` of ``site`` removed, for batch ``n``."""
+        a, topo = self.adapter, self.topology
+        s, e = self.batches[n]
+        rows, C = e - s, len(idx)
+        if rank1 is not None:
+            out, acts, dirs = rank1
+            if start == len(topo.units) - 1 and topo.head_tokens:
+                out, acts = out.head_only(topo.head_tokens), acts[:, :topo.head_tokens]
+            idx_d = idx.to(acts.device)
+            act = acts.index_select(-1, idx_d).movedim(-1, 0).unsqueeze(-1)  # [C, B, ..., 1]
+            direction = dirs.index_select(0, idx_d).view(C, *([1] * (act.dim() - 2)), -1)
+            x = (out.x.unsqueeze(0) - act * direction).reshape(C * rows, *out.x.shape[1:])
+            stream = Stream(x, {k: v.repeat(C, *([1] * (v.dim() - 1))) for k, v in out.batch.items()}, dict(out.info))
+            logits = forward_from(a, stream, start + 1, topo)
+        else:
+            mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.logq[0].device))
+            with a.masking(Masks({site.key: mask})):
+                if start < 0:
+                    stream = a.begin(batch_repeat(batch_slice(self.inputs, s, e), C))
+                    logits = forward_from(a, stream, 0, topo)
+                else:
+                    logits = forward_from(a, streams[n].repeat(C), start, topo)
+        return logits.view(C, rows, *logits.shape[1:])
 
 
 # --------------------------------------------------------------------------------------- persistence

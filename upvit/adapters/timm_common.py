@@ -1,0 +1,217 @@
+"""What the timm adapters share: rebuilding through ``timm.create_model``, slicing rules, the
+attention-backend switch, and the search for a registered timm architecture of the same shape."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import re
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UpvitError
+
+# slicing rules: state-dict key -> [(dim, index), ...] applied in order (an empty list copies the tensor)
+SliceRules = dict[str, list[tuple[int, torch.Tensor]]]
+
+
+def import_timm():
+    from .._compat import import_timm as _import
+
+    return _import()
+
+
+def linear_rule(rules: SliceRules, prefix: str, module: nn.Linear, out_idx: torch.Tensor | None,
+                in_idx: torch.Tensor | None) -> None:
+    """Rows ``out_idx`` and columns ``in_idx`` of a linear layer (None keeps that axis whole)."""
+    weight = [(d, i) for d, i in ((0, out_idx), (1, in_idx)) if i is not None]
+    rules[f"{prefix}.weight"] = weight
+    if module.bias is not None:
+        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
+
+
+def vector_rule(rules: SliceRules, prefix: str, module: nn.Module | None, idx: torch.Tensor) -> None:
+    """Every parameter and buffer of a per-channel module (LayerNorm, LayerScale) at ``idx``."""
+    if module is None or isinstance(module, nn.Identity):
+        return
+    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        rules[f"{prefix}.{name}"] = [(0, idx)]
+
+
+def apply_rules(model: nn.Module, rules: SliceRules) -> dict[str, torch.Tensor]:
+    """The model's state dict sliced by ``rules`` (new tensors; refuses keys without a rule)."""
+    state = model.state_dict()
+    unknown = sorted(set(state) - set(rules))
+    if unknown:
+        raise UpvitError(f"surgery does not know how to slice {unknown[0]} of this timm model: this variant is "
+                         "not supported for pruning yet")
+    out = {}
+    for key, tensor in state.items():
+        t = tensor.detach()
+        for dim, index in rules[key]:
+            t = t.index_select(dim, index.to(t.device))
+        out[key] = t if rules[key] else t.clone()
+    return out
+
+
+def fold_q_scale(state: dict[str, torch.Tensor], prefix: str, rows: int, factor: float) -> None:
+    """Multiply the first ``rows`` output rows (q) of ``prefix``.weight/.bias by ``factor``: with the
+    pruned module's own ``head_dim ** -0.5`` scale, q . k then carries the original model's scale."""
+    for suffix in ("weight", "bias"):
+        if f"{prefix}.{suffix}" in state:
+            state[f"{prefix}.{suffix}"][:rows] *= factor
+
+
+def exact_ratio(hidden: int, dim: int) -> float:
+    """An ``mlp_ratio`` with ``int(dim * ratio) == hidden`` exactly (timm's rounding)."""
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:  # float rounding: nudge up until timm's int(dim * ratio) is exact
+        ratio = math.nextafter(ratio, math.inf)
+    if int(dim * ratio) != hidden:
+        raise UpvitError(f"no mlp_ratio gives {hidden} FFN units at width {dim} in timm")
+    return ratio
+
+
+def rebuild_from_state(model: nn.Module, base_name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """``timm.create_model(base_name, **kwargs)`` built on the meta device, then the sliced ``state``
+    assigned strictly; the attention backend choice (fused or not) and train/eval mode are kept."""
+    from ..models import create_timm_model
+
+    new = create_timm_model(base_name, {**kwargs, "device": "meta", "weight_init": "skip"})
+    expected = new.state_dict()
+    if set(expected) != set(state):
+        missing = sorted(set(expected) ^ set(state))
+        raise UpvitError(f"the rebuilt timm model and the sliced weights disagree on {missing[0]}: "
+                         "this variant is not supported for pruning yet")
+    for key, tensor in state.items():
+        if expected[key].shape != tensor.shape:
+            raise UpvitError(f"sliced {key} has shape {tuple(tensor.shape)}, the rebuilt model expects "
+                             f"{tuple(expected[key].shape)}: this variant is not supported for pruning yet")
+    new.load_state_dict(state, strict=True, assign=True)
+    device = next(iter(state.values())).device
+    # non-persistent buffers (relative-position indices, attention masks) are not in the state dict:
+    # materialise them and let the modules fill them
+    for module in new.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.empty_like(buf, device=device)
+        init = getattr(module, "init_non_persistent_buffers", None)
+        if callable(init):
+            init()
+    left = [k for k, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+    if left:
+        raise UpvitError(f"the rebuilt timm model has {left[0]} outside its state dict: this variant is not "
+                         "supported for pruning yet")
+    for name, mod in model.named_modules():  # keep the attention backend choice (fused or not)
+        if hasattr(mod, "fused_attn"):
+            try:
+                new.get_submodule(name).fused_attn = mod.fused_attn
+            except AttributeError:
+                pass
+    new.train(model.training)
+    return new
+
+
+def base_config(model: nn.Module, default_kwargs: dict[str, Any]):
+    """The model's ModelConfig, or one reconstructed from timm's pretrained_cfg."""
+    from ..models import ModelConfig, default_data_config
+
+    config = getattr(model, "upvit_config", None)
+    if config is not None:
+        return config
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        raise UpvitError("this timm model carries neither an upvit config nor a timm architecture name: "
+                         "load it with upvit.load_model('timm:NAME,...') so it can be rebuilt")
+    return ModelConfig(timm_name=arch, timm_kwargs=dict(default_kwargs), data_config=default_data_config(model))
+
+
+def new_config(base, kwargs: dict[str, Any], new: nn.Module, candidates: list[str]):
+    """A copy of ``base`` for the rebuilt model: new kwargs and the registered timm architecture with
+    exactly this shape, if any (``timm_equivalent`` and, where needed, ``extra['timm_equivalent_kwargs']``)."""
+    config = copy.deepcopy(base)
+    config.timm_kwargs = kwargs
+    config.timm_equivalent, equivalent_kwargs = timm_equivalent(new, kwargs, base.timm_name, candidates)
+    config.extra = dict(config.extra)
+    config.extra.pop("plan", None)
+    if equivalent_kwargs:
+        config.extra["timm_equivalent_kwargs"] = equivalent_kwargs
+    else:
+        config.extra.pop("timm_equivalent_kwargs", None)
+    return config
+
+
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[None]:
+    """Temporarily switch timm attention modules to their explicit matmul path."""
+    changed = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    for m in changed:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.fused_attn = True
+
+
+# ---------------------------------------------------------------------------- equivalent search
+# kwargs that do not change the architecture and are passed on to a candidate; any other kwarg beyond
+# the shape ones makes the model non-standard (no equivalent reported)
+PASS_KWARGS = ("img_size", "in_chans", "num_classes")
+SHAPE_KWARGS = ("embed_dim", "embed_dims", "num_heads", "mlp_ratio", "mlp_ratios", "depth", "depths", "patch_size",
+                "head_dim", "drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate",
+                "window_size", "sr_ratios")
+
+
+def _signature(model: nn.Module) -> tuple:
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    extras = tuple((name, str(getattr(model, name))) for name in
+                   ("global_pool", "num_prefix_tokens", "no_embed_class", "dynamic_img_size") if hasattr(model, name))
+    acts = tuple(sorted({type(m).__name__ for m in model.modules() if "act" in type(m).__name__.lower()
+                         or type(m).__name__ in ("GELU", "ReLU", "SiLU")}))
+    eps = tuple(sorted({float(m.eps) for m in model.modules() if isinstance(m, nn.LayerNorm)}))
+    return (type(model), shapes, extras, acts, eps)
+
+
+_SIGNATURES: dict[tuple[str, str], tuple | None] = {}  # (name, kwargs as JSON) -> signature, built once
+
+
+def _candidate_signature(name: str, passed_json: str) -> tuple | None:
+    """Signature of ``create_model(name, **passed)`` built on the meta device; None if it cannot be built."""
+    from ..models import create_timm_model
+
+    if (name, passed_json) not in _SIGNATURES:
+        try:
+            cand = create_timm_model(name, {**json.loads(passed_json), "device": "meta", "weight_init": "skip"})
+            _SIGNATURES[name, passed_json] = _signature(cand)
+        except Exception:  # an unknown or incompatible candidate is simply not equivalent
+            _SIGNATURES[name, passed_json] = None
+    return _SIGNATURES[name, passed_json]
+
+
+def timm_equivalent(model: nn.Module, kwargs: dict, source_name: str, candidates: list[str]) -> tuple[str | None, dict]:
+    """``(name, kwargs)`` of a registered timm architecture whose ``create_model(name, **kwargs)`` has
+    exactly this model's state-dict shapes and structure, or ``(None, {})``. Candidates are built on
+    the meta device (no memory, no init). ``kwargs`` holds only img_size/in_chans/num_classes overrides
+    that differ from the candidate's defaults (empty for standard 224px ImageNet models)."""
+    if set(kwargs) - set(PASS_KWARGS) - set(SHAPE_KWARGS):
+        return None, {}
+    passed = {k: kwargs[k] for k in PASS_KWARGS if k in kwargs}
+    prefix = source_name.split("_")[0]
+    names = [source_name] + sorted(candidates, key=lambda n: n.split("_")[0] != prefix)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    distilled = hasattr(model, "head_dist")
+    sig = _signature(model)
+    for name in dict.fromkeys(names):
+        found = re.search(r"patch(\d+)", name)
+        if (found and patch is not None and int(found.group(1)) != patch) or ("distilled" in name) != distilled:
+            continue  # cheap filter before building anything
+        if _candidate_signature(name, json.dumps(passed, sort_keys=True)) == sig:
+            if passed and _candidate_signature(name, "{}") == sig:
+                passed = {}
+            return name, passed
+    return None, {}
