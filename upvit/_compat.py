@@ -50,6 +50,8 @@ def declare_missing_torchvision_ops() -> bool:
     global _library
     if _library is not None or torchvision_extension_loads():
         return False
+    if all(hasattr(torch.ops.torchvision, name) for name in _SCHEMAS):  # declared already (e.g. at start-up)
+        return False
     lib = torch.library.Library("torchvision", "DEF")
     for name, schema in _SCHEMAS.items():
         if not hasattr(torch.ops.torchvision, name):

@@ -114,6 +114,8 @@ class Targets:
         multi = n > 1
         if len(self.stages) != n:
             raise UpvitError(f"targets give {len(self.stages)} stages but the model has {n}: give one value per stage")
+        if rules.residual_ratios and multi:  # the family's own constraint first: it decides what else is possible
+            _check_ratios(rules.family, rules.residual_ratios, [st.residual for st in self.stages])
         for s, st in enumerate(self.stages):
             nm = lambda f: _name(f, s, multi)  # noqa: E731
             _in_range(nm("residual"), st.residual, topology.residual(s).size)
@@ -140,8 +142,6 @@ class Targets:
             if len(values) > 1:
                 raise UpvitError(f"{rules.family} needs the same {NAMES[name]} in every stage, got "
                                  f"{[getattr(st, name) for st in self.stages]}")
-        if rules.residual_ratios and multi:
-            _check_ratios(rules.family, rules.residual_ratios, [st.residual for st in self.stages])
 
     # ------------------------------------------------------------------ conversion
     def per_stage(self, field_name: str) -> list[int]:

@@ -98,7 +98,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name in exempt or name.endswith(("cls_token", "dist_token", "pos_embed", "reg_token"))
+        skip = p.ndim <= 1 or name in exempt
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -16,6 +16,7 @@ from .base import Adapter, Masks, Stream, forward_from
 # built-in families: (name, module, predicate function, adapter class); modules import lazily
 BUILTIN = (
     ("timm_vit", "upvit.adapters.timm_vit", "is_timm_vit", "TimmViTAdapter"),
+    ("timm_swin", "upvit.adapters.timm_swin", "is_timm_swin", "TimmSwinAdapter"),
 )
 _REGISTERED: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Adapter]]] = []
 
