@@ -302,16 +302,20 @@ def cmd_score(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _parse_targets(values: list[str] | None) -> list[dict[str, int]] | None:
-    """``["96,6,384", ...]`` -> ``[{"embed_dim": 96, "num_heads": 6, "mlp_hidden": 384}, ...]``."""
+def _parse_targets(values: list[str] | None) -> list[dict[str, object]] | None:
+    """``["96,6,384", ...]`` -> ``[{"embed_dim": 96, "num_heads": 6, "mlp_hidden": 384}, ...]``; a field may
+    give one value per stage separated by ``/`` (``16/32/64/128,1/2/4/8,64/128/256/512``)."""
     if not values:
         return None
     out = []
     for v in values:
         parts = v.split(",")
-        if len(parts) != 3 or not all(x.strip().isdigit() for x in parts):
-            raise UpvitError(f"--target {v!r}: write EMBED,HEADS,MLP, e.g. --target 96,6,384")
-        out.append(dict(zip(("embed_dim", "num_heads", "mlp_hidden"), (int(x) for x in parts))))
+        fields = [p.strip().split("/") for p in parts]
+        if len(parts) != 3 or not all(x.isdigit() for f in fields for x in f):
+            raise UpvitError(f"--target {v!r}: write EMBED,HEADS,MLP, e.g. --target 96,6,384 (per stage: "
+                             "16/32/64/128,1/2/4/8,64/128/256/512)")
+        values_ = [int(f[0]) if len(f) == 1 else [int(x) for x in f] for f in fields]
+        out.append(dict(zip(("embed_dim", "num_heads", "mlp_hidden"), values_)))
     return out
 
 
@@ -322,7 +326,8 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=int, default=0, help="seed of the proxy sampling")
     p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random")
-    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's (repeatable)")
+    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's "
+                   "(repeatable; per-stage values separated by '/')")
     p.add_argument("--ratios", type=float, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
     p.add_argument("--batch-size", type=int, default=64, help="proxy images per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
