@@ -27,6 +27,9 @@ _EXPORTS = {
     "get_adapter": "upvit.adapters",
     "make_plan": "upvit.plan",
     "Plan": "upvit.plan",
+    "Targets": "upvit.targets",
+    "Topology": "upvit.topology",
+    "register_method": "upvit.importance.api",
     "prune": "upvit.surgery",
 }
 

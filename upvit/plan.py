@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import UpvitError
 from .selection import problems, top_k
-from .targets import Targets
+from .targets import Targets, resolve_targets
 from .topology import Rules, Topology
 
 if TYPE_CHECKING:
@@ -350,24 +350,6 @@ def check_against_rules(plan: Plan, topology: Topology) -> None:
 
 
 # ---------------------------------------------------------------------------------- make_plan
-def resolve_targets(topology: Topology, embed_dim: Any = None, num_heads: Any = None, mlp_hidden: Any = None,
-                    attn_dim: Any = None, ratio: float | None = None, targets: Targets | None = None,
-                    keep_heads: bool = False) -> Targets:
-    """One :class:`Targets` from whichever form was given (explicit values, a ratio, or Targets), checked."""
-    explicit = [v is not None for v in (embed_dim, num_heads, mlp_hidden, attn_dim)]
-    if targets is not None:
-        if any(explicit) or ratio is not None:
-            raise UpvitError("give either targets or explicit values / a ratio, not both")
-    elif ratio is not None:
-        if any(explicit):
-            raise UpvitError("give either ratio or explicit targets (embed_dim, num_heads, mlp_hidden, attn_dim), not both")
-        targets = Targets.from_ratio(topology, ratio, keep_heads=keep_heads)
-    else:
-        targets = Targets.from_values(topology, embed_dim, num_heads, mlp_hidden, attn_dim)
-    targets.check(topology)
-    return targets
-
-
 def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_heads: Any = None,
               mlp_hidden: Any = None, attn_dim: Any = None, ratio: float | None = None,
               targets: Targets | None = None, head_bias: str = "mean", keep_heads: bool = False) -> Plan:
@@ -417,4 +399,4 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
     return plan
 
 
-__all__ = ["Plan", "make_plan", "resolve_targets", "check_against_rules", "vit_rules", "PLAN_FORMAT", "PLAN_VERSION"]
+__all__ = ["Plan", "make_plan", "check_against_rules", "vit_rules", "PLAN_FORMAT", "PLAN_VERSION"]

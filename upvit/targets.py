@@ -158,6 +158,24 @@ class Targets:
             raise UpvitError(f"not a valid targets record ({e})") from None
 
 
+def resolve_targets(topology: Topology, embed_dim: Any = None, num_heads: Any = None, mlp_hidden: Any = None,
+                    attn_dim: Any = None, ratio: float | None = None, targets: Targets | None = None,
+                    keep_heads: bool = False) -> Targets:
+    """One :class:`Targets` from whichever form was given (explicit values, a ratio, or Targets), checked."""
+    explicit = [v is not None for v in (embed_dim, num_heads, mlp_hidden, attn_dim)]
+    if targets is not None:
+        if any(explicit) or ratio is not None:
+            raise UpvitError("give either targets or explicit values / a ratio, not both")
+    elif ratio is not None:
+        if any(explicit):
+            raise UpvitError("give either ratio or explicit targets (embed_dim, num_heads, mlp_hidden, attn_dim), not both")
+        targets = Targets.from_ratio(topology, ratio, keep_heads=keep_heads)
+    else:
+        targets = Targets.from_values(topology, embed_dim, num_heads, mlp_hidden, attn_dim)
+    targets.check(topology)
+    return targets
+
+
 def _check_ratios(family: str, ratios: Sequence[float], widths: list[int]) -> None:
     base = widths[0] / ratios[0]
     expected = [base * r for r in ratios]
@@ -196,4 +214,4 @@ def geometric_check(ratios: Sequence[float], widths: Sequence[int]) -> bool:
     return all(math.isclose(w * ratios[0], widths[0] * r) for w, r in zip(widths, ratios))
 
 
-__all__ = ["StageTarget", "Targets"]
+__all__ = ["StageTarget", "Targets", "resolve_targets"]

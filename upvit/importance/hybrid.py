@@ -37,10 +37,10 @@ import torch
 
 from ..adapters.base import Adapter
 from ..errors import UpvitError
-from ..plan import resolve_targets as _resolve_one
 from ..selection import order as _order
 from ..selection import problems as selection_problems
 from ..targets import Targets
+from ..targets import resolve_targets as _resolve_one
 from .api import register_method
 from .fisher import fisher_scores
 from .scores import Scores
