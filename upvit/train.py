@@ -12,7 +12,6 @@ Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import math
@@ -31,6 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed as dist_utils
 from .errors import UpvitError
 from .evaluation import evaluate, logits_of
+from .fingerprint import digest
 from .io import atomic_write_bytes, save
 from .progress import progress
 
@@ -109,7 +109,7 @@ def _fingerprint(cfg: TrainConfig, model: nn.Module, dataset_len: int, criterion
     describe = getattr(criterion, "describe", None)
     blob = json.dumps([asdict(cfg), shape, dataset_len, describe() if callable(describe) else None],
                       sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest([blob]).hexdigest()[:16]
 
 
 def _mean_over_ranks(sums: dict[str, float]) -> dict[str, float]:

@@ -87,7 +87,14 @@ def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader, method: 
     from ..adapters import get_adapter
     from ..bench import input_size_of
 
+    from ..fingerprint import FINGERPRINT_KEY, model_fingerprint
+
     adapter = get_adapter(model)
     fn = get_method(method)
     images = proxy_tensor(proxy, input_size_of(model))
-    return fn(adapter, images, **options)
+    fingerprint = model_fingerprint(model)  # `upvit prune` refuses scores of another model with it
+    if options.get("out"):  # a method that saves its own file records it there too
+        options["meta"] = {**(options.get("meta") or {}), FINGERPRINT_KEY: fingerprint}
+    scores = fn(adapter, images, **options)
+    scores.meta.setdefault(FINGERPRINT_KEY, fingerprint)
+    return scores

@@ -20,7 +20,6 @@ candidate chunk), so a unit's numbers do not depend on which process computes it
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,6 +30,7 @@ import torch
 from .. import distributed as dist_utils
 from ..adapters.base import Adapter, Masks, Site, removal_masks
 from ..errors import UpvitError
+from ..fingerprint import digest
 from .api import register_method
 from .scores import Scores
 
@@ -64,16 +64,16 @@ def resolve_candidates(adapter: Adapter, candidates: dict[str, Any] | None) -> d
 
 def fingerprint(adapter: Adapter, images: torch.Tensor, options: dict[str, Any]) -> str:
     """sha256 over the model's weights, the proxy images and the options that affect the scores."""
-    h = hashlib.sha256()
-    for name, t in sorted(adapter.model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    imgs = images.detach().cpu().float().contiguous()
-    h.update(f"images|{list(imgs.shape)}".encode())
-    h.update(imgs.numpy().tobytes())
-    h.update(json.dumps(options, sort_keys=True).encode())
-    return h.hexdigest()
+    def parts():
+        for name, t in sorted(adapter.model.state_dict().items()):
+            yield f"{name}|{t.dtype}|{list(t.shape)}"
+            yield t
+        imgs = images.detach().cpu().float()
+        yield f"images|{list(imgs.shape)}"
+        yield imgs
+        yield json.dumps(options, sort_keys=True)
+
+    return digest(parts()).hexdigest()
 
 
 def continue_forward(adapter: Adapter, h: torch.Tensor, block: int, stage: str, prefix: int | None) -> torch.Tensor:
