@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 import math
 import os
@@ -198,9 +199,8 @@ def fit(
         train_model.train()
         t0, sums, seen = time.time(), {}, 0
         bar = progress(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for i, (images, labels) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
+        # islice, not a break: a break would first load (and decode) one batch the epoch never uses
+        for i, (images, labels) in enumerate(itertools.islice(loader, steps_per_epoch)):
             images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg)
