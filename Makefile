@@ -26,8 +26,9 @@ shim:
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# --force: demo_out/ is this target's own output; a rerun replaces it.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit demo --force
 
 # Reproduces the shipped teacher (about an hour on 2 CPU cores).
 teacher: $(STAMP)
