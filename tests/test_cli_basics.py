@@ -1,24 +1,6 @@
 """The CLI's bad-input contract: one clear line on stderr, non-zero exit, no traceback."""
-import subprocess
-import sys
-
-import pytest
-
-from helpers import tiny_vit
+from helpers import assert_one_line_error, run_cli, tiny_vit
 from upvit.io import save
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "upvit", *args], capture_output=True, text=True, timeout=timeout,
-                          env={"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin"})
-
-
-def assert_one_line_error(result, fragment):
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert fragment in lines[0]
 
 
 def test_eval_with_missing_data_path(tmp_path):

@@ -37,6 +37,8 @@ def test_quick_demo_end_to_end(tmp_path):
     for f in ("demo.md", "demo.json", "demo.png", "scores.safetensors"):
         assert os.path.getsize(tmp_path / "out" / f) > 0
     assert json.loads((tmp_path / "out" / "demo.json").read_text())["rows"] == report["rows"]
+    # the quick run's 200 validation images come evenly from the 10 classes (not 200 bears)
+    assert report["val_images"] == 200 and report["val_images_per_class"] == [20] * 10
 
 
 def test_shared_teacher_is_exact_and_caches():

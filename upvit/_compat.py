@@ -9,7 +9,9 @@ dies too.
 The cure is to declare those two operator schemas (no kernels) before torchvision is imported,
 and only when the compiled extension cannot load: where it loads, it defines them itself and
 nothing here changes anything. Everything in upvit that imports timm goes through
-:func:`import_timm`.
+:func:`import_timm`. For everything else (a plain ``import timm``), the Makefile installs a start-up
+shim into the venv (tools/_upvit_torchvision_shim.py) that declares the same schemas while
+torchvision imports, once torchvision itself reports that its compiled ops did not load.
 """
 from __future__ import annotations
 
@@ -50,9 +52,9 @@ def declare_missing_torchvision_ops() -> bool:
     global _library
     if _library is not None or torchvision_extension_loads():
         return False
-    if all(hasattr(torch.ops.torchvision, name) for name in _SCHEMAS):  # declared already (e.g. at start-up)
-        return False
-    lib = torch.library.Library("torchvision", "DEF")
+    if all(hasattr(torch.ops.torchvision, name) for name in _SCHEMAS):
+        return False  # declared already (by another copy of this module, or the venv's start-up shim)
+    lib = torch.library.Library("torchvision", "FRAGMENT")  # FRAGMENT: coexists with such declarations
     for name, schema in _SCHEMAS.items():
         if not hasattr(torch.ops.torchvision, name):
             lib.define(schema)

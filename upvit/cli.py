@@ -7,7 +7,11 @@ import os
 import sys
 from typing import Callable
 
-from .errors import UpvitError
+from .cli_support import (DefaultsFormatter, OneLineParser, check_device, drop_warnings, flush_warnings, fraction,
+                          nonneg_float, nonneg_int, one_line, open_unit, positive_float, positive_int, random_weights_warning,
+                          rate, warn)
+from .errors import BadImageError, UpvitError
+from .outputs import check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -25,42 +29,117 @@ def _add_model_args(p: argparse.ArgumentParser, name: str = "model", nargs=None)
     p.add_argument("--checkpoint", help="state dict (.safetensors or .pth) to load into the model")
 
 
+def _add_data_args(p: argparse.ArgumentParser, class_map: bool = True) -> None:
+    """How an ImageFolder is read: unreadable files, and the data's classes against the model's."""
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="skip image files that cannot be decoded (counted at the end) instead of stopping at the first")
+    if class_map:
+        p.add_argument("--class-map", help="when the data's class folders differ from the model's classes: by-name "
+                                           "(match folders to the model's class names), FOLDER=CLASS,... or a JSON file")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     """Options every training run shares (train and finetune)."""
-    p.add_argument("--ema-decay", type=float, default=None, help="keep an EMA of the weights (e.g. 0.999)")
-    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"])
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--ema-decay", type=open_unit, default=None, help="keep an EMA of the weights (e.g. 0.999)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"],
+                   help="bfloat16 autocast: auto = on CUDA only")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of initialisation, data order and augmentation")
+    p.add_argument("--max-steps-per-epoch", type=positive_int, default=None,
+                   help="end every epoch after this many optimizer steps (smoke runs, tests, quick comparisons); "
+                        "the learning-rate schedule follows the shortened epochs")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out (an earlier run's checkpoint there is discarded)")
+    p.add_argument("--check-images", action="store_true",
+                   help="decode every training/validation image before the first step, so a damaged file stops "
+                        "the run before any work instead of in the middle of an epoch")
+    _add_data_args(p)
+
+
+def _check_images(args: argparse.Namespace, train_ds, val_ds) -> None:
+    """--check-images: decode every file up front; unreadable ones stop here unless --skip-bad-images."""
+    if not args.check_images:
+        return
+    from .data import image_folders
+
+    for ds in (train_ds, val_ds):
+        for folder in image_folders(ds) if ds is not None else []:
+            bad = folder.scan()
+            if bad and not args.skip_bad_images:
+                names = ", ".join(folder.samples[i][0] for i in bad[:3])
+                raise UpvitError(f"{len(bad)} unreadable image file{'s' if len(bad) > 1 else ''} under {folder.root} "
+                                 f"(first: {names}): replace or remove them, or add --skip-bad-images")
+
+
+def _fit_or_explain(run, out: str):
+    """Run a training function; a damaged image mid-run becomes one line saying how to continue."""
+    from .data import SKIP_HINT
+
+    try:
+        return run()
+    except BadImageError as e:
+        message = one_line(str(e)).replace(": " + SKIP_HINT, "")
+        log, done = os.path.join(out, "log.jsonl"), 0
+        if os.path.isfile(log) and os.path.isfile(os.path.join(out, "checkpoint.pt")):
+            with open(log) as f:  # one line per finished epoch, rewritten with every checkpoint
+                done = sum(1 for line in f if line.strip())
+        if done:
+            then = (f"then rerun the same command with --resume: it continues after epoch {done} "
+                    f"from the checkpoint in {out}")
+        else:
+            then = "then rerun the command (no epoch had finished, so there is nothing to resume)"
+        raise UpvitError(f"{message}: replace the file with a readable image or add --skip-bad-images, {then}") from None
+
+
+def _report_unreadable(*datasets) -> None:
+    from .data import unreadable_report
+
+    note = unreadable_report(*datasets)
+    if note:
+        warn(note)
 
 
 # ----------------------------------------------------------------------------------------- train
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
-    import copy
-
-    from .data import load_data
+    from .data import align_classes, load_data
     from .models import load_model
     from .train import TrainConfig, fit
 
+    check_output_dir(args.out, force=args.force, resume=args.resume,
+                     inputs=[args.model, args.checkpoint, args.data, args.val_data])
     model = load_model(args.model, args.checkpoint)
-    train_ds, info = load_data(args.data, train=True, seed=args.seed)
     config = model.upvit_config
-    config.data_config = info.data_config()
-    config.class_names = info.class_names
-    val_ds = load_data(args.val_data, data_config=config.data_config)[0] if args.val_data else None
-    if getattr(model, "num_classes", info.num_classes) != info.num_classes:
+    # the model's data config decides the transform (input size, channels), also for ImageFolders
+    train_ds, info = load_data(args.data, data_config=config.data_config or None, train=True, seed=args.seed,
+                               skip_bad_images=args.skip_bad_images)
+    outputs = getattr(model, "num_classes", None)
+    if config.class_names or args.class_map:  # a model that already knows its classes, or an explicit map
+        train_ds = align_classes(train_ds, info, config.class_names, outputs, args.class_map, repr(args.data))
+    elif outputs is not None and outputs != info.num_classes:
         raise UpvitError(f"the model has {model.num_classes} classes but the data has {info.num_classes}: "
                          f"add num_classes={info.num_classes} to the timm spec")
+    else:
+        config.class_names = info.class_names
+    config.data_config = info.data_config()
+    val_ds = None
+    if args.val_data:
+        val_ds, val_info = load_data(args.val_data, data_config=config.data_config, skip_bad_images=args.skip_bad_images)
+        val_ds = align_classes(val_ds, val_info, config.class_names, outputs, args.class_map, repr(args.val_data))
+    _check_images(args, train_ds, val_ds)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, seed=args.seed,
                       num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
     if args.drop_path:
         _set_drop_path(model, args.drop_path)
-    record = fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
-                 extra_config={"command": " ".join(["upvit", *sys.argv[1:]])})
+    if args.force and not args.resume:
+        discard_stale_checkpoint(args.out)
+    flush_warnings()
+    record = _fit_or_explain(lambda: fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
+                                         extra_config={"command": " ".join(["upvit", *sys.argv[1:]])}), args.out)
+    _report_unreadable(train_ds, val_ds)
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss")}))
     return 0
 
@@ -81,41 +160,56 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun ranks)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
+    p.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
+    p.add_argument("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=2.0, help="linear warm-up from 0")
+    p.add_argument("--label-smoothing", type=rate, default=0.1, help="label smoothing of the cross-entropy")
+    p.add_argument("--drop-path", type=rate, default=0.0, help="stochastic depth rate of the last block")
     _add_run_args(p)
 
 
 # -------------------------------------------------------------------------------------- finetune
 @command("finetune")
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import load_data
+    from .data import align_classes, load_data
     from .distill import check_teacher, finetune
     from .models import load_model
     from .train import TrainConfig
 
+    check_output_dir(args.out, force=args.force, resume=args.resume,
+                     inputs=[args.model, args.checkpoint, args.teacher, args.teacher_checkpoint, args.data, args.val_data])
     student = load_model(args.model, args.checkpoint)
+    random_weights_warning(args.model, args.checkpoint)
     teacher = load_model(args.teacher, args.teacher_checkpoint)
+    random_weights_warning(args.teacher, args.teacher_checkpoint, "--teacher-checkpoint")
     check_teacher(student, teacher)
     data_config = student.upvit_config.data_config or None
-    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed)
-    if getattr(student, "num_classes", info.num_classes) != info.num_classes:
-        raise UpvitError(f"the model has {student.num_classes} classes but the data {args.data!r} has {info.num_classes}")
-    val_ds = load_data(args.val_data, data_config=data_config)[0] if args.val_data else None
+    classes, outputs = student.upvit_config.class_names, getattr(student, "num_classes", None)
+    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
+                               skip_bad_images=args.skip_bad_images)
+    train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
+    val_ds = None
+    if args.val_data:
+        val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
+        reference = classes if args.class_map else classes or info.class_names  # else: val must match train
+        val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
+    _check_images(args, train_ds, val_ds)
     lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256  # public recipe: 1e-3 at batch 256
     warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay, seed=args.seed,
                       num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
-    record = finetune(student, teacher, train_ds, cfg, args.out, alpha=args.alpha, temperature=args.temperature,
-                      val_data=val_ds, resume=args.resume, teacher_name=args.teacher,
-                      extra_config={"command": " ".join(["upvit", *sys.argv[1:]])})
+    if args.force and not args.resume:
+        discard_stale_checkpoint(args.out)
+    flush_warnings()
+    record = _fit_or_explain(lambda: finetune(
+        student, teacher, train_ds, cfg, args.out, alpha=args.alpha, temperature=args.temperature, val_data=val_ds,
+        resume=args.resume, teacher_name=args.teacher, extra_config={"command": " ".join(["upvit", *sys.argv[1:]])}),
+        args.out)
+    _report_unreadable(train_ds, val_ds)
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss")}))
     return 0
 
@@ -127,40 +221,49 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (x T^2)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun ranks)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default min(2, epochs / 10))")
+    p.add_argument("--epochs", type=positive_int, default=30, help="fine-tuning epochs")
+    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the KL term (x T^2)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")
+    p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
+    p.add_argument("--weight-decay", type=nonneg_float, default=1e-3, help="AdamW weight decay")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warm-up (default min(2, epochs / 10))")
     _add_run_args(p)
 
 
 # ------------------------------------------------------------------------------------------ eval
 @command("eval")
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_data
+    from .data import align_classes, load_data
     from .evaluation import evaluate
+    from .io import atomic_write_json
     from .models import load_model
 
+    check_device(args.device)
+    check_json_path(args.json)
     model = load_model(args.model, args.checkpoint)
-    dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config)
+    random_weights_warning(args.model, args.checkpoint)
+    dataset, info = load_data(args.data, data_config=model.upvit_config.data_config,
+                              skip_bad_images=args.skip_bad_images)
+    dataset = align_classes(dataset, info, model.upvit_config.class_names, getattr(model, "num_classes", None),
+                            args.class_map, repr(args.data))
+    flush_warnings()
     metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device)
+    _report_unreadable(dataset)
     print(f"top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['n']} images)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "data": args.data, **metrics}, f, indent=2)
+        atomic_write_json(args.json, {"model": args.model, "data": args.data, **metrics})  # creates the folder
     return 0
 
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="animal-mnist:val or an ImageFolder directory")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--json", help="also write the metrics to this JSON file (its folder is created)")
+    _add_data_args(p)
 
 
 # ----------------------------------------------------------------------------------------- bench
@@ -169,6 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import describe, format_table
     from .models import load_model
 
+    check_device(args.device)
+    check_json_path(args.json)
     rows = []
     for spec in args.models:
         model = load_model(spec, args.checkpoint if len(args.models) == 1 else None)
@@ -184,9 +289,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _bench_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, "models", nargs="+")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--runs", type=int, default=10, help="timed runs; the median is reported")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward")
+    p.add_argument("--runs", type=positive_int, default=10, help="timed runs; the median is reported")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--json", help="write the rows as JSON here")
 
 
@@ -194,6 +299,7 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
 @command("prune")
 def cmd_prune(args: argparse.Namespace) -> int:
     from .bench import count_macs, count_params
+    from .fingerprint import check_scores_fingerprint
     from .importance.scores import Scores
     from .io import save
     from .models import load_model
@@ -209,14 +315,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UpvitError("give either --ratio or explicit targets (--embed-dim/--num-heads/--mlp-hidden/--attn-dim), not both")
     if args.plan is not None and (given or args.ratio is not None):
         raise UpvitError("--plan already fixes the shape: drop the target options, or use --scores with them")
+    if args.plan is None and not given and args.ratio is None:
+        raise UpvitError("no target given: pass --ratio R or --embed-dim/--num-heads/--mlp-hidden")
+    check_output_dir(args.out, force=args.force, inputs=[args.model, args.checkpoint, args.scores, args.plan])
     model = load_model(args.model, args.checkpoint)
+    random_weights_warning(args.model, args.checkpoint)
     if args.plan is not None:
         plan = Plan.load(args.plan)
     else:
-        if not given and args.ratio is None:
-            raise UpvitError("no target given: pass --ratio R or --embed-dim/--num-heads/--mlp-hidden")
-        plan = make_plan(model, Scores.load(args.scores), ratio=args.ratio, keep_heads=args.keep_heads,
-                         head_bias=args.head_bias, **targets)
+        scores = Scores.load(args.scores)
+        note = check_scores_fingerprint(scores, model, args.scores)  # refuses scores of another model
+        if note:
+            warn(note)
+        plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
+                         **targets)
     pruned = prune(model, plan)
     save(pruned, args.out)
     plan.save(os.path.join(args.out, "plan.json"))
@@ -234,7 +346,9 @@ def _int_or_list(text: str) -> int | list[int]:
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a positive integer or comma-separated ones, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"widths and head counts must be positive, got {text!r}")
     return values[0] if len(values) == 1 else values
 
 
@@ -248,11 +362,12 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
                    "one value, or one per stage)")
     p.add_argument("--mlp-hidden", type=_int_or_list, help="FFN hidden units to keep per block (one value, or one per stage)")
     p.add_argument("--attn-dim", type=_int_or_list, help="attention width (default: the embed dim; timm ViT requires that)")
-    p.add_argument("--ratio", type=float, help="keep this fraction of embed dims, heads and FFN units")
+    p.add_argument("--ratio", type=fraction, help="keep this fraction of embed dims, heads and FFN units")
     p.add_argument("--keep-heads", action="store_true", help="with --ratio: keep the head count, shrink the head dim")
     p.add_argument("--head-bias", default="mean", choices=["mean", "best"],
                    help="Swin: a merged head's relative-position bias is the mean of its heads' or the best head's")
     p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
 
 
 # ------------------------------------------------------------------------------------------ score
@@ -264,33 +379,45 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from . import distributed as dist_utils
     from .adapters import get_adapter
-    from .data import load_data, sample_proxy
-    from .importance.api import get_method, proxy_tensor, score
+    from .data import load_data, sample_proxy, stack_images
+    from .importance.api import PERSISTING, get_method, proxy_tensor, score
     from .models import load_model
 
     t0 = time.time()
+    # everything the arguments alone decide is checked before anything is loaded or written
+    get_method(args.method)
+    targets = _parse_targets(args.target)
+    if args.method == "hybrid" and targets is None and args.ratios is None:
+        raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
+                         "or --ratios 0.5 0.25")
+    if args.method != "hybrid" and (targets is not None or args.ratios is not None):
+        raise UpvitError("--target and --ratios apply to --method hybrid only")
+    if args.resume and args.method not in PERSISTING:
+        raise UpvitError(f"--method {args.method} cannot resume (it keeps no partial state): drop --resume, "
+                         f"and add --force to overwrite {args.out}")
+    check_device(args.device)
+    check_output_file(args.out, force=args.force, resume=args.resume, inputs=[args.model, args.checkpoint, args.data])
     started = dist_utils.init_if_needed()
     try:
         model = load_model(args.model, args.checkpoint)
+        random_weights_warning(args.model, args.checkpoint)
         adapter = get_adapter(model)
-        get_method(args.method)  # an unknown method fails before any data is read
-        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None)
+        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
+                               skip_bad_images=args.skip_bad_images)
         subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
                                       per_class=args.per_class, seed=args.seed)
-        images = proxy_tensor(subset, adapter.input_size())
+        images = proxy_tensor(stack_images(subset), adapter.input_size())  # unreadable files: error or dropped
+        if len(images) < len(subset):
+            record.update(num_images=len(images), unreadable_skipped=len(subset) - len(images))
+            warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
         record["data"] = args.data
         device = torch.device(args.device) if args.device else dist_utils.default_device()
-        model.to(device)
         meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
+        model.to(device)
         options = {"batch_size": args.batch_size}
         if args.method == "hybrid":
-            targets = _parse_targets(args.target)
-            if targets is None and args.ratios is None:
-                raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
-                                 "or --ratios 0.5 0.25")
             options.update({"targets": targets, "ratios": args.ratios})
-        elif args.target or args.ratios:
-            raise UpvitError("--target and --ratios apply to --method hybrid only")
+        flush_warnings()
         scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                        meta=meta, **options)
         if dist_utils.is_main():
@@ -322,24 +449,32 @@ def _parse_targets(values: list[str] | None) -> list[dict[str, object]] | None:
 def _score_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train or an ImageFolder")
-    p.add_argument("--proxy-size", type=int, default=2000, help="random proxy images (seeded)")
-    p.add_argument("--per-class", type=int, default=None, help="instead: this many images of every class")
-    p.add_argument("--seed", type=int, default=0, help="seed of the proxy sampling")
+    p.add_argument("--proxy-size", type=positive_int, default=2000, help="random proxy images (seeded)")
+    p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many images of every class")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
     p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random")
     p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's "
                    "(repeatable; per-stage values separated by '/')")
-    p.add_argument("--ratios", type=float, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
-    p.add_argument("--batch-size", type=int, default=64, help="proxy images per forward")
+    p.add_argument("--ratios", type=fraction, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="proxy images per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run writing --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run writing --out (--method kl)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    _add_data_args(p, class_map=False)  # labels are not used by scoring, so the classes need not match
 
 
 # ------------------------------------------------------------------------------------------ demo
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import ASSET_TEACHER, DemoConfig, run_demo
+    from .importance.api import get_method
 
+    get_method(DemoConfig.method if args.method is None else args.method)  # fails before anything is written
+    teacher = args.teacher or ASSET_TEACHER
+    if not os.path.isdir(teacher):
+        raise UpvitError(f"teacher {teacher!r} not found: pass a model directory to --teacher, or run `make teacher`")
+    check_output_dir(args.out or DemoConfig.out, force=args.force, inputs=[teacher])
     overrides = {k: v for k, v in {"out": args.out, "teacher": args.teacher, "epochs": args.epochs,
                                    "proxy_size": args.proxy_size, "method": args.method}.items() if v is not None}
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
@@ -350,9 +485,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny version (seconds to minutes) for tests and smoke checks")
     p.add_argument("--out", default=None, help="output directory (default demo_out)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out (earlier results are replaced)")
     p.add_argument("--teacher", default=None, help="teacher model directory (default: the shipped teacher)")
-    p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs for every student (default 4)")
-    p.add_argument("--proxy-size", type=int, default=None, help="proxy images for scoring (default 32)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="fine-tuning epochs for every student (default 4)")
+    p.add_argument("--proxy-size", type=positive_int, default=None, help="proxy images for scoring (default 32)")
     p.add_argument("--method", default=None, help="scoring method for the UP-ViT students (default hybrid)")
 
 
@@ -366,24 +502,41 @@ PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="upvit", description="Unified structured pruning of vision transformers (UP-ViTs).")
+    parser = OneLineParser(prog="upvit", description="Unified structured pruning of vision transformers (UP-ViTs).",
+                           formatter_class=DefaultsFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, help_text) in PARSERS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsFormatter))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and a non-zero status."""
+    drop_warnings()
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or an argument error already printed as one line (2)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    try:
+        code = COMMANDS[args.command](args)
+        flush_warnings()
+        return code
     except UpvitError as e:
-        print(f"upvit: error: {e}", file=sys.stderr)
+        drop_warnings()  # an error case prints only the error
+        print(f"upvit: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        drop_warnings()
         print("upvit: interrupted; long jobs continue from their last checkpoint with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug or an unforeseen failure: still one line; UPVIT_DEBUG=1 shows the traceback
+        if os.environ.get("UPVIT_DEBUG"):
+            raise
+        drop_warnings()
+        print(f"upvit: error: unexpected {type(e).__name__}: {one_line(str(e))[:300]} "
+              "(rerun with UPVIT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,12 @@ Data specs accepted wherever the CLI takes ``--data``:
   last 200 to ``val`` (8,000 / 2,000 images).
 * a directory in ImageNet layout (one sub-folder per class): read with torchvision's ImageFolder
   and the usual ViT evaluation transform (resize to ``size / crop_pct``, centre crop, normalise)
-  taken from the model's data config.
+  taken from the model's data config (input size and channels included: a 1-channel model reads
+  its images as grayscale). A file that cannot be decoded raises one :class:`BadImageError` naming
+  it, or, with ``skip_bad_images=True``, is skipped and counted (:func:`unreadable_report`).
+
+The model's class names (``config.json``) must equal the data's; :func:`align_classes` refuses a
+mismatch or applies an explicit class map.
 
 From Python, any ``torch.utils.data.Dataset`` yielding ``(image, label)`` can be passed directly.
 """
@@ -17,7 +22,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import math
+import multiprocessing
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -27,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
+from torch.utils.data import default_collate
 
-from .errors import UpvitError
+from .errors import BadImageError, UpvitError
 
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 ANIMAL_MNIST_SPLIT_SEED = 0
@@ -183,8 +191,147 @@ def animal_mnist(split: str = "train", augment: bool = False, seed: int = 0) -> 
 
 
 # ------------------------------------------------------------------------------------ ImageFolder
-def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = False) -> tuple[Dataset, DataInfo]:
-    """An ImageNet-layout directory with the model's evaluation (or training) transform."""
+SKIP_HINT = "replace or remove the file, or pass --skip-bad-images to skip unreadable images"
+
+
+class CheckedImageFolder(Dataset):
+    """An ImageFolder whose unreadable files are one clear error naming the file, or are skipped.
+
+    ``on_bad``:
+
+    * ``"raise"``: :class:`BadImageError` naming the file and the fix;
+    * ``"drop"`` (evaluation, proxy sets): the item is ``None``; :func:`collate_readable` leaves it out;
+    * ``"substitute"`` (training): the next readable file in folder order (usually the same class)
+      stands in, so batches keep their size and distributed ranks stay in step.
+
+    Skipped files are flagged in shared memory, so DataLoader worker processes report them too.
+    """
+
+    def __init__(self, folder: Any, on_bad: str = "raise") -> None:
+        if on_bad not in ("raise", "drop", "substitute"):
+            raise ValueError(f"on_bad must be raise, drop or substitute, not {on_bad!r}")
+        self.folder = folder
+        self.on_bad = on_bad
+        self.root = str(folder.root)
+        self.samples = folder.samples
+        self.targets = folder.targets
+        self.classes = folder.classes
+        # one byte per file, in shared memory: visible across fork/spawn DataLoader workers
+        self.bad = multiprocessing.RawArray("b", len(folder.samples)) if on_bad != "raise" else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> Any:
+        """The decoded image of file ``index`` (a PIL image), or BadImageError."""
+        path = self.samples[index][0]
+        try:
+            return self.folder.loader(path)
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for damaged files
+            raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {' '.join(str(e).split())[:100]}): "
+                                f"{SKIP_HINT}", path=path) from None
+
+    def _item(self, index: int) -> tuple[Any, int]:
+        image = self.read(index)
+        if self.folder.transform is not None:
+            image = self.folder.transform(image)
+        return image, self.samples[index][1]
+
+    def __getitem__(self, index: int) -> Any:
+        if self.on_bad == "raise":
+            return self._item(index)
+        n = len(self.samples)
+        for step in range(n):
+            i = (index + step) % n
+            if self.bad[i]:
+                if self.on_bad == "drop":
+                    return None
+                continue
+            try:
+                return self._item(i)
+            except BadImageError:
+                self.bad[i] = 1
+                if self.on_bad == "drop":
+                    return None
+        raise UpvitError(f"no image under {self.root} can be read: check the data directory")
+
+    def unreadable(self) -> list[int]:
+        """Indices of the files skipped so far (empty in "raise" mode)."""
+        if self.bad is None:
+            return []
+        return np.flatnonzero(np.frombuffer(self.bad, dtype=np.int8)).tolist()
+
+    def scan(self, desc: str = "checking images") -> list[int]:
+        """Decode every file once (no transform); returns the unreadable ones and flags them."""
+        from .progress import progress
+
+        bad = []
+        for i in progress(range(len(self.samples)), desc=desc, leave=False):
+            try:
+                self.read(i)
+            except BadImageError:
+                bad.append(i)
+                if self.bad is not None:
+                    self.bad[i] = 1
+        return bad
+
+
+def collate_readable(batch: list[Any]) -> Any:
+    """``default_collate`` of the items that are not ``None`` (dropped unreadable images); ``None``
+    when nothing in the batch was readable."""
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None
+
+
+def image_folders(dataset: Any) -> list[CheckedImageFolder]:
+    """The CheckedImageFolder(s) under a dataset and its wrappers (Subset, RemappedLabels)."""
+    seen: list[CheckedImageFolder] = []
+    while dataset is not None:
+        if isinstance(dataset, CheckedImageFolder):
+            seen.append(dataset)
+            break
+        dataset = getattr(dataset, "dataset", None)
+    return seen
+
+
+def unreadable_report(*datasets: Any) -> str | None:
+    """One line counting the unreadable files skipped in ``datasets`` (summed over torchrun ranks),
+    or None. Collective when distributed: every rank must call it."""
+    from . import distributed as dist_utils
+
+    folders = {id(f): f for d in datasets if d is not None for f in image_folders(d)}
+    total, first = 0, None
+    for folder in folders.values():
+        if folder.bad is None:
+            continue
+        flags = torch.tensor(np.frombuffer(folder.bad, dtype=np.int8).astype(np.int32))
+        flags = dist_utils.all_reduce_sum(flags)
+        bad = torch.nonzero(flags).flatten().tolist()
+        total += len(bad)
+        if bad and first is None:
+            first = folder.samples[bad[0]][0]
+    if not total:
+        return None
+    return f"skipped {total} unreadable image file{'s' if total != 1 else ''} (first: {first})"
+
+
+def stack_images(dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
+    """All images of a (small) dataset as one tensor, leaving out dropped unreadable files."""
+    from torch.utils.data import DataLoader
+
+    chunks = [batch[0] for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                                collate_fn=collate_readable) if batch is not None]
+    if not chunks:
+        raise UpvitError("the proxy set is empty: none of its images could be read")
+    return torch.cat(chunks)
+
+
+def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = False,
+                 skip_bad_images: bool = False) -> tuple[Dataset, DataInfo]:
+    """An ImageNet-layout directory with the model's evaluation (or training) transform.
+
+    ``skip_bad_images``: unreadable files are dropped (evaluation) or replaced by the next readable
+    file (training) and counted, instead of stopping with an error naming the file."""
     from ._compat import import_timm
 
     import_timm()  # patches torchvision where needed
@@ -204,16 +351,19 @@ def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = Fa
 
         transform = T.Compose([T.Grayscale(1), transform])
     try:
-        ds = ImageFolder(root, transform=transform)
+        folder = ImageFolder(root, transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise UpvitError(f"cannot read {root!r} as an ImageFolder (one sub-folder of images per class): {e}") from None
+    ds = CheckedImageFolder(folder, on_bad=("substitute" if train else "drop") if skip_bad_images else "raise")
     info = DataInfo(len(ds.classes), list(ds.classes), tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]),
                     cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"), extra={"dataset": os.path.abspath(root)})
     return ds, info
 
 
-def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool = False, seed: int = 0) -> tuple[Dataset, DataInfo]:
-    """Resolve a data spec (see module doc). ``train`` turns augmentation on."""
+def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool = False, seed: int = 0,
+              skip_bad_images: bool = False) -> tuple[Dataset, DataInfo]:
+    """Resolve a data spec (see module doc). ``train`` turns augmentation on; ``skip_bad_images``
+    skips (and counts) unreadable files of an ImageFolder instead of failing on the first."""
     if spec.startswith("animal-mnist"):
         _, _, split = spec.partition(":")
         ds, info = animal_mnist(split or ("train" if train else "val"), augment=train, seed=seed)
@@ -225,7 +375,7 @@ def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool 
                     "use a model built for 1x28x28 input or an ImageFolder dataset"
                 )
         return ds, info
-    return image_folder(spec, data_config, train=train)
+    return image_folder(spec, data_config, train=train, skip_bad_images=skip_bad_images)
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -267,3 +417,120 @@ def sample_proxy(dataset: Dataset, size: int | None = None, per_class: int | Non
         record = {"sampling": "random", "size": size}
     record.update({"seed": seed, "num_images": int(len(indices)), "dataset_size": n})
     return Subset(dataset, indices.tolist()), record
+
+
+def stratified_subset(dataset: Dataset, limit: int | None, seed: int = 0) -> Dataset:
+    """At most ``limit`` items drawn evenly from every class (seeded), in dataset order.
+
+    Classes get ``limit // K`` items each, the first ``limit % K`` classes one more, so a quick
+    evaluation sees every class instead of the first ``limit`` items (often all of one class).
+    """
+    if limit is None or limit >= len(dataset):
+        return dataset
+    labels = dataset_labels(dataset)
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    share, extra = divmod(limit, len(classes))
+    chosen = []
+    for k, c in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        take = min(len(idx), share + (1 if k < extra else 0))
+        chosen.append(rng.choice(idx, take, replace=False))
+    return Subset(dataset, np.sort(np.concatenate(chosen)).tolist())
+
+
+# --------------------------------------------------------------------------------- class names
+class RemappedLabels(Dataset):
+    """A dataset whose labels are translated to the model's class indices (``mapping[label]``)."""
+
+    def __init__(self, dataset: Dataset, mapping: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.mapping = list(mapping)
+        self.targets = [self.mapping[int(y)] for y in dataset_labels(dataset)]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        if item is None:  # a dropped unreadable image
+            return None
+        return item[0], self.mapping[int(item[1])]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def _preview(names: Sequence[str], n: int = 4) -> str:
+    shown = ", ".join(str(x) for x in list(names)[:n])
+    return f"{len(names)}: {shown}{', ...' if len(names) > n else ''}"
+
+
+def parse_class_map(text: str, data_classes: Sequence[str], model_classes: Sequence[str] | None,
+                    num_outputs: int | None) -> list[int]:
+    """``--class-map`` -> the model's class index for every data class (in data label order).
+
+    Accepted forms: ``by-name`` (each data class is the model class of the same name), inline
+    ``FOLDER=CLASS,FOLDER=CLASS`` or a JSON file ``{"FOLDER": "CLASS" or index}``; CLASS is a model
+    class name or an output index.
+    """
+    if text == "by-name":
+        if not model_classes:
+            raise UpvitError("--class-map by-name needs the model's class names, and its config.json has none: "
+                             "map folders to output indices instead, e.g. --class-map cat=3,dog=5")
+        pairs = {name: name for name in data_classes}
+    elif os.path.isfile(text):
+        try:
+            with open(text) as f:
+                pairs = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UpvitError(f"--class-map {text}: not a readable JSON file ({e})") from None
+        if not isinstance(pairs, dict):
+            raise UpvitError(f"--class-map {text}: the JSON must be an object {{\"FOLDER\": \"CLASS\", ...}}")
+    else:
+        pairs = {}
+        for item in text.split(","):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip() or not value.strip():
+                raise UpvitError(f"--class-map {text!r}: write by-name, FOLDER=CLASS,... or a JSON file")
+            pairs[key.strip()] = value.strip()
+    unknown = sorted(set(pairs) - set(data_classes))
+    if unknown:
+        raise UpvitError(f"--class-map names {unknown[0]!r}, which is not a class of the data ({_preview(data_classes)})")
+    mapping = []
+    for name in data_classes:
+        if name not in pairs:
+            raise UpvitError(f"--class-map does not say which model class the data's {name!r} is")
+        target = pairs[name]
+        if model_classes and str(target) in model_classes:
+            index = list(model_classes).index(str(target))
+        elif isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+            index = int(target)
+        else:
+            raise UpvitError(f"--class-map maps {name!r} to {target!r}, which is not a class of the model"
+                             + (f" ({_preview(model_classes)})" if model_classes else " (give an output index)"))
+        if num_outputs is not None and not 0 <= index < num_outputs:
+            raise UpvitError(f"--class-map maps {name!r} to output {index}, but the model has {num_outputs} outputs")
+        mapping.append(index)
+    return mapping
+
+
+def align_classes(dataset: Dataset, info: DataInfo, model_classes: Sequence[str] | None, num_outputs: int | None,
+                  class_map: str | None = None, data_name: str = "the data") -> Dataset:
+    """The dataset with labels in the model's class order, or one clear error when they differ.
+
+    Without ``class_map`` the data's class names must equal the model's (same names, same order);
+    a model without recorded names must at least have one output per data class.
+    """
+    if class_map:
+        return RemappedLabels(dataset, parse_class_map(class_map, info.class_names, model_classes, num_outputs))
+    hint = "use data with the model's classes, or map them with --class-map (by-name, FOLDER=CLASS,... or a JSON file)"
+    if model_classes:
+        if list(model_classes) != list(info.class_names):
+            order = " (same names, other order)" if sorted(model_classes) == sorted(info.class_names) else ""
+            raise UpvitError(f"the model's classes ({_preview(model_classes)}) differ from those of {data_name} "
+                             f"({_preview(info.class_names)}){order}: {hint}")
+    elif num_outputs is not None and num_outputs != info.num_classes:
+        raise UpvitError(f"the model has {num_outputs} outputs but {data_name} has {info.num_classes} classes: {hint}")
+    return dataset

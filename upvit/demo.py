@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,7 +53,7 @@ class DemoConfig:
     alpha: float = 1.0
     seed: int = 0
     max_steps_per_epoch: int | None = None
-    val_limit: int | None = None  # evaluate on the first N validation images only (quick runs)
+    val_limit: int | None = None  # evaluate on N validation images only, evenly from every class (quick runs)
     bench_batch: int = 256
     bench_runs: int = 10
     shapes: dict[str, dict[str, int]] = field(default_factory=lambda: copy.deepcopy(SHAPES))
@@ -94,17 +95,11 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _subset(dataset, limit: int | None):
-    if limit is None or limit >= len(dataset):
-        return dataset
-    return torch.utils.data.Subset(dataset, list(range(limit)))
-
-
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written under ``cfg.out``)."""
     from . import io
     from .bench import count_macs, count_params, throughput
-    from .data import load_data, sample_proxy
+    from .data import dataset_labels, load_data, sample_proxy, stratified_subset
     from .distill import finetune
     from .evaluation import evaluate
     from .importance.api import score
@@ -116,12 +111,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t_start = time.time()
     if not os.path.isdir(cfg.teacher):
         raise UpvitError(f"teacher {cfg.teacher!r} not found: reinstall upvit or run `make teacher`")
-    os.makedirs(cfg.out, exist_ok=True)
     teacher = io.load(cfg.teacher)
     data_config = teacher.upvit_config.data_config
-    val_ds = _subset(load_data("animal-mnist:val", data_config=data_config)[0], cfg.val_limit)
+    # a limited validation set is drawn evenly from every class (its first N images are all one class)
+    val_ds = stratified_subset(load_data("animal-mnist:val", data_config=data_config)[0], cfg.val_limit, seed=cfg.seed)
     train_eval_ds = load_data("animal-mnist:train", data_config=data_config)[0]
     train_ds = load_data("animal-mnist:train", data_config=data_config, train=True, seed=cfg.seed)[0]
+    os.makedirs(cfg.out, exist_ok=True)  # only once the teacher and the data have loaded
 
     # 1. scores -----------------------------------------------------------------------------
     proxy, proxy_record = sample_proxy(train_eval_ds, size=cfg.proxy_size, seed=cfg.proxy_seed)
@@ -178,6 +174,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # 4. report ---------------------------------------------------------------------------------
     report = {"config": asdict(cfg), "proxy": proxy_record, "scoring_method": cfg.method,
               "scoring_seconds": round(scoring_seconds, 1), "rows": rows, "val_images": len(val_ds),
+              "val_images_per_class": np.bincount(dataset_labels(val_ds)).tolist(),
               "teacher_cache_hits": shared.hits, "total_seconds": round(time.time() - t_start, 1),
               "machine": machine_description()}
     write_report(report, cfg.out)

@@ -14,7 +14,6 @@ each GPU's batch of 32 images with alpha 0.2, i.e. a per-sample weight of 6.4 in
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
@@ -38,12 +37,15 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def model_fingerprint(model: nn.Module) -> str:
     """A short hash of a model's parameter names, shapes and values (identifies a teacher)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(json.dumps(list(t.shape)).encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    from .fingerprint import digest
+
+    def parts():
+        for name, t in model.state_dict().items():
+            yield name
+            yield json.dumps(list(t.shape))
+            yield t.detach().float()
+
+    return digest(parts()).hexdigest()[:16]
 
 
 class DistillationLoss:

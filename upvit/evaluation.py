@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as dist_utils
+from .data import collate_readable
 from .progress import progress
 
 
@@ -26,9 +27,14 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     was_training = model.training
     model.eval().to(device)
     sampler = DistributedSampler(dataset, shuffle=False) if dist_utils.is_distributed() else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers)
+    # collate_readable leaves out images an ImageFolder could not read (--skip-bad-images)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_readable)
     totals = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, count
-    for images, labels in progress(loader, desc=desc, leave=False):
+    for batch in progress(loader, desc=desc, leave=False):
+        if batch is None:
+            continue
+        images, labels = batch
         images, labels = images.to(device), torch.as_tensor(labels).to(device)
         logits = logits_of(model(images)).float()
         if not torch.isfinite(logits).all():

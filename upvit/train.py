@@ -12,8 +12,8 @@ Runs under ``torchrun`` with DistributedDataParallel (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -31,6 +31,7 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed as dist_utils
 from .errors import UpvitError
 from .evaluation import evaluate, logits_of
+from .fingerprint import digest
 from .io import atomic_write_bytes, save
 from .progress import progress
 
@@ -109,7 +110,7 @@ def _fingerprint(cfg: TrainConfig, model: nn.Module, dataset_len: int, criterion
     describe = getattr(criterion, "describe", None)
     blob = json.dumps([asdict(cfg), shape, dataset_len, describe() if callable(describe) else None],
                       sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest([blob]).hexdigest()[:16]
 
 
 def _mean_over_ranks(sums: dict[str, float]) -> dict[str, float]:
@@ -198,9 +199,8 @@ def fit(
         train_model.train()
         t0, sums, seen = time.time(), {}, 0
         bar = progress(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
-        for i, (images, labels) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
+        # islice, not a break: a break would first load (and decode) one batch the epoch never uses
+        for i, (images, labels) in enumerate(itertools.islice(loader, steps_per_epoch)):
             images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg)

@@ -94,7 +94,7 @@ def test_cli_bad_input_one_line(tmp_path):
     _, mdir = mnist_model(tmp_path)
     out = str(tmp_path / "s.safetensors")
     assert_one_line_error(run(["-m", "upvit", "score", mdir, "--data", "animal-mnist:train", "--proxy-size", "0",
-                               "--out", out]), "empty")
+                               "--out", out]), "--proxy-size: must be an integer of at least 1")
     assert_one_line_error(run(["-m", "upvit", "score", "timm:resnet10t,num_classes=10,in_chans=1", "--data",
                                "animal-mnist:train", "--out", out]), "no adapter")
     small = str(tmp_path / "rgb")

@@ -95,17 +95,19 @@ def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict, m
 
     from .. import distributed as dist_utils
     from ..adapters import get_adapter
+    from ..fingerprint import FINGERPRINT_KEY, model_fingerprint
 
     t0 = time.time()
     adapter = get_adapter(model)
     fn = get_method(method)
     inputs = proxy if isinstance(proxy, dict) else proxy_tensor(proxy, adapter.input_size())
+    meta = {**(meta or {}), FINGERPRINT_KEY: model_fingerprint(model)}  # `upvit prune` refuses other models' scores
     if method in PERSISTING:
         return fn(adapter, inputs, out=out, resume=resume, proxy_meta=proxy_meta, meta=meta, **options)
     if resume:
         raise UpvitError(f"resume applies to the exact method 'kl' only; method {method!r} starts over (drop resume)")
     scores = fn(adapter, inputs, **options)
-    scores.meta.update({**(meta or {}), "criterion": scores.meta.get("criterion", method), "proxy": dict(proxy_meta or {}),
+    scores.meta.update({**meta, "criterion": scores.meta.get("criterion", method), "proxy": dict(proxy_meta or {}),
                         "model": adapter.describe(), "topology": adapter.topology().to_dict(),
                         "wall_time_s": round(time.time() - t0, 3)})
     if out and dist_utils.is_main():

@@ -21,7 +21,6 @@ candidate chunk), so a unit's numbers do not depend on which process computes it
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -33,6 +32,7 @@ from .. import distributed as dist_utils
 from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_repeat, batch_slice, batch_to,
                              forward_from, removal_masks)
 from ..errors import UpvitError
+from ..fingerprint import digest
 from ..topology import Site, Topology
 from .api import register_method
 from .scores import Scores
@@ -63,22 +63,24 @@ def resolve_candidates(topology: Topology, candidates: dict[str, Any] | None) ->
     return out
 
 
-def digest_tensors(h: "hashlib._Hash", named: list[tuple[str, torch.Tensor]]) -> None:
-    """Feed names, dtypes, shapes and bytes of tensors into ``h``."""
-    for name, t in named:
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{list(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> str:
     """sha256 over the model's weights, the proxy inputs and the options that affect the scores."""
-    h = hashlib.sha256()
-    digest_tensors(h, sorted(adapter.model.state_dict().items()))
-    named = [("inputs", inputs)] if isinstance(inputs, torch.Tensor) else sorted(inputs.items())
-    digest_tensors(h, [(f"input:{k}", v.float() if v.is_floating_point() else v) for k, v in named])
-    h.update(json.dumps(options, sort_keys=True).encode())
-    return h.hexdigest()
+    def parts():
+        for name, t in sorted(adapter.model.state_dict().items()):
+            yield f"{name}|{t.dtype}|{list(t.shape)}"
+            yield t
+        if isinstance(inputs, torch.Tensor):  # images: the same bytes as before text inputs existed
+            imgs = inputs.detach().cpu().float()
+            yield f"images|{list(imgs.shape)}"
+            yield imgs
+        else:
+            for key, t in sorted(inputs.items()):
+                t = t.detach().cpu()
+                yield f"input:{key}|{t.dtype}|{list(t.shape)}"
+                yield t
+        yield json.dumps(options, sort_keys=True)
+
+    return digest(parts()).hexdigest()
 
 
 def kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
