@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
 SHIM   := tools/_upvit_torchvision_shim.py tools/upvit-torchvision-shim.pth tools/install_shim.py
 
-.PHONY: test demo teacher bench clean shim
+.PHONY: test demo teacher swin-teacher pvt-teacher bench clean shim
 
 $(STAMP): pyproject.toml $(SHIM)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,20 @@ teacher: $(STAMP)
 	  --data animal-mnist:train --val-data animal-mnist:val \
 	  --epochs 15 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 2 --drop-path 0.1 \
 	  --seed 0 --out runs/teacher
+
+# Reproduces the shipped Swin teacher upvit/assets/swin_teacher (40 epochs; 93.15% val top-1).
+swin-teacher: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit train \
+	  'timm:swin_tiny_patch4_window7_224,img_size=28,patch_size=2,window_size=7,in_chans=1,num_classes=10,embed_dim=32,depths=[2,2,2,2],num_heads=[2,4,8,16],drop_path_rate=0.1' \
+	  --data animal-mnist:train --val-data animal-mnist:val \
+	  --epochs 40 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 2 --seed 0 --out runs/swin_teacher
+
+# Reproduces the shipped PVTv2 teacher upvit/assets/pvt_teacher (pvt_v2_b1's widths at 28 px).
+pvt-teacher: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit train \
+	  'timm:pvt_v2_b1,in_chans=1,num_classes=10,sr_ratios=[4,2,1,1],drop_path_rate=0.1,input_size=[1,28,28]' \
+	  --data animal-mnist:train --val-data animal-mnist:val \
+	  --epochs 30 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 2 --seed 0 --out runs/pvt_teacher
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache

@@ -63,3 +63,11 @@ def test_weights_of_another_shape_are_a_clear_error(tmp_path):
     os.replace(tmp_path / "o" / "model.safetensors", tmp_path / "m" / "model.safetensors")
     with pytest.raises(UpvitError, match="do not fit the model"):
         load(str(tmp_path / "m"))
+
+
+def test_timm_spec_input_size_is_upvits_own_key():
+    m = load_model("timm:pvt_v2_b0,in_chans=1,num_classes=10,depths=[1,1,1,1],sr_ratios=[4,2,1,1],input_size=[1,28,28]")
+    assert m.upvit_config.data_config["input_size"] == [1, 28, 28] and "input_size" not in m.upvit_config.timm_kwargs
+    assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(UpvitError, match=r"write input_size=\[C,H,W\]"):
+        load_model("timm:pvt_v2_b0,input_size=28")

@@ -372,7 +372,8 @@ def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool 
             if expected != list(info.input_size):
                 raise UpvitError(
                     f"the model expects input {expected} but animal-mnist images are {list(info.input_size)}: "
-                    "use a model built for 1x28x28 input or an ImageFolder dataset"
+                    "use a model built for 1x28x28 input (for a family without an image-size argument, add "
+                    "input_size=[1,28,28] to the timm: spec) or an ImageFolder dataset"
                 )
         return ds, info
     return image_folder(spec, data_config, train=train, skip_bad_images=skip_bad_images)

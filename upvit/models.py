@@ -116,11 +116,17 @@ def default_data_config(model: nn.Module) -> dict[str, Any]:
 
 def model_from_timm_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
     name, kwargs = parse_timm_spec(spec)
+    # ``input_size=[C,H,W]`` is upvit's, not timm's: the input of families whose constructor takes no image
+    # size (PVTv2 works at any size), recorded in the data config so every command reads data at that size
+    explicit = kwargs.pop("input_size", None)
+    if explicit is not None and (not isinstance(explicit, list) or len(explicit) != 3
+                                 or not all(isinstance(v, int) and v > 0 for v in explicit)):
+        raise UpvitError(f"input_size={explicit!r} in {spec!r}: write input_size=[C,H,W], e.g. input_size=[1,28,28]")
     model = create_timm_model(name, kwargs)
     data_config = default_data_config(model)
     # timm's pretrained_cfg keeps the default input size even when img_size/in_chans are overridden:
     # the model's adapter knows its real input size; otherwise at least the channel count follows in_chans
-    size = _adapter_input_size(model)
+    size = explicit or _adapter_input_size(model)
     if size:
         data_config["input_size"] = list(size)
     elif isinstance(kwargs.get("in_chans"), int):
