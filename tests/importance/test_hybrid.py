@@ -135,3 +135,20 @@ def test_band_grows_by_exactly_the_channels_too_close_to_call():
     # an uncalibrated site doubles both sides
     assert hybrid_module._widen(p, d, est, mu=0.0, sigma=float("inf"), z=2.0)
     assert (p.up, p.down) == (4, 4)
+
+
+def test_tail_margin_catches_an_outlier_the_sigmas_miss():
+    # the same problem with channels 3 and 6 scored: with sigma 0.1 and z 2 (a factor e^0.2 = 1.22) channel 2
+    # (estimate 8) clears the dropped 5.0 (5 * 1.22 = 6.1) and nothing widens; but an error as large as the
+    # largest one seen (0.6) times tail 1.6 (a factor e^0.96 = 2.61, 5 * 2.61 = 13.1) could put it below
+    # 5.0, so the band grows over channels 2, 1, 0 above, and over 7 (3.0 > 6 / 2.61 = 2.30) below
+    est = torch.tensor([10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.5, 3.0, 2.0, 1.0], dtype=torch.float64)
+    exact = torch.full((10,), float("nan"), dtype=torch.float64)
+    known = torch.zeros(10, dtype=torch.bool)
+    exact[[3, 4, 5, 6]] = torch.tensor([7.0, 6.0, 5.0, 4.5], dtype=torch.float64)
+    known[[3, 4, 5, 6]] = True
+    p = hybrid_module.Problem("ffn.0", torch.arange(10), 5, torch.arange(10), up=2, down=2)
+    d = hybrid_module._decide(p, exact, known)
+    assert not hybrid_module._widen(p, d, est, mu=0.0, sigma=0.1, z=2.0, max_dev=0.6, tail=0.0)
+    assert hybrid_module._widen(p, d, est, mu=0.0, sigma=0.1, z=2.0, max_dev=0.6, tail=1.6)
+    assert (p.up, p.down) == (5, 3)
