@@ -251,6 +251,12 @@ def test_cli_score_prune_finetune_bench_on_a_pvt_directory(tmp_path):
     r = run_cli("prune", str(tmp_path / "pvt"), "--scores", scores, "--ratio", "0.5", "--keep-heads", "--out", pruned)
     assert r.returncode == 0, r.stderr
     assert "stage widths [4, 8, 16]" in r.stdout
+    hybrid = str(tmp_path / "h.safetensors")  # same proxy (seed 0): the hybrid's keep sets are exact's
+    r = run_cli("score", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--proxy-size", "4", "--method", "hybrid",
+                "--ratios", "0.5", "--keep-heads", "--out", hybrid)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(open(f"{pruned}/plan.json").read())
+    assert upvit.make_plan(model, upvit.Scores.load(hybrid), ratio=0.5, keep_heads=True).keep == plan["keep"]
     small = upvit.load(pruned)
     assert [s.blocks[0].attn.num_heads for s in small.stages] == [1, 2, 4]
     r = run_cli("finetune", pruned, "--teacher", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--epochs", "1",
@@ -261,8 +267,7 @@ def test_cli_score_prune_finetune_bench_on_a_pvt_directory(tmp_path):
     assert r.returncode == 0, r.stderr
     record = json.loads(open(f"{feat}/log.jsonl").readline())
     assert record["train_mse"] > 0 and "train_kl" not in record
-    kept = json.loads(open(f"{pruned}/plan.json").read())["keep"]["res.2"]
-    assert upvit.load(feat).upvit_config.extra["distillation"]["channels"] == kept
+    assert upvit.load(feat).upvit_config.extra["distillation"]["channels"] == plan["keep"]["res.2"]
     r = run_cli("bench", str(tmp_path / "pvt"), tuned, "--batch-size", "2", "--runs", "1", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
