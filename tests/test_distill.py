@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import upvit
+import upvit.distill
 from helpers import tiny_images, tiny_vit
 from upvit.distill import DistillationLoss, check_teacher
 
@@ -184,3 +185,39 @@ def test_feature_distillation_needs_a_plan_or_equal_widths():
         FeatureDistillationLoss(teacher, student, [0, 1, 2])
     with pytest.raises(upvit.UpvitError, match="use distill='logits'"):
         FeatureDistillationLoss(teacher, tiny_vit(distilled=True))
+
+
+def test_finetune_with_feature_distillation(tmp_path):
+    from upvit.data import ImageTensorDataset
+    from upvit.train import TrainConfig
+
+    teacher, student, plan = _pvt_teacher_and_student()
+    rng = np.random.default_rng(0)
+    data = ImageTensorDataset(rng.integers(0, 256, size=(16, 3, 32, 32), dtype=np.uint8), rng.integers(0, 5, size=16),
+                              [0.5] * 3, [0.5] * 3, augment=True, seed=0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0, ema_decay=0.9, amp="off")
+    record = upvit.finetune(student, teacher, data, cfg, str(tmp_path / "f"), alpha=20.0, distill="features")
+    assert record["train_mse"] > 0 and "train_kl" not in record
+    assert record["train_loss"] == pytest.approx(record["train_ce"] + 20.0 * record["train_mse"], rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    saved = upvit.load(str(tmp_path / "f")).upvit_config.extra["distillation"]
+    assert saved["criterion"] == "feature_distillation" and saved["channels"] == plan.keep["res.2"]
+    assert not student._forward_pre_hooks and not any(m._forward_pre_hooks for m in student.modules())  # closed
+    with pytest.raises(upvit.UpvitError, match="distill must be one of logits, features"):
+        upvit.finetune(student, teacher, data, cfg, str(tmp_path / "g"), distill="hidden")
+
+
+def test_cli_finetune_passes_the_distillation_kind(tmp_path, monkeypatch):
+    from helpers import tiny_pvt
+    from upvit.cli import main
+
+    model = tiny_pvt(img_size=28, in_chans=1, num_classes=10)
+    upvit.save(model, str(tmp_path / "m"))
+    seen = {}
+    monkeypatch.setattr(upvit.distill, "finetune", lambda *a, **k: seen.update(k) or {"epoch": 1})
+    args = ["finetune", str(tmp_path / "m"), "--teacher", str(tmp_path / "m"), "--data", "animal-mnist:train",
+            "--out", str(tmp_path / "o")]
+    assert main(args + ["--distill", "features", "--alpha", "20"]) == 0
+    assert seen["distill"] == "features" and seen["alpha"] == 20.0
+    assert main(args) == 0 and seen["distill"] == "logits"
