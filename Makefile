@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
 
-.PHONY: test demo teacher pvt-teacher bench clean
+.PHONY: test demo teacher bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,15 +29,6 @@ teacher: $(STAMP)
 	  --data animal-mnist:train --val-data animal-mnist:val \
 	  --epochs 15 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 2 --drop-path 0.1 \
 	  --seed 0 --out runs/teacher
-
-# Reproduces the shipped PVTv2 teacher upvit/assets/pvt_teacher (timm pvt_v2_b1 at 1x28x28: the maps are
-# 7/4/2/1, so the default sr ratio 8 of stage 0 does not fit; sr ratios 4/2/1/1 do).
-pvt-teacher: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit train \
-	  'timm:pvt_v2_b1,in_chans=1,num_classes=10,sr_ratios=[4,2,1,1],drop_path_rate=0.1' \
-	  --data animal-mnist:train --val-data animal-mnist:val \
-	  --epochs 30 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 2 \
-	  --seed 0 --out runs/pvt_teacher
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache

@@ -119,7 +119,7 @@ def main() -> None:
     if state.get("hybrid") is None:
         log("hybrid scores verifying the B0 target")
         t0 = time.time()
-        hybrid = upvit.score(teacher, proxy, method="hybrid", ratios=[0.5], keep_heads=True, proxy_meta=proxy_record)
+        hybrid = upvit.score(teacher, proxy, method="hybrid", targets=[target], proxy_meta=proxy_record)
         hybrid.save(hybrid_path)
         seconds = time.time() - t0
         exact_plan = upvit.make_plan(teacher, exact, targets=target)

@@ -123,7 +123,7 @@ def test_teacher_moves_to_student_device():
 
 # ------------------------------------------------------------------------------ feature distillation
 def _pvt_teacher_and_student():
-    from helpers import tiny_pvt
+    from pvt_helpers import tiny_pvt
     from plan_helpers import random_scores
 
     teacher = tiny_pvt(seed=1, std=0.2)
@@ -168,7 +168,7 @@ def test_feature_distillation_hand_computed_case():
 
 
 def test_feature_distillation_needs_a_plan_or_equal_widths():
-    from helpers import tiny_pvt
+    from pvt_helpers import tiny_pvt
     from upvit.distill import FeatureDistillationLoss, feature_channels_from_plan
 
     teacher, student, _ = _pvt_teacher_and_student()
@@ -209,7 +209,7 @@ def test_finetune_with_feature_distillation(tmp_path):
 
 
 def test_cli_finetune_passes_the_distillation_kind(tmp_path, monkeypatch):
-    from helpers import tiny_pvt
+    from pvt_helpers import tiny_pvt
     from upvit.cli import main
 
     model = tiny_pvt(img_size=28, in_chans=1, num_classes=10)

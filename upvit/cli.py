@@ -128,11 +128,11 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
     p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
     p.add_argument("--distill", default="logits", choices=["logits", "features"],
-                   help="logits: KL(teacher || student) (default); features: MSE on the pooled penultimate features, "
-                        "the teacher's read at the channels the student's plan kept (the paper's PVTv2 setting, alpha 20)")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the distillation term (batch-mean KL, or the MSE "
-                   "with --distill features)")
+                   help="logits: KL(teacher || student) (default); features: --alpha x MSE on the pooled penultimate "
+                        "features, the teacher's read at the channels the student's plan kept (the paper's PVTv2 "
+                        "setting, alpha 20)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (x T^2)")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")
@@ -292,11 +292,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             if targets is None and args.ratios is None:
                 raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
                                  "or --ratios 0.5 0.25")
-            if args.keep_heads and args.ratios is None:
-                raise UpvitError("--keep-heads applies to --ratios: give --ratios R, or the heads in --target")
-            options.update({"targets": targets, "ratios": args.ratios, "keep_heads": args.keep_heads})
-        elif args.target or args.ratios or args.keep_heads:
-            raise UpvitError("--target, --ratios and --keep-heads apply to --method hybrid only")
+            options.update({"targets": targets, "ratios": args.ratios})
+        elif args.target or args.ratios:
+            raise UpvitError("--target and --ratios apply to --method hybrid only")
         scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                        meta=meta, **options)
         if dist_utils.is_main():
@@ -330,8 +328,6 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random")
     p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's (repeatable)")
     p.add_argument("--ratios", type=float, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
-    p.add_argument("--keep-heads", action="store_true", help="hybrid with --ratios: keep every head count and shrink "
-                   "the head dim (PVTv2-B1 -> B0 style), as `upvit prune --ratio R --keep-heads` does")
     p.add_argument("--batch-size", type=int, default=64, help="proxy images per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")

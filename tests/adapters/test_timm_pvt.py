@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import upvit
-from helpers import PVT_IMG, PVT_NAME, TINY_PVT, tiny_pvt
+from pvt_helpers import PVT_IMG, tiny_pvt
 from naive_pvt import naive_pvt_score
 from plan_helpers import plan_masks, random_scores
 from upvit.adapters import get_adapter
@@ -212,9 +212,10 @@ def test_bad_targets_are_one_clear_line(targets, message):
 def test_hybrid_keep_sets_equal_exact_on_pvt():
     model, x = tiny_pvt(seed=8), images(3)
     exact = kl_scores(get_adapter(model), x, progress=False)
-    hybrid = upvit.score(model, x, method="hybrid", ratios=[0.5], keep_heads=True)
-    want = upvit.make_plan(model, exact, ratio=0.5, keep_heads=True).keep
-    assert upvit.make_plan(model, hybrid, ratio=0.5, keep_heads=True).keep == want
+    target = Targets.from_ratio(get_adapter(model).topology(), 0.5, keep_heads=True)  # heads kept (B1 -> B0 style)
+    hybrid = upvit.score(model, x, method="hybrid", targets=[target])
+    want = upvit.make_plan(model, exact, targets=target).keep
+    assert upvit.make_plan(model, hybrid, targets=target).keep == want
     assert hybrid.meta["exact_fraction"] < 1
 
 
@@ -251,12 +252,6 @@ def test_cli_score_prune_finetune_bench_on_a_pvt_directory(tmp_path):
     r = run_cli("prune", str(tmp_path / "pvt"), "--scores", scores, "--ratio", "0.5", "--keep-heads", "--out", pruned)
     assert r.returncode == 0, r.stderr
     assert "stage widths [4, 8, 16]" in r.stdout
-    hybrid = str(tmp_path / "h.safetensors")  # same proxy (seed 0): the hybrid's keep sets are exact's
-    r = run_cli("score", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--proxy-size", "4", "--method", "hybrid",
-                "--ratios", "0.5", "--keep-heads", "--out", hybrid)
-    assert r.returncode == 0, r.stderr
-    plan = json.loads(open(f"{pruned}/plan.json").read())
-    assert upvit.make_plan(model, upvit.Scores.load(hybrid), ratio=0.5, keep_heads=True).keep == plan["keep"]
     small = upvit.load(pruned)
     assert [s.blocks[0].attn.num_heads for s in small.stages] == [1, 2, 4]
     r = run_cli("finetune", pruned, "--teacher", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--epochs", "1",

@@ -66,10 +66,9 @@ class Problem:
         return max(0, self.k - self.up), min(n, self.k + self.down)
 
 
-def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None, keep_heads: bool = False) -> list[Targets]:
+def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None) -> list[Targets]:
     """The targets to verify, from ``targets`` (Targets, dicts of make_plan's keywords, or a list of
-    them) or ``ratios`` (with ``keep_heads``: keep every head count, as PVTv2-B1 -> B0 does); each is
-    checked against the model's rules before any work is done."""
+    them) or ``ratios``; each is checked against the model's rules before any work is done."""
     topology = adapter.topology()
     if (targets is None) == (ratios is None):
         raise UpvitError("method 'hybrid' needs exactly one of targets=[{embed_dim, num_heads, mlp_hidden}, ...] "
@@ -79,7 +78,7 @@ def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None, k
             ratios = [ratios]
         if not isinstance(ratios, (list, tuple)) or not ratios:
             raise UpvitError(f"ratios must be a non-empty list of numbers in (0, 1], got {ratios!r}")
-        return [_resolve_one(topology, ratio=r, keep_heads=keep_heads) for r in ratios]
+        return [_resolve_one(topology, ratio=r) for r in ratios]
     if isinstance(targets, (dict, Targets)):
         targets = [targets]
     if not isinstance(targets, (list, tuple)) or not targets:
@@ -181,7 +180,7 @@ def _top_k_set(values: torch.Tensor, channels: torch.Tensor, k: int) -> set[int]
 def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, ratios: Any = None,
                   band: float = 0.005, min_band: int = 2, z: float = 3.0, batch_size: int = 64,
                   fisher_options: dict[str, Any] | None = None, progress: bool = False,
-                  max_rounds: int = 64, keep_heads: bool = False, **meta: Any) -> Scores:
+                  max_rounds: int = 64, **meta: Any) -> Scores:
     """KL scores whose keep sets at ``targets`` (or ``ratios``) are those of exact scoring, computing
     the exact KL only near each boundary (see the module doc for the rule and the returned values).
 
@@ -189,8 +188,7 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
     (at least ``min_band``); ``z`` how many robust standard deviations of log(exact/estimate) an
     unscored channel must clear; ``fisher_options`` passed to the estimate (default
     ``{"attention": "local"}``: attention dims screened with :mod:`upvit.importance.local`, whose
-    ranking is far closer to exact's, so their bands stay narrow); ``keep_heads`` with ``ratios``:
-    the targets keep every head count (:meth:`upvit.targets.Targets.from_ratio`).
+    ranking is far closer to exact's, so their bands stay narrow).
     """
     from .kl import kl_scores
 
@@ -201,7 +199,7 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
     if not isinstance(z, (int, float)) or z < 0:
         raise UpvitError(f"z must be a non-negative number, got {z!r}")
     t0 = time.perf_counter()
-    target_list = resolve_targets(adapter, targets, ratios, keep_heads)
+    target_list = resolve_targets(adapter, targets, ratios)
     estimate = fisher_scores(adapter, images, batch_size=batch_size, **{"attention": "local", **(fisher_options or {})})
     t_fisher = time.perf_counter() - t0
 
