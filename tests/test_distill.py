@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import upvit
+import upvit.distill
 from helpers import tiny_images, tiny_vit
 from upvit.distill import DistillationLoss, check_teacher
 
@@ -118,3 +119,105 @@ def test_teacher_moves_to_student_device():
     assert next(teacher.parameters()).device.type == "cuda" and loss.device.type == "cuda"
     ref = _reference(student(images).detach().cpu().numpy(), teacher(images).cpu().numpy(), [0, 1, 2, 3], 1.0, 1.0)
     assert loss.item() == pytest.approx(ref[0], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------ feature distillation
+def _pvt_teacher_and_student():
+    from pvt_helpers import tiny_pvt
+    from plan_helpers import random_scores
+
+    teacher = tiny_pvt(seed=1, std=0.2)
+    plan = upvit.make_plan(teacher, random_scores(teacher, seed=3), embed_dim=[4, 8, 16], mlp_hidden=[8, 16, 32])
+    return teacher, upvit.prune(teacher, plan).train(), plan
+
+
+def _pooled_features(model, x):
+    """The pooled penultimate feature, through timm's own API (independent of the criterion's hooks)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def test_feature_distillation_hand_computed_case():
+    from upvit.distill import FeatureDistillationLoss, feature_channels_from_plan
+
+    teacher, student, plan = _pvt_teacher_and_student()
+    channels = feature_channels_from_plan(student, teacher)
+    assert channels == plan.keep["res.2"] and len(channels) == 16  # the teacher has 32 final channels
+    crit = FeatureDistillationLoss(teacher, student, channels, alpha=20.0)
+    g = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(4, 3, 32, 32, generator=g), torch.tensor([0, 1, 4, 2])
+    loss, parts = crit(student(x), x, labels)
+    # the criterion reads the features of the forward that produced the logits, once
+    with pytest.raises(upvit.UpvitError, match="did not pass through its classifier"):
+        crit(torch.zeros(4, 5), x, labels)
+    with torch.no_grad():
+        s, t = _pooled_features(student, x).numpy(), _pooled_features(teacher, x).numpy()
+        logits = student(x).numpy().astype(np.float64)
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    ce = -np.mean(logp[np.arange(4), labels.numpy()])
+    mse = np.mean((s - t[:, channels]) ** 2)  # mean over batch and channels
+    assert parts["ce"] == pytest.approx(ce, rel=1e-5) and parts["mse"] == pytest.approx(mse, rel=1e-5)
+    assert loss.item() == pytest.approx(ce + 20.0 * mse, rel=1e-5)
+    assert mse > 1e-3
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    crit.close()
+    crit._store.clear()
+    student(x)
+    assert "student" not in crit._store  # the hook is gone
+
+
+def test_feature_distillation_needs_a_plan_or_equal_widths():
+    from pvt_helpers import tiny_pvt
+    from upvit.distill import FeatureDistillationLoss, feature_channels_from_plan
+
+    teacher, student, _ = _pvt_teacher_and_student()
+    import copy
+
+    scratch = upvit.models.build_model(copy.deepcopy(student.upvit_config))
+    scratch.upvit_config.extra = {}
+    with pytest.raises(upvit.UpvitError, match="records no pruning plan"):
+        feature_channels_from_plan(scratch, teacher)
+    assert feature_channels_from_plan(tiny_pvt(seed=5), teacher) is None  # same widths: the same channels
+    with pytest.raises(upvit.UpvitError, match="distil from the model the student was pruned from"):
+        feature_channels_from_plan(student, tiny_pvt(embed_dims=[8, 16, 24], num_heads=[1, 2, 4]))
+    with pytest.raises(upvit.UpvitError, match="matches 3 teacher channels"):
+        FeatureDistillationLoss(teacher, student, [0, 1, 2])
+    with pytest.raises(upvit.UpvitError, match="use distill='logits'"):
+        FeatureDistillationLoss(teacher, tiny_vit(distilled=True))
+
+
+def test_finetune_with_feature_distillation(tmp_path):
+    from upvit.data import ImageTensorDataset
+    from upvit.train import TrainConfig
+
+    teacher, student, plan = _pvt_teacher_and_student()
+    rng = np.random.default_rng(0)
+    data = ImageTensorDataset(rng.integers(0, 256, size=(16, 3, 32, 32), dtype=np.uint8), rng.integers(0, 5, size=16),
+                              [0.5] * 3, [0.5] * 3, augment=True, seed=0)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0, ema_decay=0.9, amp="off")
+    record = upvit.finetune(student, teacher, data, cfg, str(tmp_path / "f"), alpha=20.0, distill="features")
+    assert record["train_mse"] > 0 and "train_kl" not in record
+    assert record["train_loss"] == pytest.approx(record["train_ce"] + 20.0 * record["train_mse"], rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    saved = upvit.load(str(tmp_path / "f")).upvit_config.extra["distillation"]
+    assert saved["criterion"] == "feature_distillation" and saved["channels"] == plan.keep["res.2"]
+    assert not student._forward_pre_hooks and not any(m._forward_pre_hooks for m in student.modules())  # closed
+    with pytest.raises(upvit.UpvitError, match="distill must be one of logits, features"):
+        upvit.finetune(student, teacher, data, cfg, str(tmp_path / "g"), distill="hidden")
+
+
+def test_cli_finetune_passes_the_distillation_kind(tmp_path, monkeypatch):
+    from pvt_helpers import tiny_pvt
+    from upvit.cli import main
+
+    model = tiny_pvt(img_size=28, in_chans=1, num_classes=10)
+    upvit.save(model, str(tmp_path / "m"))
+    seen = {}
+    monkeypatch.setattr(upvit.distill, "finetune", lambda *a, **k: seen.update(k) or {"epoch": 1})
+    args = ["finetune", str(tmp_path / "m"), "--teacher", str(tmp_path / "m"), "--data", "animal-mnist:train",
+            "--out", str(tmp_path / "o")]
+    assert main(args + ["--distill", "features", "--alpha", "20"]) == 0
+    assert seen["distill"] == "features" and seen["alpha"] == 20.0
+    assert main(args) == 0 and seen["distill"] == "logits"

@@ -22,6 +22,7 @@ _EXPORTS = {
     "fit": "upvit.train",
     "finetune": "upvit.distill",
     "DistillationLoss": "upvit.distill",
+    "FeatureDistillationLoss": "upvit.distill",
     "score": "upvit.importance.api",
     "Scores": "upvit.importance.scores",
     "get_adapter": "upvit.adapters",

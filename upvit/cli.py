@@ -207,7 +207,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     flush_warnings()
     record = _fit_or_explain(lambda: finetune(
         student, teacher, train_ds, cfg, args.out, alpha=args.alpha, temperature=args.temperature, val_data=val_ds,
-        resume=args.resume, teacher_name=args.teacher, extra_config={"command": " ".join(["upvit", *sys.argv[1:]])}),
+        resume=args.resume, teacher_name=args.teacher, extra_config={"command": " ".join(["upvit", *sys.argv[1:]])},
+        distill=args.distill),
         args.out)
     _report_unreadable(train_ds, val_ds)
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss")}))
@@ -222,7 +223,12 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
     p.add_argument("--epochs", type=positive_int, default=30, help="fine-tuning epochs")
-    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
+    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the distillation term (batch-mean KL, or the "
+                   "MSE with --distill features)")
+    p.add_argument("--distill", default="logits", choices=["logits", "features"],
+                   help="logits: KL(teacher || student) (default); features: --alpha x MSE on the pooled penultimate "
+                        "features, the teacher's read at the channels the student's plan kept (the paper's PVTv2 "
+                        "setting, alpha 20)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the KL term (x T^2)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")

@@ -11,6 +11,16 @@ averaged over the samples of the batch ("batchmean"), the CE averaged over the b
 factor (Hinton et al.) keeps the soft-target gradients at the same scale across temperatures; at
 the default T = 1 (the paper's setting) it is 1. Note the public UP-ViT code *summed* the KL over
 each GPU's batch of 32 images with alpha 0.2, i.e. a per-sample weight of 6.4 in this convention.
+
+Option ``distill="features"`` (:class:`FeatureDistillationLoss`; the paper reportedly distils PVTv2
+this way, with alpha 20): the penultimate features instead of the logits,
+
+    loss = CE(y, p) + alpha * mean over the batch and channels of (f_student - f_teacher[:, keep])^2
+
+where f is the pooled feature that enters the final linear classifier (:meth:`Adapter.classifier`).
+The pruned student's feature channel i *is* the teacher's residual channel ``keep[i]`` of the last
+stage (the plan recorded it, ``config.extra["plan"]``), so the teacher's features are read at those
+channels: no learned projection, nothing added to the student.
 """
 from __future__ import annotations
 
@@ -103,6 +113,127 @@ class DistillationLoss:
         return f"DistillationLoss(alpha={self.alpha}, temperature={self.temperature})"
 
 
+DISTILL_KINDS = ("logits", "features")
+
+
+def _classifier(model: nn.Module, role: str) -> nn.Linear:
+    from .adapters import get_adapter
+
+    try:
+        head = get_adapter(model).classifier()
+    except UpvitError:
+        head = None
+    if head is None:
+        raise UpvitError(f"feature distillation reads the input of the {role}'s final linear classifier, and this "
+                         f"{type(model).__name__} has none that upvit can find: use distill='logits'")
+    return head
+
+
+def feature_channels_from_plan(student: nn.Module, teacher: nn.Module) -> list[int] | None:
+    """The teacher's penultimate-feature channels that the student's features correspond to: the kept
+    channels of the plan's last residual site (recorded in ``student.upvit_config.extra["plan"]``).
+    None when the widths are equal and there is no plan (same channels)."""
+    from .plan import Plan
+
+    s_width = _classifier(student, "student").in_features
+    t_width = _classifier(teacher, "teacher").in_features
+    config = getattr(student, "upvit_config", None)
+    plan_dict = (config.extra if config is not None else {}).get("plan")
+    if plan_dict is None:
+        if s_width == t_width:
+            return None
+        raise UpvitError(f"the student's features have {s_width} channels and the teacher's {t_width}, and the student "
+                         "records no pruning plan saying which teacher channels it kept: prune it with upvit, or use "
+                         "distill='logits'")
+    plan = Plan.from_dict(plan_dict)
+    keep = plan.keep[plan.residual_sites()[-1]]
+    source = plan.source_topology()
+    src_width = source.residual(source.num_stages - 1).size if source is not None else t_width
+    if len(keep) != s_width or src_width != t_width or max(keep) >= t_width:
+        raise UpvitError(f"the student's plan keeps {len(keep)} of {src_width} final channels, but the student has "
+                         f"{s_width} and the teacher {t_width}: distil from the model the student was pruned from")
+    return list(keep)
+
+
+class FeatureDistillationLoss:
+    """CE on the labels plus ``alpha`` x MSE between the student's pooled penultimate features and
+    the teacher's at ``channels`` (all when None), in the criterion contract (module doc).
+
+    The student's features are captured by a forward pre-hook on its classifier during the training
+    loop's own forward (no second student forward); :meth:`close` removes it. The teacher runs frozen,
+    in eval mode, under ``torch.no_grad`` (bfloat16 autocast on CUDA as for :class:`DistillationLoss`).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, channels: list[int] | None = None,
+                 alpha: float = 20.0, amp: str = "auto") -> None:
+        if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
+            raise UpvitError("feature distillation needs the teacher and the student as torch modules")
+        if alpha < 0:
+            raise UpvitError(f"alpha must be non-negative, got {alpha}")
+        if amp not in ("auto", "off", "bf16"):
+            raise UpvitError("amp must be auto, off or bf16")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha, self.amp = float(alpha), amp
+        self._teacher_head = _classifier(teacher, "teacher")
+        s_width, t_width = _classifier(student, "student").in_features, self._teacher_head.in_features
+        self.channels = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
+        n = t_width if self.channels is None else len(self.channels)
+        if n != s_width or (self.channels is not None and (self.channels.min() < 0 or self.channels.max() >= t_width)):
+            raise UpvitError(f"feature distillation matches {n} teacher channels (of {t_width}) to the student's "
+                             f"{s_width}: give one teacher channel per student channel")
+        store: dict[str, torch.Tensor] = {}  # a closure, not a bound method: a deep copy of the student (EMA)
+        self._store = store  # shares it instead of copying this criterion and its teacher
+
+        def capture(module, inputs):
+            store["student"] = inputs[0]
+
+        self._handle = _classifier(student, "student").register_forward_pre_hook(capture)
+        self._teacher_id: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self._teacher_id is None:
+            self._teacher_id = model_fingerprint(self.teacher)
+        return {"criterion": "feature_distillation", "alpha": self.alpha, "features": "pooled input of the classifier",
+                "loss": "CE + alpha * MSE (mean over batch and channels)",
+                "channels": None if self.channels is None else self.channels.tolist(),
+                "teacher_fingerprint": self._teacher_id}
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's float32 penultimate features ``[B, D_teacher]``."""
+        first = next(self.teacher.parameters(), None)
+        if first is not None and first.device != images.device:
+            self.teacher.to(images.device)
+        self.teacher.eval()
+        got: list[torch.Tensor] = []
+        handle = self._teacher_head.register_forward_pre_hook(lambda module, inputs: got.append(inputs[0]))
+        use_bf16 = self.amp == "bf16" or (self.amp == "auto" and images.device.type == "cuda")
+        try:
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                self.teacher(images)
+        finally:
+            handle.remove()
+        return got[-1].float()
+
+    def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        student = self._store.pop("student", None)
+        if student is None or student.shape[0] != logits.shape[0]:
+            raise UpvitError("the student's forward did not pass through its classifier: feature distillation "
+                             "needs the student the criterion was built for")
+        teacher = self.teacher_features(images)
+        if self.channels is not None:
+            teacher = teacher.index_select(1, self.channels.to(teacher.device))
+        ce = F.cross_entropy(logits, labels)
+        mse = F.mse_loss(student.float(), teacher)
+        return ce + self.alpha * mse, {"ce": ce.item(), "mse": mse.item()}
+
+    def close(self) -> None:
+        self._handle.remove()
+
+    def __repr__(self) -> str:
+        return f"FeatureDistillationLoss(alpha={self.alpha})"
+
+
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a teacher whose classes or input size differ from the student's (one clear line)."""
     s_classes, t_classes = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
@@ -118,22 +249,36 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
 
 def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: str, alpha: float = 1.0,
              temperature: float = 1.0, val_data=None, resume: bool = False, device: torch.device | str | None = None,
-             teacher_name: str | None = None, extra_config: dict[str, Any] | None = None) -> dict[str, Any]:
+             teacher_name: str | None = None, extra_config: dict[str, Any] | None = None,
+             distill: str = "logits") -> dict[str, Any]:
     """Fine-tune ``student`` in place with distillation from ``teacher``; write ``out_dir``.
 
-    ``cfg`` is a :class:`upvit.train.TrainConfig`. The model directory written to ``out_dir`` records
-    the teacher (``teacher_name`` or its timm name, plus a weight fingerprint), alpha and the
-    temperature under ``config.extra["distillation"]``. Returns the last epoch's log record.
+    ``cfg`` is a :class:`upvit.train.TrainConfig`. ``distill``: "logits" (the KL above, the default)
+    or "features" (MSE on the pooled penultimate features, the teacher's read at the channels the
+    student's plan kept; ``temperature`` does not apply). The model directory written to ``out_dir``
+    records the teacher (``teacher_name`` or its timm name, plus a weight fingerprint) and the
+    criterion under ``config.extra["distillation"]``. Returns the last epoch's log record.
 
     >>> import upvit                                                     # doctest: +SKIP
     >>> record = upvit.finetune(pruned, teacher, train_ds, upvit.TrainConfig(epochs=10), "out/ft")  # doctest: +SKIP
+    >>> record = upvit.finetune(pruned, teacher, train_ds, cfg, "out/ft-f", alpha=20, distill="features")  # doctest: +SKIP
     """
     from .train import fit
 
+    if distill not in DISTILL_KINDS:
+        raise UpvitError(f"distill must be one of {', '.join(DISTILL_KINDS)}, got {distill!r}")
     check_teacher(student, teacher)
-    criterion = DistillationLoss(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp)
+    if distill == "features":
+        criterion: Any = FeatureDistillationLoss(teacher, student, feature_channels_from_plan(student, teacher),
+                                                 alpha=alpha, amp=cfg.amp)
+    else:
+        criterion = DistillationLoss(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp)
     t_cfg = getattr(teacher, "upvit_config", None)
     provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.timm_name if t_cfg else type(teacher).__name__)}
     extra = {**(extra_config or {}), "distillation": provenance}
-    return fit(student, train_data, cfg, out_dir, criterion=criterion, val_data=val_data, resume=resume,
-               device=device, extra_config=extra)
+    try:
+        return fit(student, train_data, cfg, out_dir, criterion=criterion, val_data=val_data, resume=resume,
+                   device=device, extra_config=extra)
+    finally:
+        if distill == "features":
+            criterion.close()

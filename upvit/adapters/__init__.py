@@ -17,6 +17,7 @@ from .base import Adapter, Masks, Stream, forward_from
 BUILTIN = (
     ("timm_vit", "upvit.adapters.timm_vit", "is_timm_vit", "TimmViTAdapter"),
     ("timm_swin", "upvit.adapters.timm_swin", "is_timm_swin", "TimmSwinAdapter"),
+    ("timm_pvt_v2", "upvit.adapters.timm_pvt", "is_timm_pvt", "TimmPVTv2Adapter"),
 )
 _REGISTERED: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Adapter]]] = []
 

@@ -258,6 +258,14 @@ class Adapter(ABC):
             raise UpvitError(f"the {self.family} model does not record its input size: give it explicitly")
         return torch.zeros(batch_size, *size, device=device)
 
+    def classifier(self) -> nn.Module | None:
+        """The final linear layer, whose input is the pooled penultimate feature (feature distillation
+        reads it there). This default uses timm's ``get_classifier()``; None where the model has no
+        single linear classifier (e.g. a distilled DeiT's two heads)."""
+        get = getattr(self.model, "get_classifier", None)
+        head = get() if callable(get) else None
+        return head if isinstance(head, nn.Linear) else None
+
     @contextlib.contextmanager
     def explicit_attention(self) -> Iterator[None]:
         """Run attention as explicit matmuls (so a FLOP counter sees them); no-op by default."""

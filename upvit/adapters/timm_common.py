@@ -75,12 +75,20 @@ def exact_ratio(hidden: int, dim: int) -> float:
     return ratio
 
 
-def rebuild_from_state(model: nn.Module, base_name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+SKIP_INIT = {"weight_init": "skip"}
+
+
+def rebuild_from_state(model: nn.Module, base_name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor],
+                       init_kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``timm.create_model(base_name, **kwargs)`` built on the meta device, then the sliced ``state``
-    assigned strictly; the attention backend choice (fused or not) and train/eval mode are kept."""
+    assigned strictly; the attention backend choice (fused or not) and train/eval mode are kept.
+    ``init_kwargs`` (default ``weight_init='skip'``) are passed to the constructor only for building:
+    families whose constructor has no ``weight_init`` (PVTv2) pass ``{}`` (on the meta device their
+    initialisation costs nothing anyway)."""
     from ..models import create_timm_model
 
-    new = create_timm_model(base_name, {**kwargs, "device": "meta", "weight_init": "skip"})
+    init = SKIP_INIT if init_kwargs is None else init_kwargs
+    new = create_timm_model(base_name, {**kwargs, "device": "meta", **init})
     expected = new.state_dict()
     if set(expected) != set(state):
         missing = sorted(set(expected) ^ set(state))
@@ -184,11 +192,14 @@ def _candidate_signature(name: str, passed_json: str) -> tuple | None:
     from ..models import create_timm_model
 
     if (name, passed_json) not in _SIGNATURES:
-        try:
-            cand = create_timm_model(name, {**json.loads(passed_json), "device": "meta", "weight_init": "skip"})
+        _SIGNATURES[name, passed_json] = None  # an unknown or incompatible candidate is simply not equivalent
+        for init in (SKIP_INIT, {}):  # not every timm family takes weight_init (PVTv2 does not)
+            try:
+                cand = create_timm_model(name, {**json.loads(passed_json), "device": "meta", **init})
+            except Exception:
+                continue
             _SIGNATURES[name, passed_json] = _signature(cand)
-        except Exception:  # an unknown or incompatible candidate is simply not equivalent
-            _SIGNATURES[name, passed_json] = None
+            break
     return _SIGNATURES[name, passed_json]
 
 

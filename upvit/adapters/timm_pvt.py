@@ -1,0 +1,380 @@
+"""Adapter for timm ``PyramidVisionTransformerV2`` (PVTv2, B0-B5 and the linear-SR ``_li`` variant).
+
+Topology: one residual site per stage (``res.{s}``, the widths ``embed_dims``), and per block
+(numbered over all stages) ``attn.{b}`` and ``ffn.{b}``. The stream between units is ``[B, N, C]``
+tokens with ``info["feat_size"] = (H, W)`` (timm's own block input). The stage transition into stage
+s > 0 (stage s-1's final norm, reshape to NCHW, the strided overlapping conv patch embedding
+``downsample.proj`` and its LayerNorm) is the first thing the first unit of stage s runs; ``end``
+applies the last stage's norm, the mean over the map and the head.
+
+Masks (hooks on timm's modules, only inside :meth:`TimmPVTv2Adapter.masking`):
+
+* ``res.{s}``: residual channel c of stage s disappears from the whole stage: the output channel of
+  the conv patch embedding (``patch_embed`` for stage 0, ``stages[s].downsample`` otherwise) and its
+  LayerNorm, every block's norm1/norm2, the input columns of ``q`` and ``kv`` and the sr conv's
+  input channel, the output rows of ``proj`` and ``fc2``, the stage's final norm, and the next
+  stage's patch-embedding input channel (or the head's input column). Every LayerNorm of the stage
+  is renormalised over the kept channels. **The sr conv's output channels** (and the LayerNorm after
+  it, and the ``kv`` input columns it feeds) have the stage width by timm's constructor
+  (``Conv2d(dim, dim)``); upvit ties them to the stage's residual index: removing residual channel
+  c also removes sr output channel c and renormalises that LayerNorm over the kept channels. Where
+  ``sr_ratio == 1``, ``kv`` reads the residual stream directly.
+* ``attn.{b}``: dim d of q (``q`` row d) and of k and v (``kv`` rows d and A + d) is zeroed, which
+  removes ``proj`` input column d; the scale stays ``head_dim ** -0.5`` of the original model.
+* ``ffn.{b}``: unit j is fc1 row j, depthwise-conv channel j and fc2 column j together
+  (docs/method.md section 6: the depthwise conv belongs to component 3); since the conv is
+  depthwise, this equals zeroing unit j after the activation.
+
+Surgery rebuilds through ``timm.create_model(name, embed_dims=[...], num_heads=[...],
+mlp_ratios=[...])``: widths, heads and FFN ratios are free per stage. timm 1.0.31's ``Attention`` has
+no ``head_dim`` argument (``q: Linear(dim, dim)``, output reshaped to ``[B, N, dim]``), so a stage's
+attention width equals its residual width (:class:`~upvit.topology.Rules` ``attn_tied_to_residual``):
+how many attention dims a block keeps follows the kept residual width, while *which* dims are kept is
+still chosen by their own scores. Where the kept per-head dim differs from the original, the ratio
+``sqrt(new_head_dim / old_head_dim)`` is folded into ``q`` (fused and explicit attention then agree
+with the masked original). timm's ``pvt_v2_b0`` is ``pvt_v2_b1`` at half width with the same heads:
+B1 pruned to ``embed_dims (32, 64, 160, 256)`` and FFN widths ``(256, 512, 640, 1024)`` reports
+``timm_equivalent == "pvt_v2_b0"``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..errors import UpvitError
+from ..topology import Rules, Topology
+from .base import Adapter, Masks, Stream, broadcast_mask, masked_layer_norm
+from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
+                          new_config, rebuild_from_state, vector_rule)
+
+EQUIVALENT_CANDIDATES = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
+FAMILY = "timm PyramidVisionTransformerV2"
+
+
+def _pvt_classes():
+    from .._compat import import_timm
+
+    import_timm()
+    from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed,
+                                    PyramidVisionTransformerV2)
+
+    return PyramidVisionTransformerV2, Block, Attention, MlpWithDepthwiseConv, OverlapPatchEmbed
+
+
+def is_timm_pvt(model: nn.Module) -> bool:
+    try:
+        PVT = _pvt_classes()[0]
+    except ImportError:
+        return False
+    return type(model) is PVT
+
+
+def _conv_rule(rules: dict, prefix: str, conv: nn.Conv2d, out_idx: torch.Tensor | None,
+               in_idx: torch.Tensor | None) -> None:
+    """Output channels ``out_idx`` and input channels ``in_idx`` of a conv (None keeps that axis)."""
+    rules[f"{prefix}.weight"] = [(d, i) for d, i in ((0, out_idx), (1, in_idx)) if i is not None]
+    if conv.bias is not None:
+        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
+
+
+class TimmPVTv2Adapter(Adapter):
+    family = "timm_pvt_v2"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        _, Block, Attention, Mlp, PatchEmbed = _pvt_classes()
+        problems = []
+        if model.global_pool != "avg" or not isinstance(model.head, nn.Linear):
+            problems.append("no average-pooled linear classifier head (num_classes=0 or global_pool='')")
+        if type(model.patch_embed) is not PatchEmbed or not isinstance(model.patch_embed.norm, nn.LayerNorm):
+            problems.append("a patch embedding that is not OverlapPatchEmbed with LayerNorm")
+        for s, stage in enumerate(model.stages):
+            if (s == 0) != (stage.downsample is None) or (
+                    s > 0 and (type(stage.downsample) is not PatchEmbed or not isinstance(stage.downsample.norm, nn.LayerNorm))):
+                problems.append(f"stage {s} downsampling is {type(stage.downsample).__name__}")
+            if not isinstance(stage.norm, nn.LayerNorm):
+                problems.append(f"stage {s} final norm is not LayerNorm")
+            for blk in stage.blocks:
+                if type(blk) is not Block or type(blk.attn) is not Attention or type(blk.mlp) is not Mlp:
+                    problems.append(f"stage {s} has a {type(blk).__name__} block")
+                elif not isinstance(blk.norm1, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm) or (
+                        blk.attn.norm is not None and not isinstance(blk.attn.norm, nn.LayerNorm)):
+                    problems.append(f"stage {s} norms are not LayerNorm")
+        if problems:
+            raise UpvitError(f"this {FAMILY} variant is not supported yet: " + "; ".join(problems[:3]))
+        self._where: list[tuple[int, int]] = [(s, i) for s, stage in enumerate(model.stages)
+                                              for i in range(len(stage.blocks))]
+
+    # ---------------------------------------------------------------- structure
+    def build_topology(self) -> Topology:
+        m = self.model
+        widths = [stage.norm.normalized_shape[0] for stage in m.stages]
+        blocks = [self.block(b) for b in range(len(self._where))]
+        rules = Rules(FAMILY, attn_tied_to_residual=True, notes=(
+            "timm 1.0.31 has no head_dim argument: a stage's attention width equals its residual width, so the "
+            "count of kept attention dims follows the residual width (which dims are kept is chosen by their scores)",
+            "sr conv output channels (and their LayerNorm, and kv's input columns) follow the stage's residual channels",
+        ))
+        return Topology.staged(self.family, widths, [len(stage.blocks) for stage in m.stages],
+                               [b.attn.num_heads for b in blocks], [b.attn.q.out_features for b in blocks],
+                               [b.mlp.fc1.out_features for b in blocks], rules)
+
+    def block(self, b: int) -> nn.Module:
+        s, i = self._where[b]
+        return self.model.stages[s].blocks[i]
+
+    def input_size(self) -> tuple[int, ...] | None:
+        """The recorded input size; else timm's default resolution (PVTv2 runs at any size)."""
+        size = super().input_size()
+        if size is not None:
+            return size
+        default = (getattr(self.model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        return (self.model.patch_embed.proj.in_channels, *default[1:])
+
+    def explicit_attention(self):
+        return explicit_attention(self.model)
+
+    # ---------------------------------------------------------------- weights per channel (magnitude baseline)
+    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
+        """``(tensor, dim)`` pairs: index i along ``dim`` of each tensor is a weight carried by channel i.
+
+        ``attn.b``: q row d (+ bias), k and v rows d (+ biases), proj column d. ``ffn.b``: fc1 row j
+        (+ bias), depthwise-conv channel j (+ bias), fc2 column j. ``res.s``: the conv patch embedding's
+        output channel and its LayerNorm, every block's norms, q/kv input columns, proj/fc2 output rows,
+        the sr conv's input and output channel with its bias and LayerNorm, the stage norm, and the next
+        stage's patch-embedding input channel (or the head's column)."""
+        m = self.model
+        site = self.topology().site(site_key)
+        out: list[tuple[torch.Tensor, int]] = []
+
+        def add(t, dim):
+            if isinstance(t, torch.Tensor):
+                out.append((t.detach(), dim))
+
+        def add_norm(norm):
+            if norm is not None:
+                add(norm.weight, 0)
+                add(norm.bias, 0)
+
+        if site.kind == "attn":
+            attn = self.block(site.block).attn
+            add(attn.q.weight, 0)
+            add(attn.q.bias, 0)
+            add(attn.kv.weight.view(2, site.size, -1), 1)
+            if attn.kv.bias is not None:
+                add(attn.kv.bias.view(2, site.size), 1)
+            add(attn.proj.weight, 1)
+        elif site.kind == "ffn":
+            mlp = self.block(site.block).mlp
+            add(mlp.fc1.weight, 0)
+            add(mlp.fc1.bias, 0)
+            add(mlp.dwconv.weight, 0)
+            add(mlp.dwconv.bias, 0)
+            add(mlp.fc2.weight, 1)
+        else:
+            s = site.stage
+            stage = m.stages[s]
+            embed = m.patch_embed if s == 0 else stage.downsample
+            add(embed.proj.weight, 0)
+            add(embed.proj.bias, 0)
+            add_norm(embed.norm)
+            for blk in stage.blocks:
+                add_norm(blk.norm1)
+                add_norm(blk.norm2)
+                attn = blk.attn
+                add(attn.q.weight, 1)
+                add(attn.kv.weight, 1)
+                add(attn.proj.weight, 0)
+                add(attn.proj.bias, 0)
+                if attn.sr is not None:
+                    add(attn.sr.weight, 0)
+                    add(attn.sr.weight, 1)
+                    add(attn.sr.bias, 0)
+                    add_norm(attn.norm)
+                add(blk.mlp.fc1.weight, 1)
+                add(blk.mlp.fc2.weight, 0)
+                add(blk.mlp.fc2.bias, 0)
+            add_norm(stage.norm)
+            if s + 1 < len(m.stages):
+                add(m.stages[s + 1].downsample.proj.weight, 1)
+            else:
+                add(m.head.weight, 1)
+        return out
+
+    # ---------------------------------------------------------------- masking
+    @contextlib.contextmanager
+    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
+        handles = []
+        try:
+            if masks or skip:
+                handles = self._install(masks or Masks(), skip)
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _install(self, masks: Masks, skip: frozenset[str]) -> list:
+        m = self.model
+        topo = self.topology()
+        for key in masks.by_site:
+            topo.site(key)
+        for key in skip:
+            topo.unit_index(key)
+        handles = []
+
+        def scale_output(mask):
+            return lambda module, inputs, out: out * broadcast_mask(mask, out)
+
+        def renormalise(mask):
+            return lambda mod, inputs, out: masked_layer_norm(inputs[0], mask, mod.weight, mod.bias, mod.eps)
+
+        def zero_output(module, inputs, out):
+            return torch.zeros_like(out)
+
+        for s, stage in enumerate(m.stages):
+            res = masks.get(f"res.{s}")
+            if res is None:
+                continue
+            # the conv patch embedding's removed output channel: its LayerNorm renormalised, output 0 there
+            # (the next conv then sees a zero input channel, which is the sliced conv's input)
+            embed = m.patch_embed if s == 0 else stage.downsample
+            handles.append(embed.norm.register_forward_hook(renormalise(res)))
+            for blk in stage.blocks:
+                norms = [blk.norm1, blk.norm2] + ([blk.attn.norm] if blk.attn.norm is not None else [])
+                for mod in norms:  # attn.norm: the sr conv's output channels follow the residual index
+                    handles.append(mod.register_forward_hook(renormalise(res)))
+                for mod in (blk.drop_path1, blk.drop_path2):
+                    handles.append(mod.register_forward_hook(scale_output(res)))
+            handles.append(stage.norm.register_forward_hook(renormalise(res)))
+        for b, (s, i) in enumerate(self._where):
+            blk = m.stages[s].blocks[i]
+            attn_mask = masks.get(f"attn.{b}")
+            if attn_mask is not None:
+                handles.append(blk.attn.q.register_forward_hook(scale_output(attn_mask)))
+                handles.append(blk.attn.kv.register_forward_hook(scale_output(torch.cat([attn_mask, attn_mask], -1))))
+            ffn_mask = masks.get(f"ffn.{b}")
+            if ffn_mask is not None:
+                handles.append(blk.mlp.act.register_forward_hook(scale_output(ffn_mask)))
+            if f"attn.{b}" in skip:
+                handles.append(blk.drop_path1.register_forward_hook(zero_output))
+            if f"ffn.{b}" in skip:
+                handles.append(blk.drop_path2.register_forward_hook(zero_output))
+        return handles
+
+    # ---------------------------------------------------------------- unit-by-unit forward (timm's stage split per branch)
+    def begin(self, inputs: torch.Tensor) -> Stream:
+        x = self.model.patch_embed(inputs)  # [B, H, W, C]
+        B, H, W, C = x.shape
+        return Stream(x.reshape(B, -1, C), info={"feat_size": (H, W)})
+
+    def _to_map(self, stage: nn.Module, x: torch.Tensor, feat_size: tuple[int, int]) -> torch.Tensor:
+        """A stage's final norm and the NCHW map timm's stage returns."""
+        x = stage.norm(x)
+        return x.reshape(x.shape[0], feat_size[0], feat_size[1], -1).permute(0, 3, 1, 2).contiguous()
+
+    def run(self, unit: str, stream: Stream) -> Stream:
+        kind, _, b = unit.partition(".")
+        s, i = self._where[int(b)]
+        stage = self.model.stages[s]
+        blk = stage.blocks[i]
+        x, info = stream.x, stream.info
+        if kind == "attn":
+            if i == 0 and s > 0:  # the stage transition starts the stage's first unit
+                x = stage.downsample(self._to_map(self.model.stages[s - 1], x, info["feat_size"]))
+                B, H, W, C = x.shape
+                x, info = x.reshape(B, -1, C), {**info, "feat_size": (H, W)}
+            return Stream(x + blk.drop_path1(blk.attn(blk.norm1(x), info["feat_size"])), stream.batch, info)
+        return stream.replace(x + blk.drop_path2(blk.mlp(blk.norm2(x), info["feat_size"])))
+
+    def end(self, stream: Stream) -> torch.Tensor:
+        m = self.model
+        return m.forward_head(self._to_map(m.stages[-1], stream.x, stream.info["feat_size"])).unsqueeze(1)
+
+    # ---------------------------------------------------------------- fast path
+    def ffn_rank1(self, unit: str, stream: Stream) -> tuple[Stream, torch.Tensor, torch.Tensor] | None:
+        """Removing unit j subtracts ``acts[..., j] * fc2.weight[:, j]``: the depthwise conv keeps
+        channel j on its own, so everything of unit j before fc2 is in ``acts[..., j]``."""
+        if self.model.training:
+            return None
+        blk = self.block(int(unit.split(".")[1]))
+        mlp, x = blk.mlp, stream.x
+        H, W = stream.info["feat_size"]
+        h = mlp.fc1(blk.norm2(x))
+        B, N, C = h.shape
+        h = mlp.dwconv(mlp.relu(h.transpose(1, 2).view(B, C, H, W)))
+        acts = mlp.drop(mlp.act(h.flatten(2).transpose(1, 2)))
+        out = x + blk.drop_path2(mlp.drop(mlp.fc2(acts)))
+        return stream.replace(out), acts, mlp.fc2.weight.t()
+
+    # ================================================================ surgery
+    def check_plan(self, plan) -> None:
+        """The family's rules, with the attention-width tie stated for PVTv2 first."""
+        topo = self.topology()
+        for site in topo.sites_of("attn"):
+            if site.key not in plan.keep or f"res.{site.stage}" not in plan.keep:
+                continue
+            a, r = len(plan.keep[site.key]), len(plan.keep[f"res.{site.stage}"])
+            if a != r:
+                raise UpvitError(f"{FAMILY} (timm 1.0.31, no head_dim argument) makes a stage's attention width its "
+                                 f"residual width, so the count of kept attention dims follows the residual width: "
+                                 f"plan keeps {a} dims of {site.key} but {r} channels of res.{site.stage}; keep {r} "
+                                 "(which dims is still chosen by their own scores)")
+        super().check_plan(plan)
+
+    def rebuild(self, plan):
+        """A new timm PyramidVisionTransformerV2 at the plan's shape (see the module doc), weights sliced."""
+        topo = self.topology()
+        if plan.units is not None and len(plan.units) != len(topo.units):
+            raise UpvitError(f"{FAMILY} is rebuilt with all its blocks here: remove blocks with upvit.prune_depth, "
+                             "whose plans keep whole blocks")
+        self.check_plan(plan)
+        m = self.model
+        base = base_config(m, {"in_chans": m.patch_embed.proj.in_channels, "num_classes": m.num_classes})
+        firsts = [topo.blocks_of(s)[0] for s in range(topo.num_stages)]
+        widths = [len(plan.keep[f"res.{s}"]) for s in range(topo.num_stages)]
+        heads = [plan.heads_of(f"attn.{b}") for b in firsts]
+        ratios = [exact_ratio(len(plan.keep[f"ffn.{b}"]), w) for b, w in zip(firsts, widths)]
+        kwargs = {**base.timm_kwargs, "embed_dims": widths, "num_heads": heads, "mlp_ratios": ratios}
+        new = rebuild_from_state(m, base.timm_name, kwargs, self._slice(plan), init_kwargs={})
+        return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
+
+    def _slice(self, plan) -> dict[str, torch.Tensor]:
+        m = self.model
+        dev = next(m.parameters()).device
+        idx = lambda key: torch.tensor(plan.keep[key], dtype=torch.long, device=dev)  # noqa: E731
+        rules: dict = {}
+        E = [idx(f"res.{s}") for s in range(len(m.stages))]
+        _conv_rule(rules, "patch_embed.proj", m.patch_embed.proj, E[0], None)
+        vector_rule(rules, "patch_embed.norm", m.patch_embed.norm, E[0])
+        for s, stage in enumerate(m.stages):
+            if s > 0:  # input channels: the previous stage's residual channels
+                _conv_rule(rules, f"stages.{s}.downsample.proj", stage.downsample.proj, E[s], E[s - 1])
+                vector_rule(rules, f"stages.{s}.downsample.norm", stage.downsample.norm, E[s])
+            vector_rule(rules, f"stages.{s}.norm", stage.norm, E[s])
+        scales = {}
+        for b, (s, i) in enumerate(self._where):
+            blk, p = m.stages[s].blocks[i], f"stages.{s}.blocks.{i}"
+            attn, mlp = blk.attn, blk.mlp
+            a_src = attn.q.out_features
+            A, F = idx(f"attn.{b}"), idx(f"ffn.{b}")
+            vector_rule(rules, f"{p}.norm1", blk.norm1, E[s])
+            vector_rule(rules, f"{p}.norm2", blk.norm2, E[s])
+            linear_rule(rules, f"{p}.attn.q", attn.q, A, E[s])
+            linear_rule(rules, f"{p}.attn.kv", attn.kv, torch.cat([A, A + a_src]), E[s])
+            linear_rule(rules, f"{p}.attn.proj", attn.proj, E[s], A)
+            if attn.sr is not None:  # output channels tied to the residual index (module doc)
+                _conv_rule(rules, f"{p}.attn.sr", attn.sr, E[s], E[s])
+                vector_rule(rules, f"{p}.attn.norm", attn.norm, E[s])
+            linear_rule(rules, f"{p}.mlp.fc1", mlp.fc1, F, E[s])
+            _conv_rule(rules, f"{p}.mlp.dwconv", mlp.dwconv, F, None)
+            linear_rule(rules, f"{p}.mlp.fc2", mlp.fc2, E[s], F)
+            old_hd, new_hd = a_src // attn.num_heads, plan.head_dim_of(f"attn.{b}")
+            if old_hd != new_hd:
+                scales[f"{p}.attn.q"] = (len(A), (new_hd / old_hd) ** 0.5)
+        linear_rule(rules, "head", m.head, None, E[-1])
+        state = apply_rules(m, rules)
+        for prefix, (rows, factor) in scales.items():
+            fold_q_scale(state, prefix, rows, factor)
+        return state
