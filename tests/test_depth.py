@@ -431,11 +431,12 @@ def test_depth_cli_end_to_end_and_resume(mnist_model, tmp_path, capsys):
     with open(out / "run.json") as f:
         run = json.load(f)
     assert run["meta"]["proxy"]["num_images"] == 8 and run["settings"]["train_config"]["epochs"] == 2
-    # a finished run resumes to the same model without redoing anything
+    # a finished run resumes to the same model and log without redoing anything
     assert main(_depth_args(mnist_model, out, "--resume")) == 0
     capsys.readouterr()
     again = load_tensors(str(out / "model.safetensors"))[0]
     assert all(torch.equal(v, final.state_dict()[k]) for k, v in again.items())
+    assert _log(out) == log
 
 
 @pytest.mark.parametrize("change,match", [

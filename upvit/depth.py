@@ -427,6 +427,7 @@ def prune_depth(
         _write_log(out_dir, records, settings)
         event("step", k)
 
+    _write_log(out_dir, records, settings)  # also when every step had finished before a resume
     config = copy.deepcopy(current.upvit_config)
     config.extra["depth"] = {"criterion": criterion, "remove": remove, "steps": steps,
                              "removed": [[row["origin"] for row in r["removed"]] for r in records[1:]],
