@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 
@@ -40,7 +41,7 @@ from upvit.adapters import get_adapter
 from upvit.bench import count_macs, count_params, throughput
 from upvit.data import load_data, sample_proxy
 from upvit.demo import SharedTeacher, machine_description
-from upvit.depth import candidates, describe_removed, remove_units, score_candidates
+from upvit.depth import candidates, describe_removed, remove_units, score_candidates, select
 from upvit.evaluation import evaluate
 from upvit.importance.api import proxy_tensor
 from upvit.importance.units import unit_scores
@@ -59,6 +60,22 @@ METHODS = {  # name: (criterion, steps, candidate kinds)
 ABLATION = ("kl-progressive-blocks", ("kl", 2, ("block",)))
 
 
+def wait_for_other_process(name: str) -> None:
+    """Wait while another process started with ``--only name`` works on that method's run."""
+    lock = os.path.join(RUNS, name + ".lock")
+    while os.path.exists(lock):
+        with open(lock) as f:
+            pid = int(f.read().strip() or 0)
+        if pid == os.getpid():
+            return
+        try:
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return  # a stale lock: that process is gone
+        print(f"   waiting for process {pid} ({name})", flush=True)
+        time.sleep(60)
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = torch.tensor(a).argsort().argsort().double(), torch.tensor(b).argsort().argsort().double()
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -71,6 +88,8 @@ def main() -> None:
     ap.add_argument("--proxy-size", type=int, default=128)
     ap.add_argument("--reading", help="a Markdown file with the hand-written reading to attach to the results")
     ap.add_argument("--smoke", action="store_true", help="2 training batches per epoch, 200 val images, to /tmp")
+    ap.add_argument("--only", help="run only this method's fine-tuning (a second process on a shared machine; the "
+                    "main run waits for it and picks up its result)")
     args = ap.parse_args()
     global RUNS, RESULT
     if args.smoke:
@@ -121,10 +140,53 @@ def main() -> None:
                           "kl": float(v), "sum_of_single_kl": float(kl[cands.index(a)] + kl[cands.index(b)])}
                          for (a, b), v in zip(pairs, joint)), key=lambda r: r["kl"])
 
+    done: list[dict] = []
+    previous_reuse: dict[str, str] = {}
+    reuse_path = os.path.join(RUNS, "reuse.json")
+    if os.path.exists(reuse_path):
+        with open(reuse_path) as f:
+            previous_reuse = json.load(f)
+
+    def first_removal(criterion: str, steps: int, kinds: tuple[str, ...]) -> list[str]:
+        """What the driver's first step will remove (the same functions on the same teacher and proxy)."""
+        cands = candidates(teacher, 1, kinds)
+        chosen = select(teacher, cands, score_candidates(teacher, proxy, cands, criterion), 2 // steps)
+        return sorted(u for c in chosen for u in c.units)
+
+    def reuse_first_step(name: str, criterion: str, steps: int, kinds: tuple[str, ...]) -> str | None:
+        """Identical fine-tuning runs are computed once: when an earlier method with the same number of
+        steps removed the same units in its first step, the student and the whole fine-tuning run of that
+        step are the same (same teacher, data, seed and settings), so its finished fine-tuning files seed
+        this method's step 1 (the driver still scores and selects by itself; checked afterwards)."""
+        out = os.path.join(RUNS, name)
+        if os.path.isfile(os.path.join(out, "run.json")):
+            return None
+        want = first_removal(criterion, steps, kinds)
+        for r in done:
+            src = os.path.join(RUNS, r["method"], "step-1")
+            if r["steps"] != steps or not os.path.isfile(os.path.join(src, "step.json")):
+                continue
+            with open(os.path.join(src, "step.json")) as f:
+                got = sorted(u for row in json.load(f)["removed"] for u in row["units"])
+            if got == want:
+                os.makedirs(os.path.join(out, "step-1"), exist_ok=True)
+                for file in ("checkpoint.pt", "model.safetensors", "config.json", "log.jsonl"):
+                    shutil.copy2(os.path.join(src, file), os.path.join(out, "step-1", file))
+                return r["method"]
+        return None
+
     def run(name: str, criterion: str, steps: int, kinds: tuple[str, ...]) -> dict:
         out = os.path.join(RUNS, name)
+        wait_for_other_process(name)
+        reused = reuse_first_step(name, criterion, steps, kinds)
+        if reused:  # remembered across interruptions of this script
+            previous_reuse[name] = reused
+            with open(reuse_path, "w") as f:
+                json.dump(previous_reuse, f)
+        reused = reused or (previous_reuse.get(name) if os.path.isfile(os.path.join(out, "run.json")) else None)
         resume = os.path.isfile(os.path.join(out, "run.json"))
-        print(f"== {name} ({'resuming' if resume else 'starting'})", flush=True)
+        print(f"== {name} ({'resuming' if resume else 'starting'}"
+              f"{f', step 1 fine-tuning shared with {reused}' if reused else ''})", flush=True)
         t0 = time.time()
         final = upvit.prune_depth(upvit.load(TEACHER), shared, train, proxy, remove=2, steps=steps, train_config=cfg,
                                   out_dir=out, criterion=criterion, kinds=kinds, val_data=val, resume=resume,
@@ -132,19 +194,27 @@ def main() -> None:
         with open(os.path.join(out, "log.jsonl")) as f:
             log = [json.loads(line) for line in f]
         removed = [u for r in log[1:] for row in r["removed"] for u in row["origin"]]
+        if reused:  # the seeded step must be the one the driver chose
+            src = next(r for r in done if r["method"] == reused)["log"][1]["removed"]
+            assert sorted(u for row in log[1]["removed"] for u in row["units"]) == sorted(
+                u for row in src for u in row["units"]), f"{name}: step 1 differs from {reused}'s"
         zero_shot = evaluate(remove_units(upvit.load(TEACHER), removed), val, device="cpu")["top1"]
-        return {"method": name, "criterion": criterion, "steps": steps, "kinds": list(kinds), "log": log,
-                "removed_original_units": removed, "zero_shot_top1": zero_shot,
-                "picked": [describe_removed(r["removed"]) for r in log[1:]],
-                "hybrids_picked": sum(row["kind"] == "hybrid" for r in log[1:] for row in r["removed"]),
-                "top1": log[-1]["top1"], "params": count_params(final), "macs": count_macs(final),
-                "wall_seconds_this_call": round(time.time() - t0, 1), "final": final}
+        result = {"method": name, "criterion": criterion, "steps": steps, "kinds": list(kinds), "log": log,
+                  "step1_finetuning_shared_with": reused,
+                  "removed_original_units": removed, "zero_shot_top1": zero_shot,
+                  "picked": [describe_removed(r["removed"]) for r in log[1:]],
+                  "hybrids_picked": sum(row["kind"] == "hybrid" for r in log[1:] for row in r["removed"]),
+                  "top1": log[-1]["top1"], "params": count_params(final), "macs": count_macs(final),
+                  "wall_seconds_this_call": round(time.time() - t0, 1), "final": final}
+        done.append(result)
+        return result
 
     def run_fixed(name: str, removed: list[str], label: str) -> dict:
         """A removal chosen outside the driver (the least joint KL), fine-tuned with the same budget."""
         from upvit.distill import finetune
 
         out = os.path.join(RUNS, name)
+        wait_for_other_process(name)
         print(f"== {name}", flush=True)
         t0 = time.time()
         student = remove_units(upvit.load(TEACHER), removed)
@@ -160,6 +230,23 @@ def main() -> None:
                 "log": [{}, step], "removed_original_units": removed, "zero_shot_top1": before, "picked": [label],
                 "hybrids_picked": label.count("hybrid"), "top1": top1, "params": count_params(final),
                 "macs": count_macs(final), "wall_seconds_this_call": round(time.time() - t0, 1), "final": final}
+
+    if args.only:  # a second process: one method, no report
+        lock = os.path.join(RUNS, args.only + ".lock")
+        os.makedirs(RUNS, exist_ok=True)
+        with open(lock, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            if args.only == ABLATION[0]:
+                run("kl-progressive", *METHODS["kl-progressive"])  # (finished) so that step 1 can be shared
+                run(ABLATION[0], *ABLATION[1])
+            elif args.only == "kl-oneshot-joint":
+                run_fixed("kl-oneshot-joint", joint_rows[0]["units"], joint_rows[0]["removed"])
+            else:
+                run(args.only, *METHODS[args.only])
+        finally:
+            os.unlink(lock)
+        return
 
     results = [run(name, *spec) for name, spec in METHODS.items()]
     if any(r["hybrids_picked"] for r in results if r["criterion"] == "kl"):
@@ -223,6 +310,12 @@ def markdown(rep: dict) -> str:
         lines.append(f"| {r['method']} | {'; '.join(r['picked'])} | {r['hybrids_picked']} | {r['params'] / 1e6:.3f} | "
                      f"{r['macs'] / 1e6:.1f} | {r['images_per_second']:.0f} | {r['zero_shot_top1']:.2f} | "
                      f"{r['top1']:.2f} |")
+    shared = [f"{r['method']} (with {r['step1_finetuning_shared_with']})" for r in rep["results"]
+              if r.get("step1_finetuning_shared_with")]
+    if shared:
+        lines += ["", "Identical fine-tuning runs were computed once: the first step of " + ", ".join(shared) +
+                  " removed the same units from the teacher, so its student and fine-tuning run (same data order, "
+                  "seed and settings) are the same; each method still scored and selected by itself."]
     lines += ["", "Zero-shot: the method's final removal applied to the teacher, no fine-tuning. Per step "
               "(top-1 right after the removal, then after that step's fine-tuning):", "",
               "| method | step | removed | depth | top-1 after removal | top-1 after FT | seconds |",

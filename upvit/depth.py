@@ -366,6 +366,7 @@ def prune_depth(
             records.append(record)
             origin = record["origin_units"]
             current = io.load(step_dir).to(device)
+            _write_log(out_dir, records, settings)
             continue
         t0 = time.time()
         os.makedirs(step_dir, exist_ok=True)
@@ -427,7 +428,6 @@ def prune_depth(
         _write_log(out_dir, records, settings)
         event("step", k)
 
-    _write_log(out_dir, records, settings)  # also when every step had finished before a resume
     config = copy.deepcopy(current.upvit_config)
     config.extra["depth"] = {"criterion": criterion, "remove": remove, "steps": steps,
                              "removed": [[row["origin"] for row in r["removed"]] for r in records[1:]],
