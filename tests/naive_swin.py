@@ -90,7 +90,9 @@ def _unwindows(w, wh, ww, B, H, W):
     return w.view(B, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
 
 
-def functional_swin(model, p, heads, images):
+def functional_swin(model, p, heads, images, skip=frozenset()):
+    """Logits of the (sliced) Swin; the sub-layers named in ``skip`` (``attn.b``, ``ffn.b``) add nothing
+    (a stage transition before a skipped attention still runs)."""
     eps = model.norm.eps
     x = images.to(p["norm.weight"].dtype)
     patch = model.patch_embed.patch_size
@@ -136,10 +138,12 @@ def functional_swin(model, p, heads, images):
         y = _unwindows(o, wh, ww, B, Hp, Wp)[:, :H, :W]
         if sh or sw:
             y = torch.roll(y, shifts=(sh, sw), dims=(1, 2))
-        x = x + y
+        if f"attn.{b}" not in skip:
+            x = x + y
         y = F.layer_norm(x, (C,), p[pre + "norm2.weight"], p[pre + "norm2.bias"], eps)
         y = F.gelu(y @ p[pre + "mlp.fc1.weight"].T + p[pre + "mlp.fc1.bias"])
-        x = x + y @ p[pre + "mlp.fc2.weight"].T + p[pre + "mlp.fc2.bias"]
+        if f"ffn.{b}" not in skip:
+            x = x + y @ p[pre + "mlp.fc2.weight"].T + p[pre + "mlp.fc2.bias"]
     x = F.layer_norm(x, x.shape[-1:], p["norm.weight"], p["norm.bias"], eps)
     return x.mean((1, 2)) @ p["head.fc.weight"].T + p["head.fc.bias"]
 
@@ -149,4 +153,13 @@ def naive_swin_score(model, images, key: str, channel: int, dtype=torch.float64)
     with torch.no_grad():
         logq = torch.log_softmax(functional_swin(model, *sliced_swin_params(model, dtype=dtype), images).double(), -1)
         logp = torch.log_softmax(functional_swin(model, *sliced_swin_params(model, key, channel, dtype), images).double(), -1)
+    return float((logq.exp() * (logq - logp)).sum())
+
+
+def naive_swin_skip_score(model, images, units, dtype=torch.float64) -> float:
+    """sum_i KL(q_i || p_i), p from the functional Swin with the sub-layers ``units`` left out."""
+    p, heads = sliced_swin_params(model, dtype=dtype)
+    with torch.no_grad():
+        logq = torch.log_softmax(functional_swin(model, p, heads, images).double(), -1)
+        logp = torch.log_softmax(functional_swin(model, p, heads, images, frozenset(units)).double(), -1)
     return float((logq.exp() * (logq - logp)).sum())

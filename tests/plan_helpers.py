@@ -25,7 +25,8 @@ def plan_masks(model, plan, sites=("embed", "attn", "ffn")) -> Masks:
     topo = get_adapter(model).topology()
     kinds = {"embed": "residual", "attn": "attn", "ffn": "ffn"}
     wanted = {kinds.get(s, s) for s in sites}
-    return Masks({s.key: keep_mask(plan.keep[s.key], s.size) for s in topo.sites if s.kind in wanted})
+    return Masks({s.key: keep_mask(plan.keep[s.key], s.size) for s in topo.sites
+                  if s.kind in wanted and s.key in plan.keep})  # a removed unit has no keep entry
 
 
 def vit_param_count(D: int, H: int, depth: int, img: int, patch: int, chans: int, classes: int,

@@ -32,6 +32,7 @@ _EXPORTS = {
     "Topology": "upvit.topology",
     "register_method": "upvit.importance.api",
     "prune": "upvit.surgery",
+    "prune_depth": "upvit.depth",
 }
 
 

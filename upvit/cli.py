@@ -470,6 +470,88 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     _add_data_args(p, class_map=False)  # labels are not used by scoring, so the classes need not match
 
 
+# ------------------------------------------------------------------------------------------ depth
+@command("depth")
+def cmd_depth(args: argparse.Namespace) -> int:
+    from .data import load_data, sample_proxy
+    from .depth import prune_depth
+    from .importance.api import proxy_tensor
+    from .models import load_model
+    from .train import TrainConfig
+
+    if args.epochs < 0:
+        raise UpvitError(f"--epochs must be 0 (no fine-tuning) or more, got {args.epochs}")
+    model = load_model(args.model, args.checkpoint)
+    teacher = load_model(args.teacher or args.model, args.teacher_checkpoint if args.teacher else args.checkpoint)
+    data_config = model.upvit_config.data_config or None
+    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed)
+    if getattr(model, "num_classes", info.num_classes) != info.num_classes:
+        raise UpvitError(f"the model has {model.num_classes} classes but the data {args.data!r} has {info.num_classes}")
+    plain, _ = load_data(args.data, data_config=data_config)  # the proxy set: evaluation transform
+    subset, record = sample_proxy(plain, size=None if args.per_class else args.proxy_size, per_class=args.per_class,
+                                  seed=args.proxy_seed)
+    proxy = proxy_tensor(subset)
+    val_ds = load_data(args.val_data, data_config=data_config)[0] if args.val_data else None
+    cfg = None
+    if args.epochs:
+        lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256
+        warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs / args.steps)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
+                          weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay,
+                          seed=args.seed, num_workers=args.workers, amp=args.amp,
+                          max_steps_per_epoch=args.max_steps_per_epoch)
+    final = prune_depth(model, teacher, train_ds, proxy, remove=args.remove, steps=args.steps, train_config=cfg,
+                        out_dir=args.out, criterion=args.criterion,
+                        kinds=("block",) if args.blocks_only else ("block", "hybrid"),
+                        candidate_blocks=args.candidate_blocks, val_data=val_ds, alpha=args.alpha,
+                        temperature=args.temperature, resume=args.resume, score_batch_size=args.score_batch_size,
+                        bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=args.device,
+                        meta={"command": " ".join(["upvit", *sys.argv[1:]]), "proxy": {**record, "data": args.data},
+                              "teacher": args.teacher or args.model})
+    with open(os.path.join(args.out, "depth.md")) as f:
+        print(f.read().rstrip())
+    from .adapters import get_adapter
+
+    print(f"wrote {args.out}: {get_adapter(final).topology().num_blocks} blocks")
+    return 0
+
+
+def _depth_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--teacher", help="the model to distil from (default: MODEL itself, the original)")
+    p.add_argument("--teacher-checkpoint", help="state dict to load into the teacher")
+    p.add_argument("--data", required=True, help="training data (fine-tuning, and the proxy set is drawn from it)")
+    p.add_argument("--val-data", help="validation data: accuracy before and after each step's fine-tuning")
+    p.add_argument("--remove", type=int, required=True,
+                   help="blocks-worth to remove in all (2 units each: a block attn.i+ffn.i or a hybrid ffn.i+attn.i+1)")
+    p.add_argument("--steps", type=int, default=1, help="rounds of score -> remove -> fine-tune (--remove splits evenly)")
+    p.add_argument("--criterion", default="kl", choices=["kl", "block_influence", "last"],
+                   help="kl: the paper's summed KL on the proxy set; block_influence: ShortGPT's 1 - cos(in, out); "
+                        "last: the last blocks")
+    p.add_argument("--blocks-only", action="store_true", help="whole blocks only, no hybrid blocks")
+    p.add_argument("--candidate-blocks", type=int, default=1,
+                   help="blocks-worth per candidate (2: pairs, e.g. inside a shifted Swin stage)")
+    p.add_argument("--proxy-size", type=int, default=256, help="random proxy images (seeded) for the scores")
+    p.add_argument("--per-class", type=int, default=None, help="instead: this many proxy images of every class")
+    p.add_argument("--proxy-seed", type=int, default=0, help="seed of the proxy sampling")
+    p.add_argument("--epochs", type=int, required=True,
+                   help="fine-tuning epochs of the whole run, split evenly over the steps (0: no fine-tuning)")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (x T^2)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of each step (default 1e-3 x batch / 256)")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warm-up of each step (default min(2, epochs per step / 10))")
+    p.add_argument("--score-batch-size", type=int, default=64, help="proxy images per forward when scoring")
+    p.add_argument("--bench-batch", type=int, default=64, help="batch size of the throughput measurement")
+    p.add_argument("--bench-runs", type=int, default=10, help="timed runs of the throughput measurement")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--out", required=True, help="run directory: steps, log.jsonl, depth.md and the final model")
+    _add_run_args(p)
+
+
 # ------------------------------------------------------------------------------------------ demo
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -504,6 +586,7 @@ PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
            "bench": (_bench_parser, "parameters, MACs and throughput of models"),
            "score": (_score_parser, "importance of every channel (exact KL by default) on a seeded proxy set"),
            "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan"),
+           "depth": (_depth_parser, "remove blocks (and hybrid blocks) progressively, fine-tuning after each step"),
            "demo": (_demo_parser, "the whole method on the embedded default, with baselines")}
 
 

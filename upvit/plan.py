@@ -23,9 +23,10 @@ in their original order.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -142,6 +143,10 @@ class Plan:
             "attn": [len(self.keep[k]) for k in attn],
             "ffn": [len(self.keep[k]) for k in self.ffn_sites()],
         }
+        source = self.source_topology()
+        if source is not None:
+            blocks = source.rebuilt_blocks(self.kept_units(source))
+            shape["depths"] = [sum(1 for b in blocks if b.stage == s) for s in range(source.num_stages)]
         if kept_blocks is not None:
             shape["blocks"] = sorted(kept_blocks)
         # the v1 names, for a plain ViT
@@ -205,6 +210,14 @@ class Plan:
                     raise UpvitError(f"plan keeps unit {unknown[0]}, which the model does not have")
                 if not self.units:
                     raise UpvitError("plan keeps no unit: keep at least one block")
+                topology.rebuilt_blocks(self.units)  # the kept units must pair into ordinary blocks
+        if self.units is not None:
+            if not isinstance(self.units, list) or not all(isinstance(u, str) for u in self.units):
+                raise UpvitError("plan units must list the kept unit keys (attn.0, ffn.0, ...) in forward order")
+            stale = [k for k in self.keep if k.startswith(("attn.", "ffn.")) and k not in self.units]
+            if stale:
+                raise UpvitError(f"plan keeps channels of {stale[0]}, a unit it removes: drop keep[{stale[0]}] "
+                                 "or keep the unit")
 
     def _dropped(self, site_key: str) -> bool:
         return self.units is not None and site_key.startswith(("attn.", "ffn.")) and site_key not in self.units
@@ -320,14 +333,16 @@ def check_against_rules(plan: Plan, topology: Topology) -> None:
     multi = topology.num_stages > 1
     kept = set(plan.kept_units(topology))
     per_stage: list[dict[str, int]] = []
-    widths = {"heads": lambda k: len(plan.heads[k]), "attn": lambda k: len(plan.keep[k]),
-              "ffn": lambda k: len(plan.keep[k.replace("attn.", "ffn.")])}
+    # (unit kind, width): with units removed, a stage's kept attention and FFN units may come from
+    # different blocks (a hybrid removal pairs block i's attention with block i+1's FFN)
+    widths = {"heads": ("attn", lambda k: len(plan.heads[k])), "attn": ("attn", lambda k: len(plan.keep[k])),
+              "ffn": ("ffn", lambda k: len(plan.keep[k]))}
     what = {"heads": "head count", "attn": "attention width", "ffn": "FFN width"}
     for s in range(topology.num_stages):
-        blocks = [b for b in topology.blocks_of(s) if f"attn.{b}" in kept or f"ffn.{b}" in kept]
+        blocks = topology.blocks_of(s)
         values: dict[str, int] = {"residual": len(plan.keep[f"res.{s}"])}
-        for name, get in widths.items():
-            seen = [get(f"attn.{b}") for b in blocks]
+        for name, (kind, get) in widths.items():
+            seen = [get(f"{kind}.{b}") for b in blocks if f"{kind}.{b}" in kept]
             if name in rules.uniform and len(set(seen)) > 1:
                 where = "every block of a stage" if multi else "every block"
                 raise UpvitError(f"{rules.family} needs the same {what[name]} in {where}: keep the same number "
@@ -352,8 +367,10 @@ def check_against_rules(plan: Plan, topology: Topology) -> None:
 # ---------------------------------------------------------------------------------- make_plan
 def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_heads: Any = None,
               mlp_hidden: Any = None, attn_dim: Any = None, ratio: float | None = None,
-              targets: Targets | None = None, head_bias: str = "mean", keep_heads: bool = False) -> Plan:
-    """A plan keeping the best-scoring channels at the given targets.
+              targets: Targets | None = None, head_bias: str = "mean", keep_heads: bool = False,
+              drop_units: Sequence[str] | None = None) -> Plan:
+    """A plan keeping the best-scoring channels at the given targets (and, with ``drop_units``,
+    removing those units: width and depth pruning in one plan).
 
     Targets: explicit values (an int for every stage or a list with one per stage; None keeps the
     model's size, ``attn_dim`` None means the residual width, the standard layout), ``ratio`` (the
@@ -361,6 +378,10 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
     ``head_bias`` ("mean" or "best"): for families whose heads carry a bias column (Swin), a merged
     head's column is the mean of its source heads' columns, or the column of its best source head
     (the one whose kept dims have the largest summed score; ties: the lower head).
+    ``drop_units`` (or ``targets.drop_units``): unit keys to remove, e.g. ``["ffn.2", "attn.3"]`` for
+    a hybrid block; the kept units must pair into ordinary blocks (:meth:`Topology.rebuilt_blocks`)
+    and the family must be able to rebuild them (``adapter.check_units``). The channels of the
+    remaining units are chosen by the same scores (computed on the model before removal).
 
     >>> plan = make_plan(deit_base, scores, embed_dim=384, num_heads=6, mlp_hidden=1536)  # doctest: +SKIP
     >>> plan.num_heads, len(plan.keep_embed), len(plan.keep_attn[0])                       # doctest: +SKIP
@@ -377,10 +398,20 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
         if not torch.isfinite(tensor).all():
             raise UpvitError(f"scores for {key} contain NaN or infinite values: re-run the scoring")
     targets = resolve_targets(topology, embed_dim, num_heads, mlp_hidden, attn_dim, ratio, targets, keep_heads)
+    drop = tuple(dict.fromkeys([*targets.drop_units, *(drop_units or ())]))
+    units = None
+    if drop:
+        for key in drop:
+            topology.unit_index(key)  # one clear line for a unit the model does not have
+        units = [u.key for u in topology.units if u.key not in drop]
+        adapter.check_units(units)
+        targets = dataclasses.replace(targets, drop_units=drop)
     keep: dict[str, list[int]] = {}
     heads: dict[str, list[list[int]]] = {}
     bias: dict[str, list[list[int]]] = {}
     for p in problems(topology, targets):
+        if p.site in drop:
+            continue
         kept = top_k(scores[p.site], p.channels, p.k)
         keep.setdefault(p.site, []).extend(kept)
         if p.head is not None:
@@ -391,7 +422,7 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
                 sums = [float(sum(values[i] for i in kept if i // hd == h)) for h in p.source_heads]
                 best = max(range(len(sums)), key=lambda i: (sums[i], -i))
                 bias.setdefault(p.site, []).append([p.source_heads[best]])
-    plan = Plan(keep=keep, heads=heads, source=topology.to_dict(),
+    plan = Plan(keep=keep, heads=heads, source=topology.to_dict(), units=units,
                 bias_heads=bias if head_bias == "best" and topology.rules.head_bias else None,
                 meta={"criterion": scores.meta.get("criterion"), "targets": targets.to_dict(),
                       "head_bias": head_bias if topology.rules.head_bias else None})

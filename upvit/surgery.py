@@ -2,7 +2,9 @@
 
 The family-independent driver: validate the plan against the model, let the family's adapter build
 the new model through the family's own constructor and slice every tensor that carries a pruned
-channel, then check the result has the planned shape. No masks or patched forwards are left behind,
+channel (and, for a plan that removes units, re-pair the remaining attention and FFN units into
+ordinary blocks: :meth:`upvit.topology.Topology.rebuilt_blocks`), then check the result has the
+planned shape. No masks or patched forwards are left behind,
 and the original model is not modified.
 
 Attention scale: the pruned attention uses its own ``head_dim ** -0.5`` (so fused and unfused
@@ -41,8 +43,8 @@ def prune(model: nn.Module, plan: Plan) -> nn.Module:
     new, config = adapter.rebuild(plan)
     got = get_adapter(new).topology().shape()
     want = plan.target_shape()
-    for key in ("residual", "heads", "attn", "ffn"):
-        if got[key] != want[key]:  # an adapter bug, not a user error
+    for key in ("residual", "depths", "heads", "attn", "ffn"):
+        if key in want and got[key] != want[key]:  # an adapter bug, not a user error
             raise AssertionError(f"the pruned model has {key}={got[key]}, the plan asks for {want[key]}")
     config.extra["plan"] = plan.to_dict()
     new.upvit_config = config

@@ -65,6 +65,16 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class PairedBlock:
+    """One block of a model rebuilt without some units: the attention unit and the FFN unit (source
+    names) that become the ``stage``'s next block (see :meth:`Topology.rebuilt_blocks`)."""
+
+    stage: int
+    attn: str
+    ffn: str
+
+
+@dataclass(frozen=True)
 class Rules:
     """What the family's constructor can express (checked before scoring and before surgery).
 
@@ -74,8 +84,10 @@ class Rules:
     width equals the stage's residual width (timm ViT/DeiT, PVTv2, BERT, GPT-2).
     ``residual_ratios``: residual widths must keep these proportions (timm Swin: 1, 2, 4, 8).
     ``head_bias``: attention heads carry a per-head bias column (Swin's relative-position table)
-    that head merging must merge. ``min_units_per_stage`` and ``unit_multiple`` constrain depth
-    pruning (Swin removes units in multiples of 4 per stage to keep the shift alternation).
+    that head merging must merge. ``depth_pruning``: units may be removed at all; which sets of
+    removed units the family can rebuild is decided by :meth:`Topology.rebuilt_blocks` (the kept
+    units must pair into ordinary blocks) and the adapter's ``check_units`` (e.g. Swin keeps the
+    shift of every remaining block, so blocks inside a shifted stage leave in pairs).
     """
 
     family: str
@@ -85,7 +97,6 @@ class Rules:
     residual_ratios: tuple[float, ...] | None = None
     head_bias: bool = False
     depth_pruning: bool = True
-    unit_multiple: int = 1
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,6 +185,63 @@ class Topology:
             return min(i for i, u in enumerate(self.units) if u.stage == site.stage)
         return self.unit_index(key)
 
+    # ------------------------------------------------------------------ depth: removable units
+    def rebuilt_blocks(self, kept: Iterable[str]) -> list[PairedBlock]:
+        """The ordinary blocks that ``kept`` units form, in forward order (raises unless they pair up).
+
+        Every residual branch reads the stream and adds to it, so removing units leaves a sequence of
+        branches; within each stage it must read attention, FFN, attention, FFN, ... so that the k-th
+        attention and the k-th FFN form the stage's new block k. Removing a whole block (``attn.i`` +
+        ``ffn.i``) or a hybrid block (``ffn.i`` + ``attn.i+1``) keeps that pattern: after a hybrid,
+        block i's attention (with its norm) and block i+1's FFN (with its norm) form one pre-norm
+        block. Each stage keeps at least one block; a stage transition stays with its stage.
+
+        >>> topo = Topology.single_stage("demo", embed=8, heads=[2] * 3, attn=[8] * 3, ffn=[16] * 3,
+        ...                              rules=Rules("demo model"))
+        >>> [(b.attn, b.ffn) for b in topo.rebuilt_blocks(["attn.0", "ffn.1", "attn.2", "ffn.2"])]
+        [('attn.0', 'ffn.1'), ('attn.2', 'ffn.2')]
+        """
+        kept = list(kept)
+        index = {u.key: i for i, u in enumerate(self.units)}
+        unknown = [k for k in kept if k not in index]
+        if unknown:
+            raise UpvitError(f"this {self.family} model has no unit {unknown[0]!r}: its units are "
+                             f"{_summarise(u.key for u in self.units)}")
+        if len(set(kept)) != len(kept):
+            dup = next(k for k in kept if kept.count(k) > 1)
+            raise UpvitError(f"unit {dup} is listed twice: list every kept unit once")
+        if [index[k] for k in kept] != sorted(index[k] for k in kept):
+            raise UpvitError("kept units must be listed in forward order (attn.0, ffn.0, attn.1, ...)")
+        keep = set(kept)
+        multi = self.num_stages > 1
+        out: list[PairedBlock] = []
+        for s in range(self.num_stages):
+            where = f" of stage {s}" if multi else ""
+            seq = [u for u in self.units if u.stage == s and u.key in keep]
+            if not seq:
+                raise UpvitError(f"every block{where} would be removed: keep at least one block"
+                                 + (" per stage" if multi else ""))
+            for j, u in enumerate(seq):
+                want = "attn" if j % 2 == 0 else "ffn"
+                if u.kind != want:
+                    after = f"{u.key} follows {seq[j - 1].key}" if j else f"{u.key} comes first"
+                    raise UpvitError(f"the kept units{where} do not pair into blocks ({after}): remove units in "
+                                     "consecutive pairs, a block (attn.i, ffn.i) or a hybrid (ffn.i, attn.i+1)")
+            if len(seq) % 2:
+                raise UpvitError(f"the kept units{where} do not pair into blocks ({seq[-1].key} comes last): remove "
+                                 "units in consecutive pairs, a block (attn.i, ffn.i) or a hybrid (ffn.i, attn.i+1)")
+            out += [PairedBlock(s, seq[j].key, seq[j + 1].key) for j in range(0, len(seq), 2)]
+        return out
+
+    def unit_runs(self, length: int) -> list[tuple[str, ...]]:
+        """Every run of ``length`` consecutive units inside one stage, in forward order (depth-pruning
+        candidates: length 2 gives the blocks and hybrid blocks, 2 * depth - 1 of them per stage)."""
+        out = []
+        for s in range(self.num_stages):
+            keys = [u.key for u in self.units if u.stage == s]
+            out += [tuple(keys[i:i + length]) for i in range(len(keys) - length + 1)]
+        return out
+
     # ------------------------------------------------------------------ shape summaries
     def shape(self) -> dict[str, Any]:
         """Per-stage widths and per-block sizes (for messages, metadata and fingerprints)."""
@@ -235,4 +303,4 @@ def _summarise(keys: Iterable[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-__all__ = ["Site", "Unit", "Rules", "Topology", "residual_key"]
+__all__ = ["PairedBlock", "Site", "Unit", "Rules", "Topology", "residual_key"]

@@ -59,8 +59,10 @@ def sliced_params(model: torch.nn.Module, key: str | None = None, channel: int |
     return p, heads
 
 
-def functional_vit(p: dict, heads: list, x: torch.Tensor, patch: int, scale: float, eps: float = 1e-6) -> torch.Tensor:
-    """Eval-mode logits of a (possibly sliced) timm ViT/DeiT given its state dict, in the params' dtype."""
+def functional_vit(p: dict, heads: list, x: torch.Tensor, patch: int, scale: float, eps: float = 1e-6,
+                   skip: frozenset[str] = frozenset()) -> torch.Tensor:
+    """Eval-mode logits of a (possibly sliced) timm ViT/DeiT given its state dict, in the params' dtype;
+    the sub-layers named in ``skip`` (``attn.b``, ``ffn.b``) are left out (the stream passes unchanged)."""
     x = x.to(p["pos_embed"].dtype)
     t = F.conv2d(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
     B, D = t.shape[0], t.shape[-1]
@@ -87,10 +89,12 @@ def functional_vit(p: dict, heads: list, x: torch.Tensor, patch: int, scale: flo
                 outs.append(att @ v[..., dims])
             o = torch.cat(outs, -1)
         o = o @ p[pre + "attn.proj.weight"].T + p[pre + "attn.proj.bias"]
-        t = t + o * p.get(pre + "ls1.gamma", 1.0)
+        if f"attn.{b}" not in skip:
+            t = t + o * p.get(pre + "ls1.gamma", 1.0)
         y = F.layer_norm(t, (D,), p[pre + "norm2.weight"], p[pre + "norm2.bias"], eps)
         hdn = F.gelu(y @ p[pre + "mlp.fc1.weight"].T + p[pre + "mlp.fc1.bias"])
-        t = t + (hdn @ p[pre + "mlp.fc2.weight"].T + p[pre + "mlp.fc2.bias"]) * p.get(pre + "ls2.gamma", 1.0)
+        if f"ffn.{b}" not in skip:
+            t = t + (hdn @ p[pre + "mlp.fc2.weight"].T + p[pre + "mlp.fc2.bias"]) * p.get(pre + "ls2.gamma", 1.0)
     t = F.layer_norm(t, (D,), p["norm.weight"], p["norm.bias"], eps)
     logits = t[:, 0] @ p["head.weight"].T + p["head.bias"]
     if "head_dist.weight" in p:
@@ -106,4 +110,16 @@ def naive_score(model: torch.nn.Module, images: torch.Tensor, key: str, channel:
     with torch.no_grad():
         logq = torch.log_softmax(functional_vit(*sliced_params(model, dtype=dtype), images, patch, scale).double(), -1)
         logp = torch.log_softmax(functional_vit(*sliced_params(model, key, channel, dtype), images, patch, scale).double(), -1)
+    return float((logq.exp() * (logq - logp)).sum())
+
+
+def naive_skip_score(model: torch.nn.Module, images: torch.Tensor, units, dtype: torch.dtype = torch.float64) -> float:
+    """sum_i KL(q_i || p_i) with p from the model with the sub-layers ``units`` left out: teacher and
+    skipped model both re-run from scratch by the functional ViT (KL in float64)."""
+    patch = model.patch_embed.patch_size[0]
+    scale = model.blocks[0].attn.head_dim ** -0.5
+    p, heads = sliced_params(model, dtype=dtype)
+    with torch.no_grad():
+        logq = torch.log_softmax(functional_vit(p, heads, images, patch, scale).double(), -1)
+        logp = torch.log_softmax(functional_vit(p, heads, images, patch, scale, skip=frozenset(units)).double(), -1)
     return float((logq.exp() * (logq - logp)).sum())

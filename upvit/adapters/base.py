@@ -25,13 +25,13 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Union
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..errors import UpvitError
-from ..topology import Topology
+from ..topology import PairedBlock, Topology
 
 if TYPE_CHECKING:
     from ..models import ModelConfig
@@ -338,10 +338,22 @@ class Adapter(ABC):
         (rebuilt through the family's own constructor; the original model is not modified)."""
 
     def check_plan(self, plan: "Plan") -> None:
-        """Refuse, in one line, a plan the family's constructor cannot express (default: the rules)."""
+        """Refuse, in one line, a plan the family's constructor cannot express (default: the rules,
+        and for a plan that removes units, :meth:`check_units`)."""
         from ..plan import check_against_rules
 
+        if plan.units is not None:
+            self.check_units(plan.units)
         check_against_rules(plan, self.topology())
+
+    def check_units(self, kept: Sequence[str]) -> list[PairedBlock]:
+        """The blocks the family rebuilds from ``kept`` units (see :meth:`Topology.rebuilt_blocks`), or
+        a one-line UpvitError where it cannot. Families where a block's position matters (Swin's
+        shifted windows) override this to refuse removals that would change a remaining block."""
+        topo = self.topology()
+        if not topo.rules.depth_pruning and len(list(kept)) != len(topo.units):
+            raise UpvitError(f"{topo.rules.family} does not support removing blocks")
+        return topo.rebuilt_blocks(kept)
 
 
 def forward_from(adapter: Adapter, stream: Stream, start: int, topology: Topology | None = None) -> torch.Tensor:

@@ -57,6 +57,21 @@ def apply_rules(model: nn.Module, rules: SliceRules) -> dict[str, torch.Tensor]:
     return out
 
 
+def move_sublayers(state: dict[str, torch.Tensor], moves: dict[str, str | None]) -> dict[str, torch.Tensor]:
+    """Depth surgery on a state dict: every key under an old sub-layer prefix in ``moves`` (e.g.
+    ``"blocks.3.norm2."``) goes under its new prefix (``"blocks.2.norm2."``), or is dropped where
+    the new prefix is None; other keys stay. Prefixes end with a dot, so ``blocks.1.`` never
+    matches ``blocks.10.``."""
+    out = {}
+    for key, tensor in state.items():
+        old = next((p for p in moves if key.startswith(p)), None)
+        if old is None:
+            out[key] = tensor
+        elif moves[old] is not None:
+            out[moves[old] + key[len(old):]] = tensor
+    return out
+
+
 def fold_q_scale(state: dict[str, torch.Tensor], prefix: str, rows: int, factor: float) -> None:
     """Multiply the first ``rows`` output rows (q) of ``prefix``.weight/.bias by ``factor``: with the
     pruned module's own ``head_dim ** -0.5`` scale, q . k then carries the original model's scale."""

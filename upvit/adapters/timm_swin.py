@@ -22,6 +22,11 @@ as ``embed_dim * 2 ** (stages - 1)`` before a list is handled), so the stage wid
 ratio 1:2:4:8 (:class:`~upvit.topology.Rules` ``residual_ratios``); heads, head dim and FFN width
 are free per stage. Merged heads need one relative-position-bias column: by default the mean of the
 merged heads' columns (``Plan.bias_heads`` lists other choices, e.g. the best head's column).
+
+Depth pruning: removed units give per-stage ``depths``. timm shifts the windows of block i of a
+stage when i is odd, so :meth:`TimmSwinAdapter.check_units` refuses a removal that would move an
+attention to a position of another shift (blocks inside a shifted stage leave in pairs; the last
+block of a stage, or a hybrid ending there, can leave alone).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream, broadcast_mask, masked_layer_norm, per_window
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          new_config, rebuild_from_state, vector_rule)
+                          move_sublayers, new_config, rebuild_from_state, vector_rule)
 
 EQUIVALENT_CANDIDATES = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
                          "swin_base_patch4_window7_224", "swin_base_patch4_window12_384"]
@@ -266,30 +271,75 @@ class TimmSwinAdapter(Adapter):
         out = y + blk.drop_path2(mlp.drop2(mlp.fc2(acts)))
         return (stream.replace(out.reshape(B, H, W, C)), acts.reshape(B, H, W, -1), mlp.fc2.weight.t())
 
+    # ================================================================ depth
+    def check_units(self, kept):
+        """Kept units pair into blocks (:meth:`Topology.rebuilt_blocks`) and every remaining attention
+        keeps its window shift: timm shifts block i of a stage by ``window // 2`` when i is odd (0 where
+        the map is no larger than the window), so a block's attention may only move to a position of
+        the same shift. Removing the last block of a stage, or a hybrid whose attention is the
+        stage's last, always works; inside a shifted stage, blocks and hybrids leave in pairs."""
+        blocks = super().check_units(kept)
+        position: dict[int, int] = {}
+        for pair in blocks:
+            k = position.get(pair.stage, 0)
+            position[pair.stage] = k + 1
+            b = int(pair.attn.split(".")[1])
+            s, i = self._where[b]
+            have, get = self.model.layers[s].blocks[i].shift_size, self.model.layers[s].blocks[k].shift_size
+            if tuple(have) != tuple(get):
+                raise UpvitError(f"timm SwinTransformer shifts the windows of every second block of a stage: "
+                                 f"{pair.attn} (block {i} of stage {s}, shift {tuple(have)}) would become block {k} "
+                                 f"(shift {tuple(get)}); remove blocks or hybrid blocks in pairs within a stage, or "
+                                 "the stage's last block")
+        return blocks
+
     # ================================================================ surgery
+    # the sub-layers of a timm SwinTransformerBlock that belong to each unit
+    UNIT_PARTS = {"attn": ("norm1", "attn"), "ffn": ("norm2", "mlp")}
+
     def rebuild(self, plan):
-        """A new timm SwinTransformer at the plan's shape (see the module doc), weights sliced from this one."""
+        """A new timm SwinTransformer at the plan's shape (see the module doc), weights sliced from this one.
+
+        With removed units, ``depths`` gives each stage's re-paired blocks: new block k of a stage takes
+        ``norm1``/``attn`` (with its relative-position table) of the stage's k-th kept attention and
+        ``norm2``/``mlp`` of its k-th kept FFN; timm rebuilds the shift, the attention mask and the
+        drop-path rates from the kwargs (:meth:`check_units` guarantees the shift is unchanged)."""
         topo = self.topology()
-        if plan.units is not None and len(plan.units) != len(topo.units):
-            raise UpvitError("timm SwinTransformer is rebuilt with all its blocks here: remove blocks with "
-                             "upvit.prune_depth, whose plans keep whole blocks")
         self.check_plan(plan)
+        blocks = self.check_units(plan.kept_units(topo))
         m = self.model
         base = base_config(m, {"img_size": list(m.patch_embed.img_size), "in_chans": m.patch_embed.proj.in_channels,
                                "num_classes": m.num_classes})
-        firsts = [topo.blocks_of(s)[0] for s in range(topo.num_stages)]
+        firsts = [next(p for p in blocks if p.stage == s) for s in range(topo.num_stages)]
+        depths = [sum(1 for p in blocks if p.stage == s) for s in range(topo.num_stages)]
         widths = [len(plan.keep[f"res.{s}"]) for s in range(topo.num_stages)]
-        heads = [plan.heads_of(f"attn.{b}") for b in firsts]
-        head_dims = [plan.head_dim_of(f"attn.{b}") for b in firsts]
-        ratios = [exact_ratio(len(plan.keep[f"ffn.{b}"]), w) for b, w in zip(firsts, widths)]
+        heads = [plan.heads_of(p.attn) for p in firsts]
+        head_dims = [plan.head_dim_of(p.attn) for p in firsts]
+        ratios = [exact_ratio(len(plan.keep[p.ffn]), w) for p, w in zip(firsts, widths)]
         kwargs = {**base.timm_kwargs, "embed_dim": widths[0], "num_heads": heads, "head_dim": head_dims,
                   "mlp_ratio": ratios}
-        new = rebuild_from_state(m, base.timm_name, kwargs, self._slice(plan))
+        if depths != [len(layer.blocks) for layer in m.layers]:
+            kwargs["depths"] = depths
+        moves: dict[str, str | None] = {f"layers.{s}.blocks.{i}.{part}.": None for s, i in self._where
+                                        for parts in self.UNIT_PARTS.values() for part in parts}
+        position: dict[int, int] = {}
+        for pair in blocks:
+            k = position.get(pair.stage, 0)
+            position[pair.stage] = k + 1
+            for kind, unit in (("attn", pair.attn), ("ffn", pair.ffn)):
+                s, i = self._where[int(unit.split(".")[1])]
+                for part in self.UNIT_PARTS[kind]:
+                    moves[f"layers.{s}.blocks.{i}.{part}."] = f"layers.{s}.blocks.{k}.{part}."
+        state = move_sublayers(self._slice(plan), moves)
+        new = rebuild_from_state(m, base.timm_name, kwargs, state)
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
+        """The state dict with every kept site sliced, in source key names (removed units' tensors are
+        copied whole and dropped by :meth:`rebuild`)."""
         m = self.model
         dev = next(m.parameters()).device
+        kept = set(plan.kept_units(self.topology()))
         idx = lambda key: torch.tensor(plan.keep[key], dtype=torch.long, device=dev)  # noqa: E731
         rules: dict = {}
         E = [idx(f"res.{s}") for s in range(len(m.layers))]
@@ -306,22 +356,35 @@ class TimmSwinAdapter(Adapter):
                 vector_rule(rules, f"layers.{s}.downsample.norm", layer.downsample.norm, four)
                 linear_rule(rules, f"layers.{s}.downsample.reduction", layer.downsample.reduction, E[s], four)
             blk, p = layer.blocks[i], f"layers.{s}.blocks.{i}"
-            a_src = blk.attn.qkv.out_features // 3
-            A, F = idx(f"attn.{b}"), idx(f"ffn.{b}")
-            vector_rule(rules, f"{p}.norm1", blk.norm1, E[s])
-            vector_rule(rules, f"{p}.norm2", blk.norm2, E[s])
-            linear_rule(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E[s])
-            linear_rule(rules, f"{p}.attn.proj", blk.attn.proj, E[s], A)
-            linear_rule(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E[s])
-            linear_rule(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E[s], F)
-            table = f"{p}.attn.relative_position_bias_table"
-            rules[table] = []
-            groups = (plan.bias_heads or {}).get(f"attn.{b}") or plan.heads[f"attn.{b}"]
-            src = blk.attn.relative_position_bias_table.detach()
-            biases[table] = torch.stack([src[:, g].mean(1) for g in groups], dim=1)
-            old_hd, new_hd = a_src // blk.attn.num_heads, plan.head_dim_of(f"attn.{b}")
-            if old_hd != new_hd:
-                scales[f"{p}.attn.qkv"] = (len(A), (new_hd / old_hd) ** 0.5)
+            if f"attn.{b}" in kept:
+                a_src = blk.attn.qkv.out_features // 3
+                A = idx(f"attn.{b}")
+                vector_rule(rules, f"{p}.norm1", blk.norm1, E[s])
+                linear_rule(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E[s])
+                linear_rule(rules, f"{p}.attn.proj", blk.attn.proj, E[s], A)
+                table = f"{p}.attn.relative_position_bias_table"
+                rules[table] = []
+                groups = (plan.bias_heads or {}).get(f"attn.{b}") or plan.heads[f"attn.{b}"]
+                src = blk.attn.relative_position_bias_table.detach()
+                biases[table] = torch.stack([src[:, g].mean(1) for g in groups], dim=1)
+                old_hd, new_hd = a_src // blk.attn.num_heads, plan.head_dim_of(f"attn.{b}")
+                if old_hd != new_hd:
+                    scales[f"{p}.attn.qkv"] = (len(A), (new_hd / old_hd) ** 0.5)
+            else:
+                for key, _ in [*blk.norm1.state_dict().items()]:
+                    rules[f"{p}.norm1.{key}"] = []
+                for key in blk.attn.state_dict():
+                    rules[f"{p}.attn.{key}"] = []
+            if f"ffn.{b}" in kept:
+                F = idx(f"ffn.{b}")
+                vector_rule(rules, f"{p}.norm2", blk.norm2, E[s])
+                linear_rule(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E[s])
+                linear_rule(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E[s], F)
+            else:
+                for key in blk.norm2.state_dict():
+                    rules[f"{p}.norm2.{key}"] = []
+                for key in blk.mlp.state_dict():
+                    rules[f"{p}.mlp.{key}"] = []
         vector_rule(rules, "norm", m.norm, E[-1])
         linear_rule(rules, "head.fc", m.head.fc, None, E[-1])
         state = apply_rules(m, rules)

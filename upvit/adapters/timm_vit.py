@@ -17,7 +17,9 @@ and is untouched outside that context:
 * a skipped unit (depth pruning): its branch output is zeroed.
 
 Surgery rebuilds through ``timm.create_model`` (timm's VisionTransformer ties the attention width
-to ``embed_dim`` and has one ``num_heads`` and ``mlp_ratio`` for all blocks: :meth:`rules`).
+to ``embed_dim`` and has one ``num_heads`` and ``mlp_ratio`` for all blocks: :meth:`rules`). Removed
+units (depth pruning) give ``depth`` = the re-paired blocks: any removal whose kept units pair into
+blocks can be rebuilt (a ViT block does not depend on its position).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ..errors import UpvitError
 from ..topology import Topology
 from .base import Adapter, MaskProbe, Masks, Stream, broadcast_mask, masked_layer_norm
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          new_config, rebuild_from_state, vector_rule)
+                          move_sublayers, new_config, rebuild_from_state, vector_rule)
 
 
 def _timm_classes():
@@ -353,6 +355,9 @@ class TimmViTAdapter(Adapter):
         return delta * gamma if gamma is not None else delta
 
     # ================================================================ surgery: plan -> smaller timm model
+    # the sub-layers of a timm Block that belong to each unit (a hybrid removal re-pairs them)
+    UNIT_PARTS = {"attn": ("norm1", "attn", "ls1"), "ffn": ("norm2", "mlp", "ls2")}
+
     def rebuild(self, plan):
         """A new model of the same timm architecture at the plan's shape, weights sliced from this one.
 
@@ -360,25 +365,42 @@ class TimmViTAdapter(Adapter):
         preserved: the pruned module uses ``new_head_dim ** -0.5`` (timm's rule, also what fused
         attention uses), so where the kept per-head dim differs from the original ``head_dim`` the
         ratio ``sqrt(new_head_dim / head_dim)`` is folded into the q rows of qkv (weight and bias).
-        Logits then equal the masked original's for any attention backend."""
-        if plan.units is not None and len(plan.units) != len(self.topology().units):
-            raise UpvitError("timm VisionTransformer is rebuilt with all its blocks here: remove blocks with "
-                             "upvit.prune_depth, whose plans keep whole blocks")
+        Logits then equal the masked original's for any attention backend.
+
+        A plan that removes units (``plan.units``) gives a model with ``depth`` = the number of
+        re-paired blocks: new block k takes ``norm1``/``attn``/``ls1`` of the k-th kept attention
+        unit and ``norm2``/``mlp``/``ls2`` of the k-th kept FFN unit (the same block for a whole-block
+        removal, blocks i and i+1 after removing the hybrid ffn.i + attn.i+1); its logits equal the
+        original's with the removed units skipped."""
         self.check_plan(plan)
         m = self.model
+        blocks = self.check_units(plan.kept_units(self.topology()))
         base = base_config(m, {"img_size": list(m.patch_embed.img_size), "in_chans": m.patch_embed.proj.in_channels,
                                "num_classes": m.num_classes})
-        dim, hidden = plan.embed_dim, plan.ffn_dim(0)
-        kwargs = {**base.timm_kwargs, "embed_dim": dim, "num_heads": plan.num_heads, "mlp_ratio": exact_ratio(hidden, dim)}
-        state = self._slice(plan)
+        dim, hidden = plan.embed_dim, len(plan.keep[blocks[0].ffn])
+        kwargs = {**base.timm_kwargs, "embed_dim": dim, "num_heads": plan.heads_of(blocks[0].attn),
+                  "mlp_ratio": exact_ratio(hidden, dim)}
+        if len(blocks) != len(m.blocks):
+            kwargs["depth"] = len(blocks)
+        moves: dict[str, str | None] = {f"blocks.{b}.{part}.": None for b in range(len(m.blocks))
+                                        for parts in self.UNIT_PARTS.values() for part in parts}
+        for k, pair in enumerate(blocks):
+            for kind, unit in (("attn", pair.attn), ("ffn", pair.ffn)):
+                for part in self.UNIT_PARTS[kind]:
+                    moves[f"blocks.{self._block_of(unit)}.{part}."] = f"blocks.{k}.{part}."
+        state = move_sublayers(self._slice(plan), moves)
         new = rebuild_from_state(m, base.timm_name, kwargs, state)
         if hasattr(m, "distilled_training"):
             new.distilled_training = m.distilled_training
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
+        """The source model's state dict with every kept site sliced (source key names; the tensors
+        of removed units are copied whole and dropped by :meth:`rebuild`)."""
         m = self.model
         dev = next(m.parameters()).device
+        kept = set(plan.kept_units(self.topology()))
+        keys = list(m.state_dict())
         E = torch.tensor(plan.keep["res.0"], dtype=torch.long, device=dev)
         rules: dict = {}
         for key in ("cls_token", "reg_token", "dist_token", "pos_embed"):
@@ -399,20 +421,34 @@ class TimmViTAdapter(Adapter):
         scales = {}
         for b, blk in enumerate(m.blocks):
             p = f"blocks.{b}"
-            a_src = blk.attn.attn_dim
-            A = torch.tensor(plan.keep[f"attn.{b}"], dtype=torch.long, device=dev)
-            F = torch.tensor(plan.keep[f"ffn.{b}"], dtype=torch.long, device=dev)
-            for part in ("norm1", "norm2", "ls1", "ls2"):
-                vector_rule(rules, f"{p}.{part}", getattr(blk, part), E)
-            linear_rule(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E)
-            linear_rule(rules, f"{p}.attn.proj", blk.attn.proj, E, A)
-            linear_rule(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E)
-            linear_rule(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E, F)
-            old_hd, new_hd = blk.attn.head_dim, plan.head_dim(b)
-            if old_hd != new_hd:
-                scales[f"{p}.attn.qkv"] = (len(A), (new_hd / old_hd) ** 0.5)
+            if f"attn.{b}" in kept:
+                a_src = blk.attn.attn_dim
+                A = torch.tensor(plan.keep[f"attn.{b}"], dtype=torch.long, device=dev)
+                for part in ("norm1", "ls1"):
+                    vector_rule(rules, f"{p}.{part}", getattr(blk, part), E)
+                linear_rule(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E)
+                linear_rule(rules, f"{p}.attn.proj", blk.attn.proj, E, A)
+                old_hd, new_hd = blk.attn.head_dim, plan.head_dim(b)
+                if old_hd != new_hd:
+                    scales[f"{p}.attn.qkv"] = (len(A), (new_hd / old_hd) ** 0.5)
+            else:
+                _copy_whole(rules, keys, p, self.UNIT_PARTS["attn"])
+            if f"ffn.{b}" in kept:
+                F = torch.tensor(plan.keep[f"ffn.{b}"], dtype=torch.long, device=dev)
+                for part in ("norm2", "ls2"):
+                    vector_rule(rules, f"{p}.{part}", getattr(blk, part), E)
+                linear_rule(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E)
+                linear_rule(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E, F)
+            else:
+                _copy_whole(rules, keys, p, self.UNIT_PARTS["ffn"])
         state = apply_rules(m, rules)
         for prefix, (rows, factor) in scales.items():
             fold_q_scale(state, prefix, rows, factor)
         return state
 
+
+def _copy_whole(rules: dict, keys: list[str], prefix: str, parts: tuple[str, ...]) -> None:
+    """Rules that copy every tensor under ``prefix.part`` unchanged (a removed unit's, dropped later)."""
+    for key in keys:
+        if any(key.startswith(f"{prefix}.{part}.") for part in parts):
+            rules[key] = []

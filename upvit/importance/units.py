@@ -1,0 +1,140 @@
+"""Importance of removable groups of units (depth pruning): the paper's KL, and Block Influence.
+
+A *candidate* is a group of unit keys removed together: a block ``("attn.i", "ffn.i")`` or a hybrid
+block ``("ffn.i", "attn.i+1")`` (docs/method.md section 3; :func:`upvit.depth.candidates` lists
+them). Its exact score is the same criterion as a channel's (docs/method.md section 2):
+
+    s = sum over proxy inputs and their output events of KL(q || p)
+
+with q the softmax of the model's logits and p the softmax of the logits with the candidate's units
+skipped (their residual branches add nothing; a stage transition that starts a skipped unit still
+runs). Higher = more important. It reuses the exact engine's pieces: the reference
+log-probabilities are computed once per proxy batch, the stream is cached unit by unit so every
+candidate runs only from its first unit (:func:`~upvit.adapters.base.forward_from`), and the KL is
+accumulated in float64 (:func:`upvit.importance.kl.kl_sum`).
+
+:func:`block_influence` is the cheap criterion of ShortGPT (Men et al., 2024), "Block Influence":
+``1 - cos(input, output)`` of the candidate, averaged over proxy inputs and token positions, where the
+input is the stream the candidate's branches add to and the output is the stream after them (a block
+that barely changes its input is deemed unimportant). It needs no reference outputs.
+
+>>> from upvit.adapters import get_adapter                                     # doctest: +SKIP
+>>> unit_scores(get_adapter(model), images, [("attn.3", "ffn.3"), ("ffn.3", "attn.4")])  # doctest: +SKIP
+tensor([0.8123, 0.2210], dtype=torch.float64)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to, forward_from
+from ..errors import UpvitError
+from ..topology import Topology
+from .kl import check_proxy, kl_sum
+
+
+def _prepare(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
+             batch_size: int) -> tuple[Topology, list[tuple[int, int]], list[tuple[int, int, frozenset[str]]], Inputs]:
+    """Checked inputs, proxy batches and, per candidate, (first unit index, last unit index, units)."""
+    check_proxy(inputs)
+    if batch_size < 1:
+        raise UpvitError("batch_size must be at least 1")
+    if not candidates:
+        raise UpvitError("no candidates to score: give at least one group of units")
+    topo = adapter.topology()
+    spans = []
+    for units in candidates:
+        if isinstance(units, str) or not units:
+            raise UpvitError(f"a candidate must be a non-empty list of unit keys, got {units!r}")
+        idx = [topo.unit_index(u) for u in units]
+        spans.append((min(idx), max(idx), frozenset(units)))
+    param = next(adapter.model.parameters())
+    inputs = batch_to(inputs, param.device, param.dtype)
+    n = batch_len(inputs)
+    return topo, [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)], spans, inputs
+
+
+def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
+                batch_size: int = 64) -> torch.Tensor:
+    """``[C]`` float64: summed KL(model || model without candidate c's units) over the proxy inputs.
+
+    ``inputs``: proxy images ``[N, C, H, W]`` (evaluation transform) or a dict of per-sample tensors;
+    ``candidates``: groups of unit keys (see the module docstring). The model is run in eval mode."""
+    topo, batches, spans, inputs = _prepare(adapter, inputs, candidates, batch_size)
+    by_start: dict[int, list[int]] = {}
+    for c, (start, _, _) in enumerate(spans):
+        by_start.setdefault(start, []).append(c)
+    total = torch.zeros(len(spans), dtype=torch.float64)
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s, e in batches:
+                x = batch_slice(inputs, s, e)
+                stream = adapter.begin(x)
+                logq = torch.log_softmax(forward_from(adapter, stream, 0, topo).double(), dim=-1)
+                if not torch.isfinite(logq).all():
+                    raise UpvitError("the model's logits are NaN or inf on the proxy inputs: check the weights "
+                                     "and the input normalisation")
+                q = logq.exp()
+                w = adapter.event_weights(x)
+                w = None if w is None else w.to(logq.device, torch.float64)
+                last = max(by_start)
+                for i, unit in enumerate(topo.units):
+                    for c in by_start.get(i, []):
+                        with adapter.masking(None, skip=spans[c][2]):
+                            logits = forward_from(adapter, stream, i, topo)
+                        total[c] += kl_sum(logq, q, logits.unsqueeze(0), w)[0].cpu()
+                    if i >= last:
+                        break
+                    stream = adapter.run(unit.key, stream)  # advance the cache past this unit
+    finally:
+        model.train(was_training)
+    return total
+
+
+def _cosine_mean(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum over samples and positions of cos(a, b) along the channel axis, and the count."""
+    a, b = a.double().reshape(-1, a.shape[-1]), b.double().reshape(-1, b.shape[-1])
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
+    return cos.sum(), cos.numel()
+
+
+def block_influence(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
+                    batch_size: int = 64) -> torch.Tensor:
+    """``[C]`` float64: ShortGPT's Block Influence ``1 - mean cos(input, output)`` of each candidate
+    (a contiguous run of units), averaged over proxy inputs and token positions.
+
+    The input is the stream entering the candidate with its branches removed (the stream it adds to;
+    a stage transition at its start still runs), the output the stream after its last unit."""
+    topo, batches, spans, inputs = _prepare(adapter, inputs, candidates, batch_size)
+    for start, end, units in spans:
+        if len(units) != end - start + 1:
+            raise UpvitError(f"block influence needs consecutive units, got {sorted(units)}")
+    sums = torch.zeros(len(spans), dtype=torch.float64)
+    counts = [0] * len(spans)
+    model = adapter.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s, e in batches:
+                streams: list[Stream] = [adapter.begin(batch_slice(inputs, s, e))]
+                for unit in topo.units:  # the stream entering every unit (tiny next to a proxy KL run)
+                    streams.append(adapter.run(unit.key, streams[-1]))
+                for c, (start, end, units) in enumerate(spans):
+                    with adapter.masking(None, skip=units):
+                        held = streams[start]
+                        for i in range(start, end + 1):
+                            held = adapter.run(topo.units[i].key, held)
+                    total, n = _cosine_mean(held.x, streams[end + 1].x)
+                    sums[c] += total.cpu()
+                    counts[c] += n
+    finally:
+        model.train(was_training)
+    return 1.0 - sums / torch.tensor(counts, dtype=torch.float64)
+
+
+__all__ = ["block_influence", "unit_scores"]
