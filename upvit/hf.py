@@ -182,7 +182,9 @@ def build_hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
         config = cls.config_class(**kwargs)
     except (TypeError, ValueError) as e:
         raise UpvitError(f"transformers {cls.__name__} rejected its config {kwargs}: {e}") from None
-    unknown = [k for k in kwargs if not hasattr(config, k)]
+    default = cls.config_class()  # any key is accepted by a config: compare with the declared ones
+    undeclared_ok = ("head_dim",) if model_type in ("vit", "deit") else ()  # read by ViT/DeiT, see adapters/hf_vit
+    unknown = [k for k in kwargs if not hasattr(default, k) and k not in undeclared_ok]
     if unknown:
         raise UpvitError(f"{cls.__name__} has no config key {unknown[0]!r}: see {cls.config_class.__name__}")
     with torch.random.fork_rng(devices=[]):
