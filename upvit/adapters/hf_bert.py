@@ -48,7 +48,7 @@ from ..errors import UpvitError
 from ..evaluation import mean_pooled
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hf_common import (TIED_NOTE, apply_rules, check_sites, hf_config, hooks_installed, linear, norm_hook, q_scale,
+from .hf_common import (eager_attention, TIED_NOTE, apply_rules, check_sites, hf_config, hooks_installed, linear, norm_hook, q_scale,
                         rebuild_from_config, scale_hook, vector)
 
 CLASSES = ("BertModel", "BertForMaskedLM")
@@ -173,6 +173,9 @@ class HFBertAdapter(Adapter):
         if self.mlm:
             out.append(self.model.cls.predictions.transform.dense)
         return out
+
+    def explicit_attention(self):
+        return eager_attention(self.model)
 
     # ---------------------------------------------------------------- masking
     def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):

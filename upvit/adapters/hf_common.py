@@ -60,6 +60,18 @@ def hooks_installed(install: Callable[[], list]) -> Iterator[None]:
             h.remove()
 
 
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Attention as explicit matmuls (transformers' "eager" backend) while inside: the FLOP counter
+    does not see fused CPU attention. Every module of a transformers model reads the shared config."""
+    before = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
 def check_sites(adapter, masks, skip) -> None:
     topo = adapter.topology()
     for key in masks.by_site:
@@ -153,6 +165,6 @@ def q_scale(old_head_dim: int, new_head_dim: int) -> float | None:
     return None if old_head_dim == new_head_dim else (new_head_dim / old_head_dim) ** 0.5
 
 
-__all__ = ["SliceRules", "TIED_NOTE", "apply_rules", "check_sites", "conv1d", "grouped_scale_hook", "hf_config",
+__all__ = ["SliceRules", "TIED_NOTE", "apply_rules", "check_sites", "conv1d", "eager_attention", "grouped_scale_hook", "hf_config",
            "hooks_installed", "linear", "norm_hook", "q_scale", "rebuild_from_config", "scale_hook", "vector",
            "zero_hook"]

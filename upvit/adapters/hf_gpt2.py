@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hf_common import (TIED_NOTE, apply_rules, check_sites, conv1d, grouped_scale_hook, hf_config, hooks_installed,
+from .hf_common import (eager_attention, TIED_NOTE, apply_rules, check_sites, conv1d, grouped_scale_hook, hf_config, hooks_installed,
                         norm_hook, q_scale, rebuild_from_config, scale_hook, vector, zero_hook)
 
 
@@ -131,6 +131,9 @@ class HFGPT2Adapter(Adapter):
             add(self.t.ln_f.weight, 0)
             add(self.t.ln_f.bias, 0)
         return out
+
+    def explicit_attention(self):
+        return eager_attention(self.model)
 
     # ---------------------------------------------------------------- masking
     def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hf_common import (apply_rules, check_sites, hf_config, hooks_installed, linear, norm_hook, q_scale,
+from .hf_common import (eager_attention, apply_rules, check_sites, hf_config, hooks_installed, linear, norm_hook, q_scale,
                         rebuild_from_config, scale_hook, vector, zero_hook)
 
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
@@ -119,6 +119,9 @@ class HFViTAdapter(Adapter):
     def _norms(self) -> list[nn.LayerNorm]:
         norms = [n for layer in self.base.layers for n in (layer.layernorm_before, layer.layernorm_after)]
         return norms + [self.base.layernorm]
+
+    def explicit_attention(self):
+        return eager_attention(self.model)
 
     # ---------------------------------------------------------------- masking
     def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
