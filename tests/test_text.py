@@ -230,3 +230,17 @@ def test_score_of_a_text_proxy_is_the_sum_over_tokens():
     parts = [upvit.score(model, {k: v[i:i + 1] for k, v in x.items()}, method="kl", candidates={"attn.1": [2, 9]},
                          progress=False)["attn.1"] for i in range(4)]
     torch.testing.assert_close(whole[[2, 9]], sum(p[[2, 9]] for p in parts), rtol=1e-6, atol=0)
+
+
+def test_trailing_padding_columns_are_trimmed_without_changing_a_score():
+    from upvit.importance.api import trim_padding
+
+    model, x = tiny_gpt2(seed=4), token_inputs(n=3, length=10, pad_last=0)
+    x["attention_mask"][:, 7:] = 0  # every sample padded after position 7
+    trimmed = trim_padding(x)
+    assert trimmed["input_ids"].shape == (3, 7) and torch.equal(trimmed["input_ids"], x["input_ids"][:, :7])
+    cands = {"res.0": [0, 3], "ffn.1": [1, 8]}
+    full = upvit.score(model, x, method="kl", candidates=cands, progress=False)
+    short = upvit.score(model, trimmed, method="kl", candidates=cands, progress=False)
+    for key, idx in cands.items():
+        torch.testing.assert_close(full[key][idx], short[key][idx], rtol=1e-5, atol=0)

@@ -315,8 +315,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         model = load_model(args.model, args.checkpoint)
         adapter = get_adapter(model)
         get_method(args.method)  # an unknown method fails before any data is read
-        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
-                               tokenizer=getattr(model, "upvit_tokenizer", None))
+        dataset, info = load_data(args.data, data_config=model.upvit_config.data_config or None,
+                                  tokenizer=getattr(model, "upvit_tokenizer", None))
+        if args.per_class and info.num_classes is None:
+            raise UpvitError("--per-class needs classes, and text data has none: use --proxy-size N")
         subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
                                       per_class=args.per_class, seed=args.seed)
         images = proxy_tensor(subset, adapter.input_size())  # images, or a dict of token tensors for text

