@@ -259,7 +259,7 @@ def similarity_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[s
     a, b = sa[iu[0], iu[1]], sb[iu[0], iu[1]]
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    spearman = float((ra * rb).sum() / (ra.norm() * rb.norm()))
+    spearman = max(-1.0, min(1.0, float((ra * rb).sum() / (ra.norm() * rb.norm()))))  # clamp float noise
     eye = torch.eye(n, dtype=torch.bool)
     nn_a = sa.masked_fill(eye, -float("inf")).argmax(1)
     nn_b = sb.masked_fill(eye, -float("inf")).argmax(1)
