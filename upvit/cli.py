@@ -53,7 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config.class_names = info.class_names
     val_ds = load_data(args.val_data, data_config=config.data_config, tokenizer=text.get("tokenizer"))[0] \
         if args.val_data else None
-    if getattr(model, "num_classes", info.num_classes) != info.num_classes:
+    if _num_classes(model, info.num_classes) != info.num_classes:
+        if getattr(model, "num_classes", None) is None:  # a transformers classifier
+            raise UpvitError(f"the model has {_num_classes(model, None)} classes but the data has {info.num_classes}: "
+                             f"add num_labels={info.num_classes} to the hf spec")
         raise UpvitError(f"the model has {model.num_classes} classes but the data has {info.num_classes}: "
                          f"add num_classes={info.num_classes} to the timm spec")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
@@ -68,6 +71,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss", "val_perplexity")
                                               if k in record or k != "val_perplexity"}))
     return 0
+
+
+def _num_classes(model, default):
+    """A classifier's class count: timm's ``num_classes``, transformers' ``config.num_labels`` (image
+    classifiers); ``default`` for models without classes (text)."""
+    if getattr(model, "num_classes", None) is not None:
+        return model.num_classes
+    from .hf import task_of
+
+    if task_of(model) == "image-classification":
+        return model.config.num_labels
+    return default
 
 
 def _text_kwargs(model) -> dict:
@@ -122,8 +137,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     data_config = student.upvit_config.data_config or None
     tokenizer = getattr(student, "upvit_tokenizer", None) or getattr(teacher, "upvit_tokenizer", None)
     train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed, tokenizer=tokenizer)
-    if getattr(student, "num_classes", info.num_classes) != info.num_classes:
-        raise UpvitError(f"the model has {student.num_classes} classes but the data {args.data!r} has {info.num_classes}")
+    if _num_classes(student, info.num_classes) != info.num_classes:
+        raise UpvitError(f"the model has {_num_classes(student, None)} classes but the data {args.data!r} has "
+                         f"{info.num_classes}")
     val_ds = load_data(args.val_data, data_config=data_config, tokenizer=tokenizer)[0] if args.val_data else None
     lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256  # public recipe: 1e-3 at batch 256
     warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs)

@@ -284,3 +284,25 @@ def test_the_packaged_minilm_prunes_to_192_6_768_and_reloads_with_automodel(tmp_
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (192, 6, 768)
     assert torch.equal(own_output(plain, x), own_output(pruned, x))
     assert len(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m"))) == len(tok)
+
+
+def test_cli_trains_scores_and_prunes_an_hf_vit_on_animal_mnist(tmp_path, capsys):
+    from upvit.cli import main
+
+    spec = ("hf:vit,image_size=28,patch_size=7,num_channels=1,num_labels=10,hidden_size=24,num_hidden_layers=2,"
+            "num_attention_heads=4,intermediate_size=32")
+    out, scores, pruned = (str(tmp_path / n) for n in ("vit", "s.safetensors", "pruned"))
+    assert main(["train", spec.replace("num_labels=10", "num_labels=3"), "--data", "animal-mnist:train",
+                 "--epochs", "1", "--out", out]) == 2
+    assert "add num_labels=10 to the hf spec" in capsys.readouterr().err
+    assert main(["train", spec, "--data", "animal-mnist:train", "--epochs", "1", "--batch-size", "8",
+                 "--max-steps-per-epoch", "2", "--out", out]) == 0
+    assert main(["score", out, "--data", "animal-mnist:train", "--proxy-size", "4", "--out", scores]) == 0
+    assert main(["prune", out, "--scores", scores, "--embed-dim", "12", "--num-heads", "4", "--attn-dim", "20",
+                 "--mlp-hidden", "16", "--out", pruned]) == 0
+    import transformers
+
+    plain = transformers.ViTForImageClassification.from_pretrained(pruned)
+    assert plain.config.head_dim == 5 and plain.config.hidden_size == 12
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(own_output(plain.eval(), x), own_output(upvit.load(pruned), x))
