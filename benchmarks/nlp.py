@@ -248,6 +248,9 @@ def report(state: dict[str, Any]) -> str:
             if r:
                 lines.append(f"| {name} | {r['params']:,} | {r['params'] / t['params']:.1%} | {r['macs']:,} | "
                              f"{r['val_perplexity_before']:.1f} | {r['val_perplexity']:.2f} | {r['finetune_seconds']:.0f} |")
+        curve = teacher_curve()
+        if curve:
+            lines += ["", "Teacher training curve (`upvit/assets/lm_teacher/log.jsonl`):", "", curve]
         if "scores" in lm:
             lines += ["", f"Scores: exact KL on {s['proxy_size']} training blocks (seed {s['proxy_seed']}, "
                           f"{lm['scores']['proxy_tokens']:,} tokens), {lm['scores']['seconds']:.0f} s this run; "
@@ -279,6 +282,21 @@ def report(state: dict[str, Any]) -> str:
     if machine_line:
         lines += [f"Machine: {machine_line}.", ""]
     return "\n".join(lines)
+
+
+def teacher_curve() -> str:
+    """The LM teacher's per-epoch log as a Markdown table ('' if it is not there)."""
+    path = os.path.join(LM_TEACHER, "log.jsonl")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    out = ["| epoch | train CE | val CE | val perplexity | next-token top-1 | epoch time (s) |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['epoch']} | {r['train_ce']:.3f} | {r['val_loss']:.3f} | {r['val_perplexity']:.2f} | "
+                   f"{r['val_top1']:.1f}% | {r['epoch_seconds']:.0f} |")
+    return "\n".join(out)
 
 
 def main() -> None:
