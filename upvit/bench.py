@@ -3,7 +3,8 @@
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one image while every
 attention module runs its explicit (unfused) path (the model's adapter switches it), so the two
 attention matmuls (q k^T and attn v) are counted as ordinary matmuls. We report multiply-accumulates ("MACs"), the unit the ViT papers
-call FLOPs (timm DeiT-S: 4.6 G).
+call FLOPs (timm DeiT-S: 4.6 G). Text models are measured on one sequence of their block length
+(``input_size`` is ``[T]``; throughput is sequences/s, ``tokens_per_second`` is added).
 """
 from __future__ import annotations
 
@@ -45,17 +46,30 @@ def input_size_of(model: nn.Module) -> tuple[int, ...]:
     return tuple(size) if size else (3, 224, 224)
 
 
+def example_batch(model: nn.Module, batch_size: int, input_size: tuple[int, ...] | None, device, random: bool = False):
+    """A batch of model inputs: images, or (text models) token ids of the block length."""
+    from .hf import task_of
+
+    if task_of(model) in ("causal-lm", "masked-lm", "sentence-embedding"):
+        adapter = _adapter(model)
+        return adapter.example_inputs(batch_size, device)
+    input_size = input_size or input_size_of(model)
+    make = torch.randn if random else torch.zeros
+    return make(batch_size, *input_size, device=device)
+
+
 @torch.inference_mode()
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
-    """Multiply-accumulates of one forward pass on one image."""
+    """Multiply-accumulates of one forward pass on one image (one sequence for a text model)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    input_size = input_size or input_size_of(model)
+    from .evaluation import model_output
+
     was_training = model.training
     model.eval()
-    x = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+    x = example_batch(model, 1, input_size, next(model.parameters()).device)
     with unfused_attention(model), FlopCounterMode(display=False) as counter:
-        model(x)
+        model_output(model, x)
     model.train(was_training)
     return counter.get_total_flops() // 2
 
@@ -64,18 +78,19 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None)
 def throughput(model: nn.Module, batch_size: int = 64, input_size: tuple[int, int, int] | None = None,
                warmup: int = 3, runs: int = 10, device: str | torch.device = "cpu") -> dict[str, float]:
     """Images/s at ``batch_size``: median over ``runs`` timed forwards after ``warmup`` untimed ones."""
-    input_size = input_size or input_size_of(model)
+    from .evaluation import model_output
+
     device = torch.device(device)
     model = model.eval().to(device)
-    x = torch.randn(batch_size, *input_size, device=device)
+    x = example_batch(model, batch_size, input_size, device, random=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        model(x)
+        model_output(model, x)
     sync()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        model(x)
+        model_output(model, x)
         sync()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
@@ -85,8 +100,11 @@ def throughput(model: nn.Module, batch_size: int = 64, input_size: tuple[int, in
 
 def describe(model: nn.Module, name: str, batch_size: int = 64, runs: int = 10, device: str = "cpu") -> dict[str, Any]:
     """One row of the bench table."""
-    return {"model": name, "params": count_params(model), "macs": count_macs(model),
-            "input_size": list(input_size_of(model)), **throughput(model, batch_size=batch_size, runs=runs, device=device)}
+    row = {"model": name, "params": count_params(model), "macs": count_macs(model),
+           "input_size": list(input_size_of(model)), **throughput(model, batch_size=batch_size, runs=runs, device=device)}
+    if len(row["input_size"]) == 1:  # a text model: one sample is a sequence of input_size[0] tokens
+        row["tokens_per_second"] = row["images_per_second"] * row["input_size"][0]
+    return row
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

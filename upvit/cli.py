@@ -25,7 +25,8 @@ def command(name: str):
 
 
 def _add_model_args(p: argparse.ArgumentParser, name: str = "model", nargs=None) -> None:
-    p.add_argument(name, nargs=nargs, help="model directory (config.json + model.safetensors) or timm:NAME[,key=value,...]")
+    p.add_argument(name, nargs=nargs, help="model directory (upvit or Hugging Face save_pretrained), timm:NAME[,key=value,...] "
+                   "or hf:PATH_OR_NAME[,key=value,...]")
     p.add_argument("--checkpoint", help="state dict (.safetensors or .pth) to load into the model")
 
 
@@ -100,26 +101,22 @@ def _report_unreadable(*datasets) -> None:
         warn(note)
 
 
-# ----------------------------------------------------------------------------------------- train
-@command("train")
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_image_data(args: argparse.Namespace, model):
+    """Training and validation image datasets for ``upvit train``, read the way the model wants them
+    (its data config decides the transform), with the classes checked (or mapped) against the model's."""
     from .data import align_classes, load_data
-    from .models import load_model
-    from .train import TrainConfig, fit
 
-    check_output_dir(args.out, force=args.force, resume=args.resume,
-                     inputs=[args.model, args.checkpoint, args.data, args.val_data])
-    model = load_model(args.model, args.checkpoint)
     config = model.upvit_config
-    # the model's data config decides the transform (input size, channels), also for ImageFolders
     train_ds, info = load_data(args.data, data_config=config.data_config or None, train=True, seed=args.seed,
                                skip_bad_images=args.skip_bad_images)
-    outputs = getattr(model, "num_classes", None)
+    outputs = _num_classes(model, None)
     if config.class_names or args.class_map:  # a model that already knows its classes, or an explicit map
         train_ds = align_classes(train_ds, info, config.class_names, outputs, args.class_map, repr(args.data))
     elif outputs is not None and outputs != info.num_classes:
-        raise UpvitError(f"the model has {model.num_classes} classes but the data has {info.num_classes}: "
-                         f"add num_classes={info.num_classes} to the timm spec")
+        key = "num_classes" if getattr(model, "num_classes", None) is not None else "num_labels"
+        spec = "timm" if key == "num_classes" else "hf"
+        raise UpvitError(f"the model has {outputs} classes but the data has {info.num_classes}: "
+                         f"add {key}={info.num_classes} to the {spec} spec")
     else:
         config.class_names = info.class_names
     config.data_config = info.data_config()
@@ -128,10 +125,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_ds, val_info = load_data(args.val_data, data_config=config.data_config, skip_bad_images=args.skip_bad_images)
         val_ds = align_classes(val_ds, val_info, config.class_names, outputs, args.class_map, repr(args.val_data))
     _check_images(args, train_ds, val_ds)
+    return train_ds, val_ds
+
+
+# ----------------------------------------------------------------------------------------- train
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_data
+    from .models import load_model
+    from .train import TrainConfig, fit
+
+    check_output_dir(args.out, force=args.force, resume=args.resume,
+                     inputs=[args.model, args.checkpoint, args.data, args.val_data])
+    model = load_model(args.model, args.checkpoint)
+    config = model.upvit_config
+    text = _text_kwargs(model)  # text models: their task and tokenizer decide how the data is read
+    if text:
+        train_ds, info = load_data(args.data, train=True, seed=args.seed, **text)
+        config.data_config = info.data_config()
+        val_ds = load_data(args.val_data, data_config=config.data_config, tokenizer=text.get("tokenizer"))[0] \
+            if args.val_data else None
+    else:
+        train_ds, val_ds = _train_image_data(args, model)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, ema_decay=args.ema_decay, seed=args.seed,
-                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
+                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch,
+                      grad_clip=args.grad_clip)
     if args.drop_path:
         _set_drop_path(model, args.drop_path)
     if args.force and not args.resume:
@@ -140,8 +160,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = _fit_or_explain(lambda: fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
                                          extra_config={"command": " ".join(["upvit", *sys.argv[1:]])}), args.out)
     _report_unreadable(train_ds, val_ds)
-    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss")}))
+    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss", "val_perplexity")
+                                              if k in record or k != "val_perplexity"}))
     return 0
+
+
+def _num_classes(model, default):
+    """A classifier's class count: timm's ``num_classes``, transformers' ``config.num_labels`` (image
+    classifiers); ``default`` for models without classes (text)."""
+    if getattr(model, "num_classes", None) is not None:
+        return model.num_classes
+    from .hf import task_of
+
+    if task_of(model) == "image-classification":
+        return model.config.num_labels
+    return default
+
+
+def _text_kwargs(model) -> dict:
+    """``load_data`` arguments of a text model (its task and tokenizer); {} for an image model."""
+    from .hf import task_of
+
+    task = task_of(model)
+    if task in ("causal-lm", "masked-lm", "sentence-embedding"):
+        return {"data_config": model.upvit_config.data_config, "tokenizer": getattr(model, "upvit_tokenizer", None)}
+    return {}
 
 
 def _set_drop_path(model, rate: float) -> None:
@@ -168,6 +211,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=nonneg_float, default=2.0, help="linear warm-up from 0")
     p.add_argument("--label-smoothing", type=rate, default=0.1, help="label smoothing of the cross-entropy")
     p.add_argument("--drop-path", type=rate, default=0.0, help="stochastic depth rate of the last block")
+    p.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this value")
     _add_run_args(p)
 
 
@@ -187,21 +231,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     random_weights_warning(args.teacher, args.teacher_checkpoint, "--teacher-checkpoint")
     check_teacher(student, teacher)
     data_config = student.upvit_config.data_config or None
-    classes, outputs = student.upvit_config.class_names, getattr(student, "num_classes", None)
-    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
-                               skip_bad_images=args.skip_bad_images)
-    train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
-    val_ds = None
-    if args.val_data:
-        val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
-        reference = classes if args.class_map else classes or info.class_names  # else: val must match train
-        val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
-    _check_images(args, train_ds, val_ds)
+    tokenizer = getattr(student, "upvit_tokenizer", None) or getattr(teacher, "upvit_tokenizer", None)
+    if _text_kwargs(student):  # text: the student's task and tokenizer decide how the data is read
+        train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed, tokenizer=tokenizer)
+        val_ds = load_data(args.val_data, data_config=data_config, tokenizer=tokenizer)[0] if args.val_data else None
+    else:
+        classes, outputs = student.upvit_config.class_names, _num_classes(student, None)
+        train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
+                                   skip_bad_images=args.skip_bad_images)
+        train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
+        val_ds = None
+        if args.val_data:
+            val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
+            reference = classes if args.class_map else classes or info.class_names  # else: val must match train
+            val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
+        _check_images(args, train_ds, val_ds)
     lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256  # public recipe: 1e-3 at batch 256
     warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
                       weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay, seed=args.seed,
-                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch)
+                      num_workers=args.workers, amp=args.amp, max_steps_per_epoch=args.max_steps_per_epoch,
+                      grad_clip=args.grad_clip)
     if args.force and not args.resume:
         discard_stale_checkpoint(args.out)
     flush_warnings()
@@ -211,7 +261,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         distill=args.distill),
         args.out)
     _report_unreadable(train_ds, val_ds)
-    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss")}))
+    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss",
+                                                                         "val_perplexity") if k in record}))
     return 0
 
 
@@ -235,6 +286,7 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
     p.add_argument("--weight-decay", type=nonneg_float, default=1e-3, help="AdamW weight decay")
     p.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warm-up (default min(2, epochs / 10))")
+    p.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this value")
     _add_run_args(p)
 
 
@@ -250,14 +302,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_json_path(args.json)
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
-    dataset, info = load_data(args.data, data_config=model.upvit_config.data_config,
-                              skip_bad_images=args.skip_bad_images)
-    dataset = align_classes(dataset, info, model.upvit_config.class_names, getattr(model, "num_classes", None),
-                            args.class_map, repr(args.data))
+    from .hf import task_of
+
+    if _text_kwargs(model):
+        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config,
+                               tokenizer=getattr(model, "upvit_tokenizer", None))
+    else:
+        dataset, info = load_data(args.data, data_config=model.upvit_config.data_config,
+                                  skip_bad_images=args.skip_bad_images)
+        dataset = align_classes(dataset, info, model.upvit_config.class_names, _num_classes(model, None),
+                                args.class_map, repr(args.data))
+    if args.teacher and task_of(model) != "sentence-embedding":
+        raise UpvitError("--teacher applies to sentence encoders only")
+    if task_of(model) == "sentence-embedding" and not args.teacher:
+        raise UpvitError("a sentence encoder is evaluated against its teacher: add --teacher MODEL")
     flush_warnings()
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device)
-    _report_unreadable(dataset)
-    print(f"top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['n']} images)")
+    if task_of(model) == "sentence-embedding":  # no labels: how well the teacher's similarities are kept
+        from .text import embedding_agreement
+
+        metrics = embedding_agreement(model, load_model(args.teacher), dataset, max_sentences=args.max_sentences,
+                                      batch_size=args.batch_size, device=args.device)
+        print(f"similarity Spearman {metrics['spearman']:.4f}  nearest-neighbour agreement "
+              f"{metrics['nn_agreement']:.4f}  ({metrics['sentences']} sentences, {metrics['pairs']} pairs)")
+    else:
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, device=args.device)
+        _report_unreadable(dataset)
+        if "perplexity" in metrics:
+            print(f"perplexity {metrics['perplexity']:.3f}  loss {metrics['loss']:.4f}  next-token top-1 "
+                  f"{metrics['top1']:.2f}%  ({metrics['n']} tokens)")
+        else:
+            print(f"top-1 {metrics['top1']:.2f}%  loss {metrics['loss']:.4f}  ({metrics['n']} images)")
     if args.json:
         atomic_write_json(args.json, {"model": args.model, "data": args.data, **metrics})  # creates the folder
     return 0
@@ -265,8 +339,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="animal-mnist:val or an ImageFolder directory")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward")
+    p.add_argument("--data", required=True, help="animal-mnist:val, an ImageFolder directory, shakespeare:val or text:FILE")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images (or text blocks) per forward")
+    p.add_argument("--teacher", help="sentence encoders: the model whose sentence similarities should be kept")
+    p.add_argument("--max-sentences", type=positive_int, default=1000, help="sentence encoders: sentences compared (first N)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", help="also write the metrics to this JSON file (its folder is created)")
     _add_data_args(p)
@@ -408,14 +484,22 @@ def cmd_score(args: argparse.Namespace) -> int:
         model = load_model(args.model, args.checkpoint)
         random_weights_warning(args.model, args.checkpoint)
         adapter = get_adapter(model)
-        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
-                               skip_bad_images=args.skip_bad_images)
-        subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
-                                      per_class=args.per_class, seed=args.seed)
-        images = proxy_tensor(stack_images(subset), adapter.input_size())  # unreadable files: error or dropped
-        if len(images) < len(subset):
-            record.update(num_images=len(images), unreadable_skipped=len(subset) - len(images))
-            warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
+        if _text_kwargs(model):
+            if args.per_class:
+                raise UpvitError("--per-class needs classes, and text data has none: use --proxy-size N")
+            dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
+                                   tokenizer=getattr(model, "upvit_tokenizer", None))
+            subset, record = sample_proxy(dataset, size=args.proxy_size, seed=args.seed)
+            images = proxy_tensor(subset, adapter.input_size())  # a dict of token tensors
+        else:
+            dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
+                                   skip_bad_images=args.skip_bad_images)
+            subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
+                                          per_class=args.per_class, seed=args.seed)
+            images = proxy_tensor(stack_images(subset), adapter.input_size())  # unreadable files: error or dropped
+            if len(images) < len(subset):
+                record.update(num_images=len(images), unreadable_skipped=len(subset) - len(images))
+                warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
         record["data"] = args.data
         device = torch.device(args.device) if args.device else dist_utils.default_device()
         meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
@@ -427,8 +511,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                        meta=meta, **options)
         if dist_utils.is_main():
+            from .adapters.base import batch_len
+
             print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
-                  f"on {len(images)} proxy images in {time.time() - t0:.1f}s")
+                  f"on {batch_len(images)} proxy samples in {time.time() - t0:.1f}s")
         return 0
     finally:
         if started:

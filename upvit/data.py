@@ -7,6 +7,7 @@ Data specs accepted wherever the CLI takes ``--data``:
   The split is stratified and fixed: for each class in label order, the class's indices are
   permuted by one ``numpy.random.default_rng(0)`` generator, the first 800 go to ``train`` and the
   last 200 to ``val`` (8,000 / 2,000 images).
+* ``shakespeare:train|val|all`` and ``text:FILE_OR_DIR``: text, for text models (:mod:`upvit.text`).
 * a directory in ImageNet layout (one sub-folder per class): read with torchvision's ImageFolder
   and the usual ViT evaluation transform (resize to ``size / crop_pct``, centre crop, normalise)
   taken from the model's data config (input size and channels included: a 1-channel model reads
@@ -361,9 +362,17 @@ def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = Fa
 
 
 def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool = False, seed: int = 0,
-              skip_bad_images: bool = False) -> tuple[Dataset, DataInfo]:
+              skip_bad_images: bool = False, tokenizer: Any = None) -> tuple[Dataset, DataInfo]:
     """Resolve a data spec (see module doc). ``train`` turns augmentation on; ``skip_bad_images``
-    skips (and counts) unreadable files of an ImageFolder instead of failing on the first."""
+    skips (and counts) unreadable files of an ImageFolder instead of failing on the first. Text specs
+    (``shakespeare:SPLIT``, ``text:FILE_OR_DIR``, see :mod:`upvit.text`) are tokenised with
+    ``tokenizer`` for the task in ``data_config`` and return a :class:`upvit.text.TextInfo`."""
+    from .text import is_text_spec, text_dataset
+
+    if is_text_spec(spec):
+        return text_dataset(spec, tokenizer, data_config)
+    if (data_config or {}).get("task") in ("causal-lm", "masked-lm", "sentence-embedding"):
+        raise UpvitError(f"this is a text model, but {spec!r} is image data: use shakespeare:SPLIT or text:FILE_OR_DIR")
     if spec.startswith("animal-mnist"):
         _, _, split = spec.partition(":")
         ds, info = animal_mnist(split or ("train" if train else "val"), augment=train, seed=seed)

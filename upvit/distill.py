@@ -21,6 +21,15 @@ where f is the pooled feature that enters the final linear classifier (:meth:`Ad
 The pruned student's feature channel i *is* the teacher's residual channel ``keep[i]`` of the last
 stage (the plan recorded it, ``config.extra["plan"]``), so the teacher's features are read at those
 channels: no learned projection, nothing added to the student.
+
+Language models (logits ``[B, T, V]``, labels ``[B, T]`` with -100 where there is no target): the
+same loss per token, the CE and the KL both averaged over the positions that have a target (for
+the fixed blocks of :mod:`upvit.text`, every position), i.e. "batchmean" over tokens.
+
+Sentence encoders (no distribution to match): :class:`EmbeddingDistillation` matches the in-batch
+cosine-similarity matrix of the student's sentence embeddings to the teacher's (mean squared
+difference over the off-diagonal pairs), which works whatever the two embedding widths are and is
+what a sentence encoder is used for.
 """
 from __future__ import annotations
 
@@ -32,12 +41,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UpvitError
-from .evaluation import logits_of
+from .evaluation import model_output
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                       alpha: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, ce, kl)`` for given logits; ``kl`` is batchmean KL(q || p) at ``temperature`` (without T^2)."""
+    """``(loss, ce, kl)`` for given logits; ``kl`` is batchmean KL(q || p) at ``temperature`` (without T^2).
+    Per-token logits ``[B, T, V]`` count the positions whose label is not -100."""
+    if student_logits.dim() == 3:
+        keep = labels.flatten() != -100
+        student_logits = student_logits.flatten(0, 1)[keep]
+        teacher_logits = teacher_logits.flatten(0, 1)[keep]
+        labels = labels.flatten()[keep]
     ce = F.cross_entropy(student_logits, labels)
     log_p = F.log_softmax(student_logits / temperature, dim=-1)
     log_q = F.log_softmax(teacher_logits / temperature, dim=-1)
@@ -90,15 +105,17 @@ class DistillationLoss:
                 "reduction": "batchmean", "t2_scaling": True, "teacher_fingerprint": self._teacher_id}
 
     @torch.no_grad()
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's float32 logits for ``images`` (teacher moved to their device if needed)."""
+    def teacher_logits(self, images) -> torch.Tensor:
+        """The teacher's float32 logits for ``images`` (an image tensor or a dict of token tensors;
+        teacher moved to their device if needed)."""
+        device = (next(iter(images.values())) if isinstance(images, dict) else images).device
         first = next(self.teacher.parameters(), None)
-        if first is not None and first.device != images.device:
-            self.teacher.to(images.device)
+        if first is not None and first.device != device:
+            self.teacher.to(device)
         self.teacher.eval()
-        use_bf16 = self.amp == "bf16" or (self.amp == "auto" and images.device.type == "cuda")
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = logits_of(self.teacher(images))
+        use_bf16 = self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model_output(self.teacher, images)
         return out.float()
 
     def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -234,6 +251,30 @@ class FeatureDistillationLoss:
         return f"FeatureDistillationLoss(alpha={self.alpha})"
 
 
+class EmbeddingDistillation(DistillationLoss):
+    """For sentence encoders: ``loss = alpha * mean over pairs i != j of (cos_s(i, j) - cos_t(i, j))^2``,
+    the student's and the teacher's in-batch cosine similarities of their (L2-normalised) sentence
+    embeddings. Labels and temperature are unused. Any embedding widths work."""
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "criterion": "embedding-similarity distillation",
+                "reduction": "mean over in-batch sentence pairs", "t2_scaling": False}
+
+    def __call__(self, logits: torch.Tensor, images, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        teacher = self.teacher_logits(images)
+        if logits.dim() != 2 or teacher.dim() != 2 or logits.shape[0] < 2:
+            raise UpvitError("embedding distillation needs [batch, width] sentence embeddings and a batch of >= 2")
+        loss = similarity_mse(logits, teacher)
+        return self.alpha * loss, {"sim_mse": loss.item()}
+
+
+def similarity_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of the off-diagonal in-batch cosine similarities (rows re-normalised)."""
+    s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+    off = ~torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    return ((s @ s.T - t @ t.T)[off] ** 2).mean()
+
+
 def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a teacher whose classes or input size differ from the student's (one clear line)."""
     s_classes, t_classes = getattr(student, "num_classes", None), getattr(teacher, "num_classes", None)
@@ -265,14 +306,20 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
     """
     from .train import fit
 
+    from .hf import task_of
+
     if distill not in DISTILL_KINDS:
         raise UpvitError(f"distill must be one of {', '.join(DISTILL_KINDS)}, got {distill!r}")
     check_teacher(student, teacher)
     if distill == "features":
+        if task_of(student) in ("causal-lm", "masked-lm", "sentence-embedding"):
+            raise UpvitError("distill='features' reads an image classifier's penultimate features: use distill='logits' "
+                             "for text models")
         criterion: Any = FeatureDistillationLoss(teacher, student, feature_channels_from_plan(student, teacher),
                                                  alpha=alpha, amp=cfg.amp)
     else:
-        criterion = DistillationLoss(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp)
+        kind = EmbeddingDistillation if task_of(student) == "sentence-embedding" else DistillationLoss
+        criterion = kind(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp)
     t_cfg = getattr(teacher, "upvit_config", None)
     provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.timm_name if t_cfg else type(teacher).__name__)}
     extra = {**(extra_config or {}), "distillation": provenance}

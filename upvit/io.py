@@ -84,6 +84,10 @@ def save(model: nn.Module, directory: str, config: ModelConfig | None = None) ->
     >>> upvit.save(model, "/tmp/copy")               # doctest: +SKIP
     """
     config = config or model_config(model)
+    if config.family == "hf":  # a plain save_pretrained directory + the upvit.json sidecar
+        from .hf import save_hf_dir
+
+        return save_hf_dir(model, directory, config)
     os.makedirs(directory, exist_ok=True)
     save_tensors(os.path.join(directory, WEIGHTS_FILE), model.state_dict(), metadata={"format": "pt"})
     atomic_write_json(os.path.join(directory, CONFIG_FILE), config.to_dict())
@@ -103,7 +107,11 @@ def read_config(directory: str) -> ModelConfig:
 
 
 def load(directory: str) -> nn.Module:
-    """Rebuild a model from its directory, in eval mode."""
+    """Rebuild a model from its directory, in eval mode (an upvit or a Hugging Face directory)."""
+    from .hf import is_hf_dir, load_hf_dir
+
+    if is_hf_dir(directory):
+        return load_hf_dir(directory)
     config = read_config(directory)
     state, _ = load_tensors(os.path.join(directory, WEIGHTS_FILE))
     model = build_model(config)

@@ -1,7 +1,8 @@
 """Model specs and configs: how a model is named, built and described.
 
 A MODEL argument is either a model directory written by :func:`upvit.save` (``config.json`` +
-``model.safetensors``) or ``timm:NAME`` with optional constructor kwargs after commas, values as
+``model.safetensors``; or a Hugging Face ``save_pretrained`` directory, see :mod:`upvit.hf`),
+``hf:PATH_OR_NAME[,key=value,...]`` or ``timm:NAME`` with optional constructor kwargs after commas, values as
 JSON literals, e.g. ``timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_classes=10``.
 A ``timm:`` model gets random weights unless a checkpoint (a state dict in ``.safetensors`` or
 ``.pth``) is given.
@@ -24,7 +25,10 @@ CONFIG_VERSION = 1
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model: ``timm.create_model(timm_name, **timm_kwargs)``."""
+    """Everything needed to rebuild a model: ``timm.create_model(timm_name, **timm_kwargs)``.
+
+    For Hugging Face models (``family == "hf"``, see :mod:`upvit.hf`) ``timm_name`` holds the
+    transformers class name; the architecture itself lives in HF's own ``config.json``."""
 
     timm_name: str
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -162,9 +166,13 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
 
 
 def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
-    """Resolve a MODEL argument (a model directory or ``timm:NAME[,k=v...]``)."""
+    """Resolve a MODEL argument (a model directory, ``timm:NAME[,k=v...]`` or ``hf:PATH_OR_NAME[,k=v...]``)."""
     if spec.startswith("timm:"):
         return model_from_timm_spec(spec, checkpoint)
+    if spec.startswith("hf:"):
+        from .hf import load_hf_spec
+
+        return load_hf_spec(spec, checkpoint)
     if os.path.isdir(spec):
         from .io import load
 
@@ -176,7 +184,8 @@ def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
         return model
     if os.path.exists(spec):
         raise UpvitError(f"{spec!r} is a file, not a model directory: pass the directory holding config.json")
-    raise UpvitError(f"model {spec!r} not found: pass a model directory (config.json + model.safetensors) or timm:NAME")
+    raise UpvitError(f"model {spec!r} not found: pass a model directory (config.json + model.safetensors), timm:NAME "
+                     "or hf:PATH")
 
 
 def model_config(model: nn.Module) -> ModelConfig:

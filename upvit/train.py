@@ -30,7 +30,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as dist_utils
 from .errors import UpvitError
-from .evaluation import evaluate, logits_of
+from .adapters.base import batch_len, batch_to
+from .evaluation import evaluate, model_output
 from .fingerprint import digest
 from .io import atomic_write_bytes, save
 from .progress import progress
@@ -78,7 +79,9 @@ class CrossEntropy:
         self.label_smoothing = label_smoothing
 
     def __call__(self, logits, images, labels):
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if logits.dim() == 3:  # a language model: one prediction per position, -100 = no target
+            logits, labels = logits.flatten(0, 1), labels.flatten()
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, ignore_index=-100)
         return loss, {"ce": loss.item()}
 
 
@@ -201,11 +204,11 @@ def fit(
         bar = progress(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         # islice, not a break: a break would first load (and decode) one batch the epoch never uses
         for i, (images, labels) in enumerate(itertools.islice(loader, steps_per_epoch)):
-            images, labels = images.to(device, non_blocking=True), torch.as_tensor(labels).to(device)
+            images, labels = batch_to(images, device), torch.as_tensor(labels).to(device)  # images or a token dict
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = logits_of(train_model(images))
+                logits = model_output(train_model, images)
             loss, parts = criterion(logits.float(), images, labels)
             if not torch.isfinite(loss):
                 raise UpvitError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr or check the data")
@@ -216,13 +219,17 @@ def fit(
             optimizer.step()
             if ema is not None:
                 with torch.no_grad():
+                    done = set()  # tied weights (an LM head tied to the embeddings) appear twice: update once
                     for e, p in zip(ema.state_dict().values(), model.state_dict().values()):
+                        if e.data_ptr() in done:
+                            continue
+                        done.add(e.data_ptr())
                         if e.is_floating_point():
                             e.copy_(e * cfg.ema_decay + p.detach() * (1 - cfg.ema_decay))
                         else:  # integer buffers (counters) are copied, not averaged
                             e.copy_(p)
             step += 1
-            seen += labels.numel()
+            seen += batch_len(images)
             parts = {"loss": loss.item(), **parts}
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -236,6 +243,8 @@ def fit(
         if val_data is not None:
             metrics = evaluate(ema if ema is not None else model, val_data, batch_size=cfg.eval_batch_size, device=device)
             record.update({"val_top1": metrics["top1"], "val_loss": metrics["loss"]})
+            if "perplexity" in metrics:
+                record["val_perplexity"] = metrics["perplexity"]
         history.append(record)
         if dist_utils.is_main():
             _save_checkpoint(ckpt_path, {

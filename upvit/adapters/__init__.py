@@ -18,6 +18,9 @@ BUILTIN = (
     ("timm_vit", "upvit.adapters.timm_vit", "is_timm_vit", "TimmViTAdapter"),
     ("timm_swin", "upvit.adapters.timm_swin", "is_timm_swin", "TimmSwinAdapter"),
     ("timm_pvt_v2", "upvit.adapters.timm_pvt", "is_timm_pvt", "TimmPVTv2Adapter"),
+    ("hf_gpt2", "upvit.adapters.hf_gpt2", "is_hf_gpt2", "HFGPT2Adapter"),
+    ("hf_bert", "upvit.adapters.hf_bert", "is_hf_bert", "HFBertAdapter"),
+    ("hf_vit", "upvit.adapters.hf_vit", "is_hf_vit", "HFViTAdapter"),
 )
 _REGISTERED: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module], Adapter]]] = []
 

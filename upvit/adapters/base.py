@@ -19,6 +19,10 @@ branch adds nothing to the residual stream.
 ``end`` returns logits with an event axis, ``[B, E, K]``: E = 1 for an image classifier, E = T for a
 language model (one next-token distribution per position). The KL of docs/method.md is summed over
 samples and events, weighted by :meth:`Adapter.event_weights` (padding gets weight 0).
+
+A model whose output is not a distribution (a sentence encoder: ``end`` returns its embedding as
+``[B, 1, D]``) declares ``divergence = "cosine"``: the engines then sum ``1 - cos(original,
+candidate)`` over samples and events instead of the KL (:meth:`Adapter.output_divergence`).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UpvitError
@@ -219,6 +224,10 @@ class Adapter(ABC):
     """
 
     family: str = "abstract"
+    # how the scoring engines compare the original's output with a candidate's: "kl" (``end`` returns
+    # logits: KL(softmax(original) || softmax(candidate)), the paper's) or "cosine" (``end`` returns
+    # embeddings: 1 - cos(original, candidate), for encoders without a distribution over outputs)
+    divergence: str = "kl"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -287,6 +296,32 @@ class Adapter(ABC):
     def event_weights(self, inputs: Inputs) -> torch.Tensor | None:
         """``[B, E]`` weights of the output events (0 for padding), or None when all count."""
         return None
+
+    def output_reference(self, outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What :meth:`output_divergence` compares candidates with, from the original's ``[B, E, K]``
+        outputs (computed once per proxy batch): ``(log q, q)`` in float64 for "kl", the
+        L2-normalised outputs for "cosine"."""
+        if self.divergence == "kl":
+            logq = torch.log_softmax(outputs.double(), dim=-1)
+            return logq, logq.exp()
+        if self.divergence == "cosine":
+            return (F.normalize(outputs.double(), dim=-1),)
+        raise UpvitError(f"unknown divergence {self.divergence!r}: use 'kl' or 'cosine'")
+
+    def output_divergence(self, reference: tuple[torch.Tensor, ...], outputs: torch.Tensor,
+                          weights: torch.Tensor | None) -> torch.Tensor:
+        """``[C]`` float64: for each of C candidates (``outputs`` ``[C, B, E, K]``), the sum over the
+        batch and its events (weighted by ``weights`` ``[B, E]``) of KL(q || softmax(outputs)) for
+        "kl", or of 1 - cos(original, outputs) for "cosine"."""
+        if self.divergence == "kl":
+            logq, q = reference
+            logp = torch.log_softmax(outputs.double(), dim=-1)
+            d = (q.unsqueeze(0) * (logq.unsqueeze(0) - logp)).sum(-1)  # [C, B, E]
+        else:
+            d = 1 - (reference[0].unsqueeze(0) * F.normalize(outputs.double(), dim=-1)).sum(-1)
+        if weights is not None:
+            d = d * weights.unsqueeze(0)
+        return d.sum((1, 2))
 
     @abstractmethod
     def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()) -> contextlib.AbstractContextManager:

@@ -50,7 +50,8 @@ def get_method(name: str) -> MethodFn:
 
 
 def proxy_tensor(proxy: torch.Tensor | Dataset | DataLoader, input_size: tuple[int, ...] | None = None) -> torch.Tensor:
-    """All proxy images as one float tensor [N, C, H, W]; labels, if any, are dropped.
+    """All proxy images as one float tensor [N, C, H, W]; labels, if any, are dropped. A text proxy
+    set (samples whose inputs are dicts of token tensors) comes back as one dict of stacked tensors.
 
     Refuses an empty proxy set, images of the wrong size and non-finite pixels with one clear line.
     """
@@ -63,6 +64,10 @@ def proxy_tensor(proxy: torch.Tensor | Dataset | DataLoader, input_size: tuple[i
             chunks.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
         if not chunks:
             raise UpvitError("the proxy set is empty: give at least one image")
+        if isinstance(chunks[0], dict):
+            from ..adapters.base import batch_cat
+
+            return trim_padding(batch_cat(chunks))
         images = torch.cat(chunks)
     if images.numel() == 0 or images.shape[0] == 0:
         raise UpvitError("the proxy set is empty: give at least one image")
@@ -74,6 +79,17 @@ def proxy_tensor(proxy: torch.Tensor | Dataset | DataLoader, input_size: tuple[i
     if not torch.isfinite(images).all():
         raise UpvitError("the proxy images contain NaN or inf values: check the data and its transform")
     return images.float()
+
+
+def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Token inputs without the trailing positions that are padding in every sample (they change no
+    output that counts: padded keys are masked, padded positions have event weight 0)."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.shape[1] == 0:
+        return inputs
+    used = mask.ne(0).any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else mask.shape[1]
+    return {k: v[:, :length] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v for k, v in inputs.items()}
 
 
 def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict, method: str = "kl",

@@ -122,6 +122,21 @@ def _masks_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, Gra
     return logits, grads
 
 
+def require_kl(adapter: Adapter, method: str, inputs=None) -> None:
+    """Refuse a model whose output is not one distribution per input (the estimates are of that KL):
+    an encoder scored by an embedding divergence, or a language model (one distribution per token)."""
+    if adapter.divergence != "kl":
+        raise UpvitError(f"method {method!r} estimates the KL between output distributions, but this {adapter.family} "
+                         f"model is scored by the {adapter.divergence} divergence of its embeddings: use method 'kl' "
+                         "(exact)")
+    if isinstance(inputs, dict):  # token inputs: check the event count on one sample before any work
+        from ..adapters.base import batch_slice, batch_to
+
+        param = next(adapter.model.parameters())
+        with torch.no_grad():
+            _single_event(adapter, adapter.events(batch_to(batch_slice(inputs, 0, 1), param.device, param.dtype)))
+
+
 def _single_event(adapter: Adapter, events: torch.Tensor) -> torch.Tensor:
     if events.shape[1] != 1:
         raise UpvitError(f"the Fisher estimate needs one output distribution per input; this {adapter.family} model "
@@ -174,6 +189,7 @@ def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, 
     Extra keyword arguments are recorded in the metadata (e.g. the proxy set's description).
     """
     check_attention_option(attention)
+    require_kl(adapter, "fisher", images)
     t0 = time.perf_counter()
     sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank, engine)
     if attention == "local":

