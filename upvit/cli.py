@@ -265,7 +265,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from . import distributed as dist_utils
     from .adapters import get_adapter
     from .data import load_data, sample_proxy
-    from .importance.api import get_method, proxy_tensor, score
+    from .importance.api import LABELLED, get_method, proxy_labels, proxy_tensor, score
     from .models import load_model
 
     t0 = time.time()
@@ -291,6 +291,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             options.update({"targets": targets, "ratios": args.ratios})
         elif args.target or args.ratios:
             raise UpvitError("--target and --ratios apply to --method hybrid only")
+        if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
+            options["labels"] = proxy_labels(subset)
         scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                        meta=meta, **options)
         if dist_utils.is_main():
@@ -321,7 +323,7 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-size", type=int, default=2000, help="random proxy images (seeded)")
     p.add_argument("--per-class", type=int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=int, default=0, help="seed of the proxy sampling")
-    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random")
+    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random, taylor")
     p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's (repeatable)")
     p.add_argument("--ratios", type=float, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
     p.add_argument("--batch-size", type=int, default=64, help="proxy images per forward")
