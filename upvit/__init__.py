@@ -28,6 +28,7 @@ _EXPORTS = {
     "make_plan": "upvit.plan",
     "Plan": "upvit.plan",
     "prune": "upvit.surgery",
+    "prune_iteratively": "upvit.iterative",
 }
 
 
