@@ -283,14 +283,14 @@ def cmd_score(args: argparse.Namespace) -> int:
         model.to(device)
         meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
         options = {"batch_size": args.batch_size}
-        if args.method == "hybrid":
+        if args.method in ("hybrid", "greedy"):
             targets = _parse_targets(args.target)
             if targets is None and args.ratios is None:
-                raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
-                                 "or --ratios 0.5 0.25")
+                raise UpvitError(f"--method {args.method} needs the target shapes: --target EMBED,HEADS,MLP "
+                                 "(repeatable) or --ratios 0.5 0.25")
             options.update({"targets": targets, "ratios": args.ratios})
         elif args.target or args.ratios:
-            raise UpvitError("--target and --ratios apply to --method hybrid only")
+            raise UpvitError("--target and --ratios apply to --method hybrid and greedy only")
         if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
             options["labels"] = proxy_labels(subset)
         scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
@@ -323,8 +323,9 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-size", type=int, default=2000, help="random proxy images (seeded)")
     p.add_argument("--per-class", type=int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=int, default=0, help="seed of the proxy sampling")
-    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random, taylor")
-    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's (repeatable)")
+    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random, taylor, greedy")
+    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's; "
+                   "greedy: a shape whose residual width the greedy path passes (repeatable)")
     p.add_argument("--ratios", type=float, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
     p.add_argument("--batch-size", type=int, default=64, help="proxy images per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
