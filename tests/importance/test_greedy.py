@@ -199,3 +199,35 @@ def test_cli_score_greedy(tmp_path):
     assert upvit.make_plan(model, got, embed_dim=12, num_heads=2, mlp_hidden=24).keep_embed == after[12]
     r = subprocess.run(cmd[:-6] + ["--method", "greedy", "--out", out], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0 and "--method greedy needs the target shapes" in r.stderr
+
+
+def test_an_interrupted_run_resumes_from_its_rounds(setup, tmp_path):
+    model, images, (rounds, after) = setup
+    import upvit.importance.greedy as greedy_module
+
+    state = str(tmp_path / "greedy.json")
+    real = greedy_module.JointKL.removals
+    calls = {"n": 0}
+
+    def dying(self, keep, idx):
+        calls["n"] += 1
+        if float((1 - keep).sum()) >= 15:  # killed in the fourth round
+            raise KeyboardInterrupt
+        return real(self, keep, idx)
+
+    greedy_module.JointKL.removals = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            upvit.score(model, images, method="greedy", targets=TARGETS, batch=5, state_path=state)
+    finally:
+        greedy_module.JointKL.removals = real
+    import json
+
+    with open(state) as f:
+        assert len(json.load(f)["sites"]["res.0"]) == 3
+    s = upvit.score(model, images, method="greedy", targets=TARGETS, batch=5, state_path=state)
+    path = s.meta["greedy"]["res.0"]
+    _check_rounds(path["rounds"], rounds)
+    assert [r["scored"] for r in path["rounds"][3:5]] == [33, 28]
+    with pytest.raises(upvit.UpvitError, match="another model"):
+        upvit.score(model, images, method="greedy", targets=TARGETS, batch=6, state_path=state)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -163,14 +163,17 @@ def _lowest(values: torch.Tensor, channels: torch.Tensor, k: int) -> torch.Tenso
 
 def greedy_path(joint: JointKL, widths: list[int], screen_values: torch.Tensor, batch: int = 16,
                 screen: bool = False, band: float = 0.1, min_band: int = 4, z: float = 3.0,
-                exact_initial: bool = False) -> dict[str, Any]:
+                exact_initial: bool = False, done: list[dict[str, Any]] | None = None,
+                on_round: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """Greedy removal rounds on one site down to ``min(widths)``, passing through every width.
 
     ``joint``: anything with ``site.size``, ``removals(keep, idx)`` and ``current(keep)`` (a
     :class:`JointKL`). ``screen_values``: the values before the first round (the one-shot scores);
     with ``exact_initial`` they are the exact scores of the intact model, so the first round needs
     no scoring. Returns the rounds (removed channels with their exact scores, the joint divergence
-    after the round, how many channels were scored exactly in it) and the survivors."""
+    after the round, how many channels were scored exactly in it) and the survivors. ``done``: rounds
+    of an interrupted run to replay (their removals are applied, nothing is scored again);
+    ``on_round(rounds)`` is called after every round (to persist them)."""
     size = joint.site.size
     alive = torch.ones(size, dtype=torch.bool)
     keep = torch.ones(size, dtype=torch.float64)
@@ -179,6 +182,13 @@ def greedy_path(joint: JointKL, widths: list[int], screen_values: torch.Tensor, 
     scored_at = torch.full((size,), 0 if exact_initial else -1, dtype=torch.long)
     widths = sorted({w for w in widths if w < size}, reverse=True)
     rounds: list[dict[str, Any]] = []
+    for rnd in done or []:
+        idx = torch.tensor(rnd["removed"], dtype=torch.long)
+        alive[idx] = False
+        keep[idx] = 0.0
+        rounds.append(rnd)
+    if rounds:
+        scored_at[:] = -1  # the screen's values are from before the first round
     while widths and int(alive.sum()) > widths[-1]:
         r = len(rounds)
         n_alive = int(alive.sum())
@@ -225,8 +235,48 @@ def greedy_path(joint: JointKL, widths: list[int], screen_values: torch.Tensor, 
         keep[chosen] = 0.0
         rounds.append({"removed": chosen.tolist(), "scores": values[chosen].tolist(), "alive_before": n_alive,
                        "scored": scored[0], "joint_kl": joint.current(keep)})
+        if on_round is not None:
+            on_round(rounds)
     return {"rounds": rounds, "survivors": torch.nonzero(alive).view(-1).tolist(),
             "survivor_values": values[alive].tolist()}
+
+
+class _State:
+    """Finished rounds per site, persisted as JSON (atomically) under a fingerprint of the run."""
+
+    def __init__(self, path: str | None, adapter: Adapter, images: Inputs, values: dict[str, torch.Tensor],
+                 options: dict[str, Any]) -> None:
+        import hashlib
+        import json
+        import os
+
+        from .kl import digest_tensors, fingerprint
+
+        self.path = path
+        self.data: dict[str, Any] = {"format": "upvit-greedy-state", "sites": {}}
+        if path is None:
+            return
+        h = hashlib.sha256(fingerprint(adapter, images, options).encode())
+        digest_tensors(h, sorted(values.items()))
+        self.data["fingerprint"] = h.hexdigest()
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("fingerprint") != self.data["fingerprint"]:
+                raise UpvitError(f"{path} holds greedy rounds of another model, proxy set, initial scores or options: "
+                                 "delete it or give another state_path")
+            self.data = old
+
+    def rounds(self, key: str) -> list[dict[str, Any]]:
+        return list(self.data["sites"].get(key, []))
+
+    def save(self, key: str, rounds: list[dict[str, Any]]) -> None:
+        if self.path is None:
+            return
+        from ..io import atomic_write_json
+
+        self.data["sites"][key] = rounds
+        atomic_write_json(self.path, self.data)
 
 
 def _matches(joint: JointKL, values: torch.Tensor, probes: int = 8) -> bool:
@@ -254,9 +304,12 @@ def order_values(size: int, path: dict[str, Any]) -> torch.Tensor:
 def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios: Any = None,
                   initial: Scores | None = None, batch: int = 16, screen: bool = False, band: float = 0.1,
                   min_band: int = 4, z: float = 3.0, batch_size: int = 64, candidate_batch: int | None = None,
-                  progress: bool = False, **meta: Any) -> Scores:
+                  progress: bool = False, state_path: str | None = None, **meta: Any) -> Scores:
     """Scores whose residual keep sets at ``targets`` (or ``ratios``) are the greedy joint-removal
     choice (module doc); the other sites carry ``initial`` (or exact one-shot KL scores).
+
+    ``state_path``: a JSON file where the finished rounds are written after each round; a run that
+    finds it (for the same model, inputs, initial scores and options) replays them and continues.
 
     >>> s = upvit.score(teacher, proxy, method="greedy", initial=one_shot,              # doctest: +SKIP
     ...                 targets=[dict(embed_dim=96, num_heads=6, mlp_hidden=384), dict(embed_dim=48, num_heads=3, mlp_hidden=192)])
@@ -283,6 +336,9 @@ def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios:
         raise UpvitError(f"initial must be upvit Scores (e.g. the exact one-shot KL scores), got {type(initial).__name__}")
     initial.check_matches(topology)
     values = {k: v.detach().to(torch.float64).cpu().clone() for k, v in initial.items()}
+    state = _State(state_path, adapter, images, values, {"targets": [t.to_dict() for t in target_list], "batch": batch,
+                                                         "screen": screen, "band": band, "min_band": min_band, "z": z,
+                                                         "batch_size": batch_size})
     model = adapter.model
     was_training = model.training
     model.eval()
@@ -293,7 +349,8 @@ def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios:
             widths = [t.stages[site.stage].residual for t in target_list]
             joint = JointKL(adapter, images, site.key, batch_size, candidate_batch)
             exact_initial = computed or _matches(joint, values[site.key])
-            path = greedy_path(joint, widths, values[site.key], batch, screen, band, min_band, z, exact_initial)
+            path = greedy_path(joint, widths, values[site.key], batch, screen, band, min_band, z, exact_initial,
+                               done=state.rounds(site.key), on_round=lambda rounds, key=site.key: state.save(key, rounds))
             path["initial_exact"] = exact_initial
             # the one-shot choice's joint divergence at each width, for comparison
             one_shot = {}
