@@ -201,6 +201,12 @@ class Context:
             self._scores["kl"] = scores
         return self._scores["kl"]
 
+    def kl_sha256(self) -> str | None:
+        if not self.s.kl_scores:
+            return None
+        with open(self.s.kl_scores, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
     def taylor(self):
         path = self.scores_path("taylor")
         if "taylor" not in self._scores:
@@ -363,7 +369,8 @@ def run_cell(ctx: Context, shape: str, method: str, budget: int, seed: int) -> d
             "seconds": {"selection": round(t_select, 1), "finetune": round(time.time() - t1, 1),
                         "epoch_mean": round(sum(r["epoch_seconds"] for r in log) / len(log), 1)},
             "resumed": resume, "teacher": ctx.s.teacher, "teacher_fingerprint": ctx.teacher_fingerprint,
-            "kl_scores": ctx.s.kl_scores, "settings": ctx.s.identity(), "proxy": ctx.proxy_record,
+            "kl_scores": ctx.s.kl_scores, "kl_scores_sha256": ctx.kl_sha256() if method.startswith("kl") else None,
+            "settings": ctx.s.identity(), "proxy": ctx.proxy_record,
             "val_images": len(ctx.val), "machine": machine_description(),
             "loadavg_start_end": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
