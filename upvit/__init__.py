@@ -33,6 +33,7 @@ _EXPORTS = {
     "register_method": "upvit.importance.api",
     "prune": "upvit.surgery",
     "prune_depth": "upvit.depth",
+    "prune_iteratively": "upvit.iterative",
 }
 
 

@@ -461,19 +461,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from . import distributed as dist_utils
     from .adapters import get_adapter
+    from .adapters.base import batch_len
     from .data import load_data, sample_proxy, stack_images
-    from .importance.api import PERSISTING, get_method, proxy_tensor, score
+    from .importance.api import LABELLED, PERSISTING, get_method, proxy_labels, proxy_tensor, score
     from .models import load_model
 
     t0 = time.time()
     # everything the arguments alone decide is checked before anything is loaded or written
     get_method(args.method)
     targets = _parse_targets(args.target)
-    if args.method == "hybrid" and targets is None and args.ratios is None:
-        raise UpvitError("--method hybrid needs the shapes to verify: --target EMBED,HEADS,MLP (repeatable) "
+    if args.method in ("hybrid", "greedy") and targets is None and args.ratios is None:
+        raise UpvitError(f"--method {args.method} needs the target shapes: --target EMBED,HEADS,MLP (repeatable) "
                          "or --ratios 0.5 0.25")
-    if args.method != "hybrid" and (targets is not None or args.ratios is not None):
-        raise UpvitError("--target and --ratios apply to --method hybrid only")
+    if args.method not in ("hybrid", "greedy") and (targets is not None or args.ratios is not None):
+        raise UpvitError("--target and --ratios apply to --method hybrid and greedy only")
     if args.resume and args.method not in PERSISTING:
         raise UpvitError(f"--method {args.method} cannot resume (it keeps no partial state): drop --resume, "
                          f"and add --force to overwrite {args.out}")
@@ -505,14 +506,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
         model.to(device)
         options = {"batch_size": args.batch_size}
-        if args.method == "hybrid":
+        if args.method in ("hybrid", "greedy"):
             options.update({"targets": targets, "ratios": args.ratios})
+        if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
+            labels = proxy_labels(subset)
+            if labels is None or len(labels) != batch_len(images):
+                raise UpvitError(f"--method {args.method} needs a label for every proxy sample: use labelled image "
+                                 "data whose proxy images are all readable")
+            options["labels"] = labels
         flush_warnings()
         scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                        meta=meta, **options)
         if dist_utils.is_main():
-            from .adapters.base import batch_len
-
             print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
                   f"on {batch_len(images)} proxy samples in {time.time() - t0:.1f}s")
         return 0
@@ -544,10 +549,13 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-size", type=positive_int, default=2000, help="random proxy images (seeded)")
     p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
-    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random")
-    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's "
-                   "(repeatable; per-stage values separated by '/')")
-    p.add_argument("--ratios", type=fraction, nargs="+", help="hybrid: instead of --target, keep ratios such as 0.5 0.25")
+    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random, taylor, "
+                   "greedy")
+    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's; "
+                   "greedy: a shape whose residual width the greedy path passes (repeatable; per-stage values "
+                   "separated by '/')")
+    p.add_argument("--ratios", type=fraction, nargs="+", help="hybrid/greedy: instead of --target, keep ratios such as "
+                   "0.5 0.25")
     p.add_argument("--batch-size", type=positive_int, default=64, help="proxy images per forward")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")

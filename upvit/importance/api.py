@@ -25,7 +25,10 @@ METHOD_MODULES = {
     "hybrid": "upvit.importance.hybrid",
     "magnitude": "upvit.importance.baselines",
     "random": "upvit.importance.baselines",
+    "taylor": "upvit.importance.taylor",
+    "greedy": "upvit.importance.greedy",
 }
+LABELLED: set[str] = {"taylor"}  # methods that need the proxy images' labels (``labels=``)
 
 
 def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
@@ -92,13 +95,29 @@ def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, :length] if v.dim() >= 2 and v.shape[1] == mask.shape[1] else v for k, v in inputs.items()}
 
 
+def proxy_labels(proxy: torch.Tensor | Dataset | DataLoader | dict) -> torch.Tensor | None:
+    """The labels of a labelled proxy dataset or loader (batches of ``(image, label)``), in order;
+    None for a bare image tensor or an unlabelled dataset."""
+    if isinstance(proxy, (torch.Tensor, dict)):
+        return None
+    loader = proxy if isinstance(proxy, DataLoader) else DataLoader(proxy, batch_size=256, shuffle=False)
+    chunks = []
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            return None
+        chunks.append(torch.as_tensor(batch[1]).view(-1))
+    return torch.cat(chunks) if chunks else None
+
+
 def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict, method: str = "kl",
           out: str | None = None, resume: bool = False, proxy_meta: dict[str, Any] | None = None,
-          meta: dict[str, Any] | None = None, **options: Any) -> Scores:
+          meta: dict[str, Any] | None = None, labels: Any = None, **options: Any) -> Scores:
     """Importance of every channel of every site of ``model`` (see docs/method.md section 2).
 
     ``out``: also write the scores there (the exact method persists site by site and continues an
-    interrupted run with ``resume=True``). ``proxy_meta`` (how the proxy set was drawn) and ``meta``
+    interrupted run with ``resume=True``). ``labels``: the proxy images' class indices, for methods
+    that need them (``taylor``); taken from the proxy dataset when it yields ``(image, label)`` pairs
+    and no labels are given. ``proxy_meta`` (how the proxy set was drawn) and ``meta``
     (e.g. the command line) are recorded in the scores' metadata with the model's topology.
 
     >>> import upvit, torch
@@ -120,6 +139,8 @@ def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict, m
     meta = {**(meta or {}), FINGERPRINT_KEY: model_fingerprint(model)}  # `upvit prune` refuses other models' scores
     if method in PERSISTING:
         return fn(adapter, inputs, out=out, resume=resume, proxy_meta=proxy_meta, meta=meta, **options)
+    if method in LABELLED:
+        options["labels"] = labels if labels is not None else proxy_labels(proxy)
     if resume:
         raise UpvitError(f"resume applies to the exact method 'kl' only; method {method!r} starts over (drop resume)")
     scores = fn(adapter, inputs, **options)
