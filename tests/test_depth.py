@@ -456,3 +456,37 @@ def test_depth_cli_bad_input_one_line(mnist_model, tmp_path, capsys, change, mat
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("upvit: error:") and match in err, err
+
+
+# ------------------------------------------------------------------------------------------ PVTv2 (sr convs, dwconv)
+@pytest.mark.parametrize("units", [("attn.0", "ffn.0"), ("ffn.0", "attn.1"), ("attn.3", "ffn.3"),
+                                   ("ffn.2", "attn.3", "attn.4", "ffn.4")])
+def test_rebuilt_pvt_equals_the_original_with_the_units_skipped(units):
+    from pvt_helpers import PVT_IMG, tiny_pvt
+
+    model = tiny_pvt(seed=3, std=0.3)
+    x = torch.randn(3, 3, PVT_IMG, PVT_IMG, generator=torch.Generator().manual_seed(0))
+    small = remove_units(model, units)
+    depths = [len(stage.blocks) for stage in small.stages]
+    assert small.upvit_config.timm_kwargs["depths"] == depths and sum(depths) == 6 - len(units) // 2
+    with torch.no_grad():
+        ref, full = get_adapter(model).forward(x, skip=frozenset(units)), model(x)
+        out, strict = small(x), _strict_timm(small)(x)
+    assert (ref - full).abs().max() > 1e-3  # skipping really changes the logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert torch.equal(strict, out)
+
+
+def test_pvt_unit_kl_equals_a_naive_skip_and_rerun_reference():
+    from pvt_helpers import PVT_IMG, tiny_pvt
+
+    model = tiny_pvt(seed=4, std=0.3)
+    x = torch.randn(3, 3, PVT_IMG, PVT_IMG, generator=torch.Generator().manual_seed(1))
+    cands = candidates(model)
+    got = score_candidates(model, x, cands, "kl", batch_size=2).tolist()  # two proxy batches
+    assert len(cands) == 2 * 6 - 3 and max(got) > 1e-3  # blocks + hybrids inside each of the 3 stages
+    with torch.no_grad():
+        p = torch.log_softmax(model(x).double(), -1)
+        for c, value in zip(cands, got):  # naive: rebuild the shallower model and compare its logits
+            q = torch.log_softmax(remove_units(model, c.units)(x).double(), -1)
+            assert value == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-4, abs=1e-7), c.units

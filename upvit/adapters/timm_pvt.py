@@ -35,6 +35,10 @@ still chosen by their own scores. Where the kept per-head dim differs from the o
 with the masked original). timm's ``pvt_v2_b0`` is ``pvt_v2_b1`` at half width with the same heads:
 B1 pruned to ``embed_dims (32, 64, 160, 256)`` and FFN widths ``(256, 512, 640, 1024)`` reports
 ``timm_equivalent == "pvt_v2_b0"``.
+
+Depth pruning: removed units give per-stage ``depths``; kept units are re-paired into ordinary blocks
+(new block k of a stage = its k-th kept attention with its k-th kept FFN). Every block of a stage has
+the same sr ratio, so a block may leave from any position.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream, broadcast_mask, masked_layer_norm
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          new_config, rebuild_from_state, vector_rule)
+                          move_sublayers, new_config, rebuild_from_state, vector_rule)
 
 EQUIVALENT_CANDIDATES = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
 FAMILY = "timm PyramidVisionTransformerV2"
@@ -323,21 +327,41 @@ class TimmPVTv2Adapter(Adapter):
                                  "(which dims is still chosen by their own scores)")
         super().check_plan(plan)
 
+    # the sub-layers of a timm PVTv2 Block that belong to each unit
+    UNIT_PARTS = {"attn": ("norm1", "attn"), "ffn": ("norm2", "mlp")}
+
     def rebuild(self, plan):
-        """A new timm PyramidVisionTransformerV2 at the plan's shape (see the module doc), weights sliced."""
+        """A new timm PyramidVisionTransformerV2 at the plan's shape (see the module doc), weights sliced.
+
+        With removed units, ``depths`` gives each stage's re-paired blocks: new block k of a stage takes
+        ``norm1``/``attn`` (sr conv included) of the stage's k-th kept attention and ``norm2``/``mlp``
+        (depthwise conv included) of its k-th kept FFN. Every block of a stage has the same sr ratio, so
+        a block's position inside its stage changes nothing."""
         topo = self.topology()
-        if plan.units is not None and len(plan.units) != len(topo.units):
-            raise UpvitError(f"{FAMILY} is rebuilt with all its blocks here: remove blocks with upvit.prune_depth, "
-                             "whose plans keep whole blocks")
         self.check_plan(plan)
+        blocks = self.check_units(plan.kept_units(topo))
         m = self.model
         base = base_config(m, {"in_chans": m.patch_embed.proj.in_channels, "num_classes": m.num_classes})
-        firsts = [topo.blocks_of(s)[0] for s in range(topo.num_stages)]
+        firsts = [next(p for p in blocks if p.stage == s) for s in range(topo.num_stages)]
+        depths = [sum(1 for p in blocks if p.stage == s) for s in range(topo.num_stages)]
         widths = [len(plan.keep[f"res.{s}"]) for s in range(topo.num_stages)]
-        heads = [plan.heads_of(f"attn.{b}") for b in firsts]
-        ratios = [exact_ratio(len(plan.keep[f"ffn.{b}"]), w) for b, w in zip(firsts, widths)]
+        heads = [plan.heads_of(p.attn) for p in firsts]
+        ratios = [exact_ratio(len(plan.keep[p.ffn]), w) for p, w in zip(firsts, widths)]
         kwargs = {**base.timm_kwargs, "embed_dims": widths, "num_heads": heads, "mlp_ratios": ratios}
-        new = rebuild_from_state(m, base.timm_name, kwargs, self._slice(plan), init_kwargs={})
+        if depths != [len(stage.blocks) for stage in m.stages]:
+            kwargs["depths"] = depths
+        moves: dict[str, str | None] = {f"stages.{s}.blocks.{i}.{part}.": None for s, i in self._where
+                                        for parts in self.UNIT_PARTS.values() for part in parts}
+        position: dict[int, int] = {}
+        for pair in blocks:
+            k = position.get(pair.stage, 0)
+            position[pair.stage] = k + 1
+            for kind, unit in (("attn", pair.attn), ("ffn", pair.ffn)):
+                s, i = self._where[int(unit.split(".")[1])]
+                for part in self.UNIT_PARTS[kind]:
+                    moves[f"stages.{s}.blocks.{i}.{part}."] = f"stages.{s}.blocks.{k}.{part}."
+        state = move_sublayers(self._slice(plan), moves)
+        new = rebuild_from_state(m, base.timm_name, kwargs, state, init_kwargs={})
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
@@ -354,27 +378,40 @@ class TimmPVTv2Adapter(Adapter):
                 vector_rule(rules, f"stages.{s}.downsample.norm", stage.downsample.norm, E[s])
             vector_rule(rules, f"stages.{s}.norm", stage.norm, E[s])
         scales = {}
+        kept = set(plan.kept_units(self.topology()))
         for b, (s, i) in enumerate(self._where):
             blk, p = m.stages[s].blocks[i], f"stages.{s}.blocks.{i}"
             attn, mlp = blk.attn, blk.mlp
-            a_src = attn.q.out_features
-            A, F = idx(f"attn.{b}"), idx(f"ffn.{b}")
-            vector_rule(rules, f"{p}.norm1", blk.norm1, E[s])
-            vector_rule(rules, f"{p}.norm2", blk.norm2, E[s])
-            linear_rule(rules, f"{p}.attn.q", attn.q, A, E[s])
-            linear_rule(rules, f"{p}.attn.kv", attn.kv, torch.cat([A, A + a_src]), E[s])
-            linear_rule(rules, f"{p}.attn.proj", attn.proj, E[s], A)
-            if attn.sr is not None:  # output channels tied to the residual index (module doc)
-                _conv_rule(rules, f"{p}.attn.sr", attn.sr, E[s], E[s])
-                vector_rule(rules, f"{p}.attn.norm", attn.norm, E[s])
-            linear_rule(rules, f"{p}.mlp.fc1", mlp.fc1, F, E[s])
-            _conv_rule(rules, f"{p}.mlp.dwconv", mlp.dwconv, F, None)
-            linear_rule(rules, f"{p}.mlp.fc2", mlp.fc2, E[s], F)
-            old_hd, new_hd = a_src // attn.num_heads, plan.head_dim_of(f"attn.{b}")
-            if old_hd != new_hd:
-                scales[f"{p}.attn.q"] = (len(A), (new_hd / old_hd) ** 0.5)
+            for kind, parts in self.UNIT_PARTS.items():
+                if f"{kind}.{b}" not in kept:  # a removed unit: copied whole here, dropped by rebuild
+                    for part in parts:
+                        for key in blk.get_submodule(part).state_dict():
+                            rules[f"{p}.{part}.{key}"] = []
+            if f"attn.{b}" in kept:
+                self._slice_attention(rules, scales, plan, b, p, attn, blk, E[s], idx(f"attn.{b}"))
+            if f"ffn.{b}" in kept:
+                F = idx(f"ffn.{b}")
+                vector_rule(rules, f"{p}.norm2", blk.norm2, E[s])
+                linear_rule(rules, f"{p}.mlp.fc1", mlp.fc1, F, E[s])
+                _conv_rule(rules, f"{p}.mlp.dwconv", mlp.dwconv, F, None)
+                linear_rule(rules, f"{p}.mlp.fc2", mlp.fc2, E[s], F)
         linear_rule(rules, "head", m.head, None, E[-1])
         state = apply_rules(m, rules)
         for prefix, (rows, factor) in scales.items():
             fold_q_scale(state, prefix, rows, factor)
         return state
+
+    @staticmethod
+    def _slice_attention(rules, scales, plan, b, p, attn, blk, E, A) -> None:
+        """Slice rules of one kept attention unit: norm1, q, kv, proj and the sr conv + its norm."""
+        a_src = attn.q.out_features
+        vector_rule(rules, f"{p}.norm1", blk.norm1, E)
+        linear_rule(rules, f"{p}.attn.q", attn.q, A, E)
+        linear_rule(rules, f"{p}.attn.kv", attn.kv, torch.cat([A, A + a_src]), E)
+        linear_rule(rules, f"{p}.attn.proj", attn.proj, E, A)
+        if attn.sr is not None:  # output channels tied to the residual index (module doc)
+            _conv_rule(rules, f"{p}.attn.sr", attn.sr, E, E)
+            vector_rule(rules, f"{p}.attn.norm", attn.norm, E)
+        old_hd, new_hd = a_src // attn.num_heads, plan.head_dim_of(f"attn.{b}")
+        if old_hd != new_hd:
+            scales[f"{p}.attn.q"] = (len(A), (new_hd / old_hd) ** 0.5)
