@@ -246,19 +246,19 @@ class _State:
 
     def __init__(self, path: str | None, adapter: Adapter, images: Inputs, values: dict[str, torch.Tensor],
                  options: dict[str, Any]) -> None:
-        import hashlib
         import json
         import os
 
-        from .kl import digest_tensors, fingerprint
+        from ..fingerprint import digest
+        from .kl import fingerprint
 
         self.path = path
         self.data: dict[str, Any] = {"format": "upvit-greedy-state", "sites": {}}
         if path is None:
             return
-        h = hashlib.sha256(fingerprint(adapter, images, options).encode())
-        digest_tensors(h, sorted(values.items()))
-        self.data["fingerprint"] = h.hexdigest()
+        named = ((f"{name}|{t.dtype}|{list(t.shape)}", t) for name, t in sorted(values.items()))
+        self.data["fingerprint"] = digest([fingerprint(adapter, images, options), *(p for pair in named for p in pair)]
+                                          ).hexdigest()
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
