@@ -12,7 +12,7 @@ import torch
 
 import upvit
 import upvit.distill
-from helpers import SWIN_NAME, TINY, tiny_images, tiny_swin, tiny_vit
+from helpers import tiny_images, tiny_swin, tiny_vit
 from naive_swin import naive_swin_skip_score
 from plan_helpers import plan_masks, random_scores
 from upvit.adapters import get_adapter
@@ -490,3 +490,11 @@ def test_pvt_unit_kl_equals_a_naive_skip_and_rerun_reference():
         for c, value in zip(cands, got):  # naive: rebuild the shallower model and compare its logits
             q = torch.log_softmax(remove_units(model, c.units)(x).double(), -1)
             assert value == pytest.approx(float((p.exp() * (p - q)).sum()), rel=1e-4, abs=1e-7), c.units
+
+
+def test_families_without_depth_surgery_refuse_candidates_in_one_line():
+    from hf_helpers import tiny_bert, tiny_gpt2
+
+    for model in (tiny_gpt2(), tiny_bert()):
+        with pytest.raises(UpvitError, match="cannot be rebuilt with fewer blocks yet"):
+            candidates(model)

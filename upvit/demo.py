@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -204,7 +203,7 @@ def write_report(report: dict[str, Any], out: str) -> None:
 
     atomic_write_json(os.path.join(out, "demo.json"), report)
     cfg = report["config"]
-    text = [f"# upvit demo", "",
+    text = ["# upvit demo", "",
             f"Teacher `{cfg['teacher']}`; scores: `{report['scoring_method']}` on {report['proxy']['num_images']} proxy "
             f"images (seed {report['proxy']['seed']}), {report['scoring_seconds']} s; fine-tuning: {cfg['epochs']} epoch(s), "
             f"batch {cfg['batch_size']}, lr {cfg['lr']}, alpha {cfg['alpha']}, identical for every student; "

@@ -97,6 +97,9 @@ def candidates(model: Any, candidate_blocks: int = 1, kinds: Sequence[str] = KIN
         raise UpvitError(f"candidate kinds must be among {', '.join(KINDS)}, got {list(kinds)}")
     adapter = get_adapter(model)
     topo = adapter.topology()
+    if not topo.rules.depth_pruning:
+        raise UpvitError(f"{type(adapter.model).__name__} cannot be rebuilt with fewer blocks yet: depth pruning covers timm "
+                         "ViT/DeiT, Swin and PVTv2")
     units = [u.key for u in topo.units]
     out = []
     for run in topo.unit_runs(2 * candidate_blocks):

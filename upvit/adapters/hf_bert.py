@@ -39,8 +39,6 @@ stays tied to the word embeddings.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
@@ -48,8 +46,9 @@ from ..errors import UpvitError
 from ..evaluation import mean_pooled
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hf_common import (eager_attention, TIED_NOTE, apply_rules, check_sites, hf_config, hooks_installed, linear, norm_hook, q_scale,
-                        rebuild_from_config, scale_hook, vector)
+from .hooks import HookMasking, norm_hook, scale_hook
+from .hf_common import (TIED_NOTE, apply_rules, eager_attention, hf_config, linear, q_scale, rebuild_from_config,
+                        vector)
 
 CLASSES = ("BertModel", "BertForMaskedLM")
 
@@ -67,7 +66,7 @@ def _identity_of_residual(module, inputs, out):
     return inputs[1]
 
 
-class HFBertAdapter(Adapter):
+class HFBertAdapter(HookMasking, Adapter):
     family = "hf_bert"
 
     def __init__(self, model: nn.Module) -> None:
@@ -92,7 +91,7 @@ class HFBertAdapter(Adapter):
         layers = self.bert.encoder.layer
         attn = layers[0].attention.self.all_head_size
         rules = Rules(f"transformers BERT ({TIED_NOTE})", attn_tied_to_residual=True,
-                      uniform_across_stages=frozenset({"heads", "attn", "ffn"}),
+                      uniform_across_stages=frozenset({"heads", "attn", "ffn"}), depth_pruning=False,
                       notes=("attention width = hidden_size; heads must divide hidden_size",))
         n = len(layers)
         return Topology.single_stage(self.family, cfg.hidden_size, [cfg.num_attention_heads] * n, [attn] * n,
@@ -178,13 +177,7 @@ class HFBertAdapter(Adapter):
         return eager_attention(self.model)
 
     # ---------------------------------------------------------------- masking
-    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
-        if not masks and not skip:
-            return contextlib.nullcontext(self)
-        return hooks_installed(lambda: self._install(masks or Masks(), skip))
-
-    def _install(self, masks: Masks, skip: frozenset[str]) -> list:
-        check_sites(self, masks, skip)
+    def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
         handles = []
         res = masks.get("res.0")
         if res is not None:

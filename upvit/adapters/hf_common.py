@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import UpvitError
-from .base import broadcast_mask, masked_layer_norm
 
 # state-dict key -> [(dim, index), ...] applied in order (an empty list copies the tensor)
 SliceRules = dict[str, list[tuple[int, torch.Tensor]]]
@@ -24,40 +23,6 @@ SliceRules = dict[str, list[tuple[int, torch.Tensor]]]
 # transformers 5.x removed ``pruned_heads``; BERT and GPT-2 derive the head size as hidden / heads and
 # project attention back with a hidden x hidden layer, so the attention width must equal the hidden size
 TIED_NOTE = "5.x derives the head size as hidden_size / num_heads and has no pruned_heads"
-
-
-def scale_hook(mask: torch.Tensor) -> Callable:
-    """Forward hook multiplying a module's output (last dim) by a ``[C]`` or ``[B, C]`` keep-mask."""
-    return lambda module, inputs, out: out * broadcast_mask(mask, out)
-
-
-def grouped_scale_hook(mask: torch.Tensor, groups: int) -> Callable:
-    """Forward hook for an output that holds ``groups`` consecutive copies of the site (q, k, v)."""
-    def hook(module, inputs, out):
-        shape = out.shape
-        o = out.view(*shape[:-1], groups, shape[-1] // groups)
-        m = mask if mask.dim() == 1 else mask.view(mask.shape[0], *([1] * (o.dim() - 2)), mask.shape[1])
-        return (o * m).view(shape)
-    return hook
-
-
-def norm_hook(mask: torch.Tensor) -> Callable:
-    """Forward hook recomputing a LayerNorm over the kept channels (removed ones come out as 0)."""
-    return lambda mod, inputs, out: masked_layer_norm(inputs[0], mask, mod.weight, mod.bias, mod.eps)
-
-
-def zero_hook(module, inputs, out):
-    return torch.zeros_like(out)
-
-
-@contextlib.contextmanager
-def hooks_installed(install: Callable[[], list]) -> Iterator[None]:
-    handles = install()
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -70,14 +35,6 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.config._attn_implementation = before
-
-
-def check_sites(adapter, masks, skip) -> None:
-    topo = adapter.topology()
-    for key in masks.by_site:
-        topo.site(key)  # a clear error for a mask on a site the model does not have
-    for key in skip:
-        topo.unit_index(key)
 
 
 # ---------------------------------------------------------------------------------- slicing
@@ -165,6 +122,5 @@ def q_scale(old_head_dim: int, new_head_dim: int) -> float | None:
     return None if old_head_dim == new_head_dim else (new_head_dim / old_head_dim) ** 0.5
 
 
-__all__ = ["SliceRules", "TIED_NOTE", "apply_rules", "check_sites", "conv1d", "eager_attention", "grouped_scale_hook", "hf_config",
-           "hooks_installed", "linear", "norm_hook", "q_scale", "rebuild_from_config", "scale_hook", "vector",
-           "zero_hook"]
+__all__ = ["SliceRules", "TIED_NOTE", "apply_rules", "conv1d", "eager_attention", "hf_config", "linear", "q_scale",
+           "rebuild_from_config", "vector"]

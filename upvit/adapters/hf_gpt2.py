@@ -31,16 +31,15 @@ head is rebuilt tied to the new word embeddings, and saves/reloads tied.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hf_common import (eager_attention, TIED_NOTE, apply_rules, check_sites, conv1d, grouped_scale_hook, hf_config, hooks_installed,
-                        norm_hook, q_scale, rebuild_from_config, scale_hook, vector, zero_hook)
+from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
+from .hf_common import (TIED_NOTE, apply_rules, conv1d, eager_attention, hf_config, q_scale, rebuild_from_config,
+                        vector)
 
 
 def is_hf_gpt2(model: nn.Module) -> bool:
@@ -51,7 +50,7 @@ def is_hf_gpt2(model: nn.Module) -> bool:
     return type(model) is GPT2LMHeadModel
 
 
-class HFGPT2Adapter(Adapter):
+class HFGPT2Adapter(HookMasking, Adapter):
     family = "hf_gpt2"
 
     def __init__(self, model: nn.Module) -> None:
@@ -74,7 +73,7 @@ class HFGPT2Adapter(Adapter):
         depth = len(self.t.h)
         ffn = self.t.h[0].mlp.c_fc.weight.shape[1]
         rules = Rules(f"transformers GPT-2 ({TIED_NOTE})", attn_tied_to_residual=True,
-                      uniform_across_stages=frozenset({"heads", "attn", "ffn"}),
+                      uniform_across_stages=frozenset({"heads", "attn", "ffn"}), depth_pruning=False,
                       notes=("attention width = n_embd; heads must divide n_embd",))
         return Topology.single_stage(self.family, cfg.n_embd, [cfg.n_head] * depth, [cfg.n_embd] * depth,
                                      [ffn] * depth, rules)
@@ -136,13 +135,7 @@ class HFGPT2Adapter(Adapter):
         return eager_attention(self.model)
 
     # ---------------------------------------------------------------- masking
-    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
-        if not masks and not skip:
-            return contextlib.nullcontext(self)
-        return hooks_installed(lambda: self._install(masks or Masks(), skip))
-
-    def _install(self, masks: Masks, skip: frozenset[str]) -> list:
-        check_sites(self, masks, skip)
+    def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
         t, handles = self.t, []
         res = masks.get("res.0")
         if res is not None:

@@ -22,16 +22,14 @@ key is set only when the kept head size differs from ``hidden_size / num_attenti
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hf_common import (eager_attention, apply_rules, check_sites, hf_config, hooks_installed, linear, norm_hook, q_scale,
-                        rebuild_from_config, scale_hook, vector, zero_hook)
+from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
+from .hf_common import (apply_rules, eager_attention, hf_config, linear, q_scale, rebuild_from_config, vector)
 
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
 
@@ -44,7 +42,7 @@ def is_hf_vit(model: nn.Module) -> bool:
     return any(type(model) is getattr(transformers, name) for name in CLASSES)
 
 
-class HFViTAdapter(Adapter):
+class HFViTAdapter(HookMasking, Adapter):
     family = "hf_vit"
 
     def __init__(self, model: nn.Module) -> None:
@@ -63,7 +61,7 @@ class HFViTAdapter(Adapter):
         cfg, layers = self.model.config, self.base.layers
         attn = layers[0].attention.q_proj.out_features
         rules = Rules(f"transformers {type(self.model).__name__}",
-                      uniform_across_stages=frozenset({"heads", "attn", "ffn"}),
+                      uniform_across_stages=frozenset({"heads", "attn", "ffn"}), depth_pruning=False,
                       notes=("attention width may differ from hidden_size through the head_dim config key",))
         n = len(layers)
         return Topology.single_stage(self.family, cfg.hidden_size, [cfg.num_attention_heads] * n, [attn] * n,
@@ -124,13 +122,7 @@ class HFViTAdapter(Adapter):
         return eager_attention(self.model)
 
     # ---------------------------------------------------------------- masking
-    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
-        if not masks and not skip:
-            return contextlib.nullcontext(self)
-        return hooks_installed(lambda: self._install(masks or Masks(), skip))
-
-    def _install(self, masks: Masks, skip: frozenset[str]) -> list:
-        check_sites(self, masks, skip)
+    def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
         handles = []
         res = masks.get("res.0")
         if res is not None:
@@ -186,7 +178,6 @@ class HFViTAdapter(Adapter):
             raise UpvitError(f"{type(self.model).__name__} is rebuilt with all its layers here: depth pruning is not "
                              "supported for this family yet")
         self.check_plan(plan)
-        cfg = self.model.config
         dim, heads, head_dim = plan.embed_dim, plan.num_heads, plan.head_dim(0)
         old_hd = self.base.layers[0].attention.head_dim
         state = self._slice(plan)

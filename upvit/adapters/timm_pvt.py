@@ -42,14 +42,13 @@ the same sr ratio, so a block may leave from any position.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from ..errors import UpvitError
 from ..topology import Rules, Topology
-from .base import Adapter, Masks, Stream, broadcast_mask, masked_layer_norm
+from .base import Adapter, Masks, Stream
+from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
                           move_sublayers, new_config, rebuild_from_state, vector_rule)
 
@@ -83,7 +82,7 @@ def _conv_rule(rules: dict, prefix: str, conv: nn.Conv2d, out_idx: torch.Tensor 
         rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
 
 
-class TimmPVTv2Adapter(Adapter):
+class TimmPVTv2Adapter(HookMasking, Adapter):
     family = "timm_pvt_v2"
 
     def __init__(self, model: nn.Module) -> None:
@@ -208,34 +207,9 @@ class TimmPVTv2Adapter(Adapter):
         return out
 
     # ---------------------------------------------------------------- masking
-    @contextlib.contextmanager
-    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
-        handles = []
-        try:
-            if masks or skip:
-                handles = self._install(masks or Masks(), skip)
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _install(self, masks: Masks, skip: frozenset[str]) -> list:
+    def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
         m = self.model
-        topo = self.topology()
-        for key in masks.by_site:
-            topo.site(key)
-        for key in skip:
-            topo.unit_index(key)
         handles = []
-
-        def scale_output(mask):
-            return lambda module, inputs, out: out * broadcast_mask(mask, out)
-
-        def renormalise(mask):
-            return lambda mod, inputs, out: masked_layer_norm(inputs[0], mask, mod.weight, mod.bias, mod.eps)
-
-        def zero_output(module, inputs, out):
-            return torch.zeros_like(out)
 
         for s, stage in enumerate(m.stages):
             res = masks.get(f"res.{s}")
@@ -244,27 +218,27 @@ class TimmPVTv2Adapter(Adapter):
             # the conv patch embedding's removed output channel: its LayerNorm renormalised, output 0 there
             # (the next conv then sees a zero input channel, which is the sliced conv's input)
             embed = m.patch_embed if s == 0 else stage.downsample
-            handles.append(embed.norm.register_forward_hook(renormalise(res)))
+            handles.append(embed.norm.register_forward_hook(norm_hook(res)))
             for blk in stage.blocks:
                 norms = [blk.norm1, blk.norm2] + ([blk.attn.norm] if blk.attn.norm is not None else [])
                 for mod in norms:  # attn.norm: the sr conv's output channels follow the residual index
-                    handles.append(mod.register_forward_hook(renormalise(res)))
+                    handles.append(mod.register_forward_hook(norm_hook(res)))
                 for mod in (blk.drop_path1, blk.drop_path2):
-                    handles.append(mod.register_forward_hook(scale_output(res)))
-            handles.append(stage.norm.register_forward_hook(renormalise(res)))
+                    handles.append(mod.register_forward_hook(scale_hook(res)))
+            handles.append(stage.norm.register_forward_hook(norm_hook(res)))
         for b, (s, i) in enumerate(self._where):
             blk = m.stages[s].blocks[i]
             attn_mask = masks.get(f"attn.{b}")
             if attn_mask is not None:
-                handles.append(blk.attn.q.register_forward_hook(scale_output(attn_mask)))
-                handles.append(blk.attn.kv.register_forward_hook(scale_output(torch.cat([attn_mask, attn_mask], -1))))
+                handles.append(blk.attn.q.register_forward_hook(scale_hook(attn_mask)))
+                handles.append(blk.attn.kv.register_forward_hook(scale_hook(torch.cat([attn_mask, attn_mask], -1))))
             ffn_mask = masks.get(f"ffn.{b}")
             if ffn_mask is not None:
-                handles.append(blk.mlp.act.register_forward_hook(scale_output(ffn_mask)))
+                handles.append(blk.mlp.act.register_forward_hook(scale_hook(ffn_mask)))
             if f"attn.{b}" in skip:
-                handles.append(blk.drop_path1.register_forward_hook(zero_output))
+                handles.append(blk.drop_path1.register_forward_hook(zero_hook))
             if f"ffn.{b}" in skip:
-                handles.append(blk.drop_path2.register_forward_hook(zero_output))
+                handles.append(blk.drop_path2.register_forward_hook(zero_hook))
         return handles
 
     # ---------------------------------------------------------------- unit-by-unit forward (timm's stage split per branch)

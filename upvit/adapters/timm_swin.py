@@ -30,14 +30,13 @@ block of a stage, or a hybrid ending there, can leave alone).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from ..errors import UpvitError
 from ..topology import Rules, Topology
-from .base import Adapter, Masks, Stream, broadcast_mask, masked_layer_norm, per_window
+from .base import Adapter, Masks, Stream, per_window
+from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
                           move_sublayers, new_config, rebuild_from_state, vector_rule)
 
@@ -68,7 +67,7 @@ def _four(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mask] * 4, dim=-1)
 
 
-class TimmSwinAdapter(Adapter):
+class TimmSwinAdapter(HookMasking, Adapter):
     family = "timm_swin"
 
     def __init__(self, model: nn.Module) -> None:
@@ -172,51 +171,26 @@ class TimmSwinAdapter(Adapter):
         return out
 
     # ---------------------------------------------------------------- masking
-    @contextlib.contextmanager
-    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
-        handles = []
-        try:
-            if masks or skip:
-                handles = self._install(masks or Masks(), skip)
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _install(self, masks: Masks, skip: frozenset[str]) -> list:
+    def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
         m = self.model
-        topo = self.topology()
-        for key in masks.by_site:
-            topo.site(key)
-        for key in skip:
-            topo.unit_index(key)
         handles = []
-
-        def scale_output(mask):
-            return lambda module, inputs, out: out * broadcast_mask(mask, out)
-
-        def renormalise(mask):
-            return lambda mod, inputs, out: masked_layer_norm(inputs[0], mask, mod.weight, mod.bias, mod.eps)
-
-        def zero_output(module, inputs, out):
-            return torch.zeros_like(out)
 
         for s, layer in enumerate(m.layers):
             res = masks.get(f"res.{s}")
             if res is not None:
                 if s == 0:
-                    handles.append(m.patch_embed.norm.register_forward_hook(renormalise(res)))
+                    handles.append(m.patch_embed.norm.register_forward_hook(norm_hook(res)))
                 else:
-                    handles.append(layer.downsample.register_forward_hook(scale_output(res)))
+                    handles.append(layer.downsample.register_forward_hook(scale_hook(res)))
                 for blk in layer.blocks:
                     for mod in (blk.norm1, blk.norm2):
-                        handles.append(mod.register_forward_hook(renormalise(res)))
+                        handles.append(mod.register_forward_hook(norm_hook(res)))
                     for mod in (blk.drop_path1, blk.drop_path2):
-                        handles.append(mod.register_forward_hook(scale_output(res)))
+                        handles.append(mod.register_forward_hook(scale_hook(res)))
                 if s + 1 < len(m.layers):
-                    handles.append(m.layers[s + 1].downsample.norm.register_forward_hook(renormalise(_four(res))))
+                    handles.append(m.layers[s + 1].downsample.norm.register_forward_hook(norm_hook(_four(res))))
                 else:
-                    handles.append(m.norm.register_forward_hook(renormalise(res)))
+                    handles.append(m.norm.register_forward_hook(norm_hook(res)))
         for b, (s, i) in enumerate(self._where):
             blk = m.layers[s].blocks[i]
             attn_mask = masks.get(f"attn.{b}")
@@ -229,11 +203,11 @@ class TimmSwinAdapter(Adapter):
                 handles.append(blk.attn.qkv.register_forward_hook(qkv_hook))
             ffn_mask = masks.get(f"ffn.{b}")
             if ffn_mask is not None:
-                handles.append(blk.mlp.act.register_forward_hook(scale_output(ffn_mask)))
+                handles.append(blk.mlp.act.register_forward_hook(scale_hook(ffn_mask)))
             if f"attn.{b}" in skip:
-                handles.append(blk.drop_path1.register_forward_hook(zero_output))
+                handles.append(blk.drop_path1.register_forward_hook(zero_hook))
             if f"ffn.{b}" in skip:
-                handles.append(blk.drop_path2.register_forward_hook(zero_output))
+                handles.append(blk.drop_path2.register_forward_hook(zero_hook))
         return handles
 
     # ---------------------------------------------------------------- unit-by-unit forward (timm's block split in two)

@@ -30,7 +30,8 @@ from torch import nn
 
 from ..errors import UpvitError
 from ..topology import Topology
-from .base import Adapter, MaskProbe, Masks, Stream, broadcast_mask, masked_layer_norm
+from .base import Adapter, MaskProbe, Masks, Stream, masked_layer_norm
+from .hooks import HookMasking, scale_hook, zero_hook
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
                           move_sublayers, new_config, rebuild_from_state, vector_rule)
 
@@ -62,7 +63,7 @@ EQUIVALENT_CANDIDATES = [
 ]
 
 
-class TimmViTAdapter(Adapter):
+class TimmViTAdapter(HookMasking, Adapter):
     family = "timm_vit"
 
     def __init__(self, model: nn.Module) -> None:
@@ -189,41 +190,18 @@ class TimmViTAdapter(Adapter):
         return out
 
     # ---------------------------------------------------------------- masking
-    @contextlib.contextmanager
-    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
-        handles = []
-        try:
-            if masks or skip:
-                handles = self._install(masks or Masks(), skip)
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-
-    def _install(self, masks: Masks, skip: frozenset[str]) -> list:
+    def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
         m = self.model
         handles = []
-        topo = self.topology()
-        for key in masks.by_site:
-            topo.site(key)  # a clear error for a mask on a site the model does not have
-        for key in skip:
-            topo.unit_index(key)
-
-        def scale_output(mask):
-            return lambda module, inputs, out: out * broadcast_mask(mask, out)
-
-        def zero_output(module, inputs, out):
-            return torch.zeros_like(out)
-
         embed = masks.get("res.0")
         if embed is not None:
-            handles.append(m.patch_drop.register_forward_hook(scale_output(embed)))
+            handles.append(m.patch_drop.register_forward_hook(scale_hook(embed)))
             for norm in self.residual_norms():
                 handles.append(norm.register_forward_hook(
                     lambda mod, inputs, out, mask=embed: masked_layer_norm(inputs[0], mask, mod.weight, mod.bias, mod.eps)))
             for blk in m.blocks:
-                handles.append(blk.attn.register_forward_hook(scale_output(embed)))
-                handles.append(blk.mlp.register_forward_hook(scale_output(embed)))
+                handles.append(blk.attn.register_forward_hook(scale_hook(embed)))
+                handles.append(blk.mlp.register_forward_hook(scale_hook(embed)))
         for b, blk in enumerate(m.blocks):
             attn_mask = masks.get(f"attn.{b}")
             if attn_mask is not None:
@@ -235,11 +213,11 @@ class TimmViTAdapter(Adapter):
                 handles.append(blk.attn.qkv.register_forward_hook(qkv_hook))
             ffn_mask = masks.get(f"ffn.{b}")
             if ffn_mask is not None:
-                handles.append(blk.mlp.act.register_forward_hook(scale_output(ffn_mask)))
+                handles.append(blk.mlp.act.register_forward_hook(scale_hook(ffn_mask)))
             if f"attn.{b}" in skip:
-                handles.append(blk.ls1.register_forward_hook(zero_output))
+                handles.append(blk.ls1.register_forward_hook(zero_hook))
             if f"ffn.{b}" in skip:
-                handles.append(blk.ls2.register_forward_hook(zero_output))
+                handles.append(blk.ls2.register_forward_hook(zero_hook))
         return handles
 
     @contextlib.contextmanager
