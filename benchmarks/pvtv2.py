@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--proxy-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script end to end")
+    ap.add_argument("--reading", help="a Markdown file with the hand-written reading, appended to the .md")
     args = ap.parse_args()
     smoke = dict(proxy=4, steps=2, val=64, bench_batch=8, bench_runs=1) if args.smoke else {}
     os.makedirs(args.work, exist_ok=True)
@@ -181,8 +182,12 @@ def main() -> None:
               "bench_batch": smoke.get("bench_batch", 256), **state.data,
               "seconds_this_process": round(time.time() - t_all, 1)}
     atomic_write_json(args.results + ".json", report)
+    text = markdown(report)
+    if args.reading:
+        with open(args.reading) as f:
+            text += "\n" + f.read().strip() + "\n"
     with open(args.results + ".md", "w") as f:
-        f.write(markdown(report))
+        f.write(text)
     log(f"wrote {args.results}.json/.md")
 
 

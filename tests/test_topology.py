@@ -78,3 +78,18 @@ def test_targets_reject_wrong_stage_count_and_non_integers():
         Targets((StageTarget(4, 1, 4, 8),)).check(topo)
     with pytest.raises(UpvitError, match=r"num_heads\[1\] must be an integer"):
         Targets((StageTarget(4, 1, 4, 8), StageTarget(8, 2.5, 8, 16), StageTarget(16, 4, 16, 32)))
+
+
+def test_no_module_outside_the_adapters_names_a_model_attribute():
+    """Only ``upvit/adapters/`` knows a family's module names (issue 11): the rest works on topologies."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "upvit"
+    pattern = re.compile(r"\.(patch_embed|qkv|fc1|fc2|norm1|norm2|downsample|relative_position_bias_table|cls_token|"
+                         r"pos_embed|blocks)\b")
+    offenders = [f"{path.relative_to(root)}:{n}" for path in root.rglob("*.py") if "adapters" not in path.parts
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line.split("#")[0])]
+    assert offenders == []
+    assert pattern.search("model.blocks[0].attn.qkv")  # the pattern does catch what it is for
