@@ -253,7 +253,7 @@ def report(state: dict[str, Any]) -> str:
             lines += ["", "Teacher training curve (`upvit/assets/lm_teacher/log.jsonl`):", "", curve]
         if "scores" in lm:
             lines += ["", f"Scores: exact KL on {s['proxy_size']} training blocks (seed {s['proxy_seed']}, "
-                          f"{lm['scores']['proxy_tokens']:,} tokens), {lm['scores']['seconds']:.0f} s this run; "
+                          f"{lm['scores']['proxy_tokens']:,} tokens), {lm['scores'].get('wall_time_total_s') or lm['scores']['seconds']:.0f} s of scoring in all; "
                           f"`{lm['scores']['file']}`."]
         lines.append("")
     mini = state.get("minilm", {})
@@ -274,7 +274,8 @@ def report(state: dict[str, Any]) -> str:
         if "scores" in mini:
             lines += ["", f"Scores: exact engine, 1 - cos divergence, {s['proxy_size']} training lines (seed "
                           f"{s['proxy_seed']}, {mini['scores']['proxy_tokens']} tokens), "
-                          f"{mini['scores']['seconds']:.0f} s this run; `{mini['scores']['file']}`."]
+                          f"{mini['scores'].get('wall_time_total_s') or mini['scores']['seconds']:.0f} s of scoring in all "
+                          f"(much of it under heavy load); `{mini['scores']['file']}`."]
         lines.append("")
     if state.get("reading"):
         lines += ["## Reading", "", state["reading"], ""]
@@ -302,6 +303,7 @@ def teacher_curve() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=["lm", "minilm", "report"])
+    ap.add_argument("--reading", help="report: a Markdown file with the hand-written reading to attach")
     args = ap.parse_args()
     torch.manual_seed(0)
     state = load_state()
@@ -310,6 +312,10 @@ def main() -> None:
     elif args.part == "minilm":
         run_minilm(state)
     state = load_state() if args.part == "report" else state
+    if args.reading:
+        with open(args.reading) as f:
+            state["reading"] = f.read().strip()
+        save_state(state, "reading")
     with open(os.path.join(RESULTS, "nlp.md"), "w") as f:
         f.write(report(state))
 
