@@ -72,6 +72,26 @@ def move_sublayers(state: dict[str, torch.Tensor], moves: dict[str, str | None])
     return out
 
 
+def staged_unit_moves(blocks, where: list[tuple[int, int]], unit_parts: dict[str, tuple[str, ...]],
+                      stages: str) -> dict[str, str | None]:
+    """Depth surgery of a staged timm model: the :func:`move_sublayers` map that gives new block k of a
+    stage the sub-layers of the stage's k-th re-paired attention and FFN units (``blocks``: the
+    :class:`~upvit.topology.PairedBlock` list in order; ``where[b]``: (stage, index) of source block b;
+    ``stages``: the attribute holding the stages, ``"layers"`` for Swin, ``"stages"`` for PVTv2).
+    Sub-layers of removed units map to None (dropped)."""
+    moves: dict[str, str | None] = {f"{stages}.{s}.blocks.{i}.{part}.": None for s, i in where
+                                    for parts in unit_parts.values() for part in parts}
+    position: dict[int, int] = {}
+    for pair in blocks:
+        k = position.get(pair.stage, 0)
+        position[pair.stage] = k + 1
+        for kind, unit in (("attn", pair.attn), ("ffn", pair.ffn)):
+            s, i = where[int(unit.split(".")[1])]
+            for part in unit_parts[kind]:
+                moves[f"{stages}.{s}.blocks.{i}.{part}."] = f"{stages}.{s}.blocks.{k}.{part}."
+    return moves
+
+
 def fold_q_scale(state: dict[str, torch.Tensor], prefix: str, rows: int, factor: float) -> None:
     """Multiply the first ``rows`` output rows (q) of ``prefix``.weight/.bias by ``factor``: with the
     pruned module's own ``head_dim ** -0.5`` scale, q . k then carries the original model's scale."""

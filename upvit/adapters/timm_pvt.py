@@ -50,7 +50,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          move_sublayers, new_config, rebuild_from_state, vector_rule)
+                          move_sublayers, new_config, rebuild_from_state, staged_unit_moves, vector_rule)
 
 EQUIVALENT_CANDIDATES = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
 FAMILY = "timm PyramidVisionTransformerV2"
@@ -324,16 +324,7 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         kwargs = {**base.timm_kwargs, "embed_dims": widths, "num_heads": heads, "mlp_ratios": ratios}
         if depths != [len(stage.blocks) for stage in m.stages]:
             kwargs["depths"] = depths
-        moves: dict[str, str | None] = {f"stages.{s}.blocks.{i}.{part}.": None for s, i in self._where
-                                        for parts in self.UNIT_PARTS.values() for part in parts}
-        position: dict[int, int] = {}
-        for pair in blocks:
-            k = position.get(pair.stage, 0)
-            position[pair.stage] = k + 1
-            for kind, unit in (("attn", pair.attn), ("ffn", pair.ffn)):
-                s, i = self._where[int(unit.split(".")[1])]
-                for part in self.UNIT_PARTS[kind]:
-                    moves[f"stages.{s}.blocks.{i}.{part}."] = f"stages.{s}.blocks.{k}.{part}."
+        moves = staged_unit_moves(blocks, self._where, self.UNIT_PARTS, "stages")
         state = move_sublayers(self._slice(plan), moves)
         new = rebuild_from_state(m, base.timm_name, kwargs, state, init_kwargs={})
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)

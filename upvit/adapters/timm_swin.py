@@ -38,7 +38,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream, per_window
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          move_sublayers, new_config, rebuild_from_state, vector_rule)
+                          move_sublayers, new_config, rebuild_from_state, staged_unit_moves, vector_rule)
 
 EQUIVALENT_CANDIDATES = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
                          "swin_base_patch4_window7_224", "swin_base_patch4_window12_384"]
@@ -294,16 +294,7 @@ class TimmSwinAdapter(HookMasking, Adapter):
                   "mlp_ratio": ratios}
         if depths != [len(layer.blocks) for layer in m.layers]:
             kwargs["depths"] = depths
-        moves: dict[str, str | None] = {f"layers.{s}.blocks.{i}.{part}.": None for s, i in self._where
-                                        for parts in self.UNIT_PARTS.values() for part in parts}
-        position: dict[int, int] = {}
-        for pair in blocks:
-            k = position.get(pair.stage, 0)
-            position[pair.stage] = k + 1
-            for kind, unit in (("attn", pair.attn), ("ffn", pair.ffn)):
-                s, i = self._where[int(unit.split(".")[1])]
-                for part in self.UNIT_PARTS[kind]:
-                    moves[f"layers.{s}.blocks.{i}.{part}."] = f"layers.{s}.blocks.{k}.{part}."
+        moves = staged_unit_moves(blocks, self._where, self.UNIT_PARTS, "layers")
         state = move_sublayers(self._slice(plan), moves)
         new = rebuild_from_state(m, base.timm_name, kwargs, state)
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
