@@ -95,8 +95,7 @@ def main() -> None:
     # 2. students and fine-tuning
     teacher_top1 = evaluate(teacher, val, desc="eval teacher")["top1"]
     rows = [{"model": "teacher", "selection": "-", "shape": "full", "top1_before": teacher_top1, "top1": teacher_top1,
-             "params": count_params(teacher), "macs": count_macs(teacher),
-             "images_per_second": throughput(teacher, batch_size=256, runs=5)["images_per_second"]}]
+             "params": count_params(teacher), "macs": count_macs(teacher)}]  # images/s: one sitting at the end
     shared = SharedTeacher(teacher)
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5, seed=0,
                       max_steps_per_epoch=3 if args.quick else None)
@@ -124,7 +123,6 @@ def main() -> None:
                               teacher_name=args.teacher)
             row = {"model": name, "selection": selection, "shape": shape_name, "top1_before": before,
                    "top1": result["val_top1"], "params": count_params(student), "macs": count_macs(student),
-                   "images_per_second": throughput(student, batch_size=256, runs=5)["images_per_second"],
                    "finetune_seconds": round(time.time() - t0, 1),
                    "kwargs": {k: student.upvit_config.timm_kwargs[k] for k in ("embed_dim", "num_heads", "head_dim", "mlp_ratio")}}
             atomic_write_json(done, row)

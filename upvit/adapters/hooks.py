@@ -48,27 +48,23 @@ def check_sites(adapter, masks: Masks, skip: frozenset[str]) -> None:
         topo.unit_index(key)
 
 
-@contextlib.contextmanager
-def hooks_installed(install: Callable[[], list]) -> Iterator[None]:
-    handles = install()
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class HookMasking:
     """``Adapter.masking`` for adapters that mask through forward hooks: nothing is installed when
     there is nothing to mask; otherwise the sites are checked and ``install_hooks`` runs, and its
     handles are removed on leaving the context."""
 
-    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()):
-        if not masks and not skip:
-            return contextlib.nullcontext(self)
-        masks = masks or Masks()
-        check_sites(self, masks, skip)
-        return hooks_installed(lambda: self.install_hooks(masks, skip))
+    @contextlib.contextmanager
+    def masking(self, masks: Masks | None, skip: frozenset[str] = frozenset()) -> Iterator["HookMasking"]:
+        handles: list = []
+        if masks or skip:
+            masks = masks or Masks()
+            check_sites(self, masks, skip)
+            handles = self.install_hooks(masks, skip)
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
 
     def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Topology
 from .base import Adapter, MaskProbe, Masks, Stream, masked_layer_norm
-from .hooks import HookMasking, scale_hook, zero_hook
+from .hooks import HookMasking, grouped_scale_hook, scale_hook, zero_hook
 from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
                           move_sublayers, new_config, rebuild_from_state, vector_rule)
 
@@ -204,13 +204,8 @@ class TimmViTAdapter(HookMasking, Adapter):
                 handles.append(blk.mlp.register_forward_hook(scale_hook(embed)))
         for b, blk in enumerate(m.blocks):
             attn_mask = masks.get(f"attn.{b}")
-            if attn_mask is not None:
-                def qkv_hook(module, inputs, out, mask=attn_mask):
-                    shape = out.shape
-                    out = out.view(*shape[:-1], 3, shape[-1] // 3)
-                    mm = mask if mask.dim() == 1 else mask.view(mask.shape[0], *([1] * (out.dim() - 2)), mask.shape[1])
-                    return (out * mm).view(shape)
-                handles.append(blk.attn.qkv.register_forward_hook(qkv_hook))
+            if attn_mask is not None:  # qkv's output holds q, k and v of the site one after another
+                handles.append(blk.attn.qkv.register_forward_hook(grouped_scale_hook(attn_mask, 3)))
             ffn_mask = masks.get(f"ffn.{b}")
             if ffn_mask is not None:
                 handles.append(blk.mlp.act.register_forward_hook(scale_hook(ffn_mask)))
