@@ -480,50 +480,46 @@ def cmd_score(args: argparse.Namespace) -> int:
                          f"and add --force to overwrite {args.out}")
     check_device(args.device)
     check_output_file(args.out, force=args.force, resume=args.resume, inputs=[args.model, args.checkpoint, args.data])
-    started = dist_utils.init_if_needed()
-    try:
-        model = load_model(args.model, args.checkpoint)
-        random_weights_warning(args.model, args.checkpoint)
-        adapter = get_adapter(model)
-        if _text_kwargs(model):
-            if args.per_class:
-                raise UpvitError("--per-class needs classes, and text data has none: use --proxy-size N")
-            dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
-                                   tokenizer=getattr(model, "upvit_tokenizer", None))
-            subset, record = sample_proxy(dataset, size=args.proxy_size, seed=args.seed)
-            images = proxy_tensor(subset, adapter.input_size())  # a dict of token tensors
-        else:
-            dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
-                                   skip_bad_images=args.skip_bad_images)
-            subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
-                                          per_class=args.per_class, seed=args.seed)
-            images = proxy_tensor(stack_images(subset), adapter.input_size())  # unreadable files: error or dropped
-            if len(images) < len(subset):
-                record.update(num_images=len(images), unreadable_skipped=len(subset) - len(images))
-                warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
-        record["data"] = args.data
-        device = torch.device(args.device) if args.device else dist_utils.default_device()
-        meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
-        model.to(device)
-        options = {"batch_size": args.batch_size}
-        if args.method in ("hybrid", "greedy"):
-            options.update({"targets": targets, "ratios": args.ratios})
-        if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
-            labels = proxy_labels(subset)
-            if labels is None or len(labels) != batch_len(images):
-                raise UpvitError(f"--method {args.method} needs a label for every proxy sample: use labelled image "
-                                 "data whose proxy images are all readable")
-            options["labels"] = labels
-        flush_warnings()
-        scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
-                       meta=meta, **options)
-        if dist_utils.is_main():
-            print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
-                  f"on {batch_len(images)} proxy samples in {time.time() - t0:.1f}s")
-        return 0
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
+    dist_utils.init_if_needed()  # under torchrun; main() leaves the group after the command
+    model = load_model(args.model, args.checkpoint)
+    random_weights_warning(args.model, args.checkpoint)
+    adapter = get_adapter(model)
+    if _text_kwargs(model):
+        if args.per_class:
+            raise UpvitError("--per-class needs classes, and text data has none: use --proxy-size N")
+        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
+                               tokenizer=getattr(model, "upvit_tokenizer", None))
+        subset, record = sample_proxy(dataset, size=args.proxy_size, seed=args.seed)
+        images = proxy_tensor(subset, adapter.input_size())  # a dict of token tensors
+    else:
+        dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
+                               skip_bad_images=args.skip_bad_images)
+        subset, record = sample_proxy(dataset, size=None if args.per_class else args.proxy_size,
+                                      per_class=args.per_class, seed=args.seed)
+        images = proxy_tensor(stack_images(subset), adapter.input_size())  # unreadable files: error or dropped
+        if len(images) < len(subset):
+            record.update(num_images=len(images), unreadable_skipped=len(subset) - len(images))
+            warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
+    record["data"] = args.data
+    device = torch.device(args.device) if args.device else dist_utils.default_device()
+    meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
+    model.to(device)
+    options = {"batch_size": args.batch_size}
+    if args.method in ("hybrid", "greedy"):
+        options.update({"targets": targets, "ratios": args.ratios})
+    if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
+        labels = proxy_labels(subset)
+        if labels is None or len(labels) != batch_len(images):
+            raise UpvitError(f"--method {args.method} needs a label for every proxy sample: use labelled image "
+                             "data whose proxy images are all readable")
+        options["labels"] = labels
+    flush_warnings()
+    scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
+                   meta=meta, **options)
+    if dist_utils.is_main():
+        print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
+              f"on {batch_len(images)} proxy samples in {time.time() - t0:.1f}s")
+    return 0
 
 
 def _parse_targets(values: list[str] | None) -> list[dict[str, object]] | None:
@@ -703,6 +699,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         code = COMMANDS[args.command](args)
+        if code == 0 and "torch.distributed" in sys.modules:  # every rank leaves together (torchrun)
+            from . import distributed
+
+            distributed.shutdown()
         flush_warnings()
         return code
     except UpvitError as e:

@@ -48,6 +48,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly at the end of a successful command: a barrier first, so no
+    rank tears its gloo/nccl connections down while another still writes or communicates (a rank
+    that exits early, or without destroying the group, can abort its peers with "terminate called
+    without an active exception"). Not called after an error: the other ranks may never arrive."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
