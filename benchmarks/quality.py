@@ -30,7 +30,7 @@ the same seed see identical batches), so the teacher runs once per batch over th
     python benchmarks/quality.py run --teacher DIR --kl-scores FILE            # every cell, priority order
     python benchmarks/quality.py run ... --shape T --budget 4 --method kl --seed 0   # a piece
     python benchmarks/quality.py status                                        # done / remaining cells
-    python benchmarks/quality.py report                                        # quality.md / quality.json
+    python benchmarks/quality.py report [--reading benchmarks/readings/quality.md]   # quality.md / .json
 
 Priority order: budget 4 for the paper's comparison (kl, magnitude, random, taylor, scratch; T then
 S, seed by seed), then the options at budget 4, then budget 16 in the same order.
@@ -465,7 +465,7 @@ def missing_cells(cells: list[dict[str, Any]]) -> list[str]:
     return [cell_key(*k) for k in priority() if cell_key(*k) not in have]
 
 
-def report(results: str, out_stem: str) -> dict[str, Any]:
+def report(results: str, out_stem: str, reading_path: str | None = None) -> dict[str, Any]:
     cells = load_cells(results)
     if not cells:
         raise SystemExit(f"no finished cells under {results}/cells")
@@ -475,8 +475,10 @@ def report(results: str, out_stem: str) -> dict[str, Any]:
         raise SystemExit("the cells come from different teachers or settings: report them separately")
     summary = summarise(cells)
     missing = missing_cells(cells)
-    reading_path = out_stem + ".reading.md"
-    reading = open(reading_path).read().strip() if os.path.exists(reading_path) else None
+    reading = None
+    if reading_path:
+        with open(reading_path) as f:
+            reading = f.read().strip()
     extra = greedy_diagnostics(results, cells[0])
     kl_files = sorted({c["kl_scores"] for c in cells if c.get("kl_scores")})
     result = {"complete": not missing, "missing": missing, "teacher": cells[0]["teacher"],
@@ -584,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("status", "report"):
         p = sub.add_parser(name)
         p.add_argument("--results", default=os.path.join(RESULTS, "quality"))
+        if name == "report":
+            p.add_argument("--reading", default=None, help="a Markdown file with the hand-written reading, appended "
+                           "to quality.md (benchmarks/readings/quality.md)")
     args = ap.parse_args(argv)
     if args.command == "status":
         cells = load_cells(args.results)
@@ -594,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "report":
         stem = args.results.rstrip("/")
-        report(args.results, stem)
+        report(args.results, stem, args.reading)
         print(open(stem + ".md").read())
         return 0
     if not args.kl_scores and not args.smoke and set(args.method) & {"kl", "kl-iterative", "kl-greedy"}:
