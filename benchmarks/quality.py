@@ -598,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
             print("  missing", key)
         return 0
     if args.command == "report":
+        if args.reading and not os.path.isfile(args.reading):
+            raise SystemExit(f"--reading {args.reading}: no such file (the hand-written reading, e.g. "
+                             "benchmarks/readings/quality.md)")
         stem = args.results.rstrip("/")
         report(args.results, stem, args.reading)
         print(open(stem + ".md").read())

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from upvit import distributed
+from helpers import tiny_vit
+from upvit import distributed, save
 from upvit.cli import main
 
 
@@ -29,7 +30,8 @@ def test_main_leaves_the_group_only_after_success(tmp_path, capsys):
         assert main(["eval", str(tmp_path / "missing-model"), "--data", "animal-mnist:val"]) == 2
         assert dist.is_initialized(), "a failed command must not wait at a barrier the other ranks may never reach"
         assert "missing-model" in capsys.readouterr().err
-        assert main(["eval", "upvit/assets/teacher", "--data", "animal-mnist:val", "--batch-size", "500"]) == 0
+        save(tiny_vit(in_chans=1, img_size=28, patch_size=7, num_classes=10), str(tmp_path / "m"))
+        assert main(["eval", str(tmp_path / "m"), "--data", "animal-mnist:val", "--batch-size", "500"]) == 0
         assert not dist.is_initialized()
     finally:
         if dist.is_initialized():
