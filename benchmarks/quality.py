@@ -517,13 +517,22 @@ def _fmt(cell: dict[str, Any] | None) -> str:
     return f"{cell['mean']:.2f}{se} (n={cell['n']})"
 
 
+def _shown_path(path: str | None) -> str | None:
+    """A path as the report shows it: relative to the repository when inside it (no machine's prefix)."""
+    if not path:
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = os.path.abspath(path)
+    return os.path.relpath(full, root) if full.startswith(root + os.sep) else path
+
+
 def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     status = ("complete: every cell has its 3 seeds" if result["complete"] else
               f"**INCOMPLETE**: {len(result['missing'])} cells missing (listed at the end)")
     lines = ["# Quality benchmark: UP-ViT vs magnitude, random, Taylor, scratch, and two options", "",
-             f"Teacher `{result['teacher']}` (fingerprint {result['teacher_fingerprint']}); KL scores "
-             f"`{result['kl_scores']}` (exact, {result['proxy']['num_images']}-image proxy, seed {result['proxy']['seed']}). "
+             f"Teacher `{_shown_path(result['teacher'])}` (fingerprint {result['teacher_fingerprint']}); KL scores "
+             f"`{_shown_path(result['kl_scores'])}` (exact, {result['proxy']['num_images']}-image proxy, seed {result['proxy']['seed']}). "
              f"Fine-tuning: batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}, warm-up "
              f"{s['warmup_epochs']} epoch, distillation alpha {s['alpha']} from the teacher, seeds 0/1/2; top-1 on "
              f"{result['val_images']} validation images. Machine: {result['machine']} (shared). Status: {status}.", "",
