@@ -521,9 +521,8 @@ def _shown_path(path: str | None) -> str | None:
     """A path as the report shows it: relative to the repository when inside it (no machine's prefix)."""
     if not path:
         return path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     full = os.path.abspath(path)
-    return os.path.relpath(full, root) if full.startswith(root + os.sep) else path
+    return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else path
 
 
 def markdown(result: dict[str, Any]) -> str:
