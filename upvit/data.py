@@ -327,6 +327,11 @@ def stack_images(dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+# every spelling --data accepts, for the messages that refuse one
+DATA_SPELLINGS = ("an ImageFolder directory (one sub-folder of images per class), animal-mnist:train|val|all, "
+                  "or for text models shakespeare:train|val|all or text:FILE_OR_DIR")
+
+
 def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = False,
                  skip_bad_images: bool = False) -> tuple[Dataset, DataInfo]:
     """An ImageNet-layout directory with the model's evaluation (or training) transform.
@@ -339,8 +344,10 @@ def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = Fa
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
+    if os.path.isfile(root):  # a single file is never image data: say what is accepted instead
+        raise UpvitError(f"data {root!r} is a file, not a directory: pass {DATA_SPELLINGS}")
     if not os.path.isdir(root):
-        raise UpvitError(f"data directory {root!r} does not exist: pass an ImageFolder root or animal-mnist:SPLIT")
+        raise UpvitError(f"data directory {root!r} does not exist: pass {DATA_SPELLINGS}")
     cfg = dict(data_config or {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "interpolation": "bicubic"})
     transform = create_transform(
@@ -372,7 +379,8 @@ def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool 
     if is_text_spec(spec):
         return text_dataset(spec, tokenizer, data_config)
     if (data_config or {}).get("task") in ("causal-lm", "masked-lm", "sentence-embedding"):
-        raise UpvitError(f"this is a text model, but {spec!r} is image data: use shakespeare:SPLIT or text:FILE_OR_DIR")
+        fix = f"write text:{spec}" if os.path.exists(spec) else "use shakespeare:SPLIT or text:FILE_OR_DIR"
+        raise UpvitError(f"this is a text model, but {spec!r} is image data: {fix}")
     if spec.startswith("animal-mnist"):
         _, _, split = spec.partition(":")
         ds, info = animal_mnist(split or ("train" if train else "val"), augment=train, seed=seed)
