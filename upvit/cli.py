@@ -15,6 +15,12 @@ from .outputs import check_json_path, check_output_dir, check_output_file, disca
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
+# one weight-decay default for train, finetune and depth, equal to upvit.TrainConfig's (a test checks it)
+WEIGHT_DECAY = 1e-3
+WEIGHT_DECAY_HELP = ("AdamW weight decay (the fine-tuning recipe of docs/method.md section 4; the teacher recipes in "
+                     "the Makefile pass 0.05)")
+DATA_HELP = "training data: animal-mnist:train, an ImageFolder directory, shakespeare:train or text:FILE_OR_DIR (text models)"
+
 
 def command(name: str):
     def register(fn):
@@ -200,14 +206,14 @@ def _set_drop_path(model, rate: float) -> None:
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
     p.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=2.0, help="linear warm-up from 0")
     p.add_argument("--label-smoothing", type=rate, default=0.1, help="label smoothing of the cross-entropy")
     p.add_argument("--drop-path", type=rate, default=0.0, help="stochastic depth rate of the last block")
@@ -268,9 +274,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _finetune_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--teacher", required=True, help="the original (unpruned) model: directory or timm:NAME")
+    p.add_argument("--teacher", required=True, help="the original (unpruned) model: a model directory, timm:NAME or "
+                   "hf:PATH_OR_NAME")
     p.add_argument("--teacher-checkpoint", help="state dict to load into the teacher")
-    p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
     p.add_argument("--epochs", type=positive_int, default=30, help="fine-tuning epochs")
@@ -284,7 +291,7 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")
     p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
-    p.add_argument("--weight-decay", type=nonneg_float, default=1e-3, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warm-up (default min(2, epochs / 10))")
     p.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this value")
     _add_run_args(p)
@@ -356,10 +363,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     check_json_path(args.json)
+    device = args.device or str(_default_device())  # the same default as every other command
     rows = []
     for spec in args.models:
         model = load_model(spec, args.checkpoint if len(args.models) == 1 else None)
-        rows.append(describe(model, spec, batch_size=args.batch_size, runs=args.runs, device=args.device))
+        rows.append(describe(model, spec, batch_size=args.batch_size, runs=args.runs, device=device))
     print(format_table(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -373,7 +381,7 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, "models", nargs="+")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward")
     p.add_argument("--runs", type=positive_int, default=10, help="timed runs; the median is reported")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", help="write the rows as JSON here")
 
 
@@ -541,7 +549,8 @@ def _parse_targets(values: list[str] | None) -> list[dict[str, object]] | None:
 
 def _score_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train or an ImageFolder")
+    p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train, an "
+                   "ImageFolder directory, shakespeare:train or text:FILE_OR_DIR (text models)")
     p.add_argument("--proxy-size", type=positive_int, default=2000, help="random proxy images (seeded)")
     p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
@@ -628,10 +637,11 @@ def _depth_parser(p: argparse.ArgumentParser) -> None:
                    help="fine-tuning epochs of the whole run, split evenly over the steps (0: no fine-tuning)")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (x T^2)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size of the fine-tuning (split over "
+                   "torchrun ranks)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of each step (default 1e-3 x batch / 256)")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of each step's cosine")
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up of each step (default min(2, epochs per step / 10))")
     p.add_argument("--score-batch-size", type=int, default=64, help="proxy images per forward when scoring")
@@ -670,9 +680,11 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="scoring method for the UP-ViT students (default hybrid)")
 
 
-PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
+PARSERS = {"train": (_train_parser, ("train a model (timm or Hugging Face; images or text): from scratch for a "
+                                     "timm:/hf: spec, further for a model directory")),
            "finetune": (_finetune_parser, "fine-tune a pruned model with distillation from the original"),
-           "eval": (_eval_parser, "top-1 accuracy and loss of a model on a dataset"),
+           "eval": (_eval_parser, ("evaluate a model on a dataset: top-1 accuracy and loss (classifiers), perplexity "
+                                   "(language models) or similarity agreement with --teacher (sentence encoders)")),
            "bench": (_bench_parser, "parameters, MACs and throughput of models"),
            "score": (_score_parser, "importance of every channel (exact KL by default) on a seeded proxy set"),
            "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan"),
@@ -680,9 +692,22 @@ PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
            "demo": (_demo_parser, "the whole method on the embedded default, with baselines")}
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _default_device():
+    from .distributed import default_device
+
+    return default_device()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="upvit", description="Unified structured pruning of vision transformers (UP-ViTs).",
                            formatter_class=DefaultsFormatter)
+    parser.add_argument("--version", action="version", version=f"upvit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, help_text) in PARSERS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsFormatter))

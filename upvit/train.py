@@ -44,13 +44,16 @@ Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Ten
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``batch_size`` is the global batch, split over ranks."""
+    """Optimisation settings. ``batch_size`` is the global batch, split over ranks.
+
+    ``weight_decay`` defaults to 1e-3, the fine-tuning recipe (docs/method.md section 4) and the default of
+    ``upvit train``, ``finetune`` and ``depth``; the teacher recipes in the Makefile pass 0.05."""
 
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-5
-    weight_decay: float = 0.05
+    weight_decay: float = 1e-3
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.0
     ema_decay: float | None = None
