@@ -652,6 +652,44 @@ def _depth_parser(p: argparse.ArgumentParser) -> None:
     _add_run_args(p)
 
 
+# ----------------------------------------------------------------------------------------- export
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .models import load_model
+
+    if not args.out.endswith(".onnx"):
+        raise UpvitError(f"--out {args.out!r}: give a file name ending in .onnx, e.g. --out model.onnx")
+    if os.path.exists(args.out) and not args.force:
+        raise UpvitError(f"{args.out} already exists: choose another --out, or add --force to overwrite it")
+    check_output_file(args.out, force=True, inputs=[args.model, args.checkpoint], partial_suffix=None)
+    model = load_model(args.model, args.checkpoint)
+    random_weights_warning(args.model, args.checkpoint)
+    flush_warnings()
+    result = export_onnx(model, args.out, exporter=args.exporter, opset=args.opset, check=not args.no_check,
+                         rtol=args.rtol)
+    axes = ", ".join(f"{name}[{','.join(f'{a}:{n}' for a, n in ax.items())}]" for name, ax in result.dynamic_axes.items())
+    print(f"exported with the {result.exporter} exporter, opset {result.opset}; dynamic axes {axes}")
+    for p in result.parity:
+        at = f"batch {p.batch_size}" + (f", sequence {p.seq_len}" if p.seq_len else "")
+        print(f"parity in onnxruntime at {at}: max |diff| {p.max_abs_diff:.3g} (tolerance {p.tolerance:.3g})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--exporter", default="legacy", choices=["legacy", "dynamo"],
+                   help="torch.onnx exporter: legacy (TorchScript, opset 17; fast) or dynamo (torch.export, opset 18)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 17 legacy, 18 dynamo)")
+    p.add_argument("--rtol", type=positive_float, default=1e-3,
+                   help="parity tolerance: max |onnxruntime - torch| <= RTOL x max(|torch output|, 1)")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
+
 # ------------------------------------------------------------------------------------------ demo
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -688,6 +726,7 @@ PARSERS = {"train": (_train_parser, ("train a model (timm or Hugging Face; image
            "bench": (_bench_parser, "parameters, MACs and throughput of models"),
            "score": (_score_parser, "importance of every channel (exact KL by default) on a seeded proxy set"),
            "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan"),
+           "export": (_export_parser, "export a model to ONNX, checked against PyTorch in ONNX Runtime"),
            "depth": (_depth_parser, "remove blocks (and hybrid blocks) progressively, fine-tuning after each step"),
            "demo": (_demo_parser, "the whole method on the embedded default, with baselines")}
 
