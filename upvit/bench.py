@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .errors import UpvitError
 
 
 def count_params(model: nn.Module) -> int:
@@ -74,34 +76,62 @@ def count_macs(model: nn.Module, input_size: tuple[int, int, int] | None = None)
     return counter.get_total_flops() // 2
 
 
-@torch.inference_mode()
-def throughput(model: nn.Module, batch_size: int = 64, input_size: tuple[int, int, int] | None = None,
-               warmup: int = 3, runs: int = 10, device: str | torch.device = "cpu") -> dict[str, float]:
-    """Images/s at ``batch_size``: median over ``runs`` timed forwards after ``warmup`` untimed ones."""
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def make_runner(model: nn.Module, x, runtime: str = "torch", device: torch.device | str = "cpu") -> Callable[[], Any]:
+    """A callable that runs one forward of batch ``x`` in ``runtime`` (and waits for it): what a timing
+    loop calls. ``torch``: PyTorch eager on ``device``; ``onnxruntime``: the model exported to ONNX (see
+    :mod:`upvit.export`) in ONNX Runtime on the CPU, with as many intra-op threads as torch uses."""
     from .evaluation import model_output
 
+    if runtime not in RUNTIMES:
+        raise UpvitError(f"unknown runtime {runtime!r}: use {' or '.join(RUNTIMES)}")
+    device = torch.device(device)
+    if runtime == "onnxruntime":
+        if device.type != "cpu":
+            raise UpvitError(f"--runtime onnxruntime runs on the CPU here, not {device}: use --device cpu")
+        from .export import onnx_runner
+
+        inputs = x if isinstance(x, dict) else {"pixel_values": x}
+        return onnx_runner(model.cpu().eval(), inputs, threads=torch.get_num_threads())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run():
+        with torch.inference_mode():
+            out = model_output(model, x)
+        sync()
+        return out
+
+    return run
+
+
+def throughput(model: nn.Module, batch_size: int = 64, input_size: tuple[int, int, int] | None = None,
+               warmup: int = 3, runs: int = 10, device: str | torch.device = "cpu",
+               runtime: str = "torch") -> dict[str, float]:
+    """Images/s at ``batch_size``: median over ``runs`` timed forwards after ``warmup`` untimed ones."""
     device = torch.device(device)
     model = model.eval().to(device)
     x = example_batch(model, batch_size, input_size, device, random=True)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run = make_runner(model, x, runtime, device)
     for _ in range(warmup):
-        model_output(model, x)
-    sync()
+        run()
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        model_output(model, x)
-        sync()
+        run()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"images_per_second": batch_size / median, "median_batch_seconds": median, "batch_size": batch_size,
-            "runs": runs, "warmup": warmup}
+            "runs": runs, "warmup": warmup, "runtime": runtime}
 
 
-def describe(model: nn.Module, name: str, batch_size: int = 64, runs: int = 10, device: str = "cpu") -> dict[str, Any]:
+def describe(model: nn.Module, name: str, batch_size: int = 64, runs: int = 10, device: str = "cpu",
+             runtime: str = "torch") -> dict[str, Any]:
     """One row of the bench table."""
     row = {"model": name, "params": count_params(model), "macs": count_macs(model),
-           "input_size": list(input_size_of(model)), **throughput(model, batch_size=batch_size, runs=runs, device=device)}
+           "input_size": list(input_size_of(model)),
+           **throughput(model, batch_size=batch_size, runs=runs, device=device, runtime=runtime)}
     if len(row["input_size"]) == 1:  # a text model: one sample is a sequence of input_size[0] tokens
         row["tokens_per_second"] = row["images_per_second"] * row["input_size"][0]
     return row

@@ -364,10 +364,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_json_path(args.json)
     device = args.device or str(_default_device())  # the same default as every other command
+    if args.runtime == "onnxruntime":  # upvit runs ONNX Runtime's CPU provider
+        if args.device not in (None, "cpu"):
+            raise UpvitError(f"--runtime onnxruntime runs on the CPU, not {args.device}: use --device cpu")
+        device = "cpu"
     rows = []
     for spec in args.models:
         model = load_model(spec, args.checkpoint if len(args.models) == 1 else None)
-        rows.append(describe(model, spec, batch_size=args.batch_size, runs=args.runs, device=device))
+        rows.append(describe(model, spec, batch_size=args.batch_size, runs=args.runs, device=device,
+                             runtime=args.runtime))
     print(format_table(rows))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -382,6 +387,9 @@ def _bench_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward")
     p.add_argument("--runs", type=positive_int, default=10, help="timed runs; the median is reported")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="torch: PyTorch eager; onnxruntime: the model exported to ONNX (upvit export), run by ONNX "
+                        "Runtime on the CPU with as many threads as torch uses")
     p.add_argument("--json", help="write the rows as JSON here")
 
 

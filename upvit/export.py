@@ -271,15 +271,14 @@ def check_parity(model: nn.Module, path: str, rtol: float = DEFAULT_RTOL, seed: 
     return out
 
 
-def onnx_runner(model: nn.Module, inputs: dict[str, torch.Tensor], folder: str | None = None,
-                threads: int | None = None) -> Callable[[], np.ndarray]:
-    """Export ``model`` (into ``folder``, default a temporary one) and return a callable that runs
-    ``inputs`` through ONNX Runtime once (for timing loops)."""
+def onnx_runner(model: nn.Module, inputs: dict[str, torch.Tensor], threads: int | None = None) -> Callable[[], np.ndarray]:
+    """Export ``model`` (unchecked, to a temporary file removed once loaded) and return a callable that
+    runs ``inputs`` through ONNX Runtime once: the runtime side of :func:`upvit.bench.make_runner`."""
     import tempfile
 
-    folder = folder or tempfile.mkdtemp(prefix="upvit-onnx-")
-    path = os.path.join(folder, "model.onnx")
-    export_onnx(model, path, check=False)
-    sess = session(path, threads)
+    with tempfile.TemporaryDirectory(prefix="upvit-onnx-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        export_onnx(model, path, check=False)
+        sess = session(path, threads)
     feed = {i.name: inputs[i.name].cpu().numpy() for i in sess.get_inputs()}
     return lambda: sess.run(None, feed)[0]
