@@ -358,7 +358,7 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------- bench
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import describe, format_table
+    from .bench import describe_many, format_table, spread_warning
     from .models import load_model
 
     check_device(args.device)
@@ -368,12 +368,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.device not in (None, "cpu"):
             raise UpvitError(f"--runtime onnxruntime runs on the CPU, not {args.device}: use --device cpu")
         device = "cpu"
-    rows = []
-    for spec in args.models:
-        model = load_model(spec, args.checkpoint if len(args.models) == 1 else None)
-        rows.append(describe(model, spec, batch_size=args.batch_size, runs=args.runs, device=device,
-                             runtime=args.runtime))
+    models = [(spec, load_model(spec, args.checkpoint if len(args.models) == 1 else None)) for spec in args.models]
+    rows = describe_many(models, batch_size=args.batch_size, runs=args.runs, device=device, runtime=args.runtime)
     print(format_table(rows))
+    note = spread_warning(rows)
+    if note:
+        warn(note)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -385,7 +385,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, "models", nargs="+")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward")
-    p.add_argument("--runs", type=positive_int, default=10, help="timed runs; the median is reported")
+    p.add_argument("--runs", type=positive_int, default=10,
+                   help="timed runs per model, taking turns between models after 3 untimed warm-up runs each; the "
+                        "median, interquartile range and min-max are reported, with a warning when the range is wide")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
                    help="torch: PyTorch eager; onnxruntime: the model exported to ONNX (upvit export), run by ONNX "
