@@ -72,3 +72,100 @@ def test_one_weight_decay_default_and_one_device_default():
     devices = {name: _option(name, "--device").default for name in ("bench", "eval", "score", "depth")}
     assert set(devices.values()) == {None}, devices  # None: cuda if available, else cpu, for every command
     assert "cuda if available" in _option("bench", "--device").help
+
+
+# ------------------------------------------------------------------------------- item 5: timm:NAME without --checkpoint
+MNIST_TINY = ("timm:vit_base_patch16_224,img_size=28,patch_size=7,in_chans=1,num_classes=10,embed_dim=24,depth=1,"
+              "num_heads=4,mlp_ratio=2.0")
+
+
+def test_timm_spec_weights_are_seeded_and_leave_the_global_rng_alone():
+    import pytest
+    import torch
+
+    import upvit
+    from upvit.errors import UpvitError
+    from upvit.fingerprint import weights_digest
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = upvit.load_model(MNIST_TINY)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream is untouched
+    torch.manual_seed(999)  # whatever ran before: the same weights
+    b = upvit.load_model(MNIST_TINY)
+    assert weights_digest(a) == weights_digest(b)
+    assert weights_digest(upvit.load_model(MNIST_TINY + ",init_seed=0")) == weights_digest(a)
+    assert weights_digest(upvit.load_model(MNIST_TINY + ",init_seed=1")) != weights_digest(a)
+    assert weights_digest(upvit.load_model(MNIST_TINY, init_seed=1)) != weights_digest(a)  # train --seed
+    with pytest.raises(UpvitError, match="init_seed=-1"):
+        upvit.load_model(MNIST_TINY + ",init_seed=-1")
+
+
+def test_score_then_prune_a_timm_spec_without_checkpoint_works_across_processes(tmp_path):
+    """The README's ImageNet flow without --checkpoint: two processes, one model (seeded weights)."""
+    scores = tmp_path / "s.safetensors"
+    r = run_cli("score", MNIST_TINY, "--data", "animal-mnist:train", "--proxy-size", "2", "--method", "magnitude",
+                "--out", scores)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("prune", MNIST_TINY, "--scores", scores, "--ratio", "0.5", "--out", tmp_path / "p")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p" / "config.json").is_file()
+
+
+def test_prune_with_scores_of_other_weights_says_where_each_came_from(tmp_path):
+    import torch
+
+    import upvit
+    from upvit.io import save_tensors
+
+    trained = upvit.load_model(MNIST_TINY)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1)
+    weights = tmp_path / "w.safetensors"
+    save_tensors(str(weights), trained.state_dict())
+    scores = tmp_path / "s.safetensors"
+    r = run_cli("score", MNIST_TINY, "--checkpoint", weights, "--data", "animal-mnist:train", "--proxy-size", "2",
+                "--method", "magnitude", "--out", scores)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("prune", MNIST_TINY, "--scores", scores, "--ratio", "0.5", "--out", tmp_path / "p")
+    assert_one_line_error(r, f"(scored: {MNIST_TINY} with --checkpoint {weights}; this model: {MNIST_TINY} with "
+                             "seeded random weights (no --checkpoint)): pass the same --checkpoint as to `upvit score` "
+                             "(or the same model directory), or re-score")
+    assert not (tmp_path / "p").exists()
+
+
+def test_kl_resume_refusal_names_what_differs(tmp_path):
+    import pytest
+    import torch
+
+    import upvit
+    from upvit.adapters import get_adapter
+    from upvit.errors import UpvitError
+    from upvit.importance.kl import kl_scores, partial_path
+
+    model = upvit.load_model(MNIST_TINY)
+    images = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = str(tmp_path / "kl.safetensors")
+
+    class Stop(Exception):
+        pass
+
+    def stop(key):
+        raise Stop(key)
+
+    with pytest.raises(Stop):  # interrupted after its first site: a partial state is left
+        kl_scores(get_adapter(model), images, out=out, callback=stop, progress=False)
+    assert (tmp_path / "kl.safetensors.partial").is_file()
+    other = upvit.load_model(MNIST_TINY + ",init_seed=3")
+    with pytest.raises(UpvitError, match="the model's weights differ.*same --checkpoint.*seeded random weights") as e:
+        kl_scores(get_adapter(other), images, out=out, resume=True, progress=False)
+    assert "proxy" not in str(e.value) and partial_path(out) in str(e.value)
+    with pytest.raises(UpvitError, match="the proxy set differs") as e:
+        kl_scores(get_adapter(model), images + 1, out=out, resume=True, progress=False)
+    assert "weights differ" not in str(e.value)
+    with pytest.raises(UpvitError, match=r"the scoring options differ .*--batch-size"):
+        kl_scores(get_adapter(model), images, out=out, resume=True, batch_size=1, progress=False)
+    finished = kl_scores(get_adapter(model), images, out=out, resume=True, progress=False)  # the same run continues
+    assert set(finished.values) == {s.key for s in get_adapter(model).topology().sites}

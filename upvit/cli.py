@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, force=args.force, resume=args.resume,
                      inputs=[args.model, args.checkpoint, args.data, args.val_data])
-    model = load_model(args.model, args.checkpoint)
+    model = load_model(args.model, args.checkpoint, init_seed=args.seed)  # --seed seeds a spec's initialisation
     config = model.upvit_config
     text = _text_kwargs(model)  # text models: their task and tokenizer decide how the data is read
     if text:
@@ -424,7 +424,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan = Plan.load(args.plan)
     else:
         scores = Scores.load(args.scores)
-        note = check_scores_fingerprint(scores, model, args.scores)  # refuses scores of another model
+        note = check_scores_fingerprint(scores, model, args.scores, model_spec=args.model,
+                                        checkpoint=args.checkpoint)  # refuses scores of another model
         if note:
             warn(note)
         plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
@@ -520,7 +521,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
     record["data"] = args.data
     device = torch.device(args.device) if args.device else dist_utils.default_device()
-    meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
+    meta = {"model_spec": args.model, "checkpoint": args.checkpoint, "seed": args.seed,
+            "command": " ".join(["upvit", *sys.argv[1:]])}
     model.to(device)
     options = {"batch_size": args.batch_size}
     if args.method in ("hybrid", "greedy"):

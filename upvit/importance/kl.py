@@ -63,12 +63,21 @@ def resolve_candidates(topology: Topology, candidates: dict[str, Any] | None) ->
     return out
 
 
-def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> str:
+class Fingerprint(str):
+    """The run fingerprint (a hex string) carrying ``parts``: one hash each of the weights, the proxy
+    inputs and the options, recorded with the partial state so a refused ``--resume`` can say which differs."""
+
+    parts: dict[str, str]
+
+
+def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> Fingerprint:
     """sha256 over the model's weights, the proxy inputs and the options that affect the scores."""
-    def parts():
+    def weights():
         for name, t in sorted(adapter.model.state_dict().items()):
             yield f"{name}|{t.dtype}|{list(t.shape)}"
             yield t
+
+    def proxy():
         if isinstance(inputs, torch.Tensor):  # images: the same bytes as before text inputs existed
             imgs = inputs.detach().cpu().float()
             yield f"images|{list(imgs.shape)}"
@@ -78,9 +87,43 @@ def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> st
                 t = t.detach().cpu()
                 yield f"input:{key}|{t.dtype}|{list(t.shape)}"
                 yield t
+
+    def parts():
+        yield from weights()
+        yield from proxy()
         yield json.dumps(options, sort_keys=True)
 
-    return digest(parts()).hexdigest()
+    fp = Fingerprint(digest(parts()).hexdigest())  # unchanged spelling: earlier runs' states still resume
+    fp.parts = {"weights": digest(weights()).hexdigest(), "proxy": digest(proxy()).hexdigest(),
+                "options": digest([json.dumps(options, sort_keys=True)]).hexdigest()}
+    return fp
+
+
+# why a --resume is refused, per differing part of the fingerprint
+_RESUME_WHY = {
+    "weights": "the model's weights differ from the interrupted run's: pass the same --checkpoint (or the same "
+               "model directory) as that run; a timm:/hf: spec without --checkpoint has seeded random weights, "
+               "not trained ones",
+    "proxy": "the proxy set differs from the interrupted run's: pass the same --data, --proxy-size or "
+             "--per-class and --seed",
+    "options": "the scoring options differ from the interrupted run's (--batch-size, --device or the candidates)",
+}
+
+
+def _resume_mismatch(recorded: Any, fp: str) -> str:
+    """Which part of the fingerprint differs, in words (the generic list for states without parts)."""
+    mine = getattr(fp, "parts", None)
+    if isinstance(recorded, str):
+        try:
+            recorded = json.loads(recorded)
+        except json.JSONDecodeError:
+            recorded = None
+    if isinstance(recorded, dict) and mine:
+        differ = [_RESUME_WHY[k] for k in ("weights", "proxy", "options") if recorded.get(k) != mine.get(k)]
+        if differ:
+            return "; ".join(differ)
+    return ("it was computed for a different model, proxy set or options (other weights: a different "
+            "--checkpoint or model directory; other proxy: --data, --proxy-size or --seed; --batch-size)")
 
 
 def kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -182,7 +225,7 @@ def kl_scores(
         "batch_size": batch_size, "candidate_batch": candidate_batch, "device": str(device),
         "world_size": dist_utils.world_size(), "torch": torch.__version__,
         "wall_time_s": round(wall, 3), "wall_time_total_s": round(wall + previous_wall, 3),
-        "resumed": bool(done), "fingerprint": fp,
+        "resumed": bool(done), "fingerprint": fp, "fingerprint_parts": getattr(fp, "parts", None),
     }
     scores = Scores.from_sites(topology, result, info)
     if out and dist_utils.is_main():
@@ -341,7 +384,8 @@ def _save_state(out: str, fp: str, result: dict[str, torch.Tensor], wall: float)
     it has no complete set of sites and its metadata says so)."""
     from ..io import save_tensors
 
-    meta = {"format": PARTIAL_FORMAT, "fingerprint": fp, "done": json.dumps(sorted(result)), "wall_time_s": repr(wall)}
+    meta = {"format": PARTIAL_FORMAT, "fingerprint": fp, "done": json.dumps(sorted(result)), "wall_time_s": repr(wall),
+            "fingerprint_parts": json.dumps(getattr(fp, "parts", None))}
     save_tensors(partial_path(out), {f"partial/{k}": v for k, v in result.items()}, metadata=meta)
 
 
@@ -355,14 +399,15 @@ def _load_state(out: str, fp: str) -> tuple[dict[str, torch.Tensor], float, Scor
         if meta.get("format") != PARTIAL_FORMAT:
             raise UpvitError(f"{path} is not a partial KL scoring state: delete it or drop --resume")
         if meta.get("fingerprint") != fp:
-            raise UpvitError(f"cannot resume from {path}: it was computed for a different model, proxy set or "
-                             "options; drop --resume to start over")
+            raise UpvitError(f"cannot resume from {path}: {_resume_mismatch(meta.get('fingerprint_parts'), fp)}; "
+                             "or drop --resume to start over")
         done = {k[len("partial/"):]: v for k, v in tensors.items()}
         return done, float(meta.get("wall_time_s", "0")), None
     if os.path.exists(out):
         scores = Scores.load(out)
         if scores.meta.get("fingerprint") != fp:
-            raise UpvitError(f"cannot resume: {out} holds scores of a different model, proxy set or options; "
-                             "drop --resume to overwrite it")
+            raise UpvitError(f"cannot resume: {out} holds other scores: "
+                             f"{_resume_mismatch(scores.meta.get('fingerprint_parts'), fp)}; or drop --resume and "
+                             "add --force to overwrite it")
         return {}, 0.0, scores
     return {}, 0.0, None
