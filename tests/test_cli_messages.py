@@ -169,3 +169,112 @@ def test_kl_resume_refusal_names_what_differs(tmp_path):
         kl_scores(get_adapter(model), images, out=out, resume=True, batch_size=1, progress=False)
     finished = kl_scores(get_adapter(model), images, out=out, resume=True, progress=False)  # the same run continues
     assert set(finished.values) == {s.key for s in get_adapter(model).topology().sites}
+
+
+# ------------------------------------------------------------------------------- item 6: a full disk
+def _magnitude_scores(tmp_path):
+    import torch
+
+    import upvit
+
+    path = tmp_path / "s.safetensors"
+    upvit.score(upvit.load_model(MNIST_TINY), torch.zeros(1, 1, 28, 28), method="magnitude").save(str(path))
+    return path
+
+
+def _full_disk_at_write(monkeypatch):
+    """Every file upvit writes through its atomic writer fails at write() with ENOSPC, as a full disk does
+    (write() names no file); returns the list of files it tried."""
+    import errno
+    import os
+
+    import upvit.io
+
+    tried = []
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        f = real_fdopen(fd, mode, *args, **kwargs)
+        if "w" in mode:
+            tried.append(fd)
+            return FullDisk(f)
+        return f
+
+    monkeypatch.setattr(upvit.io.os, "fdopen", fdopen)
+    return tried
+
+
+def test_full_disk_names_the_file_and_removes_the_directory_it_created(tmp_path, monkeypatch, capsys):
+    from upvit.cli import main
+
+    scores = _magnitude_scores(tmp_path)
+    tried = _full_disk_at_write(monkeypatch)
+    out = tmp_path / "new" / "pruned"
+    assert main(["prune", MNIST_TINY, "--scores", str(scores), "--ratio", "0.5", "--out", str(out)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert tried and len(lines) == 1, lines
+    assert lines[0].startswith("upvit: error: No space left on device while writing ")
+    assert str(out / "model.safetensors") in lines[0] and "unexpected" not in lines[0], lines[0]
+    assert f"removed the unfinished {tmp_path / 'new'}" in lines[0]
+    assert not (tmp_path / "new").exists()  # created by the command: nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+
+
+def test_full_disk_leaves_a_directory_that_existed_before(tmp_path, monkeypatch, capsys):
+    from upvit.cli import main
+
+    scores = _magnitude_scores(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    _full_disk_at_write(monkeypatch)
+    assert main(["prune", MNIST_TINY, "--scores", str(scores), "--ratio", "0.5", "--out", str(out)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "while writing" in line and "removed" not in line, line
+    assert out.is_dir() and list(out.iterdir()) == []  # the user's directory: untouched, and empty as before
+
+
+def test_a_write_error_without_a_file_name_names_the_output(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import upvit.io
+    from upvit.cli import main
+
+    scores = _magnitude_scores(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(upvit.io, "save_tensors", full)  # not through the atomic writer: no file name at all
+    out = tmp_path / "p"
+    assert main(["prune", MNIST_TINY, "--scores", str(scores), "--ratio", "0.5", "--out", str(out)]) == 1
+    line = capsys.readouterr().err.strip()
+    assert f"while writing {out}: free space on that disk or choose another --out" in line, line
+    assert not out.exists()
+
+
+def test_a_failed_run_keeps_what_resume_needs(tmp_path):
+    from upvit.outputs import new_paths, remove_unfinished
+
+    run = tmp_path / "a" / "run"
+    created = new_paths([str(run), str(tmp_path / "b" / "s.safetensors"), str(tmp_path)])
+    assert created == [str(tmp_path / "a"), str(tmp_path / "b")]  # the outermost new folders; tmp_path existed
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"state")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "log.txt").write_text("x")
+    assert remove_unfinished(created) == [str(tmp_path / "b")]
+    assert (run / "checkpoint.pt").is_file()  # a training checkpoint stays for --resume

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -11,7 +12,8 @@ from .cli_support import (DefaultsFormatter, OneLineParser, check_device, drop_w
                           nonneg_float, nonneg_int, one_line, open_unit, positive_float, positive_int, random_weights_warning,
                           rate, warn)
 from .errors import BadImageError, UpvitError
-from .outputs import check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint
+from .outputs import (check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint, new_paths,
+                      remove_unfinished)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -773,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0), or an argument error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    # what this command will create: removed again if it fails and leaves nothing to --resume from
+    outputs = [getattr(args, "out", None), getattr(args, "json", None)]
+    created = new_paths(outputs) if int(os.environ.get("RANK", "0")) == 0 else []
     try:
         code = COMMANDS[args.command](args)
         if code == 0 and "torch.distributed" in sys.modules:  # every rank leaves together (torchrun)
@@ -783,19 +788,37 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except UpvitError as e:
         drop_warnings()  # an error case prints only the error
+        remove_unfinished(created)
         print(f"upvit: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         drop_warnings()
+        remove_unfinished(created)
         print("upvit: interrupted; long jobs continue from their last checkpoint with --resume", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug or an unforeseen failure: still one line; UPVIT_DEBUG=1 shows the traceback
-        if os.environ.get("UPVIT_DEBUG"):
-            raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("UPVIT_DEBUG"):
+            return _unexpected(e, created)
         drop_warnings()
-        print(f"upvit: error: unexpected {type(e).__name__}: {one_line(str(e))[:300]} "
-              "(rerun with UPVIT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        removed = remove_unfinished(created)
+        path = e.filename or next((p for p in outputs if p), "the output")  # a failed write() names no file
+        left = f"; removed the unfinished {', '.join(removed)}" if removed else ""
+        print(f"upvit: error: {e.strerror or 'no space left on device'} while writing {path}: free space on that "
+              f"disk or choose another --out{left}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug or an unforeseen failure: still one line; UPVIT_DEBUG=1 shows the traceback
+        return _unexpected(e, created)
+
+
+def _unexpected(e: Exception, created: list[str]) -> int:
+    """A bug or an unforeseen failure: still one line; UPVIT_DEBUG=1 shows the traceback."""
+    if os.environ.get("UPVIT_DEBUG"):
+        raise e
+    drop_warnings()
+    remove_unfinished(created)
+    print(f"upvit: error: unexpected {type(e).__name__}: {one_line(str(e))[:300]} "
+          "(rerun with UPVIT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
