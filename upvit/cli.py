@@ -271,6 +271,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     _report_unreadable(train_ds, val_ds)
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss",
                                                                          "val_perplexity") if k in record}))
+    from . import distributed as dist_utils
+
+    if dist_utils.is_main():
+        from .io import load
+
+        _certify(args, load(args.out), source=teacher, proxy=None)
     return 0
 
 
@@ -296,6 +302,7 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warm-up (default min(2, epochs / 10))")
     p.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this value")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for ONNX Runtime parity (report)")
     _add_run_args(p)
 
 
@@ -422,6 +429,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_dir(args.out, force=args.force, inputs=[args.model, args.checkpoint, args.scores, args.plan])
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
+    proxy = _proxy_inputs(args, model) if args.data else None  # read before anything is written
     if args.plan is not None:
         plan = Plan.load(args.plan)
     else:
@@ -441,7 +449,37 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"MACs   {m0:,} -> {m1:,} ({m1 / m0:.1%})")
     eq = pruned.upvit_config.timm_equivalent
     print(f"wrote {args.out} ({plan.summary()})" + (f"; same architecture as timm {eq}" if eq else ""))
+    _certify(args, pruned, source=model, proxy=proxy)
     return 0
+
+
+def _certify(args: argparse.Namespace, model, source, proxy) -> None:
+    """The output's certificate (upvit.certificate): a failed reload through the stock class is an error."""
+    from .certificate import certify
+
+    report = certify(args.out, model, source=source, proxy=proxy, onnx=args.onnx,
+                     extra={"command": " ".join(["upvit", *sys.argv[1:]])})
+    r = report["reload"]
+    line = f"reload through {r['loader']} in a fresh process: passed (max |diff| {r['max_abs_diff']:.2g})"
+    if report.get("proxy_divergence"):
+        d = report["proxy_divergence"]
+        line += f"; proxy {d['criterion']} {d['sum']:.4g} over {d['samples']} samples"
+    if report.get("onnx"):
+        line += f"; model.onnx parity {report['onnx']['max_abs_diff']:.2g}"
+    print(line + f"; wrote report.json and report.md ({report['seconds']:.1f}s)")
+
+
+def _proxy_inputs(args: argparse.Namespace, model):
+    """The proxy set of ``--data`` (``--proxy-size`` samples, seed ``--proxy-seed``) as model inputs."""
+    from .adapters import get_adapter
+    from .data import load_data, sample_proxy
+    from .importance.api import proxy_tensor
+
+    text = _text_kwargs(model)
+    dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None, **(
+        {"tokenizer": text["tokenizer"]} if text else {}))
+    subset, _ = sample_proxy(dataset, size=args.proxy_size, seed=args.proxy_seed)
+    return proxy_tensor(subset, get_adapter(model).input_size())
 
 
 def _int_or_list(text: str) -> int | list[int]:
@@ -469,7 +507,13 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-heads", action="store_true", help="with --ratio: keep the head count, shrink the head dim")
     p.add_argument("--head-bias", default="mean", choices=["mean", "best"],
                    help="Swin: a merged head's relative-position bias is the mean of its heads' or the best head's")
-    p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json)")
+    p.add_argument("--data", help="proxy data (animal-mnist:train, an ImageFolder, shakespeare:train ...): the report's "
+                   "divergence of the pruned model from the original is measured on --proxy-size samples of it")
+    p.add_argument("--proxy-size", type=positive_int, default=256, help="proxy samples drawn from --data (seeded)")
+    p.add_argument("--proxy-seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for ONNX Runtime parity (report)")
+    p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json, "
+                   "report.json, report.md)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
 
 
