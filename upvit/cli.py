@@ -136,6 +136,52 @@ def _train_image_data(args: argparse.Namespace, model):
     return train_ds, val_ds
 
 
+# ------------------------------------------------------------------------------------ provenance
+def _command(args: argparse.Namespace) -> str:
+    """The command line of this run (main's argv; the process's when called otherwise)."""
+    from .provenance import command_line
+
+    return command_line(getattr(args, "argv", sys.argv[1:]))
+
+
+def _model_input(spec: str, model, checkpoint: str | None):
+    from .provenance import model_input
+
+    return model_input(spec, model, checkpoint)
+
+
+def _data_input(spec: str | None, dataset):
+    from .provenance import data_input
+
+    return data_input(spec, dataset)
+
+
+def _file_input(path: str | None):
+    from .provenance import file_input
+
+    return file_input(path)
+
+
+def _run_record(args: argparse.Namespace, inputs: dict, results: dict | None = None) -> dict:
+    """What an output records of the run that wrote it (upvit.provenance): command, inputs, results."""
+    record = {"command": _command(args), "inputs": {k: v for k, v in inputs.items() if v is not None}}
+    if results is not None:
+        record["results"] = results
+    return record
+
+
+def _prune_inputs(args: argparse.Namespace, model, scores) -> dict:
+    """prune's inputs: the model (as read) and the scores file (with how it was scored) or the plan file."""
+    inputs = {"model": _model_input(args.model, model, args.checkpoint)}
+    if scores is not None:
+        meta = scores.meta or {}
+        inputs["scores"] = {**_file_input(args.scores), **{k: meta[k] for k in ("method", "criterion", "proxy",
+                                                                                 "command") if k in meta}}
+    else:
+        inputs["plan"] = _file_input(args.plan)
+    return inputs
+
+
 # ----------------------------------------------------------------------------------------- train
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
@@ -164,9 +210,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         _set_drop_path(model, args.drop_path)
     if args.force and not args.resume:
         discard_stale_checkpoint(args.out)
+    record_ = _run_record(args, {"model": _model_input(args.model, model, args.checkpoint),
+                                 "data": _data_input(args.data, train_ds), "val_data": _data_input(args.val_data, val_ds)})
     flush_warnings()
     record = _fit_or_explain(lambda: fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
-                                         extra_config={"command": " ".join(["upvit", *sys.argv[1:]])}), args.out)
+                                         extra_config=record_), args.out)
     _report_unreadable(train_ds, val_ds)
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss", "val_perplexity")
                                               if k in record or k != "val_perplexity"}))
@@ -265,7 +313,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     flush_warnings()
     record = _fit_or_explain(lambda: finetune(
         student, teacher, train_ds, cfg, args.out, alpha=args.alpha, temperature=args.temperature, val_data=val_ds,
-        resume=args.resume, teacher_name=args.teacher, extra_config={"command": " ".join(["upvit", *sys.argv[1:]])},
+        resume=args.resume, teacher_name=args.teacher, extra_config=_run_record(args, {
+            "model": _model_input(args.model, student, args.checkpoint),
+            "teacher": _model_input(args.teacher, teacher, args.teacher_checkpoint),
+            "data": _data_input(args.data, train_ds), "val_data": _data_input(args.val_data, val_ds)}),
         distill=args.distill),
         args.out)
     _report_unreadable(train_ds, val_ds)
@@ -441,10 +492,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
         plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
                          **targets)
     pruned = prune(model, plan)
-    save(pruned, args.out)
-    plan.save(os.path.join(args.out, "plan.json"))
     p0, p1 = count_params(model), count_params(pruned)
     m0, m1 = count_macs(model), count_macs(pruned)
+    pruned.upvit_config.extra.update(_run_record(args, _prune_inputs(args, model, scores if args.plan is None else None),
+                                                 results={"params": p1, "params_before": p0, "macs": m1,
+                                                          "macs_before": m0}))
+    save(pruned, args.out)
+    plan.save(os.path.join(args.out, "plan.json"))
     print(f"params {p0:,} -> {p1:,} ({p1 / p0:.1%})")
     print(f"MACs   {m0:,} -> {m1:,} ({m1 / m0:.1%})")
     eq = pruned.upvit_config.timm_equivalent
@@ -567,8 +621,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
     record["data"] = args.data
     device = torch.device(args.device) if args.device else dist_utils.default_device()
-    meta = {"model_spec": args.model, "checkpoint": args.checkpoint, "seed": args.seed,
-            "command": " ".join(["upvit", *sys.argv[1:]])}
+    meta = {"model_spec": args.model, "checkpoint": args.checkpoint, "seed": args.seed, "command": _command(args),
+            "inputs": {"model": args.model, "checkpoint": _file_input(args.checkpoint), "data": args.data}}
     model.to(device)
     options = {"batch_size": args.batch_size}
     if args.method in ("hybrid", "greedy"):
@@ -663,7 +717,13 @@ def cmd_depth(args: argparse.Namespace) -> int:
                         candidate_blocks=args.candidate_blocks, val_data=val_ds, alpha=args.alpha,
                         temperature=args.temperature, resume=args.resume, score_batch_size=args.score_batch_size,
                         bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=args.device,
-                        meta={"command": " ".join(["upvit", *sys.argv[1:]]), "proxy": {**record, "data": args.data},
+                        meta={"command": _command(args), "proxy": {**record, "data": args.data},
+                              "inputs": {"model": _model_input(args.model, model, args.checkpoint),
+                                         "teacher": _model_input(args.teacher or args.model, teacher,
+                                                                 args.teacher_checkpoint if args.teacher
+                                                                 else args.checkpoint),
+                                         "data": _data_input(args.data, train_ds),
+                                         "val_data": _data_input(args.val_data, val_ds)},
                               "teacher": args.teacher or args.model})
     with open(os.path.join(args.out, "depth.md")) as f:
         print(f.read().rstrip())
@@ -819,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0), or an argument error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the outputs record as their command
     # what this command will create: removed again if it fails and leaves nothing to --resume from
     outputs = [getattr(args, "out", None), getattr(args, "json", None)]
     created = new_paths(outputs) if int(os.environ.get("RANK", "0")) == 0 else []

@@ -35,6 +35,7 @@ from .evaluation import evaluate, model_output
 from .fingerprint import digest
 from .io import atomic_write_bytes, save
 from .progress import progress
+from .provenance import derive
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
@@ -148,8 +149,11 @@ def fit(
 ) -> dict[str, Any]:
     """Train ``model`` in place; write checkpoints, a JSON-lines log and the final model directory.
 
-    Returns the last epoch's log record. ``model.upvit_config`` (see :mod:`upvit.models`) must be
-    set so the result can be saved as a model directory.
+    The directory's ``config.json`` records the run (:mod:`upvit.provenance`): ``extra_config`` (the
+    caller's command and inputs), ``training`` (``cfg``), ``results`` (the last epoch's record) and, under
+    ``source``, the record the model carried before. Returns the last epoch's log record.
+    ``model.upvit_config`` (see :mod:`upvit.models`) must be set so the result can be saved as a model
+    directory.
     """
     distributed = dist_utils.init_if_needed()
     device = torch.device(device) if device is not None else dist_utils.default_device()
@@ -264,8 +268,10 @@ def fit(
     if dist_utils.is_main():
         final = ema if ema is not None else model
         config = copy.deepcopy(model.upvit_config)
+        config.extra = derive(config.extra)  # the record of the model trained moves under "source"
         config.extra.update(extra_config or {})
-        config.extra["training"] = {**asdict(cfg), "final": record, "world_size": world}
+        config.extra["training"] = {**asdict(cfg), "world_size": world}
+        config.extra["results"] = record  # the last epoch's log record: what this run measured
         save(final, out_dir, config)
     dist_utils.barrier()
     return record
