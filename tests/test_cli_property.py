@@ -41,7 +41,8 @@ NUMERIC = {
     "score": {"--proxy-size": positive_int, "--per-class": positive_int, "--seed": nonneg_int,
               "--batch-size": positive_int, "--ratios": fraction},
     "prune": {"--embed-dim": positive_int, "--num-heads": positive_int, "--mlp-hidden": positive_int,
-              "--attn-dim": positive_int, "--ratio": fraction},
+              "--attn-dim": positive_int, "--ratio": fraction, "--proxy-size": positive_int, "--proxy-seed": nonneg_int,
+              "--budget-grid": positive_int, "--budget-batch": positive_int},
     "demo": {"--epochs": positive_int, "--proxy-size": positive_int},
     "export": {"--opset": positive_int, "--rtol": positive_float},
 }
