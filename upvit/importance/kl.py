@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed as dist_utils
+from ..progress import job, note, running
 from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_repeat, batch_slice, batch_to,
                              forward_from, removal_masks)
 from ..errors import UpvitError
@@ -136,6 +137,17 @@ def kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor, weights: t
     return kl.sum((1, 2))
 
 
+def criterion_name(divergence: str) -> str:
+    """How the exact score is named in messages and metadata: ``kl`` for output distributions, ``1 - cos``
+    for a sentence encoder's embeddings (the adapter's ``divergence``)."""
+    return {"kl": "kl", "cosine": "1 - cos"}.get(divergence, f"{divergence} divergence")
+
+
+def samples_word(inputs: Inputs) -> str:
+    """``images`` for an image batch, ``sequences`` for token inputs (a dict of tensors)."""
+    return "images" if isinstance(inputs, torch.Tensor) else "sequences"
+
+
 def check_proxy(inputs: Inputs) -> None:
     if isinstance(inputs, torch.Tensor):
         if inputs.dim() != 4 or inputs.shape[0] == 0:
@@ -171,7 +183,8 @@ def kl_scores(
         candidates: optional ``{site key: [channel, ...]}``; only those channels are scored.
         out: persist site by site to ``out + '.partial'`` and the final scores to ``out``.
         resume: continue from ``out + '.partial'`` (refused if model, proxy or options differ).
-        progress: show progress bars (one per component, with ETA).
+        progress: show the job's progress bar (with ETA) and, for a run of its own (not inside another
+            scorer), a first line with the plan and, after a short measured start, the estimated time.
         proxy_meta: how the proxy set was sampled (recorded in the metadata).
         callback: called with each site key once that site is scored and persisted.
         meta: extra metadata recorded with the scores (e.g. the model spec and the command line).
@@ -205,6 +218,13 @@ def kl_scores(
         if finished is not None:
             return finished
 
+    if progress and not running():
+        total = sum(int(v.numel()) for k, v in cands.items() if k not in done)
+        what = samples_word(inputs)
+        note(f"exact {criterion_name(adapter.divergence)} scores: {total:,} channels x {N:,} proxy {what} = "
+             f"{total * N:,} candidate evaluations on {len(cands) - len(set(done) & set(cands))} sites"
+             f"{' (resumed: ' + str(len(done)) + ' sites done)' if done else ''}; the time estimate follows a short "
+             "measured start (part of the run)")
     was_training = model.training
     model.eval()
     try:
@@ -290,26 +310,25 @@ class _Engine:
             self.chunks[site.key] = chunks
             self.mine[site.key] = [(counter + i) % self.world == self.rank for i in range(len(chunks))]
             counter += len(chunks)
-        self.bars = {}
-        if self.show_progress:
-            from ..progress import progress
-
-            for pos, kind in enumerate(("residual", "attn", "ffn")):
-                total = sum(len(c) for s in self.topology.sites if s.kind == kind and s.key not in done
-                            for c, m in zip(self.chunks[s.key], self.mine[s.key]) if m) * batch_len(self.inputs)
-                if total:
-                    label = {"residual": "res"}.get(kind, kind)
-                    self.bars[kind] = progress(total=total, desc=f"KL {label}", unit="cand-img", position=pos, leave=True)
+        U = len(self.topology.units)
+        # cost of one candidate on one input, in forward passes of the whole model: the units it runs
+        self.cost = {s.key: max(1, U - max(self.topology.start_unit(s.key), 0)) / U for s in self.topology.sites}
+        self.total_cost = sum(len(c) * self.cost[s.key] for s in self.topology.sites if s.key not in done
+                              for c, m in zip(self.chunks[s.key], self.mine[s.key]) if m) * batch_len(self.inputs)
 
     # ---------------------------------------------------------------- the run
     def run(self, done: dict[str, torch.Tensor], persist: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
-        streams = self._teacher()
-        self._plan_work(done)
-        result: dict[str, torch.Tensor] = dict(done)
-        by_start: dict[int, list[Site]] = {}
-        for site in self.topology.sites:
-            by_start.setdefault(self.topology.start_unit(site.key), []).append(site)
-        try:
+        unit = "seq-fwd" if isinstance(self.inputs, dict) else "img-fwd"
+        with job(f"{criterion_name(self.adapter.divergence)} exact", unit=unit, show=self.show_progress) as bar:
+            self.bar = bar
+            streams = self._teacher()
+            self._plan_work(done)
+            bar.extend(self.total_cost)
+            bar.begin()  # the estimate measures the scoring itself: its first candidates are the warm-up
+            result: dict[str, torch.Tensor] = dict(done)
+            by_start: dict[int, list[Site]] = {}
+            for site in self.topology.sites:
+                by_start.setdefault(self.topology.start_unit(site.key), []).append(site)
             for site in by_start.get(-1, []):
                 self._score(site, -1, None, result, persist)
             for i, unit in enumerate(self.topology.units):
@@ -317,9 +336,6 @@ class _Engine:
                     self._score(site, i, streams, result, persist)
                 if i + 1 < len(self.topology.units):  # advance the caches past this unit
                     streams = [self.adapter.run(unit.key, st) for st in streams]
-        finally:
-            for bar in self.bars.values():
-                bar.close()
         return result
 
     def _score(self, site: Site, start: int, streams: list[Stream] | None, result: dict[str, torch.Tensor],
@@ -345,8 +361,8 @@ class _Engine:
                     logits = self._candidates(site, start, n, chunk, streams, rank1)
                     acc[offsets[i]:offsets[i + 1]] += self.adapter.output_divergence(self.ref[n], logits,
                                                                                       self.weights[n])
-                    if site.kind in self.bars:
-                        self.bars[site.kind].update(len(chunk) * (e - s))
+                    self.bar.detail(key)
+                    self.bar.update(len(chunk) * (e - s) * self.cost[key])
             full[idx_all] = dist_utils.all_reduce_sum(acc).cpu()
         result[key] = full
         persist(key, result)

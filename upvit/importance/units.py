@@ -24,14 +24,15 @@ tensor([0.8123, 0.2210], dtype=torch.float64)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to, forward_from
 from ..errors import UpvitError
 from ..topology import Topology
-from .kl import check_proxy, kl_sum
+from ..progress import Scaled, job, note, running
+from .kl import check_proxy, kl_sum, samples_word
 
 
 def _prepare(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
@@ -56,12 +57,23 @@ def _prepare(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str
 
 
 def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
-                batch_size: int = 64) -> torch.Tensor:
+                batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``[C]`` float64: summed KL(model || model without candidate c's units) over the proxy inputs.
 
     ``inputs``: proxy images ``[N, C, H, W]`` (evaluation transform) or a dict of per-sample tensors;
-    ``candidates``: groups of unit keys (see the module docstring). The model is run in eval mode."""
+    ``candidates``: groups of unit keys (see the module docstring). The model is run in eval mode.
+    ``progress``: a first line with the plan and one bar (with ETA)."""
     topo, batches, spans, inputs = _prepare(adapter, inputs, candidates, batch_size)
+    U, n = len(topo.units), batch_len(inputs)
+    cost = [max(1, U - start) / U for start, _, _ in spans]  # forward passes of the model per input
+    if not running():
+        note(f"exact KL of {len(spans)} removal candidates x {n:,} proxy {samples_word(inputs)}", progress)
+    with job("depth KL", n * (1 + sum(cost)), unit="img-fwd", show=progress) as bar:
+        return _unit_kl(adapter, topo, batches, spans, inputs, cost, bar)
+
+
+def _unit_kl(adapter: Adapter, topo: Topology, batches: list[tuple[int, int]], spans: list[tuple[int, int, frozenset[str]]],
+             inputs: Inputs, cost: list[float], bar: Any) -> torch.Tensor:
     by_start: dict[int, list[int]] = {}
     for c, (start, _, _) in enumerate(spans):
         by_start.setdefault(start, []).append(c)
@@ -79,6 +91,7 @@ def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[
                     raise UpvitError("the model's logits are NaN or inf on the proxy inputs: check the weights "
                                      "and the input normalisation")
                 q = logq.exp()
+                bar.update(e - s)
                 w = adapter.event_weights(x)
                 w = None if w is None else w.to(logq.device, torch.float64)
                 last = max(by_start)
@@ -87,6 +100,8 @@ def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[
                         with adapter.masking(None, skip=spans[c][2]):
                             logits = forward_from(adapter, stream, i, topo)
                         total[c] += kl_sum(logq, q, logits.unsqueeze(0), w)[0].cpu()
+                        bar.detail("+".join(sorted(spans[c][2])))
+                        bar.update((e - s) * cost[c])
                     if i >= last:
                         break
                     stream = adapter.run(unit.key, stream)  # advance the cache past this unit
@@ -103,7 +118,7 @@ def _cosine_mean(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def block_influence(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
-                    batch_size: int = 64) -> torch.Tensor:
+                    batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``[C]`` float64: ShortGPT's Block Influence ``1 - mean cos(input, output)`` of each candidate
     (a contiguous run of units), averaged over proxy inputs and token positions.
 
@@ -113,6 +128,16 @@ def block_influence(adapter: Adapter, inputs: Inputs, candidates: Sequence[Seque
     for start, end, units in spans:
         if len(units) != end - start + 1:
             raise UpvitError(f"block influence needs consecutive units, got {sorted(units)}")
+    U, n = len(topo.units), batch_len(inputs)
+    if not running():
+        note(f"block influence of {len(spans)} removal candidates on {n:,} proxy {samples_word(inputs)}", progress)
+    work = 1 + sum(len(units) for _, _, units in spans) / U  # one forward, plus each candidate's units again
+    with job("block influence", n * work, unit="img-fwd", show=progress) as bar:
+        return _influence(adapter, topo, batches, spans, inputs, Scaled(bar, work))
+
+
+def _influence(adapter: Adapter, topo: Topology, batches: list[tuple[int, int]],
+               spans: list[tuple[int, int, frozenset[str]]], inputs: Inputs, bar: Any) -> torch.Tensor:
     sums = torch.zeros(len(spans), dtype=torch.float64)
     counts = [0] * len(spans)
     model = adapter.model
@@ -132,6 +157,7 @@ def block_influence(adapter: Adapter, inputs: Inputs, candidates: Sequence[Seque
                     total, n = _cosine_mean(held.x, streams[end + 1].x)
                     sums[c] += total.cpu()
                     counts[c] += n
+                bar.update(e - s)
     finally:
         model.train(was_training)
     return 1.0 - sums / torch.tensor(counts, dtype=torch.float64)
