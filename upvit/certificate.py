@@ -215,8 +215,11 @@ def _measure(report: dict[str, Any], directory: str, model: nn.Module, source: n
 
 
 def _shape_line(shape: dict[str, Any]) -> str:
+    def value(v):  # per-block lists of one repeated width read as "12 x6"
+        return f"{v[0]} x{len(v)}" if isinstance(v, list) and len(v) > 1 and all(x == v[0] for x in v) else v
+
     keys = [k for k in shape if k not in ("family", "class")]
-    return f"{shape.get('class')} ({shape.get('family')}): " + ", ".join(f"{k} {shape[k]}" for k in keys)
+    return f"{shape.get('class')} ({shape.get('family')}): " + ", ".join(f"{k} {value(shape[k])}" for k in keys)
 
 
 def report_markdown(r: dict[str, Any]) -> str:

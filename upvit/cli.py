@@ -10,7 +10,7 @@ from typing import Callable
 
 from .cli_support import (DefaultsFormatter, OneLineParser, check_device, drop_warnings, flush_warnings, fraction,
                           nonneg_float, nonneg_int, one_line, open_unit, positive_float, positive_int, random_weights_warning,
-                          rate, warn)
+                          rate, start_command, warn)
 from .errors import BadImageError, UpvitError
 from .outputs import (check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint, new_paths,
                       remove_unfinished)
@@ -582,7 +582,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .adapters import get_adapter
     from .adapters.base import batch_len
     from .data import load_data, sample_proxy, stack_images
-    from .importance.api import LABELLED, PERSISTING, get_method, proxy_labels, proxy_tensor, score
+    from .importance.api import DATA_FREE, LABELLED, PERSISTING, get_method, proxy_labels, proxy_tensor, score
+    from .importance.kl import samples_word
     from .models import load_model
 
     t0 = time.time()
@@ -603,7 +604,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
     adapter = get_adapter(model)
-    if _text_kwargs(model):
+    if args.method in DATA_FREE:  # magnitude, random: nothing of the data is read
+        images, subset, record = None, None, {"data": None, "note": f"--method {args.method} uses no data"}
+    elif _text_kwargs(model):
         if args.per_class:
             raise UpvitError("--per-class needs classes, and text data has none: use --proxy-size N")
         dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
@@ -619,7 +622,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         if len(images) < len(subset):
             record.update(num_images=len(images), unreadable_skipped=len(subset) - len(images))
             warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
-    record["data"] = args.data
+    if images is not None:
+        record["data"] = args.data
     device = torch.device(args.device) if args.device else dist_utils.default_device()
     meta = {"model_spec": args.model, "checkpoint": args.checkpoint, "seed": args.seed, "command": _command(args),
             "inputs": {"model": args.model, "checkpoint": _file_input(args.checkpoint), "data": args.data}}
@@ -637,8 +641,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                    meta=meta, **options)
     if dist_utils.is_main():
-        print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
-              f"on {batch_len(images)} proxy samples in {time.time() - t0:.1f}s")
+        criterion = scores.meta.get("criterion", args.method)  # e.g. a sentence encoder's exact score is 1 - cos
+        what = f"exact {criterion}" if args.method == "kl" else args.method if criterion in (args.method, "kl") \
+            else f"{args.method} ({criterion})"
+        used = "no data used" if images is None else f"on {batch_len(images)} proxy {samples_word(images)}"
+        print(f"wrote {args.out}: {what} scores of {sum(t.numel() for _, t in scores.items())} channels ({used}) "
+              f"in {time.time() - t0:.1f}s")
     return 0
 
 
@@ -873,7 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and a non-zero status."""
-    drop_warnings()
+    start_command()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -244,9 +244,10 @@ def fit(
             bar.update(1)
         bar.close()
         sums = _mean_over_ranks(sums)
+        rate_key = "sequences_per_second" if isinstance(images, dict) else "images_per_second"  # text: token blocks
         record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
-                  "epoch_seconds": round(time.time() - t0, 2), "images_per_second": round(seen * world / (time.time() - t0), 1)}
+                  "epoch_seconds": round(time.time() - t0, 2), rate_key: round(seen * world / (time.time() - t0), 1)}
         if val_data is not None:
             metrics = evaluate(ema if ema is not None else model, val_data, batch_size=cfg.eval_batch_size, device=device)
             record.update({"val_top1": metrics["top1"], "val_loss": metrics["loss"]})

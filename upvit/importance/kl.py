@@ -238,7 +238,7 @@ def kl_scores(
     wall = time.time() - t_start
     info = {
         **(meta or {}),
-        "criterion": "kl" if adapter.divergence == "kl" else f"{adapter.divergence} divergence", "method": "kl",
+        "criterion": criterion_name(adapter.divergence), "method": "kl",
         "divergence": adapter.divergence, "temperature": 1.0, "reduction": "sum over proxy inputs and events",
         "proxy": dict(proxy_meta or {}), "num_images": N, "model": adapter.describe(),
         "candidates": {k: int(v.numel()) for k, v in cands.items()} if candidates is not None else "all",
