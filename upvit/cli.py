@@ -60,6 +60,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --out (an earlier run's checkpoint there is discarded)")
+    p.add_argument("--json", action="store_true", dest="json_lines",
+                   help="print each epoch's record as a JSON line (as in log.jsonl) instead of a readable line")
     p.add_argument("--check-images", action="store_true",
                    help="decode every training/validation image before the first step, so a damaged file stops "
                         "the run before any work instead of in the middle of an epoch")
@@ -892,6 +894,10 @@ def main(argv: list[str] | None = None) -> int:
     outputs = [getattr(args, "out", None), getattr(args, "json", None)]
     created = new_paths(outputs) if int(os.environ.get("RANK", "0")) == 0 else []
     try:
+        if args.command in ("train", "finetune", "depth"):  # readable epoch lines, or the log's JSON records
+            from . import train
+
+            train.JSON_LINES = args.json_lines
         code = COMMANDS[args.command](args)
         if code == 0 and "torch.distributed" in sys.modules:  # every rank leaves together (torchrun)
             from . import distributed
