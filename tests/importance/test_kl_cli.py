@@ -55,8 +55,12 @@ def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
     dataset, _ = load_data("animal-mnist:train")
     subset, _ = sample_proxy(dataset, size=6, seed=3)
     images = proxy_tensor(subset)
-    torch.set_num_threads(1)
-    local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess's thread count: same summation order
+    try:
+        local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)
+    finally:
+        torch.set_num_threads(before)
     for key, t in local.items():
         torch.testing.assert_close(scores[key], t, rtol=1e-6, atol=0.0)
     for key, c in (("res.0", 5), ("attn.1", 2), ("ffn.0", 7)):
