@@ -13,10 +13,18 @@ import torch  # noqa: E402  (after the environment above)
 THREADS = torch.get_num_threads()
 
 
+_CHANGED_BY: list[str] = []  # the first collected file after which the count differed
+
+
+def pytest_collectreport(report):
+    if torch.get_num_threads() != THREADS and not _CHANGED_BY:
+        _CHANGED_BY.append(report.nodeid)
+
+
 def pytest_collection_finish(session):
     if torch.get_num_threads() != THREADS:
-        raise pytest.UsageError(f"a test module changed torch's thread count at import ({THREADS} -> "
-                                f"{torch.get_num_threads()}): set it in a fixture that restores it")
+        raise pytest.UsageError(f"{_CHANGED_BY[0] if _CHANGED_BY else 'a test module'} changed torch's thread count "
+                                f"at import ({THREADS} -> {torch.get_num_threads()}): set it in a fixture that restores it")
 
 
 @pytest.fixture(autouse=True)
