@@ -21,8 +21,8 @@ from upvit.io import save
 ENV = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 
 
-def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+def run(args: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})})
 
 
 def assert_one_line_error(result, fragment):
@@ -83,8 +83,11 @@ def test_torchrun_two_processes_identical_to_one(tmp_path):
     two = str(tmp_path / "two.safetensors")
     r1 = run(["-m", "upvit", "score", *common, "--out", one])
     assert r1.returncode == 0, r1.stderr
+    # PYTHONFAULTHANDLER: should a rank ever abort at exit again (issue 21's "terminate called without an
+    # active exception", not reproduced since main() leaves the group with a barrier), its stderr then
+    # shows where each of its threads was, instead of one bare C++ line
     r2 = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "upvit", "score", *common,
-              "--out", two], timeout=600)
+              "--out", two], timeout=600, env={"PYTHONFAULTHANDLER": "1"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = upvit.Scores.load(one), upvit.Scores.load(two)
     assert b.meta["world_size"] == 2 and a.meta["world_size"] == 1
