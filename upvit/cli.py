@@ -578,6 +578,11 @@ def cmd_score(args: argparse.Namespace) -> int:
                          "or --ratios 0.5 0.25")
     if args.method not in ("hybrid", "greedy") and (targets is not None or args.ratios is not None):
         raise UpvitError("--target and --ratios apply to --method hybrid and greedy only")
+    if (args.dtype or args.memory_gb) and args.method != "kl":
+        raise UpvitError(f"--dtype and --memory-gb apply to --method kl only (got --method {args.method}): drop them")
+    if args.dtype == "fp16" and not ((args.device or "").startswith("cuda") or
+                                     (args.device is None and torch.cuda.is_available())):
+        raise UpvitError("--dtype fp16 needs a CUDA device: use --dtype bf16 on the CPU (or --device cuda)")
     if args.resume and args.method not in PERSISTING:
         raise UpvitError(f"--method {args.method} cannot resume (it keeps no partial state): drop --resume, "
                          f"and add --force to overwrite {args.out}")
@@ -612,6 +617,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             "inputs": {"model": args.model, "checkpoint": _file_input(args.checkpoint), "data": args.data}}
     model.to(device)
     options = {"batch_size": args.batch_size}
+    if args.method == "kl" and (args.dtype or args.memory_gb):
+        options.update(dtype=args.dtype, memory_gb=args.memory_gb)
     if args.method in ("hybrid", "greedy"):
         options.update({"targets": targets, "ratios": args.ratios})
     if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
@@ -665,6 +672,13 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratios", type=fraction, nargs="+", help="hybrid/greedy: instead of --target, keep ratios such as "
                    "0.5 0.25")
     p.add_argument("--batch-size", type=positive_int, default=64, help="proxy images per forward")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="--method kl: precision of the candidates' forwards (the teacher's reference stays fp32, the "
+                        "KL float64); bf16 about 2x faster on CPUs with AVX-512 BF16, fp16 on CUDA only; default fp32 "
+                        "(benchmarks/results/scale.md: score error and keep sets)")
+    p.add_argument("--memory-gb", type=positive_float, default=None,
+                   help="--method kl: activation memory (GiB) the stacked candidate forwards may use (default 6: safe "
+                        "on a 16 GB machine)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run writing --out (--method kl)")
