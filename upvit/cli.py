@@ -667,11 +667,14 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train, an "
                    "ImageFolder directory, shakespeare:train or text:FILE_OR_DIR (text models)")
-    p.add_argument("--proxy-size", type=positive_int, default=2000, help="random proxy images (seeded)")
+    p.add_argument("--proxy-size", type=positive_int, default=2000,
+                   help="random proxy images (seeded); 2,000 is the paper's: exact KL's time grows linearly with it "
+                        "(days on a CPU at 224 px; the run prints its estimate first, README lists measured costs)")
     p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
-    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random, taylor, "
-                   "greedy")
+    p.add_argument("--method", default="kl", help="kl (exact, the paper's: one partial forward per channel per proxy "
+                   "image), fisher (an estimate from a few backward passes per image: seconds), hybrid (exact keep sets "
+                   "at --target for a fraction of kl's time), magnitude, random (no data), taylor, greedy")
     p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's; "
                    "greedy: a shape whose residual width the greedy path passes (repeatable; per-stage values "
                    "separated by '/')")
