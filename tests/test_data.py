@@ -75,3 +75,20 @@ def test_image_folder_reads_class_dirs(tmp_path):
     x, y = ds[2]
     assert info.class_names == ["a", "b"] and x.shape == (3, 16, 16) and y == 1
     assert torch.allclose(x, torch.full_like(x, (40 / 255 - 0.5) / 0.5), atol=1e-2)
+
+
+def test_check_data_spec_refuses_what_cannot_name_data_without_reading_it(tmp_path):
+    """Data-free scorers check --data with check_data_spec: the spellings load_data accepts pass, the rest is one
+    UpvitError naming the problem (a file, a missing directory, an unknown split, missing text)."""
+    from upvit.data import check_data_spec
+    from upvit.errors import UpvitError
+
+    (tmp_path / "corpus.txt").write_text("some words")
+    for good in ("animal-mnist", "animal-mnist:val", "animal-mnist-rgb:all", "emoji:train", "shakespeare:val",
+                 f"text:{tmp_path / 'corpus.txt'}", str(tmp_path)):
+        check_data_spec(good)
+    for bad, fragment in ((str(tmp_path / "corpus.txt"), "is a file"), (str(tmp_path / "nowhere"), "does not exist"),
+                          ("animal-mnist:nosplit", "unknown animal-mnist split"), ("emoji:x", "unknown emoji split"),
+                          (f"text:{tmp_path / 'none.txt'}", "text data")):
+        with pytest.raises(UpvitError, match=fragment):
+            check_data_spec(bad)

@@ -564,7 +564,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from . import distributed as dist_utils
     from .adapters import get_adapter
     from .adapters.base import batch_len
-    from .data import load_data, sample_proxy, stack_images
+    from .data import check_data_spec, load_data, sample_proxy, stack_images
     from .importance.api import DATA_FREE, LABELLED, PERSISTING, get_method, proxy_labels, proxy_tensor, score
     from .importance.kl import samples_word
     from .models import load_model
@@ -592,7 +592,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
     adapter = get_adapter(model)
-    if args.method in DATA_FREE:  # magnitude, random: nothing of the data is read
+    if args.method in DATA_FREE:  # magnitude, random: nothing of the data is read (but a bad spec is refused)
+        check_data_spec(args.data)
         images, subset, record = None, None, {"data": None, "note": f"--method {args.method} uses no data"}
     elif _text_kwargs(model):
         if args.per_class:

@@ -525,6 +525,26 @@ def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = Fa
     return ds, info
 
 
+def check_data_spec(spec: str) -> None:
+    """Refuse a data spec that cannot name data, without reading any: a path must be an existing directory.
+    For commands that may not read their ``--data`` (data-free scorers) but must not accept nonsense."""
+    name, colon, rest = spec.partition(":")
+    if colon and name in ("animal-mnist", "animal-mnist-rgb", "emoji", "shakespeare"):
+        if rest not in ("train", "val", "all"):
+            raise UpvitError(f"unknown {name} split {rest!r}: use train, val or all")
+        return
+    if spec in ("animal-mnist", "shakespeare"):  # the command's default split
+        return
+    if name == "text" and colon:
+        if not os.path.exists(rest):
+            raise UpvitError(f"text data {rest!r} does not exist: pass text:FILE_OR_DIR")
+        return
+    if os.path.isfile(spec):
+        raise UpvitError(f"data {spec!r} is a file, not a directory: pass {DATA_SPELLINGS}")
+    if not os.path.isdir(spec):
+        raise UpvitError(f"data directory {spec!r} does not exist: pass {DATA_SPELLINGS}")
+
+
 def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool = False, seed: int = 0,
               skip_bad_images: bool = False, tokenizer: Any = None) -> tuple[Dataset, DataInfo]:
     """Resolve a data spec (see module doc). ``train`` turns augmentation on; ``skip_bad_images``
