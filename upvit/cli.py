@@ -458,8 +458,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise UpvitError("give either --ratio or explicit targets (--embed-dim/--num-heads/--mlp-hidden/--attn-dim), not both")
     if args.plan is not None and (given or args.ratio is not None):
         raise UpvitError("--plan already fixes the shape: drop the target options, or use --scores with them")
-    if args.plan is None and not given and args.ratio is None:
-        raise UpvitError("no target given: pass --ratio R or --embed-dim/--num-heads/--mlp-hidden")
+    if args.budget is not None:
+        if args.plan is not None or given or args.ratio is not None:
+            raise UpvitError("--budget chooses the shape: drop --plan/--ratio/--embed-dim/--num-heads/--mlp-hidden/"
+                             "--attn-dim, or drop --budget")
+        if not args.data:
+            raise UpvitError("--budget compares the candidate shapes on a proxy set: add --data (e.g. "
+                             "--data animal-mnist:train)")
+    elif args.plan is None and not given and args.ratio is None:
+        raise UpvitError("no target given: pass --ratio R, --embed-dim/--num-heads/--mlp-hidden or --budget "
+                         "KIND=FRACTION")
     check_output_dir(args.out, force=args.force, inputs=[args.model, args.checkpoint, args.scores, args.plan])
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
@@ -472,8 +480,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
                                         checkpoint=args.checkpoint)  # refuses scores of another model
         if note:
             warn(note)
-        plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
-                         **targets)
+        if args.budget is not None:
+            plan = _budget_plan(args, model, scores, proxy)
+        else:
+            plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
+                             **targets)
     pruned = prune(model, plan)
     p0, p1 = count_params(model), count_params(pruned)
     m0, m1 = count_macs(model), count_macs(pruned)
@@ -488,6 +499,36 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({plan.summary()})" + (f"; same architecture as timm {eq}" if eq else ""))
     _certify(args, pruned, source=model, proxy=proxy)
     return 0
+
+
+def _budget_plan(args: argparse.Namespace, model, scores, proxy):
+    """--budget: the candidate shapes within the budget, each plan's joint divergence on the proxy set, the lowest."""
+    from .adapters import get_adapter
+    from .budget import choose, format_candidates
+    from .importance.kl import criterion_name
+
+    flush_warnings()
+    cands = choose(model, scores, proxy, args.budget, grid=args.budget_grid, latency_batch=args.budget_batch,
+                   runtime=args.budget_runtime)
+    criterion = f"joint {criterion_name(get_adapter(model).divergence)}"
+    print(f"{len(cands)} candidate shapes within {args.budget.kind}={args.budget.fraction:g} "
+          f"(proxy: {args.proxy_size} samples of {args.data}), lowest {criterion} first:")
+    print(format_candidates(cands, args.budget, criterion))
+    plan = cands[0].plan
+    plan.meta["budget"] = {"kind": args.budget.kind, "fraction": args.budget.fraction, "use": cands[0].use,
+                           "joint_divergence": cands[0].divergence, "grid": args.budget_grid,
+                           "candidates": [{"shape": c.shape(), "use": c.use, "joint_divergence": c.divergence}
+                                          for c in cands]}
+    return plan
+
+
+def _budget_arg(text: str):
+    from .budget import Budget
+
+    try:
+        return Budget.parse(text)
+    except UpvitError as e:
+        raise argparse.ArgumentTypeError(str(e).replace(f"--budget {text!r}: ", "")) from None
 
 
 def _certify(args: argparse.Namespace, model, source, proxy) -> None:
@@ -548,6 +589,14 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
                    "divergence of the pruned model from the original is measured on --proxy-size samples of it")
     p.add_argument("--proxy-size", type=positive_int, default=256, help="proxy samples drawn from --data (seeded)")
     p.add_argument("--proxy-seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
+    p.add_argument("--budget", type=_budget_arg, help="instead of a shape: macs=F, params=F or latency=F (a fraction of "
+                   "the original's); the shapes within it are compared by their joint divergence on the --data proxy "
+                   "set and the lowest is kept")
+    p.add_argument("--budget-grid", type=positive_int, default=8,
+                   help="--budget: widths are searched at fractions k/GRID of the original's")
+    p.add_argument("--budget-batch", type=positive_int, default=64, help="--budget latency=: the batch size timed")
+    p.add_argument("--budget-runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="--budget latency=: the runtime timed (see upvit bench --runtime)")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for ONNX Runtime parity (report)")
     p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json, "
                    "report.json, report.md)")
@@ -620,6 +669,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     options = {"batch_size": args.batch_size}
     if args.method == "kl" and (args.dtype or args.memory_gb):
         options.update(dtype=args.dtype, memory_gb=args.memory_gb)
+    if args.dtype == "bf16" and device.type == "cpu":
+        from .importance.kl import cpu_bf16_native
+
+        if not cpu_bf16_native():
+            warn("--dtype bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 matrix products are "
+                 "emulated and far slower than fp32: drop --dtype (fp32) here")
     if args.method in ("hybrid", "greedy"):
         options.update({"targets": targets, "ratios": args.ratios})
     if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
