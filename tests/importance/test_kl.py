@@ -136,9 +136,9 @@ def test_kill_and_resume_gives_identical_scores(tmp_path):
         upvit.Scores.load(partial_path(out))
 
     other = tiny_vit(seed=9, depth=3)
-    with pytest.raises(UpvitError, match="different model"):
+    with pytest.raises(UpvitError, match="the model's weights differ"):  # says which part differs (issue 21)
         kl_scores(get_adapter(other), images, batch_size=2, candidate_batch=4, out=out, resume=True, progress=False)
-    with pytest.raises(UpvitError, match="different model, proxy"):
+    with pytest.raises(UpvitError, match="the proxy set differs"):
         kl_scores(get_adapter(model), images[:4], batch_size=2, candidate_batch=4, out=out, resume=True, progress=False)
 
     resumed_sites = []
