@@ -525,18 +525,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _parse_targets(values: list[str] | None) -> list[dict[str, object]] | None:
     """``["96,6,384", ...]`` -> ``[{"embed_dim": 96, "num_heads": 6, "mlp_hidden": 384}, ...]``; a field may
     give one value per stage separated by ``/`` (``16/32/64/128,1/2/4/8,64/128/256/512``)."""
-    if not values:
-        return None
-    out = []
-    for v in values:
-        parts = v.split(",")
-        fields = [p.strip().split("/") for p in parts]
-        if len(parts) != 3 or not all(x.isdigit() for f in fields for x in f):
-            raise UpvitError(f"--target {v!r}: write EMBED,HEADS,MLP, e.g. --target 96,6,384 (per stage: "
-                             "16/32/64/128,1/2/4/8,64/128/256/512)")
-        values_ = [int(f[0]) if len(f) == 1 else [int(x) for x in f] for f in fields]
-        out.append(dict(zip(("embed_dim", "num_heads", "mlp_hidden"), values_)))
-    return out
+    from .targets import parse_target_text
+
+    return [parse_target_text(v) for v in values] if values else None
 
 
 def _score_parser(p: argparse.ArgumentParser) -> None:

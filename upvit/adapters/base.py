@@ -370,16 +370,16 @@ class Adapter(ABC):
     @abstractmethod
     def rebuild(self, plan: "Plan") -> tuple[nn.Module, "ModelConfig"]:
         """A new model of this family at ``plan``'s shape with sliced weights, and its config
-        (rebuilt through the family's own constructor; the original model is not modified)."""
+        (rebuilt through the family's own constructor; the original model is not modified). The plan
+        has been checked (:func:`upvit.surgery.prune` runs :meth:`check_plan` once before this)."""
 
     def check_plan(self, plan: "Plan") -> None:
         """Refuse, in one line, a plan the family's constructor cannot express (default: the rules,
         and for a plan that removes units, :meth:`check_units`)."""
-        from ..plan import check_against_rules
-
         if plan.units is not None:
             self.check_units(plan.units)
-        check_against_rules(plan, self.topology())
+        topology = self.topology()
+        topology.rules.check(plan.stage_shapes(topology))
 
     def check_units(self, kept: Sequence[str]) -> list[PairedBlock]:
         """The blocks the family rebuilds from ``kept`` units (see :meth:`Topology.rebuilt_blocks`), or

@@ -232,7 +232,6 @@ class HFBertAdapter(HookMasking, Adapter):
         if plan.units is not None and len(plan.units) != len(topo.units):
             raise UpvitError("BERT is rebuilt with all its layers here: depth pruning is not supported for this "
                              "family yet")
-        self.check_plan(plan)
         cfg = self.model.config
         dim, heads = plan.embed_dim, plan.num_heads
         state = self._slice(plan)

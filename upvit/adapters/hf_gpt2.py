@@ -205,7 +205,6 @@ class HFGPT2Adapter(HookMasking, Adapter):
         if plan.units is not None and len(plan.units) != len(topo.units):
             raise UpvitError("GPT-2 is rebuilt with all its blocks here: depth pruning is not supported for this "
                              "family yet")
-        self.check_plan(plan)
         cfg = self.model.config
         dim, heads = plan.embed_dim, plan.num_heads
         state = self._slice(plan)

@@ -177,7 +177,6 @@ class HFViTAdapter(HookMasking, Adapter):
         if plan.units is not None and len(plan.units) != len(topo.units):
             raise UpvitError(f"{type(self.model).__name__} is rebuilt with all its layers here: depth pruning is not "
                              "supported for this family yet")
-        self.check_plan(plan)
         dim, heads, head_dim = plan.embed_dim, plan.num_heads, plan.head_dim(0)
         old_hd = self.base.layers[0].attention.head_dim
         state = self._slice(plan)

@@ -312,7 +312,6 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         (depthwise conv included) of its k-th kept FFN. Every block of a stage has the same sr ratio, so
         a block's position inside its stage changes nothing."""
         topo = self.topology()
-        self.check_plan(plan)
         blocks = self.check_units(plan.kept_units(topo))
         m = self.model
         base = base_config(m, {"in_chans": m.patch_embed.proj.in_channels, "num_classes": m.num_classes})

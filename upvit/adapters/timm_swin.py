@@ -279,7 +279,6 @@ class TimmSwinAdapter(HookMasking, Adapter):
         ``norm2``/``mlp`` of its k-th kept FFN; timm rebuilds the shift, the attention mask and the
         drop-path rates from the kwargs (:meth:`check_units` guarantees the shift is unchanged)."""
         topo = self.topology()
-        self.check_plan(plan)
         blocks = self.check_units(plan.kept_units(topo))
         m = self.model
         base = base_config(m, {"img_size": list(m.patch_embed.img_size), "in_chans": m.patch_embed.proj.in_channels,

@@ -345,7 +345,6 @@ class TimmViTAdapter(HookMasking, Adapter):
         unit and ``norm2``/``mlp``/``ls2`` of the k-th kept FFN unit (the same block for a whole-block
         removal, blocks i and i+1 after removing the hybrid ffn.i + attn.i+1); its logits equal the
         original's with the removed units skipped."""
-        self.check_plan(plan)
         m = self.model
         blocks = self.check_units(plan.kept_units(self.topology()))
         base = base_config(m, {"img_size": list(m.patch_embed.img_size), "in_chans": m.patch_embed.proj.in_channels,

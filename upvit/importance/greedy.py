@@ -52,9 +52,9 @@ import torch
 from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_repeat, batch_slice, batch_to,
                              forward_from, removal_masks)
 from ..errors import UpvitError
+from ..targets import Targets
 from .api import register_method
 from .hybrid import MIN_CALIBRATION
-from .hybrid import resolve_targets as resolve_target_list
 from .kl import TOKEN_ROWS, check_proxy, kl_scores, kl_sum
 from .scores import Scores
 
@@ -328,7 +328,7 @@ def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios:
                          "or ratios=[0.5, ...]: the residual widths its path must pass through")
     t0 = time.perf_counter()
     topology = adapter.topology()
-    target_list = resolve_target_list(adapter, targets, ratios)
+    target_list = Targets.parse_many(topology, targets, ratios, method="greedy")
     computed = initial is None
     if initial is None:
         initial = kl_scores(adapter, images, batch_size=batch_size, progress=progress)

@@ -45,7 +45,6 @@ from ..errors import UpvitError
 from ..selection import order as _order
 from ..selection import problems as selection_problems
 from ..targets import Targets
-from ..targets import resolve_targets as _resolve_one
 from .api import register_method
 from .fisher import fisher_scores
 from .scores import Scores
@@ -72,35 +71,9 @@ class Problem:
 
 
 def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None) -> list[Targets]:
-    """The targets to verify, from ``targets`` (Targets, dicts of make_plan's keywords, or a list of
-    them) or ``ratios``; each is checked against the model's rules before any work is done."""
-    topology = adapter.topology()
-    if (targets is None) == (ratios is None):
-        raise UpvitError("method 'hybrid' needs exactly one of targets=[{embed_dim, num_heads, mlp_hidden}, ...] "
-                         "or ratios=[0.5, ...]")
-    if ratios is not None:
-        if isinstance(ratios, (int, float)):
-            ratios = [ratios]
-        if not isinstance(ratios, (list, tuple)) or not ratios:
-            raise UpvitError(f"ratios must be a non-empty list of numbers in (0, 1], got {ratios!r}")
-        return [_resolve_one(topology, ratio=r) for r in ratios]
-    if isinstance(targets, (dict, Targets)):
-        targets = [targets]
-    if not isinstance(targets, (list, tuple)) or not targets:
-        raise UpvitError(f"targets must be a non-empty list of dicts, got {targets!r}")
-    allowed = {"embed_dim", "num_heads", "mlp_hidden", "attn_dim"}
-    out = []
-    for t in targets:
-        if isinstance(t, Targets):
-            out.append(_resolve_one(topology, targets=t))
-            continue
-        if not isinstance(t, dict):
-            raise UpvitError(f"each target must be a dict like {{'embed_dim': 96, 'num_heads': 6, 'mlp_hidden': 384}}, got {t!r}")
-        unknown = set(t) - allowed
-        if unknown:
-            raise UpvitError(f"unknown target key(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(allowed))}")
-        out.append(_resolve_one(topology, **t))
-    return out
+    """The targets to verify, from ``targets`` (any spelling of :meth:`Targets.parse`, or a list of them) or
+    ``ratios``; each is checked against the model's rules before any work is done."""
+    return Targets.parse_many(adapter.topology(), targets, ratios, method="hybrid")
 
 
 def build_problems(adapter: Adapter, estimate: Scores, targets: list[Targets], band: float,
