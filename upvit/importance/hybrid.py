@@ -47,6 +47,7 @@ from ..selection import problems as selection_problems
 from ..targets import Targets
 from .api import register_method
 from .fisher import fisher_scores
+from .reference import Reference
 from .scores import Scores
 
 TINY = 1e-30
@@ -199,6 +200,7 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
     extra: dict[str, set[int]] = {k: set() for k in sizes}  # channels scored to repair the values
     t_exact, rounds, exact_calls = 0.0, 0, 0
     values: dict[str, torch.Tensor] = {}
+    reference = None  # the original's outputs: computed at the first exact round, kept for every later one
     while True:
         rounds += 1
         if rounds > max_rounds:
@@ -211,7 +213,9 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
         need = {k: v for k, v in need.items() if v}
         if need:
             t1 = time.perf_counter()
-            got = kl_scores(adapter, images, batch_size=batch_size, candidates=need, progress=progress)
+            reference = reference or Reference(adapter, images, batch_size)
+            got = kl_scores(adapter, images, batch_size=batch_size, candidates=need, progress=progress,
+                            reference=reference)
             t_exact += time.perf_counter() - t1
             exact_calls += 1
             for k, idx in need.items():

@@ -29,17 +29,17 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed as dist_utils
-from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_repeat, batch_slice, batch_to,
+from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_to,
                              forward_from, removal_masks)
 from ..errors import UpvitError
 from ..fingerprint import digest
 from ..topology import Site, Topology
 from .api import register_method
+from .reference import TOKEN_ROWS, Reference, check_proxy  # noqa: F401 (TOKEN_ROWS: re-exported)
 from .scores import Scores
 
 PARTIAL_FORMAT = "upvit-kl-partial"
 ENGINE_VERSION = 2
-TOKEN_ROWS = 32768  # target size of a stacked forward, in token rows, when candidate_batch is automatic
 
 
 def partial_path(out: str) -> str:
@@ -83,25 +83,6 @@ def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> st
     return digest(parts()).hexdigest()
 
 
-def kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """``[C]`` float64: sum over the batch and its events of KL(q || softmax(logits)), ``logits``
-    ``[C, B, E, K]``, ``logq``/``q`` ``[B, E, K]``, ``weights`` ``[B, E]`` or None."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    kl = (q.unsqueeze(0) * (logq.unsqueeze(0) - logp)).sum(-1)  # [C, B, E]
-    if weights is not None:
-        kl = kl * weights.unsqueeze(0)
-    return kl.sum((1, 2))
-
-
-def check_proxy(inputs: Inputs) -> None:
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dim() != 4 or inputs.shape[0] == 0:
-            raise UpvitError("the proxy set must be a non-empty [N, C, H, W] image tensor (or a dict of per-sample "
-                             "tensors for text)")
-    elif not isinstance(inputs, dict) or not inputs or batch_len(inputs) == 0:
-        raise UpvitError("the proxy set must be a non-empty image tensor or a dict of per-sample tensors")
-
-
 # --------------------------------------------------------------------------------------- engine
 @register_method("kl")
 def kl_scores(
@@ -116,6 +97,7 @@ def kl_scores(
     proxy_meta: dict[str, Any] | None = None,
     callback: Callable[[str], None] | None = None,
     meta: dict[str, Any] | None = None,
+    reference: Reference | None = None,
 ) -> Scores:
     """Exact KL importance of every channel (or of ``candidates`` only; other entries are NaN).
 
@@ -132,6 +114,8 @@ def kl_scores(
         proxy_meta: how the proxy set was sampled (recorded in the metadata).
         callback: called with each site key once that site is scored and persisted.
         meta: extra metadata recorded with the scores (e.g. the model spec and the command line).
+        reference: the original's outputs on these inputs and batches, from an earlier call (a caller that
+            scores in rounds, like the hybrid scorer, keeps one); without ``out``, no fingerprint is taken.
 
     >>> from upvit.adapters import get_adapter                      # doctest: +SKIP
     >>> s = kl_scores(get_adapter(model), images, out="scores.safetensors")  # doctest: +SKIP
@@ -154,7 +138,10 @@ def kl_scores(
     options = {"engine": ENGINE_VERSION, "batch_size": batch_size, "candidate_batch": candidate_batch,
                "candidates": None if candidates is None else {k: v.tolist() for k, v in cands.items()},
                "dtype": str(dtype), "device": device.type}
-    fp = fingerprint(adapter, inputs, options)
+    if reference is not None and not reference.fits(adapter, batches):
+        raise UpvitError("the reference given to kl_scores was computed for another model or other proxy batches")
+    # the fingerprint hashes every weight: needed to persist or resume, not for a caller's in-memory round
+    fp = fingerprint(adapter, inputs, options) if reference is None or out else None
     done: dict[str, torch.Tensor] = {}
     previous_wall = 0.0
     if out and resume:
@@ -166,7 +153,7 @@ def kl_scores(
     model.eval()
     try:
         with torch.no_grad():
-            engine = _Engine(adapter, inputs, batches, cands, candidate_batch, progress)
+            engine = _Engine(adapter, inputs, batches, cands, candidate_batch, progress, reference)
             result = engine.run(done, lambda key, res: _persist(out, fp, res, previous_wall + time.time() - t_start,
                                                                  callback, key))
     finally:
@@ -175,7 +162,7 @@ def kl_scores(
     wall = time.time() - t_start
     info = {
         **(meta or {}),
-        "criterion": "kl" if adapter.divergence == "kl" else f"{adapter.divergence} divergence", "method": "kl",
+        "criterion": Reference.criterion_of(adapter), "method": "kl",
         "divergence": adapter.divergence, "temperature": 1.0, "reduction": "sum over proxy inputs and events",
         "proxy": dict(proxy_meta or {}), "num_images": N, "model": adapter.describe(),
         "candidates": {k: int(v.numel()) for k, v in cands.items()} if candidates is not None else "all",
@@ -205,36 +192,23 @@ class _Engine:
     """One exact-KL run: the teacher's outputs, the per-unit stream caches and the scoring of sites."""
 
     def __init__(self, adapter: Adapter, inputs: Inputs, batches: list[tuple[int, int]],
-                 cands: dict[str, torch.Tensor], candidate_batch: int | None, show_progress: bool) -> None:
+                 cands: dict[str, torch.Tensor], candidate_batch: int | None, show_progress: bool,
+                 reference: Reference | None = None) -> None:
         self.adapter, self.inputs, self.batches, self.cands = adapter, inputs, batches, cands
         self.topology = adapter.topology()
         self.candidate_batch = candidate_batch
         self.show_progress = show_progress
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.dtype = next(adapter.model.parameters()).dtype
+        self.reference = reference
 
     # ---------------------------------------------------------------- set-up
-    def _teacher(self) -> list[Stream]:
-        """Log-probabilities of the original model (once) and the streams entering the first unit."""
-        a = self.adapter
-        self.ref, self.weights, streams = [], [], []
-        for s, e in self.batches:
-            x = batch_slice(self.inputs, s, e)
-            stream = a.begin(x)
-            logits = forward_from(a, stream, 0, self.topology)
-            bad = (~torch.isfinite(logits)).any(-1)
-            if bad.any():
-                raise UpvitError(f"the model's logits are NaN or inf on {int(bad.any(-1).sum())} proxy inputs: "
-                                 "check the weights and the input normalisation")
-            self.ref.append(a.output_reference(logits))  # (log q, q) for the KL; see Adapter.divergence
-            w = a.event_weights(x)
-            self.weights.append(None if w is None else w.to(logits.device, torch.float64))
-            streams.append(stream)
-        x0 = streams[0].x
-        tokens = max(1, x0[0].numel() // x0.shape[-1])
-        rows = self.batches[0][1] - self.batches[0][0]
-        self.C = self.candidate_batch or max(1, round(TOKEN_ROWS / (rows * tokens)))
-        return streams
+    def _teacher(self) -> None:
+        """The original's outputs (once) and the streams entering the first unit: the shared
+        :class:`~upvit.importance.reference.Reference`."""
+        if self.reference is None:
+            self.reference = Reference(self.adapter, self.inputs, batches=self.batches)
+        self.C = self.reference.candidate_batch(self.candidate_batch)
 
     def _plan_work(self, done: dict[str, torch.Tensor]) -> None:
         """Fixed work units (site, chunk of C candidates); unit u belongs to rank u % world."""
@@ -260,7 +234,7 @@ class _Engine:
 
     # ---------------------------------------------------------------- the run
     def run(self, done: dict[str, torch.Tensor], persist: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
-        streams = self._teacher()
+        self._teacher()
         self._plan_work(done)
         result: dict[str, torch.Tensor] = dict(done)
         by_start: dict[int, list[Site]] = {}
@@ -269,11 +243,9 @@ class _Engine:
         try:
             for site in by_start.get(-1, []):
                 self._score(site, -1, None, result, persist)
-            for i, unit in enumerate(self.topology.units):
+            for i, streams in self.reference.walk():  # the stream cache, advanced unit by unit
                 for site in by_start.get(i, []):
                     self._score(site, i, streams, result, persist)
-                if i + 1 < len(self.topology.units):  # advance the caches past this unit
-                    streams = [self.adapter.run(unit.key, st) for st in streams]
         finally:
             for bar in self.bars.values():
                 bar.close()
@@ -288,7 +260,7 @@ class _Engine:
         full = torch.full((site.size,), float("nan"), dtype=torch.float64)
         idx_all = self.cands.get(key)
         if idx_all is not None:
-            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=self.ref[0][0].device)
+            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=self.reference.device)
             offsets = [0]
             for chunk in self.chunks[key]:
                 offsets.append(offsets[-1] + len(chunk))
@@ -300,8 +272,7 @@ class _Engine:
                     if not self.mine[key][i]:
                         continue
                     logits = self._candidates(site, start, n, chunk, streams, rank1)
-                    acc[offsets[i]:offsets[i + 1]] += self.adapter.output_divergence(self.ref[n], logits,
-                                                                                      self.weights[n])
+                    acc[offsets[i]:offsets[i + 1]] += self.reference.divergence(n, logits)
                     if site.kind in self.bars:
                         self.bars[site.kind].update(len(chunk) * (e - s))
             full[idx_all] = dist_utils.all_reduce_sum(acc).cpu()
@@ -325,13 +296,9 @@ class _Engine:
             stream = Stream(x, {k: v.repeat(C, *([1] * (v.dim() - 1))) for k, v in out.batch.items()}, dict(out.info))
             logits = forward_from(a, stream, start + 1, topo)
         else:
-            mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.ref[0][0].device))
+            mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.reference.device))
             with a.masking(Masks({site.key: mask})):
-                if start < 0:
-                    stream = a.begin(batch_repeat(batch_slice(self.inputs, s, e), C))
-                    logits = forward_from(a, stream, 0, topo)
-                else:
-                    logits = forward_from(a, streams[n].repeat(C), start, topo)
+                return self.reference.run(n, start, C, streams)
         return logits.view(C, rows, *logits.shape[1:])
 
 

@@ -11,7 +11,7 @@ skipped (their residual branches add nothing; a stage transition that starts a s
 runs). Higher = more important. It reuses the exact engine's pieces: the reference
 log-probabilities are computed once per proxy batch, the stream is cached unit by unit so every
 candidate runs only from its first unit (:func:`~upvit.adapters.base.forward_from`), and the KL is
-accumulated in float64 (:func:`upvit.importance.kl.kl_sum`).
+accumulated in float64 (the adapter's divergence through :class:`upvit.importance.reference.Reference`).
 
 :func:`block_influence` is the cheap criterion of ShortGPT (Men et al., 2024), "Block Influence":
 ``1 - cos(input, output)`` of the candidate, averaged over proxy inputs and token positions, where the
@@ -28,40 +28,34 @@ from typing import Sequence
 
 import torch
 
-from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to, forward_from
+from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to
 from ..errors import UpvitError
 from ..topology import Topology
-from .kl import check_proxy, kl_sum
+from .reference import Reference, check_proxy
 
 
-def _prepare(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
-             batch_size: int) -> tuple[Topology, list[tuple[int, int]], list[tuple[int, int, frozenset[str]]], Inputs]:
-    """Checked inputs, proxy batches and, per candidate, (first unit index, last unit index, units)."""
-    check_proxy(inputs)
-    if batch_size < 1:
-        raise UpvitError("batch_size must be at least 1")
+def _spans(topo: Topology, candidates: Sequence[Sequence[str]]) -> list[tuple[int, int, frozenset[str]]]:
+    """Per candidate: (first unit index, last unit index, units)."""
     if not candidates:
         raise UpvitError("no candidates to score: give at least one group of units")
-    topo = adapter.topology()
     spans = []
     for units in candidates:
         if isinstance(units, str) or not units:
             raise UpvitError(f"a candidate must be a non-empty list of unit keys, got {units!r}")
         idx = [topo.unit_index(u) for u in units]
         spans.append((min(idx), max(idx), frozenset(units)))
-    param = next(adapter.model.parameters())
-    inputs = batch_to(inputs, param.device, param.dtype)
-    n = batch_len(inputs)
-    return topo, [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)], spans, inputs
+    return spans
 
 
 def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
                 batch_size: int = 64) -> torch.Tensor:
-    """``[C]`` float64: summed KL(model || model without candidate c's units) over the proxy inputs.
+    """``[C]`` float64: summed KL(model || model without candidate c's units) over the proxy inputs
+    (for a sentence encoder the adapter's divergence, ``1 - cos``, as in the channel scores).
 
     ``inputs``: proxy images ``[N, C, H, W]`` (evaluation transform) or a dict of per-sample tensors;
     ``candidates``: groups of unit keys (see the module docstring). The model is run in eval mode."""
-    topo, batches, spans, inputs = _prepare(adapter, inputs, candidates, batch_size)
+    check_proxy(inputs)
+    spans = _spans(adapter.topology(), candidates)
     by_start: dict[int, list[int]] = {}
     for c, (start, _, _) in enumerate(spans):
         by_start.setdefault(start, []).append(c)
@@ -71,25 +65,15 @@ def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[
     model.eval()
     try:
         with torch.no_grad():
-            for s, e in batches:
-                x = batch_slice(inputs, s, e)
-                stream = adapter.begin(x)
-                logq = torch.log_softmax(forward_from(adapter, stream, 0, topo).double(), dim=-1)
-                if not torch.isfinite(logq).all():
-                    raise UpvitError("the model's logits are NaN or inf on the proxy inputs: check the weights "
-                                     "and the input normalisation")
-                q = logq.exp()
-                w = adapter.event_weights(x)
-                w = None if w is None else w.to(logq.device, torch.float64)
-                last = max(by_start)
-                for i, unit in enumerate(topo.units):
-                    for c in by_start.get(i, []):
-                        with adapter.masking(None, skip=spans[c][2]):
-                            logits = forward_from(adapter, stream, i, topo)
-                        total[c] += kl_sum(logq, q, logits.unsqueeze(0), w)[0].cpu()
-                    if i >= last:
-                        break
-                    stream = adapter.run(unit.key, stream)  # advance the cache past this unit
+            ref = Reference(adapter, inputs, batch_size)  # the original's outputs, once
+            last = max(by_start)
+            for i, streams in ref.walk():
+                for c in by_start.get(i, []):
+                    with adapter.masking(None, skip=spans[c][2]):
+                        for n in range(len(ref.batches)):
+                            total[c] += ref.divergence(n, ref.run(n, i, 1, streams))[0].cpu()
+                if i >= last:
+                    break
     finally:
         model.train(was_training)
     return total
@@ -109,7 +93,15 @@ def block_influence(adapter: Adapter, inputs: Inputs, candidates: Sequence[Seque
 
     The input is the stream entering the candidate with its branches removed (the stream it adds to;
     a stage transition at its start still runs), the output the stream after its last unit."""
-    topo, batches, spans, inputs = _prepare(adapter, inputs, candidates, batch_size)
+    check_proxy(inputs)
+    if batch_size < 1:
+        raise UpvitError("batch_size must be at least 1")
+    topo = adapter.topology()
+    spans = _spans(topo, candidates)
+    param = next(adapter.model.parameters())
+    inputs = batch_to(inputs, param.device, param.dtype)
+    n = batch_len(inputs)
+    batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     for start, end, units in spans:
         if len(units) != end - start + 1:
             raise UpvitError(f"block influence needs consecutive units, got {sorted(units)}")
