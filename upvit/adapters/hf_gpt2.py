@@ -38,8 +38,8 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
-from .hf_common import (TIED_NOTE, apply_rules, conv1d, eager_attention, hf_config, q_scale, rebuild_from_config,
-                        vector)
+from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
+from .slicing import apply_rules, conv1d, q_scale, vector
 
 
 def is_hf_gpt2(model: nn.Module) -> bool:

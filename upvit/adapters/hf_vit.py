@@ -29,7 +29,8 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .hf_common import (apply_rules, eager_attention, hf_config, linear, q_scale, rebuild_from_config, vector)
+from .hf_common import eager_attention, hf_config, rebuild_from_config
+from .slicing import apply_rules, linear, q_scale, vector
 
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
 
