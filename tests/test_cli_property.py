@@ -41,8 +41,10 @@ NUMERIC = {
     "score": {"--proxy-size": positive_int, "--per-class": positive_int, "--seed": nonneg_int,
               "--batch-size": positive_int, "--ratios": fraction},
     "prune": {"--embed-dim": positive_int, "--num-heads": positive_int, "--mlp-hidden": positive_int,
-              "--attn-dim": positive_int, "--ratio": fraction},
+              "--attn-dim": positive_int, "--ratio": fraction, "--proxy-size": positive_int, "--proxy-seed": nonneg_int,
+              "--budget-grid": positive_int, "--budget-batch": positive_int},
     "demo": {"--epochs": positive_int, "--proxy-size": positive_int},
+    "export": {"--opset": positive_int, "--rtol": positive_float},
 }
 HANDPICKED = ["0", "-1", "-0.5", "1.5", "nan", "inf", "-inf", "", "x", "1e400", "0x10", "1,5", "2 3", "\x00", "--"]
 
@@ -74,6 +76,7 @@ class World:
                       "runs/s.safetensors"],
             "prune": ["prune", "model", "--scores", "scores.safetensors", "--ratio", "0.5", "--out", "runs/p"],
             "demo": ["demo", "--quick", "--teacher", "model", "--out", "runs/d"],
+            "export": ["export", "model", "--out", "runs/m.onnx"],
         }[command]
 
 
@@ -141,7 +144,8 @@ def bad_invocations(draw, world: World) -> list[str]:
     if kind == "out-is-input":
         return _set(argv, "--out", "model/scores.safetensors" if command == "score" else "model")
     if kind == "missing-required":
-        required = {"train": "--out", "finetune": "--teacher", "eval": "--data", "score": "--out", "prune": "--out"}
+        required = {"train": "--out", "finetune": "--teacher", "eval": "--data", "score": "--out", "prune": "--out",
+                    "export": "--out"}
         if command == "bench":
             return argv[:1] + argv[2:]  # no model at all
         return _without(argv, required[command])

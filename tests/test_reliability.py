@@ -194,8 +194,8 @@ def test_prune_refuses_scores_of_another_model(tmp_path, capsys):
     assert set(fingerprint) == {"architecture", "weights"}
     # `score --checkpoint X` then `prune` without it: the student would come from random weights
     r = run_cli("prune", MNIST_SPEC, "--scores", scores, "--ratio", "0.5", "--out", tmp_path / "p")
-    assert_one_line_error(r, "scores were computed for other weights of this architecture: pass the same "
-                             "--checkpoint as to `upvit score`, or re-score")
+    assert_one_line_error(r, "scores were computed for other weights of this architecture (scored: ")
+    assert "pass the same --checkpoint as to `upvit score` (or the same model directory), or re-score" in r.stderr
     assert not (tmp_path / "p").exists()
     assert main(["prune", MNIST_SPEC, "--checkpoint", str(weights), "--scores", str(scores), "--ratio", "0.5",
                  "--out", str(tmp_path / "p")]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -173,11 +174,14 @@ def test_cli_train_eval_score_prune_finetune_bench_on_a_text_lm(tmp_path, cli):
                 "--max-steps-per-epoch", "2", "--label-smoothing", "0", "--out", teacher)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.split("wrote ", 1)[1].split(": ", 1)[1])["val_perplexity"] > 1
+    with open(os.path.join(teacher, "log.jsonl")) as f:  # a text model counts sequences, not images
+        record = json.loads(f.readline())
+    assert record["sequences_per_second"] > 0 and "images_per_second" not in record
     r = run_cli("eval", teacher, "--data", data)  # once through the real entry point
     assert r.returncode == 0 and r.stdout.startswith("perplexity "), r.stderr
     r = cli("score", teacher, "--data", data, "--proxy-size", "3", "--out", scores)
     assert r.returncode == 0, r.stderr
-    assert "on 3 proxy samples" in r.stdout
+    assert "exact kl scores of" in r.stdout and "on 3 proxy sequences" in r.stdout
     r = cli("prune", teacher, "--scores", scores, "--embed-dim", "12", "--num-heads", "2", "--mlp-hidden", "16",
                 "--out", pruned)
     assert r.returncode == 0, r.stderr
@@ -212,7 +216,9 @@ def test_cli_sentence_encoder_score_prune_finetune_and_similarity_eval(tmp_path,
     r = cli("score", enc, "--data", data, "--proxy-size", "4", "--out", scores)
     assert r.returncode == 0, r.stderr
     s = upvit.Scores.load(scores)
-    assert s.meta["criterion"] == "cosine divergence" and all((t >= -1e-9).all() for _, t in s.items())
+    # the criterion is named for what it is, in the message and the metadata
+    assert "exact 1 - cos scores of" in r.stdout and "kl scores" not in r.stdout, r.stdout
+    assert s.meta["criterion"] == "1 - cos" and all((t >= -1e-9).all() for _, t in s.items())
     r = cli("prune", enc, "--scores", scores, "--ratio", "0.5", "--out", pruned)
     assert r.returncode == 0, r.stderr
     r = cli("finetune", pruned, "--teacher", enc, "--data", data, "--epochs", "1", "--batch-size", "4",

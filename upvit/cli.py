@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -9,11 +10,18 @@ from typing import Callable
 
 from .cli_support import (DefaultsFormatter, OneLineParser, check_device, drop_warnings, flush_warnings, fraction,
                           nonneg_float, nonneg_int, one_line, open_unit, positive_float, positive_int, random_weights_warning,
-                          rate, warn)
+                          rate, start_command, warn)
 from .errors import BadImageError, UpvitError
-from .outputs import check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint
+from .outputs import (check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint, new_paths,
+                      remove_unfinished)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+# one weight-decay default for train, finetune and depth, equal to upvit.TrainConfig's (a test checks it)
+WEIGHT_DECAY = 1e-3
+WEIGHT_DECAY_HELP = ("AdamW weight decay (the fine-tuning recipe of docs/method.md section 4; the teacher recipes in "
+                     "the Makefile pass 0.05)")
+DATA_HELP = "training data: animal-mnist:train, an ImageFolder directory, shakespeare:train or text:FILE_OR_DIR (text models)"
 
 
 def command(name: str):
@@ -52,6 +60,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --out (an earlier run's checkpoint there is discarded)")
+    p.add_argument("--json", action="store_true", dest="json_lines",
+                   help="print each epoch's record as a JSON line (as in log.jsonl) instead of a readable line")
     p.add_argument("--check-images", action="store_true",
                    help="decode every training/validation image before the first step, so a damaged file stops "
                         "the run before any work instead of in the middle of an epoch")
@@ -128,6 +138,52 @@ def _train_image_data(args: argparse.Namespace, model):
     return train_ds, val_ds
 
 
+# ------------------------------------------------------------------------------------ provenance
+def _command(args: argparse.Namespace) -> str:
+    """The command line of this run (main's argv; the process's when called otherwise)."""
+    from .provenance import command_line
+
+    return command_line(getattr(args, "argv", sys.argv[1:]))
+
+
+def _model_input(spec: str, model, checkpoint: str | None):
+    from .provenance import model_input
+
+    return model_input(spec, model, checkpoint)
+
+
+def _data_input(spec: str | None, dataset):
+    from .provenance import data_input
+
+    return data_input(spec, dataset)
+
+
+def _file_input(path: str | None):
+    from .provenance import file_input
+
+    return file_input(path)
+
+
+def _run_record(args: argparse.Namespace, inputs: dict, results: dict | None = None) -> dict:
+    """What an output records of the run that wrote it (upvit.provenance): command, inputs, results."""
+    record = {"command": _command(args), "inputs": {k: v for k, v in inputs.items() if v is not None}}
+    if results is not None:
+        record["results"] = results
+    return record
+
+
+def _prune_inputs(args: argparse.Namespace, model, scores) -> dict:
+    """prune's inputs: the model (as read) and the scores file (with how it was scored) or the plan file."""
+    inputs = {"model": _model_input(args.model, model, args.checkpoint)}
+    if scores is not None:
+        meta = scores.meta or {}
+        inputs["scores"] = {**_file_input(args.scores), **{k: meta[k] for k in ("method", "criterion", "proxy",
+                                                                                 "command") if k in meta}}
+    else:
+        inputs["plan"] = _file_input(args.plan)
+    return inputs
+
+
 # ----------------------------------------------------------------------------------------- train
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
@@ -137,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, force=args.force, resume=args.resume,
                      inputs=[args.model, args.checkpoint, args.data, args.val_data])
-    model = load_model(args.model, args.checkpoint)
+    model = load_model(args.model, args.checkpoint, init_seed=args.seed)  # --seed seeds a spec's initialisation
     config = model.upvit_config
     text = _text_kwargs(model)  # text models: their task and tokenizer decide how the data is read
     if text:
@@ -156,9 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         _set_drop_path(model, args.drop_path)
     if args.force and not args.resume:
         discard_stale_checkpoint(args.out)
+    record_ = _run_record(args, {"model": _model_input(args.model, model, args.checkpoint),
+                                 "data": _data_input(args.data, train_ds), "val_data": _data_input(args.val_data, val_ds)})
     flush_warnings()
     record = _fit_or_explain(lambda: fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
-                                         extra_config={"command": " ".join(["upvit", *sys.argv[1:]])}), args.out)
+                                         extra_config=record_), args.out)
     _report_unreadable(train_ds, val_ds)
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss", "val_perplexity")
                                               if k in record or k != "val_perplexity"}))
@@ -200,14 +258,14 @@ def _set_drop_path(model, rate: float) -> None:
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
     p.add_argument("--epochs", type=positive_int, default=30, help="training epochs")
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate (AdamW)")
     p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
-    p.add_argument("--weight-decay", type=nonneg_float, default=0.05, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=2.0, help="linear warm-up from 0")
     p.add_argument("--label-smoothing", type=rate, default=0.1, help="label smoothing of the cross-entropy")
     p.add_argument("--drop-path", type=rate, default=0.0, help="stochastic depth rate of the last block")
@@ -257,20 +315,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     flush_warnings()
     record = _fit_or_explain(lambda: finetune(
         student, teacher, train_ds, cfg, args.out, alpha=args.alpha, temperature=args.temperature, val_data=val_ds,
-        resume=args.resume, teacher_name=args.teacher, extra_config={"command": " ".join(["upvit", *sys.argv[1:]])},
+        resume=args.resume, teacher_name=args.teacher, extra_config=_run_record(args, {
+            "model": _model_input(args.model, student, args.checkpoint),
+            "teacher": _model_input(args.teacher, teacher, args.teacher_checkpoint),
+            "data": _data_input(args.data, train_ds), "val_data": _data_input(args.val_data, val_ds)}),
         distill=args.distill),
         args.out)
     _report_unreadable(train_ds, val_ds)
     print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "train_loss", "val_top1", "val_loss",
                                                                          "val_perplexity") if k in record}))
+    from . import distributed as dist_utils
+
+    if dist_utils.is_main():
+        from .io import load
+
+        _certify(args, load(args.out), source=teacher, proxy=None)
     return 0
 
 
 def _finetune_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--teacher", required=True, help="the original (unpruned) model: directory or timm:NAME")
+    p.add_argument("--teacher", required=True, help="the original (unpruned) model: a model directory, timm:NAME or "
+                   "hf:PATH_OR_NAME")
     p.add_argument("--teacher-checkpoint", help="state dict to load into the teacher")
-    p.add_argument("--data", required=True, help="training data: animal-mnist:train or an ImageFolder directory")
+    p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
     p.add_argument("--epochs", type=positive_int, default=30, help="fine-tuning epochs")
@@ -284,9 +352,10 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")
     p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
-    p.add_argument("--weight-decay", type=nonneg_float, default=1e-3, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warm-up (default min(2, epochs / 10))")
     p.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this value")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for ONNX Runtime parity (report)")
     _add_run_args(p)
 
 
@@ -351,16 +420,22 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------- bench
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import describe, format_table
+    from .bench import describe_many, format_table, spread_warning
     from .models import load_model
 
     check_device(args.device)
     check_json_path(args.json)
-    rows = []
-    for spec in args.models:
-        model = load_model(spec, args.checkpoint if len(args.models) == 1 else None)
-        rows.append(describe(model, spec, batch_size=args.batch_size, runs=args.runs, device=args.device))
+    device = args.device or str(_default_device())  # the same default as every other command
+    if args.runtime == "onnxruntime":  # upvit runs ONNX Runtime's CPU provider
+        if args.device not in (None, "cpu"):
+            raise UpvitError(f"--runtime onnxruntime runs on the CPU, not {args.device}: use --device cpu")
+        device = "cpu"
+    models = [(spec, load_model(spec, args.checkpoint if len(args.models) == 1 else None)) for spec in args.models]
+    rows = describe_many(models, batch_size=args.batch_size, runs=args.runs, device=device, runtime=args.runtime)
     print(format_table(rows))
+    note = spread_warning(rows)
+    if note:
+        warn(note)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -372,8 +447,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p, "models", nargs="+")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per timed forward")
-    p.add_argument("--runs", type=positive_int, default=10, help="timed runs; the median is reported")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--runs", type=positive_int, default=10,
+                   help="timed runs per model, taking turns between models after 3 untimed warm-up runs each; the "
+                        "median, interquartile range and min-max are reported, with a warning when the range is wide")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                   help="torch: PyTorch eager; onnxruntime: the model exported to ONNX (upvit export), run by ONNX "
+                        "Runtime on the CPU with as many threads as torch uses")
     p.add_argument("--json", help="write the rows as JSON here")
 
 
@@ -402,25 +482,60 @@ def cmd_prune(args: argparse.Namespace) -> int:
     check_output_dir(args.out, force=args.force, inputs=[args.model, args.checkpoint, args.scores, args.plan])
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
+    proxy = _proxy_inputs(args, model) if args.data else None  # read before anything is written
     if args.plan is not None:
         plan = Plan.load(args.plan)
     else:
         scores = Scores.load(args.scores)
-        note = check_scores_fingerprint(scores, model, args.scores)  # refuses scores of another model
+        note = check_scores_fingerprint(scores, model, args.scores, model_spec=args.model,
+                                        checkpoint=args.checkpoint)  # refuses scores of another model
         if note:
             warn(note)
         plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
                          **targets)
     pruned = prune(model, plan)
-    save(pruned, args.out)
-    plan.save(os.path.join(args.out, "plan.json"))
     p0, p1 = count_params(model), count_params(pruned)
     m0, m1 = count_macs(model), count_macs(pruned)
+    pruned.upvit_config.extra.update(_run_record(args, _prune_inputs(args, model, scores if args.plan is None else None),
+                                                 results={"params": p1, "params_before": p0, "macs": m1,
+                                                          "macs_before": m0}))
+    save(pruned, args.out)
+    plan.save(os.path.join(args.out, "plan.json"))
     print(f"params {p0:,} -> {p1:,} ({p1 / p0:.1%})")
     print(f"MACs   {m0:,} -> {m1:,} ({m1 / m0:.1%})")
     eq = pruned.upvit_config.timm_equivalent
     print(f"wrote {args.out} ({plan.summary()})" + (f"; same architecture as timm {eq}" if eq else ""))
+    _certify(args, pruned, source=model, proxy=proxy)
     return 0
+
+
+def _certify(args: argparse.Namespace, model, source, proxy) -> None:
+    """The output's certificate (upvit.certificate): a failed reload through the stock class is an error."""
+    from .certificate import certify
+
+    report = certify(args.out, model, source=source, proxy=proxy, onnx=args.onnx,
+                     extra={"command": " ".join(["upvit", *sys.argv[1:]])})
+    r = report["reload"]
+    line = f"reload through {r['loader']} in a fresh process: passed (max |diff| {r['max_abs_diff']:.2g})"
+    if report.get("proxy_divergence"):
+        d = report["proxy_divergence"]
+        line += f"; proxy {d['criterion']} {d['sum']:.4g} over {d['samples']} samples"
+    if report.get("onnx"):
+        line += f"; model.onnx parity {report['onnx']['max_abs_diff']:.2g}"
+    print(line + f"; wrote report.json and report.md ({report['seconds']:.1f}s)")
+
+
+def _proxy_inputs(args: argparse.Namespace, model):
+    """The proxy set of ``--data`` (``--proxy-size`` samples, seed ``--proxy-seed``) as model inputs."""
+    from .adapters import get_adapter
+    from .data import load_data, sample_proxy
+    from .importance.api import proxy_tensor
+
+    text = _text_kwargs(model)
+    dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None, **(
+        {"tokenizer": text["tokenizer"]} if text else {}))
+    subset, _ = sample_proxy(dataset, size=args.proxy_size, seed=args.proxy_seed)
+    return proxy_tensor(subset, get_adapter(model).input_size())
 
 
 def _int_or_list(text: str) -> int | list[int]:
@@ -448,7 +563,13 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-heads", action="store_true", help="with --ratio: keep the head count, shrink the head dim")
     p.add_argument("--head-bias", default="mean", choices=["mean", "best"],
                    help="Swin: a merged head's relative-position bias is the mean of its heads' or the best head's")
-    p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json)")
+    p.add_argument("--data", help="proxy data (animal-mnist:train, an ImageFolder, shakespeare:train ...): the report's "
+                   "divergence of the pruned model from the original is measured on --proxy-size samples of it")
+    p.add_argument("--proxy-size", type=positive_int, default=256, help="proxy samples drawn from --data (seeded)")
+    p.add_argument("--proxy-seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for ONNX Runtime parity (report)")
+    p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json, "
+                   "report.json, report.md)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
 
 
@@ -463,7 +584,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     from .adapters import get_adapter
     from .adapters.base import batch_len
     from .data import load_data, sample_proxy, stack_images
-    from .importance.api import LABELLED, PERSISTING, get_method, proxy_labels, proxy_tensor, score
+    from .importance.api import DATA_FREE, LABELLED, PERSISTING, get_method, proxy_labels, proxy_tensor, score
+    from .importance.kl import samples_word
     from .models import load_model
 
     t0 = time.time()
@@ -484,7 +606,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
     adapter = get_adapter(model)
-    if _text_kwargs(model):
+    if args.method in DATA_FREE:  # magnitude, random: nothing of the data is read
+        images, subset, record = None, None, {"data": None, "note": f"--method {args.method} uses no data"}
+    elif _text_kwargs(model):
         if args.per_class:
             raise UpvitError("--per-class needs classes, and text data has none: use --proxy-size N")
         dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config or None,
@@ -500,9 +624,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         if len(images) < len(subset):
             record.update(num_images=len(images), unreadable_skipped=len(subset) - len(images))
             warn(f"skipped {len(subset) - len(images)} unreadable image file(s) of the proxy set: it has {len(images)}")
-    record["data"] = args.data
+    if images is not None:
+        record["data"] = args.data
     device = torch.device(args.device) if args.device else dist_utils.default_device()
-    meta = {"model_spec": args.model, "seed": args.seed, "command": " ".join(["upvit", *sys.argv[1:]])}
+    meta = {"model_spec": args.model, "checkpoint": args.checkpoint, "seed": args.seed, "command": _command(args),
+            "inputs": {"model": args.model, "checkpoint": _file_input(args.checkpoint), "data": args.data}}
     model.to(device)
     options = {"batch_size": args.batch_size}
     if args.method in ("hybrid", "greedy"):
@@ -517,8 +643,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     scores = score(model, images, method=args.method, out=args.out, resume=args.resume, proxy_meta=record,
                    meta=meta, **options)
     if dist_utils.is_main():
-        print(f"wrote {args.out}: {args.method} scores of {sum(t.numel() for _, t in scores.items())} channels "
-              f"on {batch_len(images)} proxy samples in {time.time() - t0:.1f}s")
+        criterion = scores.meta.get("criterion", args.method)  # e.g. a sentence encoder's exact score is 1 - cos
+        what = f"exact {criterion}" if args.method == "kl" else args.method if criterion in (args.method, "kl") \
+            else f"{args.method} ({criterion})"
+        used = "no data used" if images is None else f"on {batch_len(images)} proxy {samples_word(images)}"
+        print(f"wrote {args.out}: {what} scores of {sum(t.numel() for _, t in scores.items())} channels ({used}) "
+              f"in {time.time() - t0:.1f}s")
     return 0
 
 
@@ -532,7 +662,8 @@ def _parse_targets(values: list[str] | None) -> list[dict[str, object]] | None:
 
 def _score_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train or an ImageFolder")
+    p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train, an "
+                   "ImageFolder directory, shakespeare:train or text:FILE_OR_DIR (text models)")
     p.add_argument("--proxy-size", type=positive_int, default=2000, help="random proxy images (seeded)")
     p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
@@ -587,7 +718,13 @@ def cmd_depth(args: argparse.Namespace) -> int:
                         candidate_blocks=args.candidate_blocks, val_data=val_ds, alpha=args.alpha,
                         temperature=args.temperature, resume=args.resume, score_batch_size=args.score_batch_size,
                         bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=args.device,
-                        meta={"command": " ".join(["upvit", *sys.argv[1:]]), "proxy": {**record, "data": args.data},
+                        meta={"command": _command(args), "proxy": {**record, "data": args.data},
+                              "inputs": {"model": _model_input(args.model, model, args.checkpoint),
+                                         "teacher": _model_input(args.teacher or args.model, teacher,
+                                                                 args.teacher_checkpoint if args.teacher
+                                                                 else args.checkpoint),
+                                         "data": _data_input(args.data, train_ds),
+                                         "val_data": _data_input(args.val_data, val_ds)},
                               "teacher": args.teacher or args.model})
     with open(os.path.join(args.out, "depth.md")) as f:
         print(f.read().rstrip())
@@ -619,10 +756,11 @@ def _depth_parser(p: argparse.ArgumentParser) -> None:
                    help="fine-tuning epochs of the whole run, split evenly over the steps (0: no fine-tuning)")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (x T^2)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size of the fine-tuning (split over "
+                   "torchrun ranks)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of each step (default 1e-3 x batch / 256)")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of each step's cosine")
+    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up of each step (default min(2, epochs per step / 10))")
     p.add_argument("--score-batch-size", type=int, default=64, help="proxy images per forward when scoring")
@@ -631,6 +769,44 @@ def _depth_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="run directory: steps, log.jsonl, depth.md and the final model")
     _add_run_args(p)
+
+
+# ----------------------------------------------------------------------------------------- export
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .models import load_model
+
+    if not args.out.endswith(".onnx"):
+        raise UpvitError(f"--out {args.out!r}: give a file name ending in .onnx, e.g. --out model.onnx")
+    if os.path.exists(args.out) and not args.force:
+        raise UpvitError(f"{args.out} already exists: choose another --out, or add --force to overwrite it")
+    check_output_file(args.out, force=True, inputs=[args.model, args.checkpoint], partial_suffix=None)
+    model = load_model(args.model, args.checkpoint)
+    random_weights_warning(args.model, args.checkpoint)
+    flush_warnings()
+    result = export_onnx(model, args.out, exporter=args.exporter, opset=args.opset, check=not args.no_check,
+                         rtol=args.rtol)
+    axes = ", ".join(f"{name}[{','.join(f'{a}:{n}' for a, n in ax.items())}]" for name, ax in result.dynamic_axes.items())
+    print(f"exported with the {result.exporter} exporter, opset {result.opset}; dynamic axes {axes}")
+    for p in result.parity:
+        at = f"batch {p.batch_size}" + (f", sequence {p.seq_len}" if p.seq_len else "")
+        print(f"parity in onnxruntime at {at}: max |diff| {p.max_abs_diff:.3g} (tolerance {p.tolerance:.3g})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--exporter", default="legacy", choices=["legacy", "dynamo"],
+                   help="torch.onnx exporter: legacy (TorchScript, opset 17; fast) or dynamo (torch.export, opset 18)")
+    p.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 17 legacy, 18 dynamo)")
+    p.add_argument("--rtol", type=positive_float, default=1e-3,
+                   help="parity tolerance: max |onnxruntime - torch| <= RTOL x max(|torch output|, 1)")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -661,19 +837,35 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default=None, help="scoring method for the UP-ViT students (default hybrid)")
 
 
-PARSERS = {"train": (_train_parser, "train a timm model from scratch"),
+PARSERS = {"train": (_train_parser, ("train a model (timm or Hugging Face; images or text): from scratch for a "
+                                     "timm:/hf: spec, further for a model directory")),
            "finetune": (_finetune_parser, "fine-tune a pruned model with distillation from the original"),
-           "eval": (_eval_parser, "top-1 accuracy and loss of a model on a dataset"),
+           "eval": (_eval_parser, ("evaluate a model on a dataset: top-1 accuracy and loss (classifiers), perplexity "
+                                   "(language models) or similarity agreement with --teacher (sentence encoders)")),
            "bench": (_bench_parser, "parameters, MACs and throughput of models"),
            "score": (_score_parser, "importance of every channel (exact KL by default) on a seeded proxy set"),
            "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan"),
+           "export": (_export_parser, "export a model to ONNX, checked against PyTorch in ONNX Runtime"),
            "depth": (_depth_parser, "remove blocks (and hybrid blocks) progressively, fine-tuning after each step"),
            "demo": (_demo_parser, "the whole method on the embedded default, with baselines")}
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _default_device():
+    from .distributed import default_device
+
+    return default_device()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="upvit", description="Unified structured pruning of vision transformers (UP-ViTs).",
                            formatter_class=DefaultsFormatter)
+    parser.add_argument("--version", action="version", version=f"upvit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, help_text) in PARSERS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsFormatter))
@@ -682,13 +874,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and a non-zero status."""
-    drop_warnings()
+    start_command()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0), or an argument error already printed as one line (2)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the outputs record as their command
+    # what this command will create: removed again if it fails and leaves nothing to --resume from
+    outputs = [getattr(args, "out", None), getattr(args, "json", None)]
+    created = new_paths(outputs) if int(os.environ.get("RANK", "0")) == 0 else []
     try:
+        if args.command in ("train", "finetune", "depth"):  # readable epoch lines, or the log's JSON records
+            from . import train
+
+            train.JSON_LINES = args.json_lines
         code = COMMANDS[args.command](args)
         if code == 0 and "torch.distributed" in sys.modules:  # every rank leaves together (torchrun)
             from . import distributed
@@ -698,19 +898,37 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except UpvitError as e:
         drop_warnings()  # an error case prints only the error
+        remove_unfinished(created)
         print(f"upvit: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         drop_warnings()
+        remove_unfinished(created)
         print("upvit: interrupted; long jobs continue from their last checkpoint with --resume", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug or an unforeseen failure: still one line; UPVIT_DEBUG=1 shows the traceback
-        if os.environ.get("UPVIT_DEBUG"):
-            raise
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or os.environ.get("UPVIT_DEBUG"):
+            return _unexpected(e, created)
         drop_warnings()
-        print(f"upvit: error: unexpected {type(e).__name__}: {one_line(str(e))[:300]} "
-              "(rerun with UPVIT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        removed = remove_unfinished(created)
+        path = e.filename or next((p for p in outputs if p), "the output")  # a failed write() names no file
+        left = f"; removed the unfinished {', '.join(removed)}" if removed else ""
+        print(f"upvit: error: {e.strerror or 'no space left on device'} while writing {path}: free space on that "
+              f"disk or choose another --out{left}", file=sys.stderr)
         return 1
+    except Exception as e:  # a bug or an unforeseen failure: still one line; UPVIT_DEBUG=1 shows the traceback
+        return _unexpected(e, created)
+
+
+def _unexpected(e: Exception, created: list[str]) -> int:
+    """A bug or an unforeseen failure: still one line; UPVIT_DEBUG=1 shows the traceback."""
+    if os.environ.get("UPVIT_DEBUG"):
+        raise e
+    drop_warnings()
+    remove_unfinished(created)
+    print(f"upvit: error: unexpected {type(e).__name__}: {one_line(str(e))[:300]} "
+          "(rerun with UPVIT_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

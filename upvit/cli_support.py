@@ -91,6 +91,7 @@ def one_line(text: str) -> str:
 
 # ------------------------------------------------------------------------------------- warnings
 _PENDING: list[str] = []
+_PRINTED: set[str] = set()  # lines this command already printed: a warning is said once
 
 
 def _main_rank() -> bool:
@@ -100,7 +101,7 @@ def _main_rank() -> bool:
 def warn(message: str) -> None:
     """Queue a one-line warning (printed by :func:`flush_warnings`, dropped if the command fails)."""
     line = one_line(message)
-    if line not in _PENDING:
+    if line not in _PENDING and line not in _PRINTED:
         _PENDING.append(line)
 
 
@@ -108,12 +109,20 @@ def flush_warnings() -> None:
     """Print the queued warnings now (call it where a command starts its long work)."""
     while _PENDING:
         line = _PENDING.pop(0)
+        _PRINTED.add(line)
         if _main_rank():
             print(f"upvit: warning: {line}", file=sys.stderr, flush=True)
 
 
 def drop_warnings() -> None:
     _PENDING.clear()
+
+
+def start_command() -> None:
+    """Forget the warnings of an earlier command run in this process (tests call ``main`` repeatedly)."""
+    _PENDING.clear()
+    _PRINTED.clear()
+    _RANDOM.clear()
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -143,8 +152,14 @@ def check_device(spec: str | None) -> None:
     raise UpvitError(f"--device {spec}: upvit runs on cpu, cuda or mps devices")
 
 
+_RANDOM: set[str] = set()  # specs already warned about
+
+
 def random_weights_warning(spec: str, checkpoint: str | None, flag: str = "--checkpoint") -> None:
     """A ``timm:NAME`` model without a checkpoint has random weights: say so (queued, one line)."""
     if spec.startswith("timm:") and not checkpoint:
         name = spec.split(",", 1)[0]
+        if spec in _RANDOM:  # the same spec as another model of the command (a student and its teacher)
+            return
+        _RANDOM.add(spec)
         warn(f"{name} has random weights (no {flag} given): pass {flag} FILE for trained weights")

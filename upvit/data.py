@@ -7,6 +7,10 @@ Data specs accepted wherever the CLI takes ``--data``:
   The split is stratified and fixed: for each class in label order, the class's indices are
   permuted by one ``numpy.random.default_rng(0)`` generator, the first 800 go to ``train`` and the
   last 200 to ``val`` (8,000 / 2,000 images).
+* ``emoji:train|val|all`` -- Google's emoji images (``make emoji``; ``$UPVIT_EMOJI_DIR`` or ``data/emoji``),
+  9 categories, split by base emoji so skin-tone variants stay together (:func:`emoji_split`), read at the
+  model's input size; ``animal-mnist-rgb:train|val|all`` -- the embedded set at the model's input size and
+  channels (default 3x112x112). Both without augmentation (deterministic: teacher outputs can be cached).
 * ``shakespeare:train|val|all`` and ``text:FILE_OR_DIR``: text, for text models (:mod:`upvit.text`).
 * a directory in ImageNet layout (one sub-folder per class): read with torchvision's ImageFolder
   and the usual ViT evaluation transform (resize to ``size / crop_pct``, centre crop, normalise)
@@ -191,6 +195,159 @@ def animal_mnist(split: str = "train", augment: bool = False, seed: int = 0) -> 
     return ds, info
 
 
+# ------------------------------------------------------------------------ images at the model's size
+def resize_images(images: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """uint8 [N, C0, H0, W0] -> uint8 [N, C, H, W] for a model input (C, H, W): bicubic (antialiased when
+    shrinking), grey replicated to 3 channels or RGB averaged to grey (ITU-R 601 weights) as C asks."""
+    c, h, w = size
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    out = []
+    for chunk in x.split(256):  # bounded memory at 224 px
+        chunk = chunk.float()
+        if chunk.shape[1] == 3 and c == 1:
+            chunk = (chunk * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        elif chunk.shape[1] == 1 and c == 3:
+            chunk = chunk.expand(-1, 3, -1, -1)
+        elif chunk.shape[1] != c:
+            raise UpvitError(f"cannot feed {chunk.shape[1]}-channel images to a {c}-channel model")
+        if tuple(chunk.shape[-2:]) != (h, w):
+            chunk = F.interpolate(chunk, size=(h, w), mode="bicubic", align_corners=False,
+                                  antialias=h < chunk.shape[-2])
+        out.append(chunk.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out).numpy()
+
+
+def _model_input(data_config: dict[str, Any] | None, default: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
+    """(input size, mean, std) from a model's data config, or ``default`` with ImageNet statistics."""
+    cfg = data_config or {}
+    size = tuple(int(v) for v in cfg.get("input_size", default))
+    if len(size) != 3 or size[0] not in (1, 3):
+        raise UpvitError(f"input_size {list(size)} is not [C, H, W] with 1 or 3 channels")
+    mean = tuple(cfg.get("mean", (0.485, 0.456, 0.406)[: size[0]] if size[0] == 3 else (0.5,)))
+    std = tuple(cfg.get("std", (0.229, 0.224, 0.225)[: size[0]] if size[0] == 3 else (0.5,)))
+    return size, mean, std  # type: ignore[return-value]
+
+
+def animal_mnist_resized(split: str, data_config: dict[str, Any] | None, augment: bool = False,
+                         seed: int = 0) -> tuple[ImageTensorDataset, DataInfo]:
+    """``animal-mnist-rgb:SPLIT``: the embedded split at the model's input size and channels (grey
+    replicated to 3 channels, resized bicubic), normalised with the model's mean/std. Default (no model):
+    3x112x112 with ImageNet statistics, the size a pretrained ViT-S/14 reads as 8x8 patches."""
+    indices = animal_mnist_split()
+    if split not in indices:
+        raise UpvitError(f"unknown animal-mnist-rgb split {split!r}: use train, val or all")
+    size, mean, std = _model_input(data_config, (3, 112, 112))
+    images, labels = animal_mnist_arrays()
+    idx = indices[split]
+    ds = ImageTensorDataset(resize_images(images[idx], size), labels[idx], mean, std, augment=augment, seed=seed)
+    info = DataInfo(10, list(ANIMAL_MNIST_CLASSES), size, mean, std, 1.0, "bicubic",
+                    extra={"dataset": "animal-mnist-rgb", "split": split})
+    return ds, info
+
+
+# ------------------------------------------------------------------------------------------- emoji
+EMOJI_ENV = "UPVIT_EMOJI_DIR"
+EMOJI_DEFAULT_DIR = os.path.join("data", "emoji")  # where `make emoji` unpacks the npm tarball
+EMOJI_DROP = ("Component",)  # skin-tone and hair swatches, not pictures of a category
+EMOJI_SPLIT_SEED = 0
+EMOJI_VAL_FRACTION = 0.2
+
+
+def emoji_root() -> str:
+    """The unpacked ``emoji-datasource-google`` package: ``$UPVIT_EMOJI_DIR`` or ``data/emoji`` (either the
+    folder holding ``package/`` or ``package/`` itself)."""
+    root = os.environ.get(EMOJI_ENV) or EMOJI_DEFAULT_DIR
+    for cand in (os.path.join(root, "package"), root):
+        if os.path.isfile(os.path.join(cand, "emoji.json")):
+            return cand
+    raise UpvitError(f"no emoji.json under {root!r}: run `make emoji` (npm pack emoji-datasource-google@16.0.0) "
+                     f"or set {EMOJI_ENV} to the unpacked package")
+
+
+def emoji_index(root: str | None = None) -> list[dict[str, Any]]:
+    """One record per image: ``file``, ``category``, ``base`` (the base emoji's image, shared by its skin-tone
+    variants). Categories in ``EMOJI_DROP`` and entries without a Google image are left out."""
+    root = root or emoji_root()
+    with open(os.path.join(root, "emoji.json"), encoding="utf-8") as f:
+        entries = json.load(f)
+    records = []
+    for e in entries:
+        if e.get("category") in EMOJI_DROP or not e.get("has_img_google"):
+            continue
+        records.append({"file": e["image"], "category": e["category"], "base": e["image"]})
+        for var in (e.get("skin_variations") or {}).values():
+            if var.get("has_img_google"):
+                records.append({"file": var["image"], "category": e["category"], "base": e["image"]})
+    return records
+
+
+def emoji_split(records: list[dict[str, Any]], seed: int = EMOJI_SPLIT_SEED,
+                val_fraction: float = EMOJI_VAL_FRACTION) -> dict[str, list[str]]:
+    """Base emoji per split: per category (sorted), its sorted base images permuted by one
+    ``default_rng(seed)``, the first ``round(val_fraction * n)`` to ``val``. Variants follow their base, so
+    no emoji straddles train and validation."""
+    rng = np.random.default_rng(seed)
+    bases: dict[str, list[str]] = {}
+    for r in records:
+        group = bases.setdefault(r["category"], [])
+        if r["base"] not in group:
+            group.append(r["base"])
+    split: dict[str, list[str]] = {"train": [], "val": []}
+    for cat in sorted(bases):
+        names = sorted(bases[cat])
+        order = [names[i] for i in rng.permutation(len(names))]
+        n_val = round(val_fraction * len(names))
+        split["val"] += sorted(order[:n_val])
+        split["train"] += sorted(order[n_val:])
+    return split
+
+
+def read_emoji_images(root: str, files: Sequence[str]) -> np.ndarray:
+    """uint8 [N, 3, 64, 64]: each RGBA PNG composited on white."""
+    from PIL import Image
+
+    folder = os.path.join(root, "img", "google", "64")
+    out = np.empty((len(files), 3, 64, 64), dtype=np.uint8)
+    for i, name in enumerate(files):
+        path = os.path.join(folder, name)
+        try:
+            with Image.open(path) as im:
+                rgba = im.convert("RGBA")
+        except (OSError, ValueError) as e:
+            raise BadImageError(f"cannot read emoji image {path} ({type(e).__name__}): run `make emoji` again") from None
+        if rgba.size != (64, 64):
+            rgba = rgba.resize((64, 64), Image.BICUBIC)
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out[i] = np.asarray(Image.alpha_composite(white, rgba).convert("RGB")).transpose(2, 0, 1)
+    return out
+
+
+def emoji(split: str, data_config: dict[str, Any] | None = None, root: str | None = None,
+          augment: bool = False, seed: int = 0) -> tuple[ImageTensorDataset, DataInfo]:
+    """``emoji:train|val|all``: Google's emoji (64x64 RGBA on white) labelled with their 9 categories
+    (``Component`` dropped), split by base emoji (see :func:`emoji_split`), resized to the model's input
+    (default 3x112x112, ImageNet statistics). No augmentation unless asked: the transform is deterministic,
+    so distillation can cache the teacher's outputs."""
+    if split not in ("train", "val", "all"):
+        raise UpvitError(f"unknown emoji split {split!r}: use train, val or all")
+    root = root or emoji_root()
+    records = emoji_index(root)
+    classes = sorted({r["category"] for r in records})
+    if split != "all":
+        keep = set(emoji_split(records)[split])
+        records = [r for r in records if r["base"] in keep]
+    size, mean, std = _model_input(data_config, (3, 112, 112))
+    images = resize_images(read_emoji_images(root, [r["file"] for r in records]), size)
+    labels = np.array([classes.index(r["category"]) for r in records], dtype=np.int64)
+    ds = ImageTensorDataset(images, labels, mean, std, augment=augment, seed=seed)
+    ds.files = [r["file"] for r in records]
+    info = DataInfo(len(classes), classes, size, mean, std, 1.0, "bicubic",
+                    extra={"dataset": "emoji", "split": split, "root": os.path.abspath(root)})
+    return ds, info
+
+
 # ------------------------------------------------------------------------------------ ImageFolder
 SKIP_HINT = "replace or remove the file, or pass --skip-bad-images to skip unreadable images"
 
@@ -327,6 +484,11 @@ def stack_images(dataset: Dataset, batch_size: int = 256) -> torch.Tensor:
     return torch.cat(chunks)
 
 
+# every spelling --data accepts, for the messages that refuse one
+DATA_SPELLINGS = ("an ImageFolder directory (one sub-folder of images per class), animal-mnist:train|val|all, "
+                  "or for text models shakespeare:train|val|all or text:FILE_OR_DIR")
+
+
 def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = False,
                  skip_bad_images: bool = False) -> tuple[Dataset, DataInfo]:
     """An ImageNet-layout directory with the model's evaluation (or training) transform.
@@ -339,8 +501,10 @@ def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = Fa
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
+    if os.path.isfile(root):  # a single file is never image data: say what is accepted instead
+        raise UpvitError(f"data {root!r} is a file, not a directory: pass {DATA_SPELLINGS}")
     if not os.path.isdir(root):
-        raise UpvitError(f"data directory {root!r} does not exist: pass an ImageFolder root or animal-mnist:SPLIT")
+        raise UpvitError(f"data directory {root!r} does not exist: pass {DATA_SPELLINGS}")
     cfg = dict(data_config or {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "interpolation": "bicubic"})
     transform = create_transform(
@@ -372,7 +536,13 @@ def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool 
     if is_text_spec(spec):
         return text_dataset(spec, tokenizer, data_config)
     if (data_config or {}).get("task") in ("causal-lm", "masked-lm", "sentence-embedding"):
-        raise UpvitError(f"this is a text model, but {spec!r} is image data: use shakespeare:SPLIT or text:FILE_OR_DIR")
+        fix = f"write text:{spec}" if os.path.exists(spec) else "use shakespeare:SPLIT or text:FILE_OR_DIR"
+        raise UpvitError(f"this is a text model, but {spec!r} is image data: {fix}")
+    if spec.startswith(("emoji:", "animal-mnist-rgb:")):  # read at the model's input size (issue 23)
+        name, _, split = spec.partition(":")
+        if name == "emoji":
+            return emoji(split, data_config)
+        return animal_mnist_resized(split, data_config)
     if spec.startswith("animal-mnist"):
         _, _, split = spec.partition(":")
         ds, info = animal_mnist(split or ("train" if train else "val"), augment=train, seed=seed)

@@ -9,7 +9,7 @@ From the shipped teacher (a small DeiT-B-like ViT on Animal-MNIST) the demo
    budget and distillation, the same architectures (a) trained from scratch, (b) pruned by weight
    magnitude (L2) and (c) pruned by random channel choice,
 4. reports accuracy before/after fine-tuning, parameters, MACs and measured throughput as a
-   Markdown table, JSON, and a PNG of accuracy against throughput.
+   Markdown table, JSON, and a PNG of accuracy against MACs (:func:`plot_report` redraws it from the JSON).
 
 All runs see exactly the same batches (same seed, sampler and seeded augmentation), so the
 teacher's logits for a batch are computed once and shared between runs (:class:`SharedTeacher`).
@@ -211,34 +211,121 @@ def write_report(report: dict[str, Any], out: str) -> None:
             f"on {report['machine']}.", "", markdown_table(report["rows"]), ""]
     with open(os.path.join(out, "demo.md"), "w") as f:
         f.write("\n".join(text))
-    plot(report["rows"], os.path.join(out, "demo.png"))
+    plot(report["rows"], os.path.join(out, "demo.png"), cfg.get("shapes"))
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
-    """Accuracy against throughput, one marker per selection (in the spirit of the paper's Fig. 1)."""
+SELECTION_STYLES = {  # selection -> (legend label, colour, marker)
+    "-": ("teacher", "k", "*"), "upvit": ("UP-ViT (KL scores)", "tab:red", "o"),
+    "magnitude": ("L2-magnitude selection", "tab:green", "^"), "random": ("random selection", "tab:gray", "v"),
+    "scratch": ("same shape, from scratch", "tab:blue", "s")}
+SELECTION_NAMES = {"-": "teacher", "upvit": "UP-ViT", "magnitude": "magnitude", "random": "random",
+                   "scratch": "scratch"}
+
+
+def plot_points(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the plot draws: one point per (selection, shape) at x = its MACs (a shape's architecture
+    fixes them, so every model of one shape sits at the same x, unlike measured throughput), y = the
+    mean top-1 over its rows (seeds) with the min and max as the error bar where there are several."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["selection"], r["shape"]), []).append(r)
+    points = []
+    for (sel, shape), group in groups.items():
+        macs = {r["macs"] for r in group}
+        if len(macs) != 1:
+            raise UpvitError(f"rows of {sel} at shape {shape} differ in MACs ({sorted(macs)}): not one architecture")
+        top1 = [float(r["top1"]) for r in group]
+        mean = sum(top1) / len(top1)
+        name = "teacher" if sel == "-" else f"{SELECTION_NAMES.get(sel, sel)}-{shape}"
+        seeds = f", {len(top1)} seeds" if len(top1) > 1 else ""
+        points.append({"selection": sel, "shape": shape, "x": macs.pop(), "y": mean, "low": min(top1),
+                       "high": max(top1), "n": len(top1), "label": f"{name} {mean:.1f}%{seeds}"})
+    return points
+
+
+def _spread_labels(ys: list[float], gap: float) -> list[float]:
+    """Label heights near ``ys`` (any order) with at least ``gap`` between neighbours, centred on
+    the points' own mean, so labels of close points do not overlap."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [ys[i] for i in order]
+    for k in range(1, len(placed)):
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    shift = (sum(ys) - sum(placed)) / len(placed)  # keep the column centred on its points
+    out = [0.0] * len(ys)
+    for k, i in enumerate(order):
+        out[i] = placed[k] + shift
+    return out
+
+
+def shape_caption(shapes: dict[str, dict[str, int]] | None, teacher_macs: int | None) -> str:
+    """What the shape letters mean."""
+    parts = ["B = the teacher's own shape" + (f" ({teacher_macs / 1e6:.1f} MMACs)" if teacher_macs else "")]
+    for name, d in (shapes or {}).items():
+        parts.append(f"{name} = embed {d['embed_dim']} / {d['num_heads']} heads / MLP {d['mlp_hidden']}")
+    return "Shapes: " + "; ".join(parts) + "."
+
+
+def plot_figure(rows: list[dict[str, Any]], shapes: dict[str, dict[str, int]] | None = None):
+    """Top-1 accuracy against MACs per image (log scale), one marker per selection, every point
+    labelled (labels of one shape stacked apart, with a leader line), the shape letters explained under
+    the axes, the seeds' min-max as error bars where a cell has several seeds. Returns the Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"-": ("k", "*"), "upvit": ("tab:red", "o"), "scratch": ("tab:blue", "s"),
-              "magnitude": ("tab:green", "^"), "random": ("tab:gray", "v")}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for sel, (color, marker) in styles.items():
-        pts = sorted((r for r in rows if r["selection"] == sel), key=lambda r: r["images_per_second"])
+    points = plot_points(rows)
+    fig, ax = plt.subplots(figsize=(7.6, 5.4), dpi=120)
+    for sel, (label, color, marker) in SELECTION_STYLES.items():
+        pts = sorted((p for p in points if p["selection"] == sel), key=lambda p: p["x"])
         if not pts:
             continue
-        label = {"-": "teacher", "upvit": "UP-ViT (KL scores)", "scratch": "same shape, from scratch",
-                 "magnitude": "L2-magnitude selection", "random": "random selection"}[sel]
-        ax.plot([r["images_per_second"] for r in pts], [r["top1"] for r in pts], marker=marker, color=color,
-                label=label, linestyle="-" if len(pts) > 1 else "none", markersize=8)
-        for r in pts:
-            ax.annotate(r["shape"], (r["images_per_second"], r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("throughput (images/s)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title("Animal-MNIST: pruned students after distillation fine-tuning")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.errorbar([p["x"] for p in pts], [p["y"] for p in pts],
+                    yerr=[[p["y"] - p["low"] for p in pts], [p["high"] - p["y"] for p in pts]],
+                    marker=marker, color=color, label=label, linestyle="-" if len(pts) > 1 else "none",
+                    markersize=9 if sel == "-" else 7, capsize=3, alpha=0.9)
+    ys = [p["y"] for p in points]
+    gap = 0.05 * (max(ys) - min(ys) or 1.0)  # about one line of 8-pt text on this figure's height
+    columns = sorted({p["x"] for p in points})
+    for x in columns:
+        column = [p for p in points if p["x"] == x]
+        left = x == columns[0] and len(columns) > 1  # the smallest shape's labels go left, off the lines
+        for p, y in zip(column, _spread_labels([p["y"] for p in column], gap)):
+            ax.annotate(p["label"], (p["x"], p["y"]), xytext=(x / 1.12 if left else x * 1.12, y), textcoords="data",
+                        fontsize=8, va="center", ha="right" if left else "left",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
+    ax.set_xscale("log")
+    ax.set_xlim(columns[0] / (3.0 if len(columns) > 1 else 1.3), columns[-1] * 2.6)  # room for the labels
+    shape_of = {p["x"]: p["shape"] for p in points}
+    ax.set_xticks(columns, [f"{x / 1e6:.1f} M ({shape_of[x]})" for x in columns])
+    ax.minorticks_off()
+    ax.set_xlabel("multiply-accumulates per image (MACs, log scale; fixed by the shape)")
+    ax.set_ylabel("top-1 accuracy after fine-tuning (%)")
+    ax.set_title("Animal-MNIST: pruned students after distillation fine-tuning", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    teacher = next((p["x"] for p in points if p["selection"] == "-"), None)
+    seeds = max(p["n"] for p in points)
+    note = (f"Error bars: min-max over seeds (up to {seeds})." if seeds > 1
+            else "One fine-tuning seed per model (no error bars).")
+    fig.text(0.01, 0.01, shape_caption(shapes, teacher) + " " + note, fontsize=7.5, wrap=True, va="bottom")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot(rows: list[dict[str, Any]], path: str, shapes: dict[str, dict[str, int]] | None = None) -> None:
+    """Write :func:`plot_figure` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(rows, shapes)
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_report(json_path: str, png_path: str) -> None:
+    """Redraw a demo's PNG from its ``demo.json`` (no re-run): the rows and the configured shapes."""
+    import json
+
+    with open(json_path) as f:
+        report = json.load(f)
+    plot(report["rows"], png_path, report.get("config", {}).get("shapes"))

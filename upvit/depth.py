@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from .errors import UpvitError
+from .provenance import run_record
 
 CRITERIA = ("kl", "block_influence", "last")
 KINDS = ("block", "hybrid")
@@ -428,9 +429,19 @@ def prune_depth(
         event("step", k)
 
     config = copy.deepcopy(current.upvit_config)
+    # the run's own record (upvit.provenance); the steps' intermediate records are in log.jsonl and step-k/,
+    # and the input model's record moves under "source"
+    own = ("timm_equivalent_kwargs", "hf_spec")
+    config.extra = {k: v for k, v in config.extra.items() if k in own}
+    config.extra.update({k: v for k, v in (meta or {}).items() if k in ("command", "inputs")})
     config.extra["depth"] = {"criterion": criterion, "remove": remove, "steps": steps,
                              "removed": [[row["origin"] for row in r["removed"]] for r in records[1:]],
                              "origin_units": origin, "seconds": round(time.time() - t_start, 1)}
+    config.extra["results"] = {k: v for k, v in records[-1].items()
+                               if k not in ("removed", "candidates", "origin_units", "finetune")}
+    source = run_record(model.upvit_config.extra, keep=own)
+    if source:
+        config.extra["source"] = source
     io.save(current, out_dir, config)
     return io.load(out_dir)
 

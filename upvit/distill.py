@@ -26,6 +26,11 @@ Language models (logits ``[B, T, V]``, labels ``[B, T]`` with -100 where there i
 same loss per token, the CE and the KL both averaged over the positions that have a target (for
 the fixed blocks of :mod:`upvit.text`, every position), i.e. "batchmean" over tokens.
 
+Teacher outputs are cached (:class:`TeacherCache`) when the training images are the same every epoch (a
+deterministic transform, e.g. ``emoji:train`` or any dataset without augmentation): the teacher then runs
+once per distinct image, keyed by the image's bytes, and every later epoch costs only the student's passes.
+Keyed by content, the cache cannot hand one image's outputs to another, whatever the order, batch or resume.
+
 Sentence encoders (no distribution to match): :class:`EmbeddingDistillation` matches the in-batch
 cosine-similarity matrix of the student's sentence embeddings to the teacher's (mean squared
 difference over the off-diagonal pairs), which works whatever the two embedding widths are and is
@@ -33,7 +38,9 @@ what a sentence encoder is used for.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +80,48 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest(parts()).hexdigest()[:16]
 
 
+class TeacherCache:
+    """The teacher's outputs per distinct input image, keyed by a 128-bit BLAKE2 digest of its bytes.
+
+    ``cache(images, compute)`` returns ``compute(images)`` for a batch, running ``compute`` only on the
+    images not seen before (a batch of new images costs one teacher pass, as without the cache). Only
+    tensors are cached (token dicts pass through). At most ``max_entries`` outputs are kept (then new
+    images are computed and not stored), so a random transform costs memory only up to that bound; use
+    the cache where the transform is deterministic (``finetune(..., cache_teacher="auto")`` does)."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self.max_entries = max_entries
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def keys(images: torch.Tensor) -> list[bytes]:
+        rows = images.detach().to("cpu", torch.float32).contiguous()
+        return [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in rows]
+
+    def __call__(self, images: Any, compute: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            return compute(images)
+        keys = self.keys(images)
+        todo, seen = [], set()
+        for i, k in enumerate(keys):  # new images, each once even if the batch repeats it
+            if k not in self.store and k not in seen:
+                todo.append(i)
+                seen.add(k)
+        fresh: dict[bytes, torch.Tensor] = {}
+        if todo:
+            out = compute(images[todo] if len(todo) < len(keys) else images)
+            for j, i in enumerate(todo):
+                value = out[j].detach().cpu()
+                fresh[keys[i]] = value
+                if len(self.store) < self.max_entries:
+                    self.store[keys[i]] = value
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        return torch.stack([fresh[k] if k in fresh else self.store[k] for k in keys]).to(images.device)
+
+
 class DistillationLoss:
     """CE on the labels plus ``alpha`` x KL from a frozen teacher, in the criterion contract.
 
@@ -82,7 +131,8 @@ class DistillationLoss:
     does too in :func:`upvit.train.fit`); its logits are used in float32.
     """
 
-    def __init__(self, teacher: nn.Module, alpha: float = 1.0, temperature: float = 1.0, amp: str = "auto") -> None:
+    def __init__(self, teacher: nn.Module, alpha: float = 1.0, temperature: float = 1.0, amp: str = "auto",
+                 cache: TeacherCache | None = None) -> None:
         if not isinstance(teacher, nn.Module):
             raise UpvitError(f"the teacher must be a torch module, got {type(teacher).__name__}")
         if alpha < 0:
@@ -95,6 +145,7 @@ class DistillationLoss:
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.amp = amp
+        self.cache = cache  # None: run the teacher on every batch
         self._teacher_id: str | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -119,7 +170,7 @@ class DistillationLoss:
         return out.float()
 
     def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        teacher = self.teacher_logits(images)
+        teacher = self.cache(images, self.teacher_logits) if self.cache is not None else self.teacher_logits(images)
         if teacher.shape != logits.shape:
             raise UpvitError(f"the teacher gives {list(teacher.shape[1:])} outputs per image but the student "
                              f"{list(logits.shape[1:])}: use a teacher trained on the same classes")
@@ -182,7 +233,7 @@ class FeatureDistillationLoss:
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, channels: list[int] | None = None,
-                 alpha: float = 20.0, amp: str = "auto") -> None:
+                 alpha: float = 20.0, amp: str = "auto", cache: TeacherCache | None = None) -> None:
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise UpvitError("feature distillation needs the teacher and the student as torch modules")
         if alpha < 0:
@@ -190,7 +241,7 @@ class FeatureDistillationLoss:
         if amp not in ("auto", "off", "bf16"):
             raise UpvitError("amp must be auto, off or bf16")
         self.teacher = teacher.eval().requires_grad_(False)
-        self.alpha, self.amp = float(alpha), amp
+        self.alpha, self.amp, self.cache = float(alpha), amp, cache
         self._teacher_head = _classifier(teacher, "teacher")
         s_width, t_width = _classifier(student, "student").in_features, self._teacher_head.in_features
         self.channels = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
@@ -237,7 +288,7 @@ class FeatureDistillationLoss:
         if student is None or student.shape[0] != logits.shape[0]:
             raise UpvitError("the student's forward did not pass through its classifier: feature distillation "
                              "needs the student the criterion was built for")
-        teacher = self.teacher_features(images)
+        teacher = self.cache(images, self.teacher_features) if self.cache is not None else self.teacher_features(images)
         if self.channels is not None:
             teacher = teacher.index_select(1, self.channels.to(teacher.device))
         ce = F.cross_entropy(logits, labels)
@@ -291,14 +342,18 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
 def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: str, alpha: float = 1.0,
              temperature: float = 1.0, val_data=None, resume: bool = False, device: torch.device | str | None = None,
              teacher_name: str | None = None, extra_config: dict[str, Any] | None = None,
-             distill: str = "logits") -> dict[str, Any]:
+             distill: str = "logits", cache_teacher: bool | str = "auto") -> dict[str, Any]:
     """Fine-tune ``student`` in place with distillation from ``teacher``; write ``out_dir``.
 
     ``cfg`` is a :class:`upvit.train.TrainConfig`. ``distill``: "logits" (the KL above, the default)
     or "features" (MSE on the pooled penultimate features, the teacher's read at the channels the
     student's plan kept; ``temperature`` does not apply). The model directory written to ``out_dir``
     records the teacher (``teacher_name`` or its timm name, plus a weight fingerprint) and the
-    criterion under ``config.extra["distillation"]``. Returns the last epoch's log record.
+    criterion under ``config.extra["distillation"]``. ``cache_teacher``: keep the teacher's outputs per distinct training image
+    (:class:`TeacherCache`) so it runs once per image instead of once per epoch; "auto" (default) does so
+    when the training set declares a deterministic transform (``augment`` False, as ``emoji:``,
+    ``animal-mnist-rgb:`` and an un-augmented ``animal-mnist:`` dataset do). The loss is the same either way.
+    Returns the last epoch's log record.
 
     >>> import upvit                                                     # doctest: +SKIP
     >>> record = upvit.finetune(pruned, teacher, train_ds, upvit.TrainConfig(epochs=10), "out/ft")  # doctest: +SKIP
@@ -311,17 +366,23 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
     if distill not in DISTILL_KINDS:
         raise UpvitError(f"distill must be one of {', '.join(DISTILL_KINDS)}, got {distill!r}")
     check_teacher(student, teacher)
+    if cache_teacher not in (True, False, "auto"):
+        raise UpvitError(f"cache_teacher must be True, False or 'auto', got {cache_teacher!r}")
+    deterministic = getattr(train_data, "augment", None) is False
+    cache = TeacherCache() if cache_teacher is True or (cache_teacher == "auto" and deterministic) else None
     if distill == "features":
         if task_of(student) in ("causal-lm", "masked-lm", "sentence-embedding"):
             raise UpvitError("distill='features' reads an image classifier's penultimate features: use distill='logits' "
                              "for text models")
         criterion: Any = FeatureDistillationLoss(teacher, student, feature_channels_from_plan(student, teacher),
-                                                 alpha=alpha, amp=cfg.amp)
+                                                 alpha=alpha, amp=cfg.amp, cache=cache)
     else:
         kind = EmbeddingDistillation if task_of(student) == "sentence-embedding" else DistillationLoss
-        criterion = kind(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp)
+        criterion = kind(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp, cache=cache)
     t_cfg = getattr(teacher, "upvit_config", None)
-    provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.timm_name if t_cfg else type(teacher).__name__)}
+    # the cache stays out of describe() (the resume fingerprint): the loss is the same with or without it
+    provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.timm_name if t_cfg else type(teacher).__name__),
+                  "teacher_cache": cache is not None}
     extra = {**(extra_config or {}), "distillation": provenance}
     try:
         return fit(student, train_data, cfg, out_dir, criterion=criterion, val_data=val_data, resume=resume,

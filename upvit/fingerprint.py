@@ -86,10 +86,24 @@ def _shape_words(shape: dict[str, Any] | None) -> str:
     return f"{len(shape.get('attn', []))} blocks, width {width}"
 
 
-def check_scores_fingerprint(scores: Any, model: nn.Module, source: str) -> str | None:
+def _weights_words(spec: str | None, checkpoint: str | None) -> str:
+    """Where a model's weights came from, for messages: ``timm:X with seeded random weights (no --checkpoint)``."""
+    if not spec:
+        return "a model of unrecorded origin"
+    if checkpoint:
+        return f"{spec} with --checkpoint {checkpoint}"
+    if spec.startswith(("timm:", "hf:")):
+        return f"{spec} with seeded random weights (no --checkpoint)"
+    return spec
+
+
+def check_scores_fingerprint(scores: Any, model: nn.Module, source: str, model_spec: str | None = None,
+                             checkpoint: str | None = None) -> str | None:
     """Refuse scores computed for another model; return a warning line for scores without a fingerprint.
 
-    ``scores`` is a :class:`upvit.Scores` whose ``meta`` may hold ``model_fingerprint``.
+    ``scores`` is a :class:`upvit.Scores` whose ``meta`` may hold ``model_fingerprint`` (and, from
+    ``upvit score``, ``model_spec`` and ``checkpoint``); ``model_spec``/``checkpoint`` say where this
+    model's weights came from, so a weights mismatch can say why.
     """
     recorded = (getattr(scores, "meta", None) or {}).get(FINGERPRINT_KEY)
     if not isinstance(recorded, dict) or not recorded.get("architecture"):
@@ -106,6 +120,11 @@ def check_scores_fingerprint(scores: Any, model: nn.Module, source: str) -> str 
         raise UpvitError(f"{source} was computed for another architecture ({theirs}; this model: {ours}): "
                          "prune the model the scores came from, or score this one with `upvit score`")
     if recorded.get("weights") != mine["weights"]:
-        raise UpvitError(f"{source}: scores were computed for other weights of this architecture: "
-                         "pass the same --checkpoint as to `upvit score`, or re-score")
+        meta = getattr(scores, "meta", None) or {}
+        why = ""
+        if meta.get("model_spec") or model_spec:
+            why = (f" (scored: {_weights_words(meta.get('model_spec'), meta.get('checkpoint'))}; "
+                   f"this model: {_weights_words(model_spec, checkpoint)})")
+        raise UpvitError(f"{source}: scores were computed for other weights of this architecture{why}: pass the "
+                         "same --checkpoint as to `upvit score` (or the same model directory), or re-score")
     return None

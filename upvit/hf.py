@@ -162,9 +162,10 @@ def packaged_dir(name: str) -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], folder)
 
 
-def load_hf_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
+def load_hf_spec(spec: str, checkpoint: str | None = None, init_seed: int | None = None) -> nn.Module:
     """Resolve ``hf:PATH``, ``hf:all-MiniLM-L6-v2`` (shipped in a pip package) or
-    ``hf:CLASS_OR_TYPE,k=v,...`` (see the module doc)."""
+    ``hf:CLASS_OR_TYPE,k=v,...`` (see the module doc); ``init_seed`` seeds a built model's random
+    weights where the spec gives no ``init_seed=`` (default 0)."""
     name, kwargs = parse_hf_spec(spec)
     if name in PACKAGED and not os.path.exists(name):
         name = packaged_dir(name)
@@ -176,6 +177,8 @@ def load_hf_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
         raise UpvitError(f"hf:{name}: no such local directory (nothing is downloaded): pass a save_pretrained "
                          "directory")
     else:
+        if init_seed is not None:
+            kwargs.setdefault("init_seed", init_seed)
         model = build_hf_model(name, kwargs)
     if checkpoint:
         from .io import load_state_dict_file

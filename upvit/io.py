@@ -28,6 +28,12 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if e.filename is None:  # a failed write (full disk) names no file: name the one being written
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -189,8 +189,6 @@ def prune_iteratively(model: nn.Module, proxy: Any, targets: Targets | dict[str,
     >>> result.model, result.plan.summary()                                                                    # doctest: +SKIP
     """
     from .adapters import get_adapter
-    from .importance.api import score
-    from .surgery import prune
 
     topology = get_adapter(model).topology()
     if (targets is None) == (ratio is None):
@@ -199,10 +197,31 @@ def prune_iteratively(model: nn.Module, proxy: Any, targets: Targets | dict[str,
     if finetune is not None and not callable(finetune):
         raise UpvitError("finetune must be a callable finetune(model, step) or None")
     shapes = schedule(topology, targets, steps)
+    from .adapters.base import batch_len
+    from .progress import job, note
+
+    count = batch_len(proxy) if isinstance(proxy, dict) else len(getattr(proxy, "dataset", proxy))
+    note(f"iterative pruning in {len(shapes)} step(s): each step scores the current model with "
+         f"method {method!r} on {count:,} proxy samples, then prunes it"
+         f"{', then fine-tunes it (before the next step)' if finetune is not None else ''}")
+    with job("iterative", unit="img-fwd", estimate=False) as bar:
+        bar.extend(0, growing=len(shapes) > 1)
+        return _steps(model, proxy, shapes, method, score_options, finetune, first_scores, labels, callback, topology,
+                      bar)
+
+
+def _steps(model: nn.Module, proxy: Any, shapes: list[Targets], method: str, score_options: dict[str, Any] | None,
+           finetune: FinetuneFn | None, first_scores: Any, labels: Any,
+           callback: Callable[[int, nn.Module, IterativeStep], None] | None, topology: Topology,
+           bar: Any) -> IterativeResult:
+    from .importance.api import score
+    from .surgery import prune
+
     current, composed = model, None
     records: list[IterativeStep] = []
     for i, step_targets in enumerate(shapes, start=1):
         t0 = time.perf_counter()
+        bar.phase(f"step {i}/{len(shapes)}")
         if i == 1 and first_scores is not None:
             scores = first_scores
             scores.check_matches(topology)
@@ -211,6 +230,7 @@ def prune_iteratively(model: nn.Module, proxy: Any, targets: Targets | dict[str,
             if method == "hybrid" and "targets" not in options and "ratios" not in options:
                 options["targets"] = [step_targets]
             scores = score(current, proxy, method=method, labels=labels, **options)
+            bar.arm()  # after the first step's scores: its rate is the best guess for the next steps
         t_score = time.perf_counter() - t0
         plan = make_plan(current, scores, targets=step_targets)
         current = prune(current, plan)

@@ -5,7 +5,9 @@ A MODEL argument is either a model directory written by :func:`upvit.save` (``co
 ``hf:PATH_OR_NAME[,key=value,...]`` or ``timm:NAME`` with optional constructor kwargs after commas, values as
 JSON literals, e.g. ``timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_classes=10``.
 A ``timm:`` model gets random weights unless a checkpoint (a state dict in ``.safetensors`` or
-``.pth``) is given.
+``.pth``) is given. They are seeded (``init_seed=N`` in the spec, default 0; ``upvit train`` uses its
+``--seed``), so the same spec gives the same weights in every process: ``upvit score timm:NAME`` and a later
+``upvit prune timm:NAME`` see one model, and the scores' fingerprint check passes.
 """
 from __future__ import annotations
 
@@ -118,15 +120,27 @@ def default_data_config(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def model_from_timm_spec(spec: str, checkpoint: str | None = None) -> nn.Module:
+def _init_seed(value: Any, spec: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UpvitError(f"init_seed={value!r} in {spec!r}: write a whole number of at least 0, e.g. init_seed=0")
+    return value
+
+
+def model_from_timm_spec(spec: str, checkpoint: str | None = None, init_seed: int | None = None) -> nn.Module:
+    """A timm model from ``timm:NAME[,k=v...]``; without ``checkpoint`` its weights are timm's random
+    initialisation drawn from seed ``init_seed=`` of the spec, else ``init_seed``, else 0 (the global
+    random state is left as it was)."""
     name, kwargs = parse_timm_spec(spec)
+    seed = _init_seed(kwargs.pop("init_seed", 0 if init_seed is None else init_seed), spec)  # upvit's, not timm's
     # ``input_size=[C,H,W]`` is upvit's, not timm's: the input of families whose constructor takes no image
     # size (PVTv2 works at any size), recorded in the data config so every command reads data at that size
     explicit = kwargs.pop("input_size", None)
     if explicit is not None and (not isinstance(explicit, list) or len(explicit) != 3
                                  or not all(isinstance(v, int) and v > 0 for v in explicit)):
         raise UpvitError(f"input_size={explicit!r} in {spec!r}: write input_size=[C,H,W], e.g. input_size=[1,28,28]")
-    model = create_timm_model(name, kwargs)
+    with torch.random.fork_rng(devices=[]):  # the same weights in every process, whatever ran before
+        torch.manual_seed(seed)
+        model = create_timm_model(name, kwargs)
     data_config = default_data_config(model)
     # timm's pretrained_cfg keeps the default input size even when img_size/in_chans are overridden:
     # the model's adapter knows its real input size; otherwise at least the channel count follows in_chans
@@ -165,14 +179,17 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         raise UpvitError(f"weights in {source} do not fit the model: {detail[:400]}") from None
 
 
-def load_model(spec: str, checkpoint: str | None = None) -> nn.Module:
-    """Resolve a MODEL argument (a model directory, ``timm:NAME[,k=v...]`` or ``hf:PATH_OR_NAME[,k=v...]``)."""
+def load_model(spec: str, checkpoint: str | None = None, init_seed: int | None = None) -> nn.Module:
+    """Resolve a MODEL argument (a model directory, ``timm:NAME[,k=v...]`` or ``hf:PATH_OR_NAME[,k=v...]``).
+
+    ``init_seed``: the seed of a ``timm:``/``hf:`` spec's random initialisation when the spec names none
+    (default 0); a directory's weights are its own."""
     if spec.startswith("timm:"):
-        return model_from_timm_spec(spec, checkpoint)
+        return model_from_timm_spec(spec, checkpoint, init_seed=init_seed)
     if spec.startswith("hf:"):
         from .hf import load_hf_spec
 
-        return load_hf_spec(spec, checkpoint)
+        return load_hf_spec(spec, checkpoint, init_seed=init_seed)
     if os.path.isdir(spec):
         from .io import load
 

@@ -9,15 +9,23 @@ checks its ``--out`` before it loads anything:
   the command can continue a run, ``--resume``).
 
 The checks compare real paths, so ``./m``, ``m/`` and a symlink to ``m`` are the same directory.
+
+A command that fails removes what it created and cannot resume from (:func:`new_paths` before it
+starts, :func:`remove_unfinished` after the failure): a full disk leaves no empty output directory
+behind, while a training checkpoint or a partial scoring state is kept for ``--resume``.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Iterable
 
 from .errors import UpvitError
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the training loop's per-epoch checkpoint (upvit.train)
+# what a failed run leaves for --resume: training checkpoints, depth pruning's run record, KL scoring state
+RESUMABLE_FILES = (CHECKPOINT_FILE, "run.json")
+RESUMABLE_SUFFIX = ".partial"
 
 
 def _real(path: str) -> str:
@@ -102,3 +110,46 @@ def discard_stale_checkpoint(out: str) -> None:
     path = os.path.join(out, CHECKPOINT_FILE)
     if os.path.isfile(path):
         os.unlink(path)
+
+
+def new_paths(outputs: Iterable[str | None]) -> list[str]:
+    """For each output path that does not exist yet, the outermost missing folder on its way (or the path
+    itself): what the command will create. Call before the command writes anything."""
+    created = []
+    for path in outputs:
+        if not path or os.path.lexists(path):
+            continue
+        top = os.path.abspath(path)
+        while not os.path.lexists(os.path.dirname(top)) and os.path.dirname(top) != top:
+            top = os.path.dirname(top)
+        if top not in created:
+            created.append(top)
+    return created
+
+
+def _resumable(path: str) -> bool:
+    """True when ``path`` is or holds state a rerun with ``--resume`` continues from."""
+    if os.path.isfile(path):
+        return os.path.basename(path) in RESUMABLE_FILES or path.endswith(RESUMABLE_SUFFIX)
+    for _, _, files in os.walk(path):
+        if any(name in RESUMABLE_FILES or name.endswith(RESUMABLE_SUFFIX) for name in files):
+            return True
+    return False
+
+
+def remove_unfinished(created: Iterable[str]) -> list[str]:
+    """After a failure: remove each path of ``created`` (from :func:`new_paths`) that exists and holds
+    nothing to resume from. Returns the removed paths; a path that cannot be removed is left alone."""
+    removed = []
+    for path in created:
+        if not os.path.lexists(path) or _resumable(path):
+            continue
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass  # the error being reported matters more than this leftover
+    return removed

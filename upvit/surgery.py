@@ -31,7 +31,8 @@ def prune(model: nn.Module, plan: Plan) -> nn.Module:
 
     The result carries ``upvit_config`` (rebuildable by ``upvit.load`` after ``upvit.save``) whose
     ``extra["plan"]`` is the plan as JSON data and whose ``timm_equivalent`` names a registered timm
-    architecture of the same shape, if any.
+    architecture of the same shape, if any. ``model``'s own record (its training run, its plan ...)
+    moves under ``extra["source"]`` (:mod:`upvit.provenance`): it describes the model pruned, not the result.
     """
     from .adapters import get_adapter
 
@@ -48,6 +49,14 @@ def prune(model: nn.Module, plan: Plan) -> nn.Module:
     for key in ("residual", "depths", "heads", "attn", "ffn"):
         if key in want and got[key] != want[key]:  # an adapter bug, not a user error
             raise AssertionError(f"the pruned model has {key}={got[key]}, the plan asks for {want[key]}")
+    from .provenance import SOURCE_KEY, run_record
+
+    own = ("timm_equivalent_kwargs", "hf_spec")  # the rebuilt model's own keys (the adapter set them)
+    parent = getattr(model, "upvit_config", None)
+    config.extra = {k: v for k, v in config.extra.items() if k in own}
+    source = run_record(parent.extra, keep=own) if parent is not None else {}
+    if source:
+        config.extra[SOURCE_KEY] = source
     config.extra["plan"] = plan.to_dict()
     new.upvit_config = config
     return new

@@ -30,7 +30,7 @@ def test_greedy_on_a_sentence_encoder_scores_its_rounds_with_the_encoders_diverg
     torch.testing.assert_close(first_round, one_shot, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(first_round, naive, rtol=1e-4, atol=1e-7)
     s = upvit.score(model, inputs, method="greedy", targets=[dict(embed_dim=12, num_heads=4, mlp_hidden=32)])
-    assert s.meta["criterion"] == "cosine divergence" and s.meta["divergence"] == "cosine"
+    assert s.meta["criterion"] == "1 - cos" and s.meta["divergence"] == "cosine"
 
 
 def test_depth_unit_scores_use_the_encoders_divergence():

@@ -29,6 +29,7 @@ METHOD_MODULES = {
     "greedy": "upvit.importance.greedy",
 }
 LABELLED: set[str] = {"taylor"}  # methods that need the proxy images' labels (``labels=``)
+DATA_FREE: set[str] = {"magnitude", "random"}  # methods that read no proxy data (``proxy`` may be None)
 
 
 def register_method(name: str) -> Callable[[MethodFn], MethodFn]:
@@ -109,14 +110,15 @@ def proxy_labels(proxy: torch.Tensor | Dataset | DataLoader | dict) -> torch.Ten
     return torch.cat(chunks) if chunks else None
 
 
-def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict, method: str = "kl",
+def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict | None, method: str = "kl",
           out: str | None = None, resume: bool = False, proxy_meta: dict[str, Any] | None = None,
           meta: dict[str, Any] | None = None, labels: Any = None, **options: Any) -> Scores:
     """Importance of every channel of every site of ``model`` (see docs/method.md section 2).
 
     ``out``: also write the scores there (the exact method persists site by site and continues an
     interrupted run with ``resume=True``). ``labels``: the proxy images' class indices, for methods
-    that need them (``taylor``); taken from the proxy dataset when it yields ``(image, label)`` pairs
+    that need them (``taylor``); ``proxy`` may be None for the data-free methods (``magnitude``,
+    ``random``). Labels are taken from the proxy dataset when it yields ``(image, label)`` pairs
     and no labels are given. ``proxy_meta`` (how the proxy set was drawn) and ``meta``
     (e.g. the command line) are recorded in the scores' metadata with the model's topology.
 
@@ -135,7 +137,9 @@ def score(model: nn.Module, proxy: torch.Tensor | Dataset | DataLoader | dict, m
     t0 = time.time()
     adapter = get_adapter(model)
     fn = get_method(method)
-    inputs = proxy if isinstance(proxy, dict) else proxy_tensor(proxy, adapter.input_size())
+    if proxy is None and method not in DATA_FREE:
+        raise UpvitError(f"method {method!r} needs proxy inputs: give a tensor, dataset or loader of proxy images")
+    inputs = proxy if isinstance(proxy, dict) or proxy is None else proxy_tensor(proxy, adapter.input_size())
     meta = {**(meta or {}), FINGERPRINT_KEY: model_fingerprint(model)}  # `upvit prune` refuses other models' scores
     if method in PERSISTING:
         return fn(adapter, inputs, out=out, resume=resume, proxy_meta=proxy_meta, meta=meta, **options)

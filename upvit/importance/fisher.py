@@ -32,7 +32,7 @@ import torch
 
 from ..adapters.base import Adapter, Masks, forward_from
 from ..errors import UpvitError
-from ..progress import progress
+from ..progress import Scaled, job, note, running
 from .api import register_method
 from .directions import class_directions
 from .local import check_attention_option, local_attention_sums
@@ -57,13 +57,14 @@ def _check_options(batch_size: int, classes: str, num_samples: int, max_exact_cl
 
 def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
                 num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None,
-                engine: str = "auto") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                engine: str = "auto", bar: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Per-site sums over images of the Fisher information F_{i,c} (float64), and a record of the run.
 
     ``engine``: how d(v . z_i)/d m_{i,c} is obtained ("auto": "probes" where the adapter has them).
     "masks" differentiates through ``[B, size]`` masks on every site; "probes" runs the plain model
     and forms the same gradients at m = 1 from the gradients at the adapter's :class:`MaskProbe`
-    points (no per-sample masked LayerNorms in the graph; same values up to float rounding)."""
+    points (no per-sample masked LayerNorms in the graph; same values up to float rounding). ``bar``: told of
+    every batch (``bar.update(inputs done)``)."""
     _check_options(batch_size, classes, num_samples, max_exact_classes)
     if engine not in ENGINES:
         raise UpvitError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -86,7 +87,7 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
     was_training = model.training
     model.eval()
     try:
-        for start in progress(range(0, images.shape[0], batch_size), desc="fisher", unit="batch"):
+        for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(device=device, dtype=dtype)
             with torch.enable_grad():
                 logits, per_sample_grads = forward(x)
@@ -101,12 +102,28 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
                     for key, g in grads.items():
                         g = g.to(torch.float64)
                         sums[key] += (g * g).sum(0) if w is None else (w.view(-1, 1) * g * g).sum(0)
+            if bar is not None:
+                bar.update(x.shape[0])
     finally:
         model.train(was_training)
     record = {"engine": engine, "classes": mode, "num_samples": num_samples if mode == "sample" else None,
               "seed": seed if mode == "sample" else None, "rank": rank if mode == "exact" else None,
               "captured_fraction": captured / total if mode == "exact" and total > 0 else None}
     return sums, record
+
+
+def pass_cost(directions: int) -> float:
+    """Work of one input's Fisher (or local) pass in forward passes of the model: one forward and one
+    backward (about two forwards) per class direction. Used for progress only."""
+    return 1.0 + 2.0 * directions
+
+
+def expected_directions(adapter: Adapter, classes: str, max_exact_classes: int, rank: int | None,
+                        num_samples: int) -> int:
+    """The class directions per input :func:`class_directions` will use (for the progress total)."""
+    k = getattr(adapter.model, "num_classes", None) or getattr(getattr(adapter.model, "config", None), "num_labels", 2)
+    exact = classes == "exact" or (classes == "auto" and k <= max_exact_classes)
+    return max(1, min(k - 1, rank or k)) if exact else num_samples
 
 
 def _masks_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, GradFn]:
@@ -173,7 +190,7 @@ def _probes_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, Gr
 @register_method("fisher")
 def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
                   num_samples: int = 1, max_exact_classes: int = 32, seed: int = 0, rank: int | None = None,
-                  engine: str = "auto", attention: str = "fisher", **meta: Any) -> Scores:
+                  engine: str = "auto", attention: str = "fisher", progress: bool = True, **meta: Any) -> Scores:
     """Estimated KL score of every channel: 1/2 * sum over images of the mask's Fisher information.
 
     ``classes``: "exact" (sum over all classes weighted by q), "sample" (``num_samples`` classes
@@ -186,14 +203,29 @@ def fisher_scores(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, 
     ``attention``: "fisher" (the mask's Fisher information, as for the other components) or "local"
     (the dim's removal computed exactly inside its block and linearised after it,
     :mod:`upvit.importance.local`: closer to exact KL, slower; hybrid scoring screens with it).
+    ``progress``: one bar for both passes (with ETA) and, for a run of its own, a first line with the plan.
     Extra keyword arguments are recorded in the metadata (e.g. the proxy set's description).
     """
     check_attention_option(attention)
     require_kl(adapter, "fisher", images)
     t0 = time.perf_counter()
-    sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank, engine)
-    if attention == "local":
-        sums.update(local_attention_sums(adapter, images, batch_size, classes, max_exact_classes, rank, num_samples, seed))
+    n = int(images.shape[0])
+    directions = expected_directions(adapter, classes, max_exact_classes, rank, num_samples)
+    passes = 2 if attention == "local" else 1
+    if not running():
+        sizes = sum(s.size for s in adapter.topology().sites)
+        note(f"Fisher estimate of {sizes:,} channels on {n:,} proxy images: one forward and {directions} backward "
+             f"passes per image{', and a second such pass for the attention dims (local)' if passes == 2 else ''}",
+             progress)
+    with job("fisher", passes * n * pass_cost(directions), unit="img-fwd", show=progress) as bar:
+        per_input = Scaled(bar, pass_cost(directions))  # the bar counts forward-pass equivalents
+        bar.phase("Fisher information")
+        sums, record = fisher_sums(adapter, images, batch_size, classes, num_samples, max_exact_classes, seed, rank,
+                                   engine, bar=per_input)
+        if attention == "local":
+            bar.phase("local attention estimate")
+            sums.update(local_attention_sums(adapter, images, batch_size, classes, max_exact_classes, rank,
+                                             num_samples, seed, bar=per_input))
     scores = {k: 0.5 * v.cpu() for k, v in sums.items()}
     info = {"criterion": "kl", "method": "fisher", "estimate": "0.5 * sum_i E_{y~q_i}[(d log p_i(y)/d m_c)^2] at m=1",
             "num_images": int(images.shape[0]), "batch_size": batch_size, "attention": attention, **record,

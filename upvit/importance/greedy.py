@@ -49,13 +49,14 @@ from typing import Any, Callable
 
 import torch
 
-from ..adapters.base import (Adapter, Inputs, Masks, batch_len, removal_masks)
+from ..adapters.base import Adapter, Inputs, Masks, batch_len, removal_masks
 from ..errors import UpvitError
+from ..progress import job, note
 from ..targets import Targets
 from .api import register_method
 from .hybrid import MIN_CALIBRATION
 from .kl import kl_scores
-from .reference import Reference
+from .reference import Reference, samples_word
 from .scores import Scores
 
 
@@ -80,6 +81,9 @@ class JointKL:
         self.streams = self.reference.streams_at(self.start)  # None: candidates run from the inputs
         self.C = self.reference.candidate_batch(candidate_batch, self.streams)
         self.evaluations = 0  # candidate evaluations (each over the whole proxy set)
+        self.bar: Any = None  # a progress job told of every evaluation, in forward passes of the model
+        self.n = batch_len(self.reference.inputs)
+        self.cost = evaluation_cost(self.topology, key)
 
     def _run(self, n: int, masks: torch.Tensor, copies: int) -> torch.Tensor:
         with self.adapter.masking(Masks({self.site.key: masks})):
@@ -92,7 +96,12 @@ class JointKL:
         keep = keep.to(self.reference.device, self.dtype)
         for n in range(len(self.reference.batches)):
             total += float(self.reference.divergence(n, self._run(n, keep, 1))[0])
+        self._count(1)
         return total
+
+    def _count(self, candidates: int) -> None:
+        if self.bar is not None:
+            self.bar.update(candidates * self.n * self.cost)
 
     @torch.no_grad()
     def removals(self, keep: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -111,8 +120,28 @@ class JointKL:
                 acc += self.reference.divergence(n, self._run(n, masks, len(chunk)))
             out[offset:offset + len(chunk)] = acc.cpu()
             offset += len(chunk)
+            self._count(len(chunk))
         self.evaluations += idx.numel()
         return out
+
+
+def evaluation_cost(topology: Any, key: str) -> float:
+    """Work of one evaluation on one input, in forward passes of the whole model (the units it runs)."""
+    units = len(topology.units)
+    return max(1, units - max(topology.start_unit(key), 0)) / units
+
+
+def path_evaluations(size: int, widths: list[int], batch: int, first_round: bool = True) -> tuple[int, int]:
+    """Rounds and candidate evaluations (survivors scored, plus one joint divergence per round) of
+    :func:`greedy_path` without screening (an upper bound with it), from ``size`` channels down to
+    ``min(widths)``; ``first_round=False``: the first round's scores are given."""
+    widths = sorted({w for w in widths if w < size}, reverse=True)
+    alive, rounds, evaluations = size, 0, 0
+    while widths and alive > widths[-1]:
+        evaluations += (alive if rounds or first_round else 0) + 1
+        alive -= min(batch, alive - max(w for w in widths if w < alive))
+        rounds += 1
+    return rounds, evaluations
 
 
 def _calibration(diffs: torch.Tensor) -> tuple[float, float]:
@@ -273,12 +302,14 @@ def order_values(size: int, path: dict[str, Any]) -> torch.Tensor:
 def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios: Any = None,
                   initial: Scores | None = None, batch: int = 16, screen: bool = False, band: float = 0.1,
                   min_band: int = 4, z: float = 3.0, batch_size: int = 64, candidate_batch: int | None = None,
-                  progress: bool = False, state_path: str | None = None, **meta: Any) -> Scores:
+                  progress: bool = True, state_path: str | None = None, **meta: Any) -> Scores:
     """Scores whose residual keep sets at ``targets`` (or ``ratios``) are the greedy joint-removal
     choice (module doc); the other sites carry ``initial`` (or exact one-shot KL scores).
 
     ``state_path``: a JSON file where the finished rounds are written after each round; a run that
     finds it (for the same model, inputs, initial scores and options) replays them and continues.
+    ``progress``: one bar for the whole job (one-shot scores if computed here, every round) and a first
+    line with the plan (rounds per residual site, evaluations).
 
     >>> s = upvit.score(teacher, proxy, method="greedy", initial=one_shot,              # doctest: +SKIP
     ...                 targets=[dict(embed_dim=96, num_heads=6, mlp_hidden=384), dict(embed_dim=48, num_heads=3, mlp_hidden=192)])
@@ -295,15 +326,39 @@ def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios:
     if (targets is None) == (ratios is None):
         raise UpvitError("method 'greedy' needs exactly one of targets=[{embed_dim, num_heads, mlp_hidden}, ...] "
                          "or ratios=[0.5, ...]: the residual widths its path must pass through")
+    with job("greedy", unit="img-fwd", show=progress, estimate=False) as bar:
+        return _greedy(adapter, images, targets, ratios, initial, batch, screen, band, min_band, z, batch_size,
+                       candidate_batch, progress, state_path, meta, bar)
+
+
+def _greedy(adapter: Adapter, images: Inputs, targets: Any, ratios: Any, initial: Scores | None, batch: int,
+            screen: bool, band: float, min_band: int, z: float, batch_size: int, candidate_batch: int | None,
+            progress: bool, state_path: str | None, meta: dict[str, Any], bar: Any) -> Scores:
     t0 = time.perf_counter()
     topology = adapter.topology()
     target_list = Targets.parse_many(topology, targets, ratios, method="greedy")
     computed = initial is None
+    n = batch_len(images)
+    plan, work = [], 0.0
+    for site in topology.sites_of("residual"):
+        widths = [t.stages[site.stage].residual for t in target_list]
+        rounds, evaluations = path_evaluations(site.size, widths, batch, first_round=not computed)
+        # + the reference pass, the one-shot comparison at each width and the check of the given scores
+        evaluations += 1 + len(set(widths)) + (0 if computed else 8)
+        plan.append(f"{site.key}: {rounds} round{'s' if rounds != 1 else ''} of up to {batch} channels down to "
+                    f"{min(widths)}")
+        work += evaluations * n * evaluation_cost(topology, site.key)
+    note(f"greedy residual selection, {'; '.join(plan)}: at most {work:,.0f} forward passes of the model over the "
+         f"{n:,} proxy {samples_word(images)}{' (fewer with screen=True)' if screen else ''}"
+         f"{', after exact one-shot scores of every channel' if computed else ''}", progress)
+    bar.extend(work)
     if initial is None:
+        bar.phase("exact one-shot scores")
         initial = kl_scores(adapter, images, batch_size=batch_size, progress=progress)
     elif not isinstance(initial, Scores):
         raise UpvitError(f"initial must be upvit Scores (e.g. the exact one-shot KL scores), got {type(initial).__name__}")
     initial.check_matches(topology)
+    bar.arm()
     values = {k: v.detach().to(torch.float64).cpu().clone() for k, v in initial.items()}
     state = _State(state_path, adapter, images, values, {"targets": [t.to_dict() for t in target_list], "batch": batch,
                                                          "screen": screen, "band": band, "min_band": min_band, "z": z,
@@ -316,11 +371,20 @@ def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios:
     try:
         reference = Reference(adapter, images, batch_size)  # the original's outputs, once for every site
         for site in topology.sites_of("residual"):
+            bar.phase(f"greedy rounds on {site.key}")
             widths = [t.stages[site.stage].residual for t in target_list]
             joint = JointKL(adapter, images, site.key, batch_size, candidate_batch, reference)
+            joint.bar = bar
+            joint._count(1)  # the reference pass
             exact_initial = computed or _matches(joint, values[site.key])
+            if exact_initial and not computed:  # the given scores are exact: the first round is not scored
+                bar.extend(-site.size * n * joint.cost)
+            done = state.rounds(site.key)
+            if done:  # replayed rounds: their evaluations are not run again
+                replayed = sum(r["alive_before"] for r in done[1 if exact_initial else 0:]) + len(done)
+                bar.extend(-replayed * n * joint.cost)
             path = greedy_path(joint, widths, values[site.key], batch, screen, band, min_band, z, exact_initial,
-                               done=state.rounds(site.key), on_round=lambda rounds, key=site.key: state.save(key, rounds))
+                               done=done, on_round=lambda rounds, key=site.key: state.save(key, rounds))
             path["initial_exact"] = exact_initial
             # the one-shot choice's joint divergence at each width, for comparison
             one_shot = {}
@@ -334,7 +398,8 @@ def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios:
             paths[site.key] = path
     finally:
         model.train(was_training)
-    info = {**meta, "criterion": Reference.criterion_of(adapter), "divergence": adapter.divergence, "method": "greedy", "greedy": paths, "batch": batch, "screen": screen,
+    info = {**meta, "criterion": Reference.criterion_of(adapter), "divergence": adapter.divergence,
+            "method": "greedy", "greedy": paths, "batch": batch, "screen": screen,
             "band": band, "min_band": min_band, "z": z, "targets": [t.to_dict() for t in target_list],
             "initial": {k: initial.meta.get(k) for k in ("criterion", "method", "num_images", "fingerprint")},
             "exact_evaluations": evaluations, "num_images": batch_len(images),

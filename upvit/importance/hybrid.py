@@ -42,6 +42,7 @@ import torch
 
 from ..adapters.base import Adapter
 from ..errors import UpvitError
+from ..progress import job, note
 from ..selection import order as _order
 from ..selection import problems as selection_problems
 from ..targets import Targets
@@ -163,7 +164,7 @@ def _top_k_set(values: torch.Tensor, channels: torch.Tensor, k: int) -> set[int]
 @register_method("hybrid")
 def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, ratios: Any = None,
                   band: float = 0.005, min_band: int = 2, z: float = 3.0, tail: float = 1.6, batch_size: int = 64,
-                  fisher_options: dict[str, Any] | None = None, progress: bool = False,
+                  fisher_options: dict[str, Any] | None = None, progress: bool = True,
                   max_rounds: int = 64, **meta: Any) -> Scores:
     """KL scores whose keep sets at ``targets`` (or ``ratios``) are those of exact scoring, computing
     the exact KL only near each boundary (see the module doc for the rule and the returned values).
@@ -173,10 +174,11 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
     unscored channel must clear, and ``tail`` how many times the largest such error seen so far (the
     margin is the larger of the two); ``fisher_options`` passed to the estimate (default
     ``{"attention": "local"}``: attention dims screened with :mod:`upvit.importance.local`, whose
-    ranking is far closer to exact's, so their bands stay narrow).
+    ranking is far closer to exact's, so their bands stay narrow). ``progress``: one bar for the whole
+    job (screen and every exact round), a first line with the plan and the time estimate of the first
+    exact round once it has run for a moment.
     """
     from .fisher import require_kl
-    from .kl import kl_scores
 
     require_kl(adapter, "hybrid", images)
     if not isinstance(band, (int, float)) or not 0 < band <= 1:
@@ -187,12 +189,27 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
         raise UpvitError(f"z must be a non-negative number, got {z!r}")
     if not isinstance(tail, (int, float)) or tail < 0:
         raise UpvitError(f"tail must be a non-negative number, got {tail!r}")
+    with job("hybrid", unit="img-fwd", show=progress, estimate=False) as bar:
+        return _hybrid(adapter, images, targets, ratios, band, min_band, z, tail, batch_size, fisher_options, progress,
+                       max_rounds, meta, bar)
+
+
+def _hybrid(adapter: Adapter, images: torch.Tensor, targets: Any, ratios: Any, band: float, min_band: int, z: float,
+            tail: float, batch_size: int, fisher_options: dict[str, Any] | None, progress: bool, max_rounds: int,
+            meta: dict[str, Any], bar: Any) -> Scores:
+    from .kl import kl_scores
+
     t0 = time.perf_counter()
     target_list = resolve_targets(adapter, targets, ratios)
-    estimate = fisher_scores(adapter, images, batch_size=batch_size, **{"attention": "local", **(fisher_options or {})})
+    sizes = {s.key: s.size for s in adapter.topology().sites}
+    fisher_options = {"attention": "local", **(fisher_options or {})}
+    note(f"hybrid scores for {len(target_list)} target(s): a Fisher screen (attention: {fisher_options['attention']}) "
+         f"on {images.shape[0]:,} proxy images, then exact KL of the channels near each keep/drop boundary in rounds "
+         f"until every decision is stable (at most {max_rounds}); {sum(sizes.values()):,} channels in all", progress)
+    bar.phase("Fisher screen")
+    estimate = fisher_scores(adapter, images, batch_size=batch_size, progress=progress, **fisher_options)
     t_fisher = time.perf_counter() - t0
 
-    sizes = {s.key: s.size for s in adapter.topology().sites}
     est = {k: v.to(torch.float64) for k, v in estimate.items()}
     exact = {k: torch.full((n,), math.nan, dtype=torch.float64) for k, n in sizes.items()}
     known = {k: torch.zeros(n, dtype=torch.bool) for k, n in sizes.items()}
@@ -212,6 +229,14 @@ def hybrid_scores(adapter: Adapter, images: torch.Tensor, targets: Any = None, r
         need = {k: sorted(i for i in v if not known[k][i]) for k, v in need.items()}
         need = {k: v for k, v in need.items() if v}
         if need:
+            count = sum(len(v) for v in need.values())
+            if exact_calls == 0:
+                note(f"round 1: exact KL of {count:,} channels x {images.shape[0]:,} images "
+                     f"({count / sum(sizes.values()):.1%} of the channels); later rounds add the channels whose "
+                     "decision is not yet stable", progress)
+                bar.arm()  # the estimate covers the exact work known now
+            bar.extend(0, growing=exact_calls > 0)
+            bar.phase(f"round {rounds}, exact KL of {count:,} channels")
             t1 = time.perf_counter()
             reference = reference or Reference(adapter, images, batch_size)
             got = kl_scores(adapter, images, batch_size=batch_size, candidates=need, progress=progress,

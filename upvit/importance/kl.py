@@ -29,13 +29,13 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed as dist_utils
-from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_to,
-                             forward_from, removal_masks)
+from ..progress import job, note, running
+from ..adapters.base import Adapter, Inputs, Masks, Stream, batch_len, batch_to, forward_from, removal_masks
 from ..errors import UpvitError
 from ..fingerprint import digest
 from ..topology import Site, Topology
 from .api import register_method
-from .reference import TOKEN_ROWS, Reference, check_proxy  # noqa: F401 (TOKEN_ROWS: re-exported)
+from .reference import TOKEN_ROWS, Reference, check_proxy, criterion_name, samples_word  # noqa: F401 (re-exported)
 from .scores import Scores
 
 PARTIAL_FORMAT = "upvit-kl-partial"
@@ -63,12 +63,21 @@ def resolve_candidates(topology: Topology, candidates: dict[str, Any] | None) ->
     return out
 
 
-def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> str:
+class Fingerprint(str):
+    """The run fingerprint (a hex string) carrying ``parts``: one hash each of the weights, the proxy
+    inputs and the options, recorded with the partial state so a refused ``--resume`` can say which differs."""
+
+    parts: dict[str, str]
+
+
+def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> Fingerprint:
     """sha256 over the model's weights, the proxy inputs and the options that affect the scores."""
-    def parts():
+    def weights():
         for name, t in sorted(adapter.model.state_dict().items()):
             yield f"{name}|{t.dtype}|{list(t.shape)}"
             yield t
+
+    def proxy():
         if isinstance(inputs, torch.Tensor):  # images: the same bytes as before text inputs existed
             imgs = inputs.detach().cpu().float()
             yield f"images|{list(imgs.shape)}"
@@ -78,9 +87,43 @@ def fingerprint(adapter: Adapter, inputs: Inputs, options: dict[str, Any]) -> st
                 t = t.detach().cpu()
                 yield f"input:{key}|{t.dtype}|{list(t.shape)}"
                 yield t
+
+    def parts():
+        yield from weights()
+        yield from proxy()
         yield json.dumps(options, sort_keys=True)
 
-    return digest(parts()).hexdigest()
+    fp = Fingerprint(digest(parts()).hexdigest())  # unchanged spelling: earlier runs' states still resume
+    fp.parts = {"weights": digest(weights()).hexdigest(), "proxy": digest(proxy()).hexdigest(),
+                "options": digest([json.dumps(options, sort_keys=True)]).hexdigest()}
+    return fp
+
+
+# why a --resume is refused, per differing part of the fingerprint
+_RESUME_WHY = {
+    "weights": "the model's weights differ from the interrupted run's: pass the same --checkpoint (or the same "
+               "model directory) as that run; a timm:/hf: spec without --checkpoint has seeded random weights, "
+               "not trained ones",
+    "proxy": "the proxy set differs from the interrupted run's: pass the same --data, --proxy-size or "
+             "--per-class and --seed",
+    "options": "the scoring options differ from the interrupted run's (--batch-size, --device or the candidates)",
+}
+
+
+def _resume_mismatch(recorded: Any, fp: str) -> str:
+    """Which part of the fingerprint differs, in words (the generic list for states without parts)."""
+    mine = getattr(fp, "parts", None)
+    if isinstance(recorded, str):
+        try:
+            recorded = json.loads(recorded)
+        except json.JSONDecodeError:
+            recorded = None
+    if isinstance(recorded, dict) and mine:
+        differ = [_RESUME_WHY[k] for k in ("weights", "proxy", "options") if recorded.get(k) != mine.get(k)]
+        if differ:
+            return "; ".join(differ)
+    return ("it was computed for a different model, proxy set or options (other weights: a different "
+            "--checkpoint or model directory; other proxy: --data, --proxy-size or --seed; --batch-size)")
 
 
 # --------------------------------------------------------------------------------------- engine
@@ -110,7 +153,8 @@ def kl_scores(
         candidates: optional ``{site key: [channel, ...]}``; only those channels are scored.
         out: persist site by site to ``out + '.partial'`` and the final scores to ``out``.
         resume: continue from ``out + '.partial'`` (refused if model, proxy or options differ).
-        progress: show progress bars (one per component, with ETA).
+        progress: show the job's progress bar (with ETA) and, for a run of its own (not inside another
+            scorer), a first line with the plan and, after a short measured start, the estimated time.
         proxy_meta: how the proxy set was sampled (recorded in the metadata).
         callback: called with each site key once that site is scored and persisted.
         meta: extra metadata recorded with the scores (e.g. the model spec and the command line).
@@ -149,6 +193,13 @@ def kl_scores(
         if finished is not None:
             return finished
 
+    if progress and not running():
+        total = sum(int(v.numel()) for k, v in cands.items() if k not in done)
+        what = samples_word(inputs)
+        note(f"exact {criterion_name(adapter.divergence)} scores: {total:,} channels x {N:,} proxy {what} = "
+             f"{total * N:,} candidate evaluations on {len(cands) - len(set(done) & set(cands))} sites"
+             f"{' (resumed: ' + str(len(done)) + ' sites done)' if done else ''}; the time estimate follows a short "
+             "measured start (part of the run)")
     was_training = model.training
     model.eval()
     try:
@@ -162,14 +213,14 @@ def kl_scores(
     wall = time.time() - t_start
     info = {
         **(meta or {}),
-        "criterion": Reference.criterion_of(adapter), "method": "kl",
+        "criterion": criterion_name(adapter.divergence), "method": "kl",
         "divergence": adapter.divergence, "temperature": 1.0, "reduction": "sum over proxy inputs and events",
         "proxy": dict(proxy_meta or {}), "num_images": N, "model": adapter.describe(),
         "candidates": {k: int(v.numel()) for k, v in cands.items()} if candidates is not None else "all",
         "batch_size": batch_size, "candidate_batch": candidate_batch, "device": str(device),
         "world_size": dist_utils.world_size(), "torch": torch.__version__,
         "wall_time_s": round(wall, 3), "wall_time_total_s": round(wall + previous_wall, 3),
-        "resumed": bool(done), "fingerprint": fp,
+        "resumed": bool(done), "fingerprint": fp, "fingerprint_parts": getattr(fp, "parts", None),
     }
     scores = Scores.from_sites(topology, result, info)
     if out and dist_utils.is_main():
@@ -221,34 +272,30 @@ class _Engine:
             self.chunks[site.key] = chunks
             self.mine[site.key] = [(counter + i) % self.world == self.rank for i in range(len(chunks))]
             counter += len(chunks)
-        self.bars = {}
-        if self.show_progress:
-            from ..progress import progress
-
-            for pos, kind in enumerate(("residual", "attn", "ffn")):
-                total = sum(len(c) for s in self.topology.sites if s.kind == kind and s.key not in done
-                            for c, m in zip(self.chunks[s.key], self.mine[s.key]) if m) * batch_len(self.inputs)
-                if total:
-                    label = {"residual": "res"}.get(kind, kind)
-                    self.bars[kind] = progress(total=total, desc=f"KL {label}", unit="cand-img", position=pos, leave=True)
+        U = len(self.topology.units)
+        # cost of one candidate on one input, in forward passes of the whole model: the units it runs
+        self.cost = {s.key: max(1, U - max(self.topology.start_unit(s.key), 0)) / U for s in self.topology.sites}
+        self.total_cost = sum(len(c) * self.cost[s.key] for s in self.topology.sites if s.key not in done
+                              for c, m in zip(self.chunks[s.key], self.mine[s.key]) if m) * batch_len(self.inputs)
 
     # ---------------------------------------------------------------- the run
     def run(self, done: dict[str, torch.Tensor], persist: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
-        self._teacher()
-        self._plan_work(done)
-        result: dict[str, torch.Tensor] = dict(done)
-        by_start: dict[int, list[Site]] = {}
-        for site in self.topology.sites:
-            by_start.setdefault(self.topology.start_unit(site.key), []).append(site)
-        try:
+        unit = "seq-fwd" if isinstance(self.inputs, dict) else "img-fwd"
+        with job(f"{criterion_name(self.adapter.divergence)} exact", unit=unit, show=self.show_progress) as bar:
+            self.bar = bar
+            self._teacher()
+            self._plan_work(done)
+            bar.extend(self.total_cost)
+            bar.begin()  # the estimate measures the scoring itself: its first candidates are the warm-up
+            result: dict[str, torch.Tensor] = dict(done)
+            by_start: dict[int, list[Site]] = {}
+            for site in self.topology.sites:
+                by_start.setdefault(self.topology.start_unit(site.key), []).append(site)
             for site in by_start.get(-1, []):
                 self._score(site, -1, None, result, persist)
             for i, streams in self.reference.walk():  # the stream cache, advanced unit by unit
                 for site in by_start.get(i, []):
                     self._score(site, i, streams, result, persist)
-        finally:
-            for bar in self.bars.values():
-                bar.close()
         return result
 
     def _score(self, site: Site, start: int, streams: list[Stream] | None, result: dict[str, torch.Tensor],
@@ -273,8 +320,8 @@ class _Engine:
                         continue
                     logits = self._candidates(site, start, n, chunk, streams, rank1)
                     acc[offsets[i]:offsets[i + 1]] += self.reference.divergence(n, logits)
-                    if site.kind in self.bars:
-                        self.bars[site.kind].update(len(chunk) * (e - s))
+                    self.bar.detail(key)
+                    self.bar.update(len(chunk) * (e - s) * self.cost[key])
             full[idx_all] = dist_utils.all_reduce_sum(acc).cpu()
         result[key] = full
         persist(key, result)
@@ -308,7 +355,8 @@ def _save_state(out: str, fp: str, result: dict[str, torch.Tensor], wall: float)
     it has no complete set of sites and its metadata says so)."""
     from ..io import save_tensors
 
-    meta = {"format": PARTIAL_FORMAT, "fingerprint": fp, "done": json.dumps(sorted(result)), "wall_time_s": repr(wall)}
+    meta = {"format": PARTIAL_FORMAT, "fingerprint": fp, "done": json.dumps(sorted(result)), "wall_time_s": repr(wall),
+            "fingerprint_parts": json.dumps(getattr(fp, "parts", None))}
     save_tensors(partial_path(out), {f"partial/{k}": v for k, v in result.items()}, metadata=meta)
 
 
@@ -322,14 +370,15 @@ def _load_state(out: str, fp: str) -> tuple[dict[str, torch.Tensor], float, Scor
         if meta.get("format") != PARTIAL_FORMAT:
             raise UpvitError(f"{path} is not a partial KL scoring state: delete it or drop --resume")
         if meta.get("fingerprint") != fp:
-            raise UpvitError(f"cannot resume from {path}: it was computed for a different model, proxy set or "
-                             "options; drop --resume to start over")
+            raise UpvitError(f"cannot resume from {path}: {_resume_mismatch(meta.get('fingerprint_parts'), fp)}; "
+                             "or drop --resume to start over")
         done = {k[len("partial/"):]: v for k, v in tensors.items()}
         return done, float(meta.get("wall_time_s", "0")), None
     if os.path.exists(out):
         scores = Scores.load(out)
         if scores.meta.get("fingerprint") != fp:
-            raise UpvitError(f"cannot resume: {out} holds scores of a different model, proxy set or options; "
-                             "drop --resume to overwrite it")
+            raise UpvitError(f"cannot resume: {out} holds other scores: "
+                             f"{_resume_mismatch(scores.meta.get('fingerprint_parts'), fp)}; or drop --resume and "
+                             "add --force to overwrite it")
         return {}, 0.0, scores
     return {}, 0.0, None

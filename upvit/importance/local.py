@@ -32,9 +32,10 @@ GRADIENT_BYTES = 1 << 30  # up to this, one backward per direction serves every 
 
 def local_attention_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, classes: str = "auto",
                          max_exact_classes: int = 32, rank: int | None = None, num_samples: int = 1,
-                         seed: int = 0) -> dict[str, torch.Tensor]:
+                         seed: int = 0, bar: Any = None) -> dict[str, torch.Tensor]:
     """``{"attn.b": Tensor[attn dims of block b]}``: per attention dim, the sum over images of
-    ``sum_j w_j (g_ij . delta_ic)^2`` (twice the estimated KL), float64.
+    ``sum_j w_j (g_ij . delta_ic)^2`` (twice the estimated KL), float64. ``bar``: told of
+    every batch (``bar.update(inputs done)``).
 
     Example::
 
@@ -64,6 +65,8 @@ def local_attention_sums(adapter: Adapter, images: torch.Tensor, batch_size: int
                                                            generator)
                 stream = adapter.begin(x)
             if not directions:  # a single class: every removal leaves p = q, the KL is 0
+                if bar is not None:
+                    bar.update(x.shape[0])
                 continue
             all_grads = None
             if len(directions) * topo.num_blocks * stream.x.numel() * stream.x.element_size() <= GRADIENT_BYTES:
@@ -75,6 +78,8 @@ def local_attention_sums(adapter: Adapter, images: torch.Tensor, batch_size: int
                     grads = all_grads[i] if all_grads is not None else _stream_gradients(adapter, after, i, directions)
                     _accumulate(adapter, unit.key, stream, after, grads, weights, sums[unit.key])
                 stream = after
+            if bar is not None:
+                bar.update(x.shape[0])
     finally:
         model.train(was_training)
     return {k: v.cpu() for k, v in sums.items()}

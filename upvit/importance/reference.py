@@ -36,6 +36,17 @@ def check_proxy(inputs: Inputs) -> None:
         raise UpvitError("the proxy set must be a non-empty image tensor or a dict of per-sample tensors")
 
 
+def criterion_name(divergence: str) -> str:
+    """How the exact score is named in messages and metadata: ``kl`` for output distributions, ``1 - cos``
+    for a sentence encoder's embeddings (the adapter's ``divergence``)."""
+    return {"kl": "kl", "cosine": "1 - cos"}.get(divergence, f"{divergence} divergence")
+
+
+def samples_word(inputs: Inputs) -> str:
+    """``images`` for an image batch, ``sequences`` for token inputs (a dict of tensors)."""
+    return "images" if isinstance(inputs, torch.Tensor) else "sequences"
+
+
 class Reference:
     """The original model's outputs on the proxy batches (computed once, no grad) and the streams
     entering its first unit; see the module doc. ``batches``: ``(start, end)`` rows of ``inputs``."""
@@ -136,8 +147,8 @@ class Reference:
 
     @staticmethod
     def criterion_of(adapter: Adapter) -> str:
-        """What the divergence is, for scores' metadata: "kl" or e.g. "cosine divergence"."""
-        return "kl" if adapter.divergence == "kl" else f"{adapter.divergence} divergence"
+        """What the divergence is, for scores' metadata and messages (:func:`criterion_name`)."""
+        return criterion_name(adapter.divergence)
 
 
-__all__ = ["Reference", "TOKEN_ROWS", "check_proxy"]
+__all__ = ["Reference", "TOKEN_ROWS", "check_proxy", "criterion_name", "samples_word"]

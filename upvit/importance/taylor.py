@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..adapters.base import Adapter
 from ..errors import UpvitError
+from ..progress import Scaled, job, note, running
 from .api import register_method
 from .scores import Scores
 
@@ -61,11 +62,11 @@ def check_labels(labels: Any, n: int, num_classes: int | None = None) -> torch.T
 
 
 def loss_gradients(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
-                   batch_size: int = 64) -> dict[torch.nn.Parameter, torch.Tensor]:
+                   batch_size: int = 64, bar: Any = None) -> dict[torch.nn.Parameter, torch.Tensor]:
     """d L / d p (float64) for every floating parameter p, L = summed cross-entropy on the proxy set.
 
     Frozen parameters (``requires_grad`` off, e.g. a distillation teacher) are differentiated too;
-    their flags and ``.grad`` fields are left as they were."""
+    their flags and ``.grad`` fields are left as they were. ``bar``: told of every batch (inputs done)."""
     model = adapter.model
     params = [p for p in model.parameters() if p.is_floating_point()]
     grads = {p: torch.zeros_like(p, dtype=torch.float64) for p in params}
@@ -93,6 +94,8 @@ def loss_gradients(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
                 for p, g in zip(params, got):
                     if g is not None:
                         grads[p] += g.to(torch.float64)
+                if bar is not None:
+                    bar.update(x.shape[0])
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
@@ -122,8 +125,9 @@ def _same_slice(t: torch.Tensor, products: dict[int, tuple[torch.Tensor, torch.T
 
 @register_method("taylor")
 def taylor_scores(adapter: Adapter, images: torch.Tensor, labels: Any = None, batch_size: int = 64,
-                  reduction: str = "weight", device: str | None = None, **meta: Any) -> Scores:
-    """First-order Taylor importance of every channel (see the module doc); needs the proxy labels."""
+                  reduction: str = "weight", device: str | None = None, progress: bool = True, **meta: Any) -> Scores:
+    """First-order Taylor importance of every channel (see the module doc); needs the proxy labels.
+    ``progress``: a first line with the plan and one bar (with ETA) over the proxy set."""
     if reduction not in REDUCTIONS:
         raise UpvitError(f"reduction must be 'weight' (sum of |w * dL/dw|, Torch-Pruning's default) or 'channel' "
                          f"(|sum of w * dL/dw|), got {reduction!r}")
@@ -131,7 +135,12 @@ def taylor_scores(adapter: Adapter, images: torch.Tensor, labels: Any = None, ba
         raise UpvitError(f"batch_size must be a positive integer, got {batch_size!r}")
     t0 = time.perf_counter()
     y = check_labels(labels, images.shape[0], getattr(adapter.model, "num_classes", None))
-    products = _products(loss_gradients(adapter, images, y, batch_size))
+    n = int(images.shape[0])
+    if not running():
+        note(f"Taylor importance of {sum(s.size for s in adapter.topology().sites):,} channels: one forward and backward "
+             f"pass over {n:,} labelled proxy images", progress)
+    with job("taylor", 3 * n, unit="img-fwd", show=progress) as bar:  # a backward costs about two forwards
+        products = _products(loss_gradients(adapter, images, y, batch_size, bar=Scaled(bar, 3.0)))
     per_site = {}
     for site in adapter.topology().sites:
         total = torch.zeros(site.size, dtype=torch.float64)

@@ -24,38 +24,57 @@ tensor([0.8123, 0.2210], dtype=torch.float64)
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to
 from ..errors import UpvitError
 from ..topology import Topology
-from .reference import Reference, check_proxy
+from ..progress import Scaled, job, note, running
+from .reference import Reference, check_proxy, samples_word
 
 
-def _spans(topo: Topology, candidates: Sequence[Sequence[str]]) -> list[tuple[int, int, frozenset[str]]]:
-    """Per candidate: (first unit index, last unit index, units)."""
+def _prepare(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
+             batch_size: int) -> tuple[Topology, list[tuple[int, int]], list[tuple[int, int, frozenset[str]]], Inputs]:
+    """Checked inputs, proxy batches and, per candidate, (first unit index, last unit index, units)."""
+    check_proxy(inputs)
+    if batch_size < 1:
+        raise UpvitError("batch_size must be at least 1")
     if not candidates:
         raise UpvitError("no candidates to score: give at least one group of units")
+    topo = adapter.topology()
     spans = []
     for units in candidates:
         if isinstance(units, str) or not units:
             raise UpvitError(f"a candidate must be a non-empty list of unit keys, got {units!r}")
         idx = [topo.unit_index(u) for u in units]
         spans.append((min(idx), max(idx), frozenset(units)))
-    return spans
+    param = next(adapter.model.parameters())
+    inputs = batch_to(inputs, param.device, param.dtype)
+    n = batch_len(inputs)
+    return topo, [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)], spans, inputs
 
 
 def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
-                batch_size: int = 64) -> torch.Tensor:
+                batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``[C]`` float64: summed KL(model || model without candidate c's units) over the proxy inputs
     (for a sentence encoder the adapter's divergence, ``1 - cos``, as in the channel scores).
 
     ``inputs``: proxy images ``[N, C, H, W]`` (evaluation transform) or a dict of per-sample tensors;
-    ``candidates``: groups of unit keys (see the module docstring). The model is run in eval mode."""
-    check_proxy(inputs)
-    spans = _spans(adapter.topology(), candidates)
+    ``candidates``: groups of unit keys (see the module docstring). The model is run in eval mode.
+    ``progress``: a first line with the plan and one bar (with ETA)."""
+    topo, batches, spans, inputs = _prepare(adapter, inputs, candidates, batch_size)
+    U, n = len(topo.units), batch_len(inputs)
+    cost = [max(1, U - start) / U for start, _, _ in spans]  # forward passes of the model per input
+    if not running():
+        note(f"exact KL of {len(spans)} removal candidates x {n:,} proxy {samples_word(inputs)}", progress)
+    with job("depth KL", n * (1 + sum(cost)), unit="img-fwd", show=progress) as bar:
+        return _unit_kl(adapter, topo, batches, spans, inputs, cost, bar)
+
+
+def _unit_kl(adapter: Adapter, topo: Topology, batches: list[tuple[int, int]],
+             spans: list[tuple[int, int, frozenset[str]]], inputs: Inputs, cost: list[float], bar: Any) -> torch.Tensor:
     by_start: dict[int, list[int]] = {}
     for c, (start, _, _) in enumerate(spans):
         by_start.setdefault(start, []).append(c)
@@ -65,13 +84,16 @@ def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[
     model.eval()
     try:
         with torch.no_grad():
-            ref = Reference(adapter, inputs, batch_size)  # the original's outputs, once
+            ref = Reference(adapter, inputs, batches=batches)  # the original's outputs, once
+            bar.update(sum(e - s for s, e in batches))
             last = max(by_start)
-            for i, streams in ref.walk():
+            for i, streams in ref.walk():  # the stream cache, advanced unit by unit
                 for c in by_start.get(i, []):
                     with adapter.masking(None, skip=spans[c][2]):
-                        for n in range(len(ref.batches)):
+                        for n, (s, e) in enumerate(ref.batches):
                             total[c] += ref.divergence(n, ref.run(n, i, 1, streams))[0].cpu()
+                            bar.detail("+".join(sorted(spans[c][2])))
+                            bar.update((e - s) * cost[c])
                 if i >= last:
                     break
     finally:
@@ -87,24 +109,26 @@ def _cosine_mean(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def block_influence(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
-                    batch_size: int = 64) -> torch.Tensor:
+                    batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """``[C]`` float64: ShortGPT's Block Influence ``1 - mean cos(input, output)`` of each candidate
     (a contiguous run of units), averaged over proxy inputs and token positions.
 
     The input is the stream entering the candidate with its branches removed (the stream it adds to;
     a stage transition at its start still runs), the output the stream after its last unit."""
-    check_proxy(inputs)
-    if batch_size < 1:
-        raise UpvitError("batch_size must be at least 1")
-    topo = adapter.topology()
-    spans = _spans(topo, candidates)
-    param = next(adapter.model.parameters())
-    inputs = batch_to(inputs, param.device, param.dtype)
-    n = batch_len(inputs)
-    batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    topo, batches, spans, inputs = _prepare(adapter, inputs, candidates, batch_size)
     for start, end, units in spans:
         if len(units) != end - start + 1:
             raise UpvitError(f"block influence needs consecutive units, got {sorted(units)}")
+    U, n = len(topo.units), batch_len(inputs)
+    if not running():
+        note(f"block influence of {len(spans)} removal candidates on {n:,} proxy {samples_word(inputs)}", progress)
+    work = 1 + sum(len(units) for _, _, units in spans) / U  # one forward, plus each candidate's units again
+    with job("block influence", n * work, unit="img-fwd", show=progress) as bar:
+        return _influence(adapter, topo, batches, spans, inputs, Scaled(bar, work))
+
+
+def _influence(adapter: Adapter, topo: Topology, batches: list[tuple[int, int]],
+               spans: list[tuple[int, int, frozenset[str]]], inputs: Inputs, bar: Any) -> torch.Tensor:
     sums = torch.zeros(len(spans), dtype=torch.float64)
     counts = [0] * len(spans)
     model = adapter.model
@@ -124,6 +148,7 @@ def block_influence(adapter: Adapter, inputs: Inputs, candidates: Sequence[Seque
                     total, n = _cosine_mean(held.x, streams[end + 1].x)
                     sums[c] += total.cpu()
                     counts[c] += n
+                bar.update(e - s)
     finally:
         model.train(was_training)
     return 1.0 - sums / torch.tensor(counts, dtype=torch.float64)

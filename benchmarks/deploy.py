@@ -1,0 +1,252 @@
+"""Where the pruned model runs: MACs ratio vs measured speed-up, in PyTorch eager and ONNX Runtime, batch 1 and 64.
+
+Groups (teacher + students, measured in the same sitting, interleaved in rounds so that the load of other jobs
+falls on all of them alike):
+
+* ``vit``: the shipped ViT teacher (upvit/assets/teacher) and its S (96/6/384) and T (48/3/192) students, pruned
+  with benchmarks/results/teacher60_scores_p256_seed0.safetensors (the exact KL scores);
+* ``swin``: the shipped Swin teacher and the half / quarter shapes of benchmarks/swin.py;
+* ``pvt``: the shipped PVTv2-B1 teacher and its B0 shape (heads kept, widths halved) as in benchmarks/pvtv2.py;
+* ``lm``: the shipped GPT-2-shaped LM teacher and its 64/2/256 student (benchmarks/nlp.py, its KL scores);
+* ``minilm``: all-MiniLM-L6-v2 and its 192/6/768 student (benchmarks/nlp.py, its scores).
+
+Speed does not depend on which channels are kept, only on the shape: where no scores file is shipped (Swin,
+PVTv2) the students are pruned with L2-magnitude scores. Students are not fine-tuned (weights do not change
+the time). For each (runtime, batch), the models of a group are called in turns (teacher, student, student,
+teacher, ...; at least ``--repeats`` calls each, more while the group's time stays under ``--seconds``) after
+two warm-up calls each. The CPU is shared with other jobs (load averages of 10 on 2 cores were seen), whose
+bursts only ever add time: the reported time is the *minimum* over the calls (the least disturbed one), the
+median is kept in deploy.json. Speed-up = teacher time / student time. ``why``: a PyTorch profile of one forward of
+each model at each batch size splits the time into matrix products (addmm/mm/bmm/SDPA/conv) and the rest
+(norms, softmax, GELU, reshapes, copies), and counts operator calls; the rest does not shrink with the MACs
+and the per-call overhead is the same in the teacher and a student of the same depth.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python benchmarks/deploy.py [--groups vit swin ...]
+    .venv/bin/python benchmarks/deploy.py --report     # rewrite deploy.md from deploy.json
+
+Resumable: finished groups are kept in deploy.json and skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import upvit  # noqa: E402
+from upvit.bench import count_macs, count_params, example_batch, make_runner  # noqa: E402
+from upvit.importance.scores import Scores  # noqa: E402
+from upvit.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+STATE = os.path.join(RESULTS, "deploy.json")
+ASSETS = os.path.join(ROOT, "upvit", "assets")
+BATCHES = (1, 64)
+RUNTIMES = ("torch", "onnxruntime")
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::_scaled_dot_product_attention_math",
+              "aten::matmul", "aten::linear")
+SWIN_SHAPES = {
+    "half": dict(embed_dim=[22, 44, 88, 176], num_heads=[2, 4, 8, 16], mlp_hidden=[88, 176, 352, 704]),
+    "quarter": dict(embed_dim=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], mlp_hidden=[64, 128, 256, 512]),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def magnitude(model):
+    x = example_batch(model, 2, None, "cpu", random=True)
+    return upvit.score(model, x, method="magnitude")
+
+
+def group_models(name: str) -> dict[str, torch.nn.Module]:
+    """teacher first, then the students (pruned, not fine-tuned)."""
+    if name == "vit":
+        teacher = upvit.load(os.path.join(ASSETS, "teacher"))
+        scores = Scores.load(os.path.join(RESULTS, "teacher60_scores_p256_seed0.safetensors"))
+        return {"teacher": teacher,
+                "S 96/6/384": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=96, num_heads=6, mlp_hidden=384)),
+                "T 48/3/192": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=48, num_heads=3, mlp_hidden=192))}
+    if name == "swin":
+        teacher = upvit.load(os.path.join(ASSETS, "swin_teacher"))
+        scores = magnitude(teacher)
+        return {"teacher": teacher, **{f"{k} {'/'.join(map(str, v['embed_dim']))}": upvit.prune(teacher, upvit.make_plan(teacher, scores, **v))
+                                       for k, v in SWIN_SHAPES.items()}}
+    if name == "pvt":
+        from upvit.adapters import get_adapter
+        from upvit.targets import Targets
+
+        teacher = upvit.load(os.path.join(ASSETS, "pvt_teacher"))
+        target = Targets.from_ratio(get_adapter(teacher).topology(), 0.5, keep_heads=True)
+        return {"teacher": teacher, "B0 shape": upvit.prune(teacher, upvit.make_plan(teacher, magnitude(teacher), targets=target))}
+    if name == "lm":
+        teacher = upvit.load(os.path.join(ASSETS, "lm_teacher"))
+        scores = Scores.load(os.path.join(RESULTS, "lm_teacher_scores_p64_seed0.safetensors"))
+        return {"teacher": teacher,
+                "64/2/256": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=64, num_heads=2, mlp_hidden=256))}
+    if name == "minilm":
+        teacher = upvit.load_model("hf:all-MiniLM-L6-v2")
+        scores = Scores.load(os.path.join(RESULTS, "minilm_scores_p16_seed0.safetensors"))
+        return {"teacher": teacher,
+                "192/6/768": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=192, num_heads=6, mlp_hidden=768))}
+    raise SystemExit(f"unknown group {name}")
+
+
+def interleaved(runs: dict, repeats: int) -> dict:
+    """Seconds of each runner's calls, taken in turns (one call of every runner, then again, ``repeats`` times)
+    after two warm-up calls each, so that a burst of load from other jobs falls on all models alike."""
+    for run in runs.values():
+        run()
+        run()
+    times: dict = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+@torch.inference_mode()
+def profile(model, batch: int) -> dict[str, float]:
+    """Self CPU time of one eager forward split into matrix products and the rest; operator calls."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from upvit.evaluation import model_output
+
+    x = example_batch(model, batch, None, "cpu", random=True)
+    model_output(model, x)
+    best = None
+    for _ in range(3):  # the least disturbed of three profiles (other jobs share the CPU)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            model_output(model, x)
+        matmul = other = 0.0
+        calls = 0
+        for e in prof.key_averages():
+            if not e.key.startswith("aten::"):
+                continue
+            calls += e.count
+            if e.key in MATMUL_OPS:
+                matmul += e.self_cpu_time_total
+            else:
+                other += e.self_cpu_time_total
+        if best is None or matmul + other < best["matmul_ms"] + best["other_ms"]:
+            best = {"matmul_ms": matmul / 1e3, "other_ms": other / 1e3, "aten_calls": calls}
+    return best
+
+
+def measure_group(name: str, repeats_min: int = 7, budget_s: float = 60.0) -> dict:
+    log(f"{name}: building models")
+    models = group_models(name)
+    rows = {}
+    for label, model in models.items():
+        model.eval()
+        rows[label] = {"params": count_params(model), "macs": count_macs(model),
+                       "input_size": list(upvit.bench.input_size_of(model))}
+    for rt in RUNTIMES:
+        for b in BATCHES:
+            runs = {label: make_runner(model, example_batch(model, b, None, "cpu", random=True), rt, "cpu")
+                    for label, model in models.items()}
+            once = max(statistics.median(v) for v in interleaved(runs, 1).values())
+            repeats = int(min(60, max(repeats_min, budget_s / max(once * len(runs), 1e-6))))
+            times = interleaved(runs, repeats)
+            for label, ts in times.items():
+                rows[label].setdefault("seconds", {}).setdefault(rt, {})[str(b)] = {
+                    "min": min(ts), "median": statistics.median(ts), "repeats": repeats}
+            log(f"{name}: {rt} batch {b}: {repeats} interleaved repeats")
+    for label, model in models.items():
+        rows[label]["profile"] = {str(b): profile(model, b) for b in BATCHES}
+    teacher = rows["teacher"]
+    for label, row in rows.items():
+        row["macs_ratio"] = teacher["macs"] / row["macs"]
+        row["speedup"] = {rt: {b: teacher["seconds"][rt][b]["min"] / row["seconds"][rt][b]["min"]
+                               for b in row["seconds"][rt]} for rt in RUNTIMES}
+        row["speedup_median"] = {rt: {b: teacher["seconds"][rt][b]["median"] / row["seconds"][rt][b]["median"]
+                                      for b in row["seconds"][rt]} for rt in RUNTIMES}
+    return {"models": rows, "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def machine() -> dict:
+    from upvit.demo import machine_description
+
+    load = os.getloadavg()
+    import onnxruntime
+
+    return {"description": machine_description() + " (shared with other jobs)", "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "loadavg_at_start": [round(v, 2) for v in load]}
+
+
+def report(state: dict) -> str:
+    lines = ["# Deploying pruned models: MACs ratio vs measured speed-up", "",
+             "Written by `benchmarks/deploy.py` (see its docstring for the method). Students are pruned, not fine-tuned "
+             "(time depends on the shape only). Speed-up = teacher time / student time, the models called in turns in "
+             "the same sitting; times are the minimum over the calls (the CPU is shared with other jobs; medians are in "
+             "deploy.json). ONNX Runtime runs the `upvit export` graph "
+             "(TorchScript exporter, opset 17) on the CPU provider with as many threads as torch.", ""]
+    for group, g in state.get("groups", {}).items():
+        m = g["machine"]
+        lines += [f"## {group}", "", f"Machine: {m['description']}; torch {m['torch']} with {m['torch_threads']} thread(s), "
+                  f"onnxruntime {m['onnxruntime']}; load average at start {m['loadavg_at_start']}; "
+                  f"finished {g['finished']}.", "",
+                  "| model | params (M) | MMACs | MACs ratio | eager b1 ms | eager b64 ms | ORT b1 ms | ORT b64 ms | "
+                  "speed-up eager b1 | eager b64 | ORT b1 | ORT b64 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, r in g["models"].items():
+            s, sp = r["seconds"], r["speedup"]
+            lines.append(f"| {label} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e6:.1f} | {r['macs_ratio']:.2f}x | "
+                         f"{s['torch']['1']['min'] * 1e3:.2f} | {s['torch']['64']['min'] * 1e3:.1f} | "
+                         f"{s['onnxruntime']['1']['min'] * 1e3:.2f} | {s['onnxruntime']['64']['min'] * 1e3:.1f} | "
+                         f"{sp['torch']['1']:.2f}x | {sp['torch']['64']:.2f}x | {sp['onnxruntime']['1']:.2f}x | "
+                         f"{sp['onnxruntime']['64']:.2f}x |")
+        lines += ["", "Eager profile (one forward, self CPU time): matrix products vs the rest, and aten operator calls.", "",
+                  "| model | b1 matmul ms | b1 other ms | b1 other share | b64 matmul ms | b64 other ms | b64 other share | "
+                  "aten calls |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, r in g["models"].items():
+            p1, p64 = r["profile"]["1"], r["profile"]["64"]
+            share = (lambda p: p["other_ms"] / max(p["matmul_ms"] + p["other_ms"], 1e-9))
+            lines.append(f"| {label} | {p1['matmul_ms']:.2f} | {p1['other_ms']:.2f} | {share(p1):.0%} | "
+                         f"{p64['matmul_ms']:.1f} | {p64['other_ms']:.1f} | {share(p64):.0%} | {p1['aten_calls']} |")
+        lines.append("")
+    reading = os.path.join(HERE, "readings", "deploy.md")
+    if os.path.isfile(reading):
+        with open(reading) as f:
+            lines += [f.read().rstrip(), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--groups", nargs="+", default=["vit", "swin", "pvt", "lm", "minilm"])
+    ap.add_argument("--repeats", type=int, default=7, help="at least this many interleaved calls per model")
+    ap.add_argument("--seconds", type=float, default=60.0, help="aim for this long per (runtime, batch) of a group")
+    ap.add_argument("--redo", action="store_true", help="measure the groups again even if deploy.json has them")
+    ap.add_argument("--report", action="store_true", help="only rewrite deploy.md from deploy.json")
+    args = ap.parse_args()
+    state = json.load(open(STATE)) if os.path.isfile(STATE) else {"groups": {}}
+    if not args.report:
+        for group in args.groups:
+            if group in state["groups"] and not args.redo:
+                log(f"{group}: done before")
+                continue
+            info = machine()
+            result = measure_group(group, args.repeats, args.seconds)
+            state["groups"][group] = {"machine": info, **result}
+            atomic_write_json(STATE, state)
+            log(f"{group}: written to {STATE}")
+    atomic_write_bytes(os.path.join(RESULTS, "deploy.md"), (report(state) + "\n").encode())
+    log("wrote benchmarks/results/deploy.md")
+
+
+if __name__ == "__main__":
+    main()
