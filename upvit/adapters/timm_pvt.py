@@ -22,7 +22,7 @@ Masks (hooks on timm's modules, only inside :meth:`TimmPVTv2Adapter.masking`):
 * ``attn.{b}``: dim d of q (``q`` row d) and of k and v (``kv`` rows d and A + d) is zeroed, which
   removes ``proj`` input column d; the scale stays ``head_dim ** -0.5`` of the original model.
 * ``ffn.{b}``: unit j is fc1 row j, depthwise-conv channel j and fc2 column j together
-  (docs/method.md section 6: the depthwise conv belongs to component 3); since the conv is
+  (docs/method.md section 6: the depthwise conv belongs to the FFN component); since the conv is
   depthwise, this equals zeroing unit j after the activation.
 
 Surgery rebuilds through ``timm.create_model(name, embed_dims=[...], num_heads=[...],

@@ -221,7 +221,7 @@ class TimmViTAdapter(HookMasking, Adapter):
 
     @contextlib.contextmanager
     def probing(self):
-        """Record a :class:`MaskProbe` at every point where :meth:`_install` would apply a mask (same
+        """Record a :class:`MaskProbe` at every point where :meth:`install_hooks` applies a mask (same
         modules), leaving every output unchanged; the residual stream is made to require grad, and the
         FFN activation (elementwise) is linearised at its forward point, which keeps its value and its
         gradient and makes repeated backward passes cheaper."""

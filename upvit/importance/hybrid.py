@@ -1,7 +1,7 @@
 """Screen then verify: rank with the Fisher estimate, score exactly only near the keep/drop boundaries.
 
 For every requested target a site splits into *selection problems* (one set of channels, keep k):
-``embed`` (all D channels, keep embed_dim), ``ffn.b`` (all H units, keep mlp_hidden) and, because
+``res.{s}`` (all D channels of stage s, keep embed_dim), ``ffn.b`` (all H units, keep mlp_hidden) and, because
 attention dims are kept per merged head (docs/method.md section 3), one problem per merged head
 group of ``attn.b`` (h_b/h_t consecutive heads, keep attn_dim/h_t). In each problem the channels are
 ordered by the estimate and a band of Fisher ranks [k - w, k + w) is scored exactly with the exact
