@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["S", "T"])
     ap.add_argument("--grid", type=int, default=8)
     args = ap.parse_args()
+    global STATE
+    if args.shapes != ["S", "T"]:  # one process per shape can run side by side: each keeps its own file
+        STATE = STATE.replace(".json", f"_{'_'.join(args.shapes)}.json")
     state = json.load(open(STATE)) if os.path.isfile(STATE) else {}
     settings = quality.Settings(teacher=os.path.join(ROOT, "upvit", "assets", "teacher"),
                                 kl_scores=os.path.join(HERE, "results", "teacher60_scores_p256_seed0.safetensors"))

@@ -95,3 +95,22 @@ def test_cli_prune_to_a_budget_prints_candidates_and_records_the_choice(tmp_path
                                   "macs=0.5", "--out", tmp_path / "q"), "add --data")
     assert_one_line_error(run_cli("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget",
                                   "flops=0.5", "--data", tmp_path / "data", "--out", tmp_path / "q"), "KIND=FRACTION")
+
+
+def test_latency_budget_times_each_shape_in_the_chosen_runtime(monkeypatch):
+    # a fake clock: a shape's batch time is proportional to its MACs, so latency=0.5 must choose what macs=0.5 does
+    import upvit.bench as bench
+
+    calls = []
+
+    def fake_throughput(model, batch_size=64, runs=10, warmup=3, runtime="torch", **kw):
+        calls.append((batch_size, runtime))
+        return {"median_batch_seconds": count_macs(model) * 1e-9}
+
+    monkeypatch.setattr(bench, "throughput", fake_throughput)
+    model, x = tiny_vit(), torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    scores = random_scores(model)
+    by_latency = choose(model, scores, x, Budget("latency", 0.5), grid=4, latency_batch=8, runtime="onnxruntime")
+    by_macs = choose(model, scores, x, Budget("macs", 0.5), grid=4)
+    assert [c.shape() for c in by_latency] == [c.shape() for c in by_macs]
+    assert set(calls) == {(8, "onnxruntime")}

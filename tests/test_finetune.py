@@ -179,7 +179,8 @@ def test_torchrun_two_processes_match_one(mnist_models, tmp_path):
     """The same global batch on 2 gloo ranks gives the 1-process loss curve and weights (float rounding only)."""
     common = _ft_args(mnist_models, tmp_path / "x")[:-2]
     common[common.index("--epochs") + 1] = "3"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1",
+           "PYTHONFAULTHANDLER": "1"}  # a rank aborting at exit would show its threads' stacks
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even on a GPU machine
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -16,9 +16,18 @@ from upvit.plan import vit_rules
 from upvit.targets import Targets
 from upvit.topology import Topology
 
-torch.set_num_threads(1)
 SHAPE = dict(embed_dim=48, num_heads=4, mlp_ratio=4.0)  # 48 / 4 heads x 12 / FFN 192
 TARGET = dict(embed_dim=12, num_heads=1, mlp_hidden=48)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards: one thread is fastest here; restored after each test (the session keeps its count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 
 def _demo_topology():

@@ -25,9 +25,26 @@ def _module():
     return mod
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread for the tiny runs (quality.py's main sets OMP_NUM_THREADS or 1); restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run_smoke(tmp_path_factory)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_smoke(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quality")
     torch.manual_seed(0)
     teacher = load_model("timm:vit_base_patch16_224,img_size=28,patch_size=7,in_chans=1,num_classes=10,"

@@ -12,6 +12,7 @@ from .cli_support import (DefaultsFormatter, OneLineParser, check_device, drop_w
                           nonneg_float, nonneg_int, one_line, open_unit, positive_float, positive_int, random_weights_warning,
                           rate, start_command, warn)
 from .errors import BadImageError, UpvitError
+from .provenance import command_line, data_input as _data_input, file_input as _file_input, model_input as _model_input
 from .outputs import (check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint, new_paths,
                       remove_unfinished)
 
@@ -141,27 +142,7 @@ def _train_image_data(args: argparse.Namespace, model):
 # ------------------------------------------------------------------------------------ provenance
 def _command(args: argparse.Namespace) -> str:
     """The command line of this run (main's argv; the process's when called otherwise)."""
-    from .provenance import command_line
-
     return command_line(getattr(args, "argv", sys.argv[1:]))
-
-
-def _model_input(spec: str, model, checkpoint: str | None):
-    from .provenance import model_input
-
-    return model_input(spec, model, checkpoint)
-
-
-def _data_input(spec: str | None, dataset):
-    from .provenance import data_input
-
-    return data_input(spec, dataset)
-
-
-def _file_input(path: str | None):
-    from .provenance import file_input
-
-    return file_input(path)
 
 
 def _run_record(args: argparse.Namespace, inputs: dict, results: dict | None = None) -> dict:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported only where a model is fingerprinted: the CLI imports this at start-up
+    from torch import nn
 
 # describe the model itself (how to rebuild or relate it), not the step that made it
 MODEL_KEYS = ("plan", "timm_equivalent_kwargs", "hf_spec")

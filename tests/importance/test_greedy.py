@@ -10,9 +10,17 @@ from upvit.adapters import Masks, get_adapter
 from upvit.importance.greedy import JointKL, greedy_path
 from upvit.importance.kl import kl_scores
 
-torch.set_num_threads(1)
 SHAPE = dict(embed_dim=48, num_heads=4, mlp_ratio=4.0)
 TARGETS = [dict(embed_dim=24, num_heads=2, mlp_hidden=96), dict(embed_dim=12, num_heads=1, mlp_hidden=48)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards: one thread is fastest here; restored after each test (the session keeps its count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def brute_force_greedy(model, images, key, widths, batch):

@@ -21,8 +21,8 @@ from upvit.io import save
 ENV = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 
 
-def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+def run(args: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})})
 
 
 def assert_one_line_error(result, fragment):
@@ -55,8 +55,12 @@ def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
     dataset, _ = load_data("animal-mnist:train")
     subset, _ = sample_proxy(dataset, size=6, seed=3)
     images = proxy_tensor(subset)
-    torch.set_num_threads(1)
-    local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess's thread count: same summation order
+    try:
+        local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)
+    finally:
+        torch.set_num_threads(before)
     for key, t in local.items():
         torch.testing.assert_close(scores[key], t, rtol=1e-6, atol=0.0)
     for key, c in (("res.0", 5), ("attn.1", 2), ("ffn.0", 7)):
@@ -79,8 +83,11 @@ def test_torchrun_two_processes_identical_to_one(tmp_path):
     two = str(tmp_path / "two.safetensors")
     r1 = run(["-m", "upvit", "score", *common, "--out", one])
     assert r1.returncode == 0, r1.stderr
+    # PYTHONFAULTHANDLER: should a rank ever abort at exit again (issue 21's "terminate called without an
+    # active exception", not reproduced since main() leaves the group with a barrier), its stderr then
+    # shows where each of its threads was, instead of one bare C++ line
     r2 = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "upvit", "score", *common,
-              "--out", two], timeout=600)
+              "--out", two], timeout=600, env={"PYTHONFAULTHANDLER": "1"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     a, b = upvit.Scores.load(one), upvit.Scores.load(two)
     assert b.meta["world_size"] == 2 and a.meta["world_size"] == 1

@@ -15,8 +15,16 @@ import upvit
 from helpers import TINY, tiny_images, tiny_vit
 from upvit.io import save
 
-torch.set_num_threads(1)
 LABELS = torch.tensor([0, 3, 1, 4, 2, 3])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny forwards: one thread is fastest here; restored after each test (the session keeps its count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _reference(model, images, labels, reduction):
