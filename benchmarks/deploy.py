@@ -121,7 +121,8 @@ def interleaved(runs: dict, repeats: int) -> dict:
 @torch.inference_mode()
 def profile(model, batch: int) -> dict[str, float]:
     """Self CPU time of one eager forward split into matrix products and the rest; operator calls."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     from upvit.evaluation import model_output
 
@@ -213,9 +214,11 @@ def report(state: dict) -> str:
         lines += ["", "Eager profile (one forward, self CPU time): matrix products vs the rest, and aten operator calls.", "",
                   "| model | b1 matmul ms | b1 other ms | b1 other share | b64 matmul ms | b64 other ms | b64 other share | "
                   "aten calls |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        def share(p: dict) -> float:
+            return p["other_ms"] / max(p["matmul_ms"] + p["other_ms"], 1e-9)
+
         for label, r in g["models"].items():
             p1, p64 = r["profile"]["1"], r["profile"]["64"]
-            share = (lambda p: p["other_ms"] / max(p["matmul_ms"] + p["other_ms"], 1e-9))
             lines.append(f"| {label} | {p1['matmul_ms']:.2f} | {p1['other_ms']:.2f} | {share(p1):.0%} | "
                          f"{p64['matmul_ms']:.1f} | {p64['other_ms']:.1f} | {share(p64):.0%} | {p1['aten_calls']} |")
         lines.append("")

@@ -32,7 +32,6 @@ from naive_vit import naive_score  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from _smoke import smoke_dir, tiny_teacher  # noqa: E402
-
 from upvit.adapters import get_adapter  # noqa: E402
 from upvit.data import load_data, sample_proxy  # noqa: E402
 from upvit.importance.api import proxy_tensor  # noqa: E402

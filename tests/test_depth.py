@@ -13,18 +13,17 @@ import torch
 import upvit
 import upvit.distill
 from helpers import tiny_images, tiny_swin, tiny_vit
+from importance.naive_vit import naive_skip_score  # noqa: E402  (tests/ is on sys.path)
 from naive_swin import naive_swin_skip_score
 from plan_helpers import plan_masks, random_scores
 from upvit.adapters import get_adapter
 from upvit.data import ImageTensorDataset
-from upvit.depth import Candidate, candidates, remove_units, removal_plan, score_candidates, select
+from upvit.depth import Candidate, candidates, removal_plan, remove_units, score_candidates, select
 from upvit.errors import UpvitError
 from upvit.io import load_tensors
 from upvit.models import create_timm_model
 from upvit.plan import Plan
 from upvit.train import TrainConfig
-
-from importance.naive_vit import naive_skip_score  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture(autouse=True)

@@ -15,10 +15,10 @@ import torch
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402 (after the importorskip above)
 
-from upvit import dinov2
-from upvit.errors import UpvitError
+from upvit import dinov2  # noqa: E402 (after the importorskip above)
+from upvit.errors import UpvitError  # noqa: E402 (after the importorskip above)
 
 DIM, HEADS, HIDDEN, DEPTH, PATCH, GRID, STORED = 16, 2, 48, 2, 14, 2, 3
 IMG = PATCH * GRID
@@ -65,7 +65,9 @@ def make_backbone(seed: int = 0, decoder: bool = True) -> tuple[onnx.ModelProto,
     """A 2-layer DINOv2-named backbone on 28x28 input (2x2 patches; stored position grid 3x3)."""
     rng = np.random.default_rng(seed)
     g = _Graph(rng)
-    r = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)
+    def r(*shape, s=0.3):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
     raw: dict[str, np.ndarray] = {}
 
     def param(name: str, value: np.ndarray) -> str:

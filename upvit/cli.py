@@ -8,13 +8,37 @@ import os
 import sys
 from typing import Callable
 
-from .cli_support import (DefaultsFormatter, OneLineParser, check_device, drop_warnings, flush_warnings, fraction,
-                          nonneg_float, nonneg_int, one_line, open_unit, positive_float, positive_int, random_weights_warning,
-                          rate, start_command, warn)
+from .cli_support import (
+    DefaultsFormatter,
+    OneLineParser,
+    check_device,
+    drop_warnings,
+    flush_warnings,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    one_line,
+    open_unit,
+    positive_float,
+    positive_int,
+    random_weights_warning,
+    rate,
+    start_command,
+    warn,
+)
 from .errors import BadImageError, UpvitError
-from .provenance import command_line, data_input as _data_input, file_input as _file_input, model_input as _model_input
-from .outputs import (check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint, new_paths,
-                      remove_unfinished)
+from .outputs import (
+    check_json_path,
+    check_output_dir,
+    check_output_file,
+    discard_stale_checkpoint,
+    new_paths,
+    remove_unfinished,
+)
+from .provenance import command_line
+from .provenance import data_input as _data_input
+from .provenance import file_input as _file_input
+from .provenance import model_input as _model_input
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 

@@ -46,8 +46,8 @@ from ..errors import UpvitError
 from ..evaluation import mean_pooled
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hooks import HookMasking, norm_hook, scale_hook
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
+from .hooks import HookMasking, norm_hook, scale_hook
 from .slicing import apply_rules, linear, q_scale, vector
 
 CLASSES = ("BertModel", "BertForMaskedLM")

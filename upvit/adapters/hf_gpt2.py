@@ -37,8 +37,8 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
+from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
 from .slicing import apply_rules, conv1d, q_scale, vector
 
 

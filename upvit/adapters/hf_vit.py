@@ -28,8 +28,8 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .hf_common import eager_attention, hf_config, rebuild_from_config
+from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .slicing import apply_rules, linear, q_scale, vector
 
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")

@@ -16,7 +16,6 @@ from torch import nn
 from ..errors import UpvitError
 
 
-
 def import_timm():
     from .._compat import import_timm as _import
 

@@ -60,8 +60,7 @@ def _pvt_classes():
     from .._compat import import_timm
 
     import_timm()
-    from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed,
-                                    PyramidVisionTransformerV2)
+    from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed, PyramidVisionTransformerV2
 
     return PyramidVisionTransformerV2, Block, Attention, MlpWithDepthwiseConv, OverlapPatchEmbed
 

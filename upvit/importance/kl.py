@@ -29,10 +29,10 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed as dist_utils
-from ..progress import job, note, running
 from ..adapters.base import Adapter, Inputs, Masks, Stream, batch_len, batch_to, forward_from, removal_masks
 from ..errors import UpvitError
 from ..fingerprint import digest
+from ..progress import job, note, running
 from ..topology import Site, Topology
 from .api import register_method
 from .reference import TOKEN_ROWS, Reference, check_proxy, criterion_name, samples_word  # noqa: F401 (re-exported)

@@ -23,7 +23,6 @@ import torch
 from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_repeat, batch_slice, batch_to, forward_from
 from ..errors import UpvitError
 
-
 TOKEN_ROWS = 32768  # target size of a stacked forward, in token rows, when candidate_batch is automatic
 
 

@@ -30,8 +30,8 @@ import torch
 
 from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to
 from ..errors import UpvitError
-from ..topology import Topology
 from ..progress import Scaled, job, note, running
+from ..topology import Topology
 from .reference import Reference, check_proxy, samples_word
 
 
