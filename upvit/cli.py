@@ -128,6 +128,25 @@ def _fit_or_explain(run, out: str):
         raise UpvitError(f"{message}: replace the file with a readable image or add --skip-bad-images, {then}") from None
 
 
+def _distillation_image_data(args: argparse.Namespace, model, data_config: dict | None):
+    """Training and validation image data of a run that distils into ``model`` (finetune, depth): read with
+    the model's data config, classes checked against the model's or mapped (--class-map), unreadable files
+    refused or skipped (--skip-bad-images), every file decoded up front with --check-images."""
+    from .data import align_classes, load_data
+
+    classes, outputs = model.upvit_config.class_names, _num_classes(model, None)
+    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
+                               skip_bad_images=args.skip_bad_images)
+    train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
+    val_ds = None
+    if args.val_data:
+        val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
+        reference = classes if args.class_map else classes or info.class_names  # else: val must match train
+        val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
+    _check_images(args, train_ds, val_ds)
+    return train_ds, val_ds
+
+
 def _report_unreadable(*datasets) -> None:
     from .data import unreadable_report
 
@@ -281,7 +300,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 # -------------------------------------------------------------------------------------- finetune
 @command("finetune")
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import align_classes, load_data
+    from .data import load_data
     from .distill import check_teacher, finetune
     from .models import load_model
     from .train import TrainConfig
@@ -299,16 +318,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed, tokenizer=tokenizer)
         val_ds = load_data(args.val_data, data_config=data_config, tokenizer=tokenizer)[0] if args.val_data else None
     else:
-        classes, outputs = student.upvit_config.class_names, _num_classes(student, None)
-        train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
-                                   skip_bad_images=args.skip_bad_images)
-        train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
-        val_ds = None
-        if args.val_data:
-            val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
-            reference = classes if args.class_map else classes or info.class_names  # else: val must match train
-            val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
-        _check_images(args, train_ds, val_ds)
+        train_ds, val_ds = _distillation_image_data(args, student, data_config)
     lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256  # public recipe: 1e-3 at batch 256
     warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
@@ -690,7 +700,7 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------ depth
 @command("depth")
 def cmd_depth(args: argparse.Namespace) -> int:
-    from .data import align_classes, load_data, sample_proxy, stack_images
+    from .data import load_data, sample_proxy, stack_images
     from .depth import prune_depth
     from .importance.api import proxy_tensor
     from .models import load_model
@@ -704,16 +714,7 @@ def cmd_depth(args: argparse.Namespace) -> int:
     if args.teacher:
         random_weights_warning(args.teacher, args.teacher_checkpoint, "--teacher-checkpoint")
     data_config = model.upvit_config.data_config or None
-    classes, outputs = model.upvit_config.class_names, _num_classes(model, None)
-    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
-                               skip_bad_images=args.skip_bad_images)
-    train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
-    val_ds = None
-    if args.val_data:
-        val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
-        reference = classes if args.class_map else classes or info.class_names  # else: val must match train
-        val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
-    _check_images(args, train_ds, val_ds)  # before the proxy set reads any image
+    train_ds, val_ds = _distillation_image_data(args, model, data_config)  # checked before the proxy reads any image
     # the proxy set: evaluation transform (its labels are not used by the scores)
     plain, _ = load_data(args.data, data_config=data_config, skip_bad_images=args.skip_bad_images)
     subset, record = sample_proxy(plain, size=None if args.per_class else args.proxy_size, per_class=args.per_class,

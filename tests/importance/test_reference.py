@@ -71,16 +71,10 @@ def test_hybrid_keeps_one_reference_across_its_rounds(monkeypatch):
     from upvit.importance import kl as kl_module
 
     model, images = tiny_vit(embed_dim=24, num_heads=4), tiny_images(4)
-    real = hybrid_module.fisher_scores
+    from plan_helpers import scrambled
 
-    def scrambled(adapter, images, **options):  # a misleading screen forces several exact rounds
-        s = real(adapter, images, **options)
-        g = torch.Generator().manual_seed(0)
-        for _, t in s.items():
-            t.copy_(t[torch.randperm(t.numel(), generator=g)])
-        return s
-
-    monkeypatch.setattr(hybrid_module, "fisher_scores", scrambled)
+    # a misleading screen forces several exact rounds
+    monkeypatch.setattr(hybrid_module, "fisher_scores", scrambled(hybrid_module.fisher_scores))
     references, hashes = [], []
     original, fingerprint = Adapter.output_reference, kl_module.fingerprint
     monkeypatch.setattr(Adapter, "output_reference", lambda self, out: references.append(1) or original(self, out))
