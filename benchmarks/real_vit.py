@@ -212,11 +212,15 @@ def report(_: argparse.Namespace) -> None:
               "the teacher is that backbone + a linear head fitted on its frozen class-token features "
               "(`make dinov2-teacher`). Written by `python benchmarks/real_vit.py report`; every cell below is "
               "a command the script ran (see real_vit.json for the exact commands and wall times)."), ""]
-    for extra in ("real_vit_kl.json", "real_vit_ft.json"):  # cells run by a second process (exact KL cost)
-        path = os.path.join(os.path.dirname(REPORT), extra)
-        if os.path.isfile(path):
+    folder = os.path.dirname(REPORT)
+    for extra in sorted(os.listdir(folder)):  # cells run by other processes (REAL_VIT_RESULTS=real_vit_*.json)
+        path = os.path.join(folder, extra)
+        if extra.startswith("real_vit_") and extra.endswith(".json"):
             with open(path) as f:
-                cells.update(json.load(f)["cells"])
+                data = json.load(f)
+            cells.update(data.get("cells", {}))
+            if data.get("sizes"):
+                results["sizes"] = data["sizes"]
     probe_path = os.path.join(ROOT, TEACHER, "probe.json")
     if os.path.isfile(probe_path):
         with open(probe_path) as f:
@@ -224,16 +228,15 @@ def report(_: argparse.Namespace) -> None:
         lines += [(f"Teacher (ViT-S/14 + linear head, 112 px, `make dinov2-teacher`): emoji val top-1 "
                    f"**{t['val_top1']:.2f}%** (train {t['train_top1']:.2f}%; kNN@10 on the same features "
                    f"{t['knn10_val_top1']:.2f}%), {t['train_images']} train / {t['val_images']} val images."), ""]
-    lines += ["## Scoring cost at 112 px (emoji train proxy)", "", "| method | proxy images | seconds | s / image |",
-              "|---|---:|---:|---:|"]
+    lines += ["## Scoring cost at 112 px (emoji train proxy)", "",
+              "| method | proxy images | wall seconds | CPU seconds | CPU s / image |", "|---|---:|---:|---:|---:|"]
     for key, cell in cells.items():
         if key.startswith("score/"):
             parts = cell["command"].split()
             n = int(parts[parts.index("--proxy-size") + 1])
-            lines.append(f"| {key[6:]} | {n} | {cell['seconds']:.0f} | {cell['seconds'] / n:.1f} |")
-            if key == "score/kl_cost":
-                lines.append(f"| kl, projected for 2,000 images | 2000 | {cell['seconds'] / n * 2000:.0f} | "
-                             f"{cell['seconds'] / n:.1f} |")
+            cpu = cell.get("cpu_seconds")
+            per = f"{cpu / n:.1f}" if cpu is not None else "-"
+            lines.append(f"| {key[6:]} | {n} | {cell['seconds']:.0f} | {cpu if cpu is not None else '-'} | {per} |")
     lines += ["", ("(Wall times include loading the model and the data set, about half a minute; the machine "
                    "was shared with other jobs.)"), "", "## Top-1 on emoji val (802 images, 9 classes)", "",
               "| method | shape | before fine-tuning | after fine-tuning (seed 0..) |", "|---|---|---:|---:|"]
@@ -246,6 +249,18 @@ def report(_: argparse.Namespace) -> None:
             b = f"{before:.2f}" if before is not None else ("random init" if method == "scratch" else "-")
             a = ", ".join(f"{v:.2f}" for v in after if v is not None) or "-"
             lines.append(f"| {method} | {shape} {dims} | {b} | {a} |")
+    if results.get("sizes"):
+        lines += ["", "## Size (one forward of one image)", "", "| model | shape | px | params | MACs |",
+                  "|---|---|---:|---:|---:|"]
+        for r in results["sizes"]:
+            lines.append(f"| {r['model']} | {tuple(r['shape'])} | {r['img_size']} | {r['params'] / 1e6:.2f} M | "
+                         f"{r['macs'] / 1e9:.2f} G |")
+    if results.get("sizes"):
+        lines += ["", "## Size (one forward of one image)", "", "| model | shape | px | params | MACs |",
+                  "|---|---|---:|---:|---:|"]
+        for r in results["sizes"]:
+            lines.append(f"| {r['model']} | {tuple(r['shape'])} | {r['img_size']} | {r['params'] / 1e6:.2f} M | "
+                         f"{r['macs'] / 1e9:.2f} G |")
     if "bench" in results:
         lines += ["", "## Size and speed (batch 16, median of 5, random weights of the same shape)", "",
                   "| model | shape | px | params | MACs | images/s |", "|---|---|---:|---:|---:|---:|"]

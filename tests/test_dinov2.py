@@ -232,3 +232,30 @@ def test_not_a_dinov2_graph_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not onnx")
     assert dinov2.main(["--onnx", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_converted_model_prunes_to_the_masked_original():
+    """The converted family (LayerScale, no fc_norm, the stored position table) through upvit.prune: width
+    16 -> 8 (head dim 8 -> 4), MLP 48 -> 20, equal to the original with the plan's masks. (Merged heads have no
+    masked-original equivalent: tests/test_surgery.py checks them against hand-written attention.)"""
+    import upvit
+    from plan_helpers import plan_masks, random_scores
+    from upvit.adapters import get_adapter
+    from upvit.plan import make_plan
+    from upvit.probe import with_head
+
+    model, _ = make_backbone()
+    converted, _ = _convert(model)
+    head = torch.nn.Linear(DIM, 3)
+    torch.nn.init.normal_(head.weight, std=1.0)
+    teacher = with_head(converted, head, ["a", "b", "c"])
+    plan = make_plan(teacher, random_scores(teacher, seed=4), embed_dim=8, num_heads=2, mlp_hidden=20)
+    pruned = upvit.prune(teacher, plan)
+    assert pruned.blocks[0].attn.head_dim == 4 and pruned.blocks[0].ls1.gamma.shape == (8,)
+    assert pruned.pos_embed.shape == (1, 1 + GRID * GRID, 8)
+    x = torch.from_numpy(_images(2))
+    with torch.no_grad():
+        ref = get_adapter(teacher).forward(x, plan_masks(teacher, plan))
+        out = pruned(x)
+    assert out.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)

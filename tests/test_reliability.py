@@ -276,7 +276,7 @@ def test_a_damaged_image_is_one_line_naming_it_or_is_skipped(tmp_path, capsys):
 
     # the same in-process for scoring, training with --skip-bad-images, and --check-images
     capsys.readouterr()
-    score = ["score", model, "--data", str(folder), "--proxy-size", "8", "--method", "magnitude",
+    score = ["score", model, "--data", str(folder), "--proxy-size", "8", "--method", "fisher",  # reads the images
              "--out", str(tmp_path / "s.safetensors")]
     assert main(score) == 2 and f"cannot read image {paths[5]}" in capsys.readouterr().err
     assert not (tmp_path / "s.safetensors").exists()

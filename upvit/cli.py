@@ -612,6 +612,11 @@ def cmd_score(args: argparse.Namespace) -> int:
                          "or --ratios 0.5 0.25")
     if args.method not in ("hybrid", "greedy") and (targets is not None or args.ratios is not None):
         raise UpvitError("--target and --ratios apply to --method hybrid and greedy only")
+    if (args.dtype or args.memory_gb) and args.method != "kl":
+        raise UpvitError(f"--dtype and --memory-gb apply to --method kl only (got --method {args.method}): drop them")
+    if args.dtype == "fp16" and not ((args.device or "").startswith("cuda") or
+                                     (args.device is None and torch.cuda.is_available())):
+        raise UpvitError("--dtype fp16 needs a CUDA device: use --dtype bf16 on the CPU (or --device cuda)")
     if args.resume and args.method not in PERSISTING:
         raise UpvitError(f"--method {args.method} cannot resume (it keeps no partial state): drop --resume, "
                          f"and add --force to overwrite {args.out}")
@@ -646,6 +651,14 @@ def cmd_score(args: argparse.Namespace) -> int:
             "inputs": {"model": args.model, "checkpoint": _file_input(args.checkpoint), "data": args.data}}
     model.to(device)
     options = {"batch_size": args.batch_size}
+    if args.method == "kl" and (args.dtype or args.memory_gb):
+        options.update(dtype=args.dtype, memory_gb=args.memory_gb)
+    if args.dtype == "bf16" and device.type == "cpu":
+        from .importance.kl import cpu_bf16_native
+
+        if not cpu_bf16_native():
+            warn("--dtype bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 matrix products are "
+                 "emulated and far slower than fp32: drop --dtype (fp32) here")
     if args.method in ("hybrid", "greedy"):
         options.update({"targets": targets, "ratios": args.ratios})
     if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels
@@ -679,17 +692,27 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="where the proxy set is drawn from: animal-mnist:train, an "
                    "ImageFolder directory, shakespeare:train or text:FILE_OR_DIR (text models)")
-    p.add_argument("--proxy-size", type=positive_int, default=2000, help="random proxy images (seeded)")
+    p.add_argument("--proxy-size", type=positive_int, default=2000,
+                   help="random proxy images (seeded); 2,000 is the paper's: exact KL's time grows linearly with it "
+                        "(days on a CPU at 224 px; the run prints its estimate first, README lists measured costs)")
     p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
-    p.add_argument("--method", default="kl", help="kl (exact, the paper's), fisher, hybrid, magnitude, random, taylor, "
-                   "greedy")
+    p.add_argument("--method", default="kl", help="kl (exact, the paper's: one partial forward per channel per proxy "
+                   "image), fisher (an estimate from a few backward passes per image: seconds), hybrid (exact keep sets "
+                   "at --target for a fraction of kl's time), magnitude, random (no data), taylor, greedy")
     p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's; "
                    "greedy: a shape whose residual width the greedy path passes (repeatable; per-stage values "
                    "separated by '/')")
     p.add_argument("--ratios", type=fraction, nargs="+", help="hybrid/greedy: instead of --target, keep ratios such as "
                    "0.5 0.25")
     p.add_argument("--batch-size", type=positive_int, default=64, help="proxy images per forward")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="--method kl: precision of the candidates' forwards (the teacher's reference stays fp32, the "
+                        "KL float64); bf16 about 2x faster on CPUs with AVX-512 BF16, fp16 on CUDA only; default fp32 "
+                        "(benchmarks/results/scale.md: score error and keep sets)")
+    p.add_argument("--memory-gb", type=positive_float, default=None,
+                   help="--method kl: activation memory (GiB) the stacked candidate forwards may use (default 6: safe "
+                        "on a 16 GB machine)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="scores file (.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run writing --out (--method kl)")

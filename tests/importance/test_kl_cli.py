@@ -127,7 +127,7 @@ def test_cli_resume_refuses_other_model(tmp_path):
     r = run(["-m", "upvit", "score", mdir, *args, "--resume"])  # finished: resume returns the same scores
     assert r.returncode == 0, r.stderr
     assert all(torch.equal(upvit.Scores.load(out)[k], t) for k, t in before.items())
-    assert_one_line_error(run(["-m", "upvit", "score", other, *args, "--resume"]), "different model")
+    assert_one_line_error(run(["-m", "upvit", "score", other, *args, "--resume"]), "the model's weights differ")
 
 
 def test_cli_hybrid_needs_targets_and_parses_them():

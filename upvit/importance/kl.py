@@ -21,6 +21,7 @@ candidate chunk), so a unit's numbers do not depend on which process computes it
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -40,6 +41,8 @@ from .scores import Scores
 
 PARTIAL_FORMAT = "upvit-kl-partial"
 ENGINE_VERSION = 2
+DEFAULT_MEMORY_GB = 6.0  # activation budget of the candidates' stacked forwards: safe on a 16 GB machine
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def partial_path(out: str) -> str:
@@ -61,6 +64,56 @@ def resolve_candidates(topology: Topology, candidates: dict[str, Any] | None) ->
         if t.numel():
             out[key] = t
     return out
+
+
+def compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The precision of the candidates' forwards: ``fp32`` (default, the reference), ``bf16`` (CPU or CUDA)
+    or ``fp16`` (CUDA only: CPU half matmuls are slow and overflow-prone)."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        name = {v: k for k, v in COMPUTE_DTYPES.items()}.get(name, str(name))
+    if name not in COMPUTE_DTYPES:
+        raise UpvitError(f"unknown scoring dtype {name!r}: use fp32, bf16 or fp16 (fp16 on CUDA only)")
+    if name == "fp16" and device.type != "cuda":
+        raise UpvitError("--dtype fp16 needs a CUDA device: use bf16 on the CPU (or --device cuda)")
+    return COMPUTE_DTYPES[name]
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX flags in /proc/cpuinfo). Without
+    them bf16 matrix products are emulated and run far slower than float32 (about 65x on an AVX2 EPYC:
+    benchmarks/results/scale.md), so ``dtype='bf16'`` only pays on CPUs that have them, or on a GPU."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bytes_per_candidate_input(tokens: int, width: int, hidden: int, heads: int, element_bytes: int = 4,
+                              keys: int | None = None) -> int:
+    """Activation bytes one candidate on one proxy input holds at the peak of a block's forward (no autograd).
+
+    Live at once, per token: the residual stream and its normed copy (2 x width), q, k, v (3 x width), the
+    attention output and the projection (2 x width), the FFN's hidden layer before and after its activation
+    (2 x hidden); plus one attention matrix per head (tokens x ``keys``, default tokens: materialised by the
+    unfused path). An upper bound on what one stacked forward keeps, so a budget built on it is not exceeded.
+    """
+    per_token = 7 * width + 2 * hidden
+    return element_bytes * (tokens * per_token + heads * tokens * (tokens if keys is None else keys))
+
+
+def candidate_batch_for_memory(memory_gb: float, rows: int, tokens: int, width: int, hidden: int, heads: int,
+                               fixed_bytes: int = 0, element_bytes: int = 4, keys: int | None = None) -> int:
+    """Candidates to stack per forward of ``rows`` proxy inputs so their activations fit ``memory_gb``
+    (GiB) after ``fixed_bytes`` (weights, stream caches); at least 1."""
+    free = memory_gb * 2**30 - fixed_bytes
+    per = bytes_per_candidate_input(tokens, width, hidden, heads, element_bytes, keys) * rows
+    return max(1, int(free // per))
 
 
 class Fingerprint(str):
@@ -140,6 +193,8 @@ def kl_scores(
     proxy_meta: dict[str, Any] | None = None,
     callback: Callable[[str], None] | None = None,
     meta: dict[str, Any] | None = None,
+    dtype: str | torch.dtype | None = None,
+    memory_gb: float | None = None,
     reference: Reference | None = None,
 ) -> Scores:
     """Exact KL importance of every channel (or of ``candidates`` only; other entries are NaN).
@@ -158,6 +213,10 @@ def kl_scores(
         proxy_meta: how the proxy set was sampled (recorded in the metadata).
         callback: called with each site key once that site is scored and persisted.
         meta: extra metadata recorded with the scores (e.g. the model spec and the command line).
+        dtype: precision of the candidates' forwards: ``fp32`` (default), ``bf16`` or ``fp16`` (CUDA). The
+            teacher's reference outputs and stream caches stay in the model's dtype and the KL in float64.
+        memory_gb: activation budget (GiB) that caps the automatic candidate batch (default 6: safe on a
+            16 GB machine); ignored when ``candidate_batch`` is given.
         reference: the original's outputs on these inputs and batches, from an earlier call (a caller that
             scores in rounds, like the hybrid scorer, keeps one); without ``out``, no fingerprint is taken.
 
@@ -170,8 +229,11 @@ def kl_scores(
         raise UpvitError("batch_size and candidate_batch must be at least 1")
     if resume and not out:
         raise UpvitError("resume needs the output path (out=...) of the interrupted run")
+    if memory_gb is not None and not memory_gb > 0:
+        raise UpvitError(f"memory_gb must be a positive number of GiB, got {memory_gb!r}")
     model = adapter.model
     param = next(model.parameters())
+    compute = compute_dtype(dtype, param.device)
     device, dtype = param.device, param.dtype
     inputs = batch_to(inputs, device, dtype)
     topology = adapter.topology()
@@ -182,6 +244,8 @@ def kl_scores(
     options = {"engine": ENGINE_VERSION, "batch_size": batch_size, "candidate_batch": candidate_batch,
                "candidates": None if candidates is None else {k: v.tolist() for k, v in cands.items()},
                "dtype": str(dtype), "device": device.type}
+    if compute != torch.float32:  # only then: fp32 runs keep the fingerprint (and resume) of earlier versions
+        options["compute_dtype"] = str(compute)
     if reference is not None and not reference.fits(adapter, batches):
         raise UpvitError("the reference given to kl_scores was computed for another model or other proxy batches")
     # the fingerprint hashes every weight: needed to persist or resume, not for a caller's in-memory round
@@ -204,7 +268,8 @@ def kl_scores(
     model.eval()
     try:
         with torch.no_grad():
-            engine = _Engine(adapter, inputs, batches, cands, candidate_batch, progress, reference)
+            engine = _Engine(adapter, inputs, batches, cands, candidate_batch, progress, compute,
+                             DEFAULT_MEMORY_GB if memory_gb is None else memory_gb, reference)
             result = engine.run(done, lambda key, res: _persist(out, fp, res, previous_wall + time.time() - t_start,
                                                                  callback, key))
     finally:
@@ -217,7 +282,8 @@ def kl_scores(
         "divergence": adapter.divergence, "temperature": 1.0, "reduction": "sum over proxy inputs and events",
         "proxy": dict(proxy_meta or {}), "num_images": N, "model": adapter.describe(),
         "candidates": {k: int(v.numel()) for k, v in cands.items()} if candidates is not None else "all",
-        "batch_size": batch_size, "candidate_batch": candidate_batch, "device": str(device),
+        "batch_size": batch_size, "candidate_batch": candidate_batch, "candidate_batch_used": engine.C,
+        "compute_dtype": str(compute).replace("torch.", ""), "device": str(device),
         "world_size": dist_utils.world_size(), "torch": torch.__version__,
         "wall_time_s": round(wall, 3), "wall_time_total_s": round(wall + previous_wall, 3),
         "resumed": bool(done), "fingerprint": fp, "fingerprint_parts": getattr(fp, "parts", None),
@@ -244,8 +310,10 @@ class _Engine:
 
     def __init__(self, adapter: Adapter, inputs: Inputs, batches: list[tuple[int, int]],
                  cands: dict[str, torch.Tensor], candidate_batch: int | None, show_progress: bool,
+                 compute: torch.dtype = torch.float32, memory_gb: float = DEFAULT_MEMORY_GB,
                  reference: Reference | None = None) -> None:
         self.adapter, self.inputs, self.batches, self.cands = adapter, inputs, batches, cands
+        self.compute, self.memory_gb = compute, memory_gb
         self.topology = adapter.topology()
         self.candidate_batch = candidate_batch
         self.show_progress = show_progress
@@ -256,10 +324,31 @@ class _Engine:
     # ---------------------------------------------------------------- set-up
     def _teacher(self) -> None:
         """The original's outputs (once) and the streams entering the first unit: the shared
-        :class:`~upvit.importance.reference.Reference`."""
+        :class:`~upvit.importance.reference.Reference`; the candidate batch from the token rows and memory."""
         if self.reference is None:
             self.reference = Reference(self.adapter, self.inputs, batches=self.batches)
-        self.C = self.reference.candidate_batch(self.candidate_batch)
+        streams = self.reference.entry
+        x0 = streams[0].x
+        tokens = max(1, x0[0].numel() // x0.shape[-1])
+        rows = self.reference.rows(0)
+        self.C = self.candidate_batch or min(self.reference.candidate_batch(), self._memory_cap(streams, rows, tokens))
+
+    def _memory_cap(self, streams: list[Stream], rows: int, tokens: int) -> int:
+        """The candidate batch whose stacked activations fit ``memory_gb`` beside the weights and caches.
+        (Keep when refactoring: it needs the widest site's sizes, the cached streams and the weights.)"""
+        model = self.adapter.model
+        fixed = sum(p.numel() * p.element_size() for p in model.parameters())
+        fixed += sum(st.x.numel() * st.x.element_size() for st in streams)
+        width = int(streams[0].x.shape[-1])
+        by_kind: dict[str, int] = {}
+        for s in self.topology.sites:
+            by_kind[s.kind] = max(by_kind.get(s.kind, 0), s.size)
+        hidden = max(by_kind.get("ffn", 4 * width), width)
+        heads = max([s.heads or 1 for s in self.topology.sites if s.kind == "attn"] or [1])
+        # hierarchical models (several stages) attend within windows or over reduced keys: no tokens x tokens matrix
+        keys = tokens if len({s.stage for s in self.topology.sites}) == 1 else min(tokens, 64)
+        return candidate_batch_for_memory(self.memory_gb, rows, tokens, width, hidden, heads, fixed,
+                                          4 if self.compute == torch.float32 else 2, keys)
 
     def _plan_work(self, done: dict[str, torch.Tensor]) -> None:
         """Fixed work units (site, chunk of C candidates); unit u belongs to rank u % world."""
@@ -341,12 +430,21 @@ class _Engine:
             direction = dirs.index_select(0, idx_d).view(C, *([1] * (act.dim() - 2)), -1)
             x = (out.x.unsqueeze(0) - act * direction).reshape(C * rows, *out.x.shape[1:])
             stream = Stream(x, {k: v.repeat(C, *([1] * (v.dim() - 1))) for k, v in out.batch.items()}, dict(out.info))
-            logits = forward_from(a, stream, start + 1, topo)
+            with self._precision():
+                logits = forward_from(a, stream, start + 1, topo)
         else:
             mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.reference.device))
-            with a.masking(Masks({site.key: mask})):
-                return self.reference.run(n, start, C, streams)
-        return logits.view(C, rows, *logits.shape[1:])
+            with a.masking(Masks({site.key: mask})), self._precision():
+                return self.reference.run(n, start, C, streams).to(self.dtype)
+        return logits.view(C, rows, *logits.shape[1:]).to(self.dtype)
+
+    def _precision(self):
+        """Reduced precision (``compute``) for the candidates' forwards only: the teacher's reference and
+        the cached streams are computed outside it, the KL in float64. (Keep when refactoring: every
+        candidate forward runs inside this, nothing else does.)"""
+        if self.compute == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.reference.device.type, dtype=self.compute)
 
 
 # --------------------------------------------------------------------------------------- persistence

@@ -1,0 +1,521 @@
+"""Exact KL scoring at real size: rates against the machine's matmul rate, reduced precision, memory,
+the fast scorers verified against exact, and the projected cost of the paper's setting.
+
+    .venv/bin/python benchmarks/scale.py                     # every part not yet in the results (resumable)
+    .venv/bin/python benchmarks/scale.py --parts rates       # one part again (rates, memory, bf16, fast)
+    .venv/bin/python benchmarks/scale.py --smoke --out /tmp/scale   # seconds, tiny models (the test suite)
+
+Parts (each stored in benchmarks/results/scale.json as soon as it finishes; a rerun skips finished parts
+unless named in --parts):
+
+* ``rates``: DeiT-S and DeiT-B shapes at 224 px (seeded random weights: speed does not depend on them), a
+  seeded sample of candidates of one site per kind (residual, a middle block's attention and FFN),
+  fp32 and bf16. A candidate's cost is the difference of two runs (k+1 and 1 candidates), so the
+  teacher's forward and the cache advance are not counted; its FLOPs are counted the same way with
+  torch's FlopCounterMode. The engine-shaped matmul rate (fp32 and bf16) is measured before and after
+  each engine measurement, so the achieved fraction is a ratio within one stretch of machine load.
+* ``memory``: peak resident memory (ru_maxrss) of a fresh process scoring a full candidate stack of
+  DeiT-B at 224 px with the default budget, and with a 2 GiB budget.
+* ``bf16``: the shipped teacher's exact scores in fp32 and bf16 on one proxy set: error per site kind
+  and keep-set differences at the S (96/6/384) and T (48/3/192) targets.
+* ``fast``: exact (fp32) vs fisher vs hybrid on a ViT-S at 56 px: the converted DINOv2 ViT-S/14 with
+  its emoji head (runs/dinov2/emoji_teacher_112, position table resized) when present, else a
+  DeiT-S shape; Spearman per site kind, hybrid's exact fraction, speed-ups, keep sets at a Ti-like
+  and a mild target. Exact scores persist in runs/scale/ (resumable).
+* the projection (always recomputed): the paper's setting (DeiT-B, 224 px, 2,000 images) for exact
+  (fp32, bf16), hybrid and fisher from the measured rates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("UPVIT_NO_PROGRESS", "1")
+
+from upvit.adapters import get_adapter  # noqa: E402
+from upvit.importance.kl import kl_scores  # noqa: E402
+from upvit.models import load_model  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+VIT = "timm:vit_base_patch16_224,img_size={px},patch_size={patch},num_classes={classes},embed_dim={e},depth={d}," \
+      "num_heads={h},mlp_ratio=4.0"
+SHAPES = {"deit_s": dict(e=384, d=12, h=6), "deit_b": dict(e=768, d=12, h=12)}
+SMOKE_SHAPES = {"tiny_s": dict(e=32, d=4, h=2), "tiny_b": dict(e=48, d=4, h=4)}
+TEACHER = os.path.join(ROOT, "upvit", "assets", "teacher")
+EMOJI = os.path.join(ROOT, "runs", "dinov2", "emoji_teacher_112")
+TEACHER_TARGETS = {"S": dict(embed_dim=96, num_heads=6, mlp_hidden=384), "T": dict(embed_dim=48, num_heads=3, mlp_hidden=192)}
+VIT_S_TARGETS = {"Ti-like": dict(embed_dim=192, num_heads=3, mlp_hidden=768),
+                 "mild": dict(embed_dim=288, num_heads=6, mlp_hidden=1152)}
+PAPER = dict(images=2000, shape="deit_b")
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+
+
+def matmul_rate(rows: int, width: int, dtype: torch.dtype, seconds: float) -> float:
+    """FLOP/s of an engine-shaped product [rows, width] @ [width, 4 width] in ``dtype``."""
+    a, b = torch.randn(rows, width).to(dtype), torch.randn(width, 4 * width).to(dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or reps < 2:
+        a @ b
+        reps += 1
+    return 2 * rows * width * 4 * width * reps / (time.perf_counter() - t0)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    from fast_scoring import spearman as sp
+
+    return sp(a, b)
+
+
+# ------------------------------------------------------------------------------------------ rates
+def _timed(adapter, images, key, idx, dtype) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    s = kl_scores(adapter, images, candidates={key: idx}, dtype=dtype, progress=False)
+    return time.perf_counter() - t0, s[key][idx]
+
+
+def _flops(adapter, images, key, idx) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        kl_scores(adapter, images, candidates={key: idx}, progress=False)
+    return float(counter.get_total_flops())
+
+
+def part_rates(cfg: dict) -> dict:
+    out = {}
+    for name, shape in cfg["shapes"].items():
+        spec = VIT.format(px=cfg["px"], patch=cfg["patch"], classes=cfg["classes"], **shape)
+        model = load_model(spec, init_seed=0).eval()
+        adapter = get_adapter(model)
+        images = torch.randn(cfg["images"], 3, cfg["px"], cfg["px"], generator=torch.Generator().manual_seed(0))
+        mid = shape["d"] // 2
+        tokens = (cfg["px"] // cfg["patch"]) ** 2 + 1
+        rows = cfg["k"] * cfg["images"] * tokens
+        g = torch.Generator().manual_seed(1)
+        res: dict = {"spec": spec, "images": cfg["images"], "candidates_per_site": cfg["k"], "sites": {}}
+        for kind, key in (("residual", "res.0"), ("attn", f"attn.{mid}"), ("ffn", f"ffn.{mid}")):
+            size = adapter.topology().site(key).size
+            idx = torch.randperm(size, generator=g)[:cfg["k"] + 1].sort().values
+            # FLOPs per candidate-image: difference of 3 and 1 candidates on one image (same work per candidate)
+            one = images[:1]
+            f_per = (_flops(adapter, one, key, idx[:3]) - _flops(adapter, one, key, idx[:1])) / 2
+            row: dict = {"site": key, "flop_per_candidate_image": f_per}
+            scores = {}
+            for dname, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                mm_before = matmul_rate(rows, shape["e"], dt, cfg["mm_seconds"])
+                t1, _ = _timed(adapter, images, key, idx[:1], dname)
+                tk, sc = _timed(adapter, images, key, idx, dname)
+                mm_after = matmul_rate(rows, shape["e"], dt, cfg["mm_seconds"])
+                scores[dname] = sc
+                # candidate-images per second; None when load noise hides the difference (tiny smoke shapes)
+                rate = cfg["images"] * cfg["k"] / (tk - t1) if tk > t1 else None
+                mm = (mm_before + mm_after) / 2
+                row[dname] = {"seconds_k_plus_1": round(tk, 3), "seconds_1": round(t1, 3),
+                              "candidate_images_per_s": rate, "flop_per_s": rate and rate * f_per,
+                              "matmul_flop_per_s": mm, "matmul_before_after": [mm_before, mm_after],
+                              "fraction_of_matmul": rate and rate * f_per / mm, "load_after": os.getloadavg()[0]}
+            a, b = scores["fp32"], scores["bf16"]
+            row["bf16_max_rel_err_vs_site_max"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+            row["bf16_spearman"] = spearman(a, b) if len(a) > 2 else None
+            rf, rb = row["fp32"]["candidate_images_per_s"], row["bf16"]["candidate_images_per_s"]
+            row["bf16_speedup"] = rb / rf if rf and rb else None
+            res["sites"][kind] = row
+            print(f"  {name} {kind}: fp32 {rf} cand-img/s ({row['fp32']['fraction_of_matmul']} of matmul), bf16 {rb} "
+                  f"({row['bf16']['fraction_of_matmul']}), load {os.getloadavg()[0]:.1f}", flush=True)
+        # fisher and hybrid's screen per image, on the same model (for the projection)
+        from upvit.importance.fisher import fisher_scores
+
+        n = cfg["images"]
+        for what, opts in (("fisher_s_per_image", {}), ("fisher_local_attn_s_per_image", {"attention": "local"})):
+            t0 = time.perf_counter()
+            fisher_scores(adapter, images, batch_size=n, progress=False, **opts)
+            res[what] = (time.perf_counter() - t0) / n
+        topo = adapter.topology()
+        U = len(topo.units)
+        res["sites_all"] = [{"key": s.key, "kind": s.kind, "size": s.size,
+                             "cost": max(1, U - max(topo.start_unit(s.key), 0)) / U} for s in topo.sites]
+        out[name] = res
+        del model, adapter
+    return out
+
+
+# ------------------------------------------------------------------------------------------ memory
+def memory_child(spec: str, images: int, memory_gb: float | None, key: str, px: int) -> dict:
+    """Run in a fresh process: peak RSS after loading, and after scoring one full candidate stack."""
+    model = load_model(spec, init_seed=0).eval()
+    adapter = get_adapter(model)
+    x = torch.randn(images, 3, px, px, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x[:1])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    site = adapter.topology().site(key)
+    # enough candidates to fill one automatic stack: probe the batch the engine picks with one candidate
+    probe = kl_scores(adapter, x, candidates={key: [0]}, memory_gb=memory_gb, progress=False)
+    C = int(probe.meta["candidate_batch_used"])
+    t0 = time.perf_counter()
+    kl_scores(adapter, x, candidates={key: list(range(min(C, site.size)))}, memory_gb=memory_gb, progress=False)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"spec": spec, "images": images, "site": key, "memory_gb": memory_gb, "candidate_batch": C,
+            "stacked_images": C * images, "rss_after_load_bytes": base, "peak_rss_bytes": peak,
+            "peak_gib": peak / 2**30, "scoring_increase_gib": (peak - base) / 2**30, "wall_s": round(wall, 2)}
+
+
+def part_memory(cfg: dict) -> dict:
+    shape = cfg["shapes"][list(cfg["shapes"])[-1]]
+    spec = VIT.format(px=cfg["px"], patch=cfg["patch"], classes=cfg["classes"], **shape)
+    key = f"attn.{shape['d'] - 2}"
+    out = {}
+    for label, budget in (("default", None), ("2GiB", 2.0))[:1 if cfg["smoke"] else 2]:
+        args = [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(
+            {"spec": spec, "images": cfg["mem_images"], "memory_gb": budget, "key": key, "px": cfg["px"]})]
+        p = subprocess.run(args, capture_output=True, text=True, check=False)
+        if p.returncode != 0:
+            raise SystemExit(f"memory child failed: {p.stderr[-2000:]}")
+        out[label] = json.loads(p.stdout.strip().splitlines()[-1])
+        print(f"  memory {label}: peak {out[label]['peak_gib']:.2f} GiB, stack {out[label]['stacked_images']} images",
+              flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ bf16
+def keep_diff(model, a, b, target) -> dict:
+    """Channels whose keep/drop decision differs between scores a and b at ``target``, per component."""
+    from upvit.plan import make_plan
+
+    pa, pb = make_plan(model, a, **target), make_plan(model, b, **target)
+    return {"embed": len(set(pa.keep_embed) ^ set(pb.keep_embed)) // 2,
+            "attn": sum(len(set(x) ^ set(y)) for x, y in zip(pa.keep_attn, pb.keep_attn)) // 2,
+            "ffn": sum(len(set(x) ^ set(y)) for x, y in zip(pa.keep_ffn, pb.keep_ffn)) // 2}
+
+
+def error_by_kind(a, b, topology) -> dict:
+    out = {}
+    for kind in ("residual", "attn", "ffn"):
+        keys = [s.key for s in topology.sites if s.kind == kind]
+        rel, med, sp = [], [], []
+        for k in keys:
+            x, y = a[k].double(), b[k].double()
+            top = x.abs().max().clamp_min(1e-300)
+            rel.append(float((x - y).abs().max() / top))
+            med.append(float(((x - y).abs() / x.abs().clamp_min(1e-300)).median()))
+            sp.append(spearman(x, y))
+        out[kind] = {"max_abs_err_over_site_max": max(rel), "median_rel_err": float(torch.tensor(med).median()),
+                     "min_spearman": min(sp)}
+    return out
+
+
+def part_bf16(cfg: dict) -> dict:
+    from upvit.data import load_data, sample_proxy
+    from upvit.importance.api import proxy_tensor
+
+    if cfg["smoke"] or not os.path.isfile(os.path.join(TEACHER, "config.json")):
+        from upvit.models import ModelConfig  # noqa: F401  (tiny stand-in below)
+
+        spec = VIT.format(px=16, patch=4, classes=10, e=24, d=2, h=4).replace("num_classes", "in_chans=1,num_classes")
+        model = load_model(spec, init_seed=0).eval()
+        images = torch.randn(cfg["bf16_images"], 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        desc, targets = spec, {"S": dict(embed_dim=12, num_heads=2, mlp_hidden=48),
+                               "T": dict(embed_dim=6, num_heads=1, mlp_hidden=24)}
+    else:
+        model = load_model(TEACHER).eval()
+        ds, _ = load_data("animal-mnist:train", data_config=model.upvit_config.data_config or None)
+        subset, _ = sample_proxy(ds, size=cfg["bf16_images"], seed=0)
+        images, desc, targets = proxy_tensor(subset), "upvit/assets/teacher", TEACHER_TARGETS
+    adapter = get_adapter(model)
+    t0 = time.perf_counter()
+    a = kl_scores(adapter, images, progress=False)
+    t_fp32 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = kl_scores(adapter, images, progress=False, dtype="bf16")
+    t_bf16 = time.perf_counter() - t0
+    return {"model": desc, "proxy_images": len(images), "fp32_s": round(t_fp32, 2), "bf16_s": round(t_bf16, 2),
+            "error_by_kind": error_by_kind(a, b, adapter.topology()),
+            "keep_set_differences": {t: keep_diff(model, b, a, tg) for t, tg in targets.items()},
+            "load_after": os.getloadavg()[0]}
+
+
+# ------------------------------------------------------------------------------------------ fast
+def vit_s_at(px: int):
+    """The emoji-headed DINOv2 ViT-S/14 at ``px`` (position table resized as the conversion does, without
+    antialiasing), or a DeiT-S shape with seeded random weights when the converted model is absent."""
+    from upvit.io import load_tensors
+
+    if not os.path.isfile(os.path.join(EMOJI, "model.safetensors")):
+        spec = VIT.format(px=px, patch=16, classes=1000, **SHAPES["deit_s"])
+        return load_model(spec, init_seed=0).eval(), f"{spec} (random weights: {EMOJI} absent)", None
+    from timm.layers import resample_abs_pos_embed
+
+    spec = f"timm:vit_small_patch14_dinov2,img_size={px},num_classes=9"
+    model = load_model(spec, init_seed=0).eval()
+    state, _ = load_tensors(os.path.join(EMOJI, "model.safetensors"))
+    g = px // 14
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (g, g), num_prefix_tokens=1, interpolation="bicubic",
+                                                antialias=False)
+    model.load_state_dict(state, strict=True)
+    return model, f"{EMOJI} at {px} px (pos_embed resized 8x8 -> {g}x{g})", "emoji"
+
+
+def part_fast(cfg: dict) -> dict:
+    from upvit.importance.fisher import fisher_scores
+    from upvit.importance.hybrid import hybrid_scores
+
+    if cfg["smoke"]:
+        spec = VIT.format(px=16, patch=4, classes=10, e=24, d=2, h=4)
+        model, desc, data = load_model(spec, init_seed=0).eval(), spec, None
+        targets = {"Ti-like": dict(embed_dim=12, num_heads=2, mlp_hidden=48),
+                   "mild": dict(embed_dim=16, num_heads=4, mlp_hidden=64)}
+        px, chans = 16, 3
+    else:
+        model, desc, data = vit_s_at(cfg["fast_px"])
+        targets, px, chans = VIT_S_TARGETS, cfg["fast_px"], 3
+    adapter = get_adapter(model)
+    if data == "emoji":
+        from upvit.data import load_data, sample_proxy
+        from upvit.importance.api import proxy_tensor
+
+        dc = {**model.upvit_config.data_config, "input_size": [3, px, px]} if model.upvit_config.data_config else \
+            {"input_size": [3, px, px], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
+             "interpolation": "bicubic"}
+        ds, _ = load_data("emoji:train", data_config=dc)
+        subset, _ = sample_proxy(ds, size=cfg["fast_images"], seed=0)
+        images, proxy = proxy_tensor(subset), f"emoji:train, {cfg['fast_images']} images, seed 0, {px} px"
+    else:
+        images = torch.randn(cfg["fast_images"], chans, px, px, generator=torch.Generator().manual_seed(0))
+        proxy = f"{cfg['fast_images']} seeded Gaussian images at {px} px"
+    os.makedirs(cfg["runs"], exist_ok=True)
+    exact_out = os.path.join(cfg["runs"], f"fast_exact_{px}px_p{cfg['fast_images']}.safetensors")
+    t0 = time.perf_counter()
+    exact = kl_scores(adapter, images, out=exact_out, resume=True, batch_size=cfg["fast_images"],
+                      progress=not cfg["smoke"])
+    t_exact = float(exact.meta.get("wall_time_total_s") or (time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    fisher = fisher_scores(adapter, images, batch_size=cfg["fast_images"], progress=False)
+    t_fisher = time.perf_counter() - t0
+    topo = adapter.topology()
+    sp = {}
+    for kind in ("residual", "attn", "ffn"):
+        keys = [s.key for s in topo.sites if s.kind == kind]
+        sp[kind] = {"pooled": spearman(torch.cat([fisher[k] for k in keys]), torch.cat([exact[k] for k in keys])),
+                    "min_per_site": min(spearman(fisher[k], exact[k]) for k in keys)}
+    hyb = {}
+    for tname, tg in targets.items():
+        t0 = time.perf_counter()
+        h = hybrid_scores(adapter, images, targets=[tg], batch_size=cfg["fast_images"], progress=False)
+        th = time.perf_counter() - t0
+        hyb[tname] = {"target": tg, "seconds": round(th, 2), "speedup_vs_exact": t_exact / th,
+                      "exact_fraction": h.meta["exact_fraction"], "rounds": h.meta["rounds"],
+                      "keep_set_differences_vs_exact": keep_diff(model, h, exact, tg),
+                      "fisher_keep_set_differences_vs_exact": keep_diff(model, fisher, exact, tg)}
+        print(f"  hybrid {tname}: {th:.1f} s, {h.meta['exact_fraction']:.1%} exact", flush=True)
+    return {"model": desc, "proxy": proxy, "exact_s": round(t_exact, 2), "exact_scores": os.path.relpath(exact_out, ROOT),
+            "exact_wall_time_is_total_over_resumes": True,
+            "fisher_s": round(t_fisher, 3), "fisher_speedup_vs_exact": t_exact / t_fisher, "fisher_spearman": sp,
+            "hybrid": hyb, "load_after": os.getloadavg()[0]}
+
+
+# ------------------------------------------------------------------------------------------ projection
+def projection(report: dict, shape: str) -> dict | None:
+    r = report.get("rates", {}).get(shape)
+    if not r:
+        return None
+    N = PAPER["images"]
+    out = {"images": N, "model_shape": shape}
+    for dname in ("fp32", "bf16"):
+        total = 0.0
+        for s in r["sites_all"]:  # per kind: the measured middle-block rate, scaled by the site's remaining work
+            m = r["sites"][s["kind"]]
+            ref_cost = next(x["cost"] for x in r["sites_all"] if x["key"] == m["site"])
+            rate = m[dname]["candidate_images_per_s"]
+            total += s["size"] * N * (s["cost"] / ref_cost) / rate if rate else float("nan")
+        out[f"exact_{dname}_hours"] = total / 3600
+    fast = report.get("fast") or {}
+    fracs = [h["exact_fraction"] for h in (fast.get("hybrid") or {}).values()]
+    frac = max(fracs) if fracs else None
+    out["fisher_hours"] = r["fisher_s_per_image"] * N / 3600
+    if frac is not None:
+        out["hybrid_exact_fraction_used"] = frac
+        out["hybrid_hours"] = r["fisher_local_attn_s_per_image"] * N / 3600 + frac * out["exact_fp32_hours"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def num(x: float | None, spec: str = ".2f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def markdown(rep: dict) -> str:
+    L = ["# Exact KL scoring at real size", "",
+         f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch {rep['machine']['torch']}, "
+         f"{rep['machine']['torch_threads']} threads; load average at start {rep['machine']['loadavg_1_5_15']} "
+         "(other agents share the machine: absolute rates are depressed, ratios are taken within one stretch).", ""]
+    if rep.get("rates"):
+        L += ["## Candidate-images/s per site kind (224 px, seeded random weights)", "",
+              "Achieved fraction = the engine's FLOP/s on the FLOPs exactness requires (counted) / the engine-shaped "
+              "matmul rate measured before and after, in the same precision.", "",
+              "| shape | kind | site | GFLOP per cand-img | fp32 cand-img/s | fp32 % matmul | bf16 cand-img/s | "
+              "bf16 % matmul | bf16 speed-up | bf16 max err / site max | matmul fp32 / bf16 GFLOP/s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in rep["rates"].items():
+            for kind, s in r["sites"].items():
+                f, b = s["fp32"], s["bf16"]
+                L.append(f"| {name} | {kind} | {s['site']} | {s['flop_per_candidate_image'] / 1e9:.2f} | "
+                         f"{num(f['candidate_images_per_s'])} | {num(f['fraction_of_matmul'], '.0%')} | "
+                         f"{num(b['candidate_images_per_s'])} | {num(b['fraction_of_matmul'], '.0%')} | "
+                         f"{num(s['bf16_speedup'])}x | "
+                         f"{s['bf16_max_rel_err_vs_site_max']:.1e} | {f['matmul_flop_per_s'] / 1e9:.0f} / "
+                         f"{b['matmul_flop_per_s'] / 1e9:.0f} |")
+        L += ["", f"Sample: {next(iter(rep['rates'].values()))['candidates_per_site']} candidates per site (+1 for the "
+              f"difference), {next(iter(rep['rates'].values()))['images']} images."]
+    if rep.get("memory"):
+        L += ["", "## Peak memory (fresh process, one full candidate stack)", "",
+              "| budget | site | candidate batch | stacked images | RSS after load (GiB) | peak RSS (GiB) |", "|---|---|---|---|---|---|"]
+        for label, m in rep["memory"].items():
+            L.append(f"| {label} | {m['site']} | {m['candidate_batch']} | {m['stacked_images']} | "
+                     f"{m['rss_after_load_bytes'] / 2**30:.2f} | {m['peak_gib']:.2f} |")
+        L += ["", f"Model: `{next(iter(rep['memory'].values()))['spec']}`."]
+    if rep.get("bf16"):
+        b = rep["bf16"]
+        L += ["", "## bf16 against fp32 on one proxy set", "",
+              f"Model: {b['model']}, {b['proxy_images']} proxy images; fp32 {b['fp32_s']} s, bf16 {b['bf16_s']} s.", "",
+              "| kind | max abs error / site max | median relative error | min Spearman (per site) |", "|---|---|---|---|"]
+        for k, e in b["error_by_kind"].items():
+            L.append(f"| {k} | {e['max_abs_err_over_site_max']:.2e} | {e['median_rel_err']:.2e} | {e['min_spearman']:.5f} |")
+        L += ["", "Keep-set differences (channels swapped between kept and dropped, bf16 vs fp32):", "",
+              "| target | embed | attn | ffn |", "|---|---|---|---|"]
+        for t, d in b["keep_set_differences"].items():
+            L.append(f"| {t} | {d['embed']} | {d['attn']} | {d['ffn']} |")
+        same = all(v == 0 for d in b["keep_set_differences"].values() for v in d.values())
+        L += ["", "Keep sets " + ("match: bf16 is safe here, still an option (`dtype='bf16'`)." if same else
+                                  "differ: bf16 stays an option, fp32 the default.")]
+    if rep.get("fast"):
+        f = rep["fast"]
+        L += ["", "## Fast scorers against exact", "", f"Model: {f['model']}; proxy: {f['proxy']}.", "",
+              f"Exact (fp32, all channels): {f['exact_s']:.1f} s. Fisher: {f['fisher_s']:.2f} s = "
+              f"**{f['fisher_speedup_vs_exact']:.0f}x** faster (goal >= 1000x).", "",
+              "| kind | Spearman fisher vs exact (pooled) | worst site |", "|---|---|---|"]
+        for k, s in f["fisher_spearman"].items():
+            L.append(f"| {k} | {s['pooled']:.3f} | {s['min_per_site']:.3f} |")
+        L += ["", "| hybrid target | seconds | speed-up vs exact | exact fraction | rounds | keep-set diffs vs exact "
+              "(embed/attn/ffn) | fisher's diffs |", "|---|---|---|---|---|---|---|"]
+        for t, h in f["hybrid"].items():
+            d, fd = h["keep_set_differences_vs_exact"], h["fisher_keep_set_differences_vs_exact"]
+            L.append(f"| {t} {h['target']} | {h['seconds']} | {h['speedup_vs_exact']:.1f}x | {h['exact_fraction']:.1%} | "
+                     f"{h['rounds']} | {d['embed']}/{d['attn']}/{d['ffn']} | {fd['embed']}/{fd['attn']}/{fd['ffn']} |")
+    for shape, p in (rep.get("projection") or {}).items():
+        if not p:
+            continue
+        L += ["", f"## Projected cost of the paper's setting ({shape}, 224 px, {p['images']:,} images) on this machine", "",
+              "| method | hours |", "|---|---|",
+              f"| exact fp32 | {p['exact_fp32_hours']:,.0f} |", f"| exact bf16 | {p['exact_bf16_hours']:,.0f} |",
+              f"| fisher | {p['fisher_hours']:,.2f} |"]
+        if "hybrid_hours" in p:
+            L.append(f"| hybrid (exact fraction {p['hybrid_exact_fraction_used']:.1%} from the fast part) | "
+                     f"{p['hybrid_hours']:,.0f} |")
+        L += ["", "Exact: every site's channels x images / the measured rate of its kind, scaled by the share of the "
+              "model the site's candidates rerun. Hybrid: its screen (Fisher with local attention) plus its exact "
+              "fraction of exact's time (the fraction measured on the ViT-S at 56 px; it varies with the model)."]
+    if rep.get("reading"):
+        L += ["", "## Reading", "", rep["reading"]]
+    return "\n".join(L) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny models, seconds (for the test suite)")
+    ap.add_argument("--parts", nargs="*", default=None, help="rates memory bf16 fast (default: those not yet done)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "scale"), help="results path without extension")
+    ap.add_argument("--candidates", type=int, default=12, help="candidates per site in the rates part (+1)")
+    ap.add_argument("--images", type=int, default=2, help="proxy images in the rates part")
+    ap.add_argument("--bf16-images", type=int, default=16)
+    ap.add_argument("--fast-images", type=int, default=16)
+    ap.add_argument("--fast-px", type=int, default=56)
+    ap.add_argument("--reading", default=None, help="a Markdown file attached as the reading")
+    ap.add_argument("--merge", nargs="*", default=[], help="results JSON of other runs (e.g. a part run with its own "
+                    "--out at the same time): their parts are taken into this report")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        c = json.loads(args.memory_child)
+        print(json.dumps(memory_child(c["spec"], c["images"], c["memory_gb"], c["key"], c["px"])))
+        return
+
+    if args.smoke:
+        cfg = dict(shapes=SMOKE_SHAPES, px=16, patch=4, classes=10, images=2, k=3, mm_seconds=0.01, mem_images=2,
+                   bf16_images=4, fast_images=4, fast_px=16, smoke=True, runs=os.path.join(os.path.dirname(args.out), "runs"))
+    else:
+        cfg = dict(shapes=SHAPES, px=224, patch=16, classes=1000, images=args.images, k=args.candidates, mm_seconds=1.5,
+                   mem_images=4, bf16_images=args.bf16_images, fast_images=args.fast_images, fast_px=args.fast_px,
+                   smoke=False, runs=os.path.join(ROOT, "runs", "scale"))
+    path = args.out + ".json"
+    report = {}
+    if os.path.exists(path) and not args.smoke:
+        with open(path) as f:
+            report = json.load(f)
+    report.setdefault("machine", machine())
+    for other in args.merge:  # parts measured by another process (the machine stated in its part_info)
+        with open(other) as f:
+            got = json.load(f)
+        for name in ("rates", "memory", "bf16", "fast"):
+            if name in got:
+                report[name] = got[name]
+                report.setdefault("part_info", {})[name] = {**got.get("part_info", {}).get(name, {}),
+                                                            "merged_from": os.path.relpath(other, ROOT),
+                                                            "machine_at_start": got.get("machine")}
+    parts = {"rates": part_rates, "memory": part_memory, "bf16": part_bf16, "fast": part_fast}
+    todo = args.parts if args.parts is not None else [p for p in parts if p not in report]
+    for name in todo:
+        print(f"{name} ...", flush=True)
+        t0 = time.perf_counter()
+        report[name] = parts[name](cfg)
+        report.setdefault("part_info", {})[name] = {"seconds": round(time.perf_counter() - t0, 1),
+                                                    "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                                                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+        report["projection"] = {s: projection(report, s) for s in cfg["shapes"]}
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=float)
+        if args.reading and os.path.exists(args.reading):
+            with open(args.reading) as f:
+                report["reading"] = f.read().strip()
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(report))
+    report["projection"] = {s: projection(report, s) for s in cfg["shapes"]}
+    if args.reading and os.path.exists(args.reading):
+        with open(args.reading) as f:
+            report["reading"] = f.read().strip()
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
