@@ -653,12 +653,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     options = {"batch_size": args.batch_size}
     if args.method == "kl" and (args.dtype or args.memory_gb):
         options.update(dtype=args.dtype, memory_gb=args.memory_gb)
-    if args.dtype == "bf16" and device.type == "cpu":
-        from .importance.kl import cpu_bf16_native
-
-        if not cpu_bf16_native():
-            warn("--dtype bf16: this CPU has no native bf16 (AVX-512 BF16 or AMX), so bf16 matrix products are "
-                 "emulated and far slower than fp32: drop --dtype (fp32) here")
     if args.method in ("hybrid", "greedy"):
         options.update({"targets": targets, "ratios": args.ratios})
     if args.method in LABELLED:  # e.g. taylor: the cross-entropy needs the proxy images' labels

@@ -170,11 +170,3 @@ def test_cli_refuses_dtype_for_other_methods_and_fp16_on_cpu(tmp_path):
         r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, env=env)
         lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
         assert r.returncode != 0 and len(lines) == 1 and words in lines[0], r.stderr
-
-
-def test_cpu_bf16_native_reads_the_flags():
-    from upvit.importance.kl import cpu_bf16_native
-
-    assert cpu_bf16_native("flags : fpu avx2 avx512f avx512_bf16 amx_tile") is True
-    assert cpu_bf16_native("flags : fpu avx2 amx_bf16") is True
-    assert cpu_bf16_native("flags : fpu avx2 avx512f avx512_vnni") is False  # AVX-512 alone is not bf16

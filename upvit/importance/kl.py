@@ -80,20 +80,6 @@ def compute_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     return COMPUTE_DTYPES[name]
 
 
-def cpu_bf16_native(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX flags in /proc/cpuinfo). Without
-    them bf16 matrix products are emulated and run far slower than float32 (about 65x on an AVX2 EPYC:
-    benchmarks/results/scale.md), so ``dtype='bf16'`` only pays on CPUs that have them, or on a GPU."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def bytes_per_candidate_input(tokens: int, width: int, hidden: int, heads: int, element_bytes: int = 4,
                               keys: int | None = None) -> int:
     """Activation bytes one candidate on one proxy input holds at the peak of a block's forward (no autograd).
