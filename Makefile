@@ -27,6 +27,7 @@ shim:
 	$(PY) tools/install_shim.py
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # --force: demo_out/ is this target's own output; a rerun replaces it.

@@ -154,7 +154,8 @@ def interleaved(runs: dict, repeats: int) -> dict:
 @torch.inference_mode()
 def profile(model, batch: int) -> dict[str, float]:
     """Self CPU time of one eager forward split into matrix products and the rest; operator calls."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     from upvit.evaluation import model_output
 

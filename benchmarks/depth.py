@@ -24,6 +24,7 @@ Writes ``benchmarks/results/depth.{json,md}``.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/depth.py
     .venv/bin/python benchmarks/depth.py --reading reading.md   # attach the hand-written reading
+    .venv/bin/python benchmarks/depth.py --smoke                # seconds: a tiny random ViT, a temporary folder
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 
 import torch
@@ -87,14 +89,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs per method (all steps together)")
     ap.add_argument("--proxy-size", type=int, default=128)
     ap.add_argument("--reading", help="a Markdown file with the hand-written reading to attach to the results")
-    ap.add_argument("--smoke", action="store_true", help="2 training batches per epoch, 200 val images, to /tmp")
+    ap.add_argument("--smoke", action="store_true", help="seconds: a tiny random ViT, 2 epochs of 1 batch, 64 val "
+                    "images, results to a temporary folder (checks that the script runs, its numbers mean nothing)")
     ap.add_argument("--only", help="run only this method's fine-tuning (a second process on a shared machine; the "
                     "main run waits for it and picks up its result)")
     args = ap.parse_args()
-    global RUNS, RESULT
+    global RUNS, RESULT, TEACHER
+    bench_batch, bench_runs, bench_rounds = 128, 5, 3
     if args.smoke:
-        RUNS, RESULT = "/tmp/depth_bench_smoke/runs", "/tmp/depth_bench_smoke/depth"
-        os.makedirs("/tmp/depth_bench_smoke", exist_ok=True)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _smoke import smoke_dir, tiny_teacher
+
+        work = smoke_dir("depth")
+        RUNS, RESULT, TEACHER = os.path.join(work, "runs"), os.path.join(work, "depth"), tiny_teacher("vit", work)
+        args.epochs, args.proxy_size = 2, 4
+        bench_batch, bench_runs, bench_rounds = 4, 1, 1
     t_start = time.time()
     teacher = upvit.load(TEACHER)
     dc = teacher.upvit_config.data_config
@@ -102,12 +111,12 @@ def main() -> None:
     train = load_data("animal-mnist:train", data_config=dc, train=True, seed=0)[0]
     val = load_data("animal-mnist:val", data_config=dc)[0]
     if args.smoke:
-        val = torch.utils.data.Subset(val, list(range(200)))
+        val = torch.utils.data.Subset(val, list(range(64)))
     proxy_set, proxy_record = sample_proxy(train_eval, size=args.proxy_size, seed=0)
     proxy = proxy_tensor(proxy_set)
     shared = SharedTeacher(upvit.load(TEACHER))
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5, seed=0,
-                      max_steps_per_epoch=2 if args.smoke else None)
+                      max_steps_per_epoch=1 if args.smoke else None)
 
     # the teacher's candidates under both criteria (the same numbers the one-shot runs use)
     cands = candidates(teacher)
@@ -190,7 +199,8 @@ def main() -> None:
         t0 = time.time()
         final = upvit.prune_depth(upvit.load(TEACHER), shared, train, proxy, remove=2, steps=steps, train_config=cfg,
                                   out_dir=out, criterion=criterion, kinds=kinds, val_data=val, resume=resume,
-                                  bench_batch=128, bench_runs=5, device="cpu", meta={"benchmark": name})
+                                  bench_batch=bench_batch, bench_runs=bench_runs, device="cpu",
+                                  meta={"benchmark": name})
         with open(os.path.join(out, "log.jsonl")) as f:
             log = [json.loads(line) for line in f]
         removed = [u for r in log[1:] for row in r["removed"] for u in row["origin"]]
@@ -258,9 +268,9 @@ def main() -> None:
     # one throughput pass over the final models, interleaved so they share the machine's state
     models = {"teacher": teacher, **{r["method"]: r.pop("final") for r in results}}
     speeds: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(3):
+    for _ in range(bench_rounds):
         for k, m in models.items():
-            speeds[k].append(throughput(m, batch_size=128, runs=5)["images_per_second"])
+            speeds[k].append(throughput(m, batch_size=bench_batch, runs=bench_runs)["images_per_second"])
     speed = {k: statistics.median(v) for k, v in speeds.items()}
     teacher_row = {"top1": evaluate(teacher, val, device="cpu")["top1"], "params": count_params(teacher),
                    "macs": count_macs(teacher), "images_per_second": speed["teacher"]}

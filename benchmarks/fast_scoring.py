@@ -1,6 +1,7 @@
 """Exact KL vs its Fisher estimate vs screen-then-verify (hybrid), on one model and proxy set.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fast_scoring.py --proxy-size 8
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/fast_scoring.py --smoke   # seconds, a tiny random ViT
 
 Writes benchmarks/results/fast_scoring.json and .md: wall times of the three methods in one run,
 Spearman correlation of the estimate with exact (per component and per block), and keep-set
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -23,6 +25,7 @@ import torch
 RANDOM_SPEC = ("timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_classes=10,"
                "embed_dim=192,depth=6,num_heads=12,mlp_ratio=4.0")
 TARGETS = {"S": dict(embed_dim=96, num_heads=6, mlp_hidden=384), "T": dict(embed_dim=48, num_heads=3, mlp_hidden=192)}
+SMOKE_TARGETS = {"S": dict(embed_dim=12, num_heads=2, mlp_hidden=24), "T": dict(embed_dim=8, num_heads=1, mlp_hidden=12)}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,7 +80,17 @@ def main() -> None:
     ap.add_argument("--fisher-rank", type=int, default=None, help="also time the rank-r truncated estimate")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/fast_scoring")
+    ap.add_argument("--smoke", action="store_true", help="seconds: a tiny random ViT and 4 images, results to a "
+                    "temporary folder (checks that the script runs, its numbers mean nothing)")
     args = ap.parse_args()
+    global TARGETS
+    if args.smoke:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _smoke import smoke_dir, tiny_teacher
+
+        work = smoke_dir("fast_scoring")
+        args.model, args.proxy_size, args.out = tiny_teacher("vit", work), 4, os.path.join(work, "fast_scoring")
+        TARGETS = SMOKE_TARGETS
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -131,7 +144,7 @@ def main() -> None:
     result["hybrid"] = {k: hyb.meta[k] for k in ("rounds", "exact_calls", "exact_counts", "exact_fraction",
                                                   "fisher_time_s", "exact_time_s")}
 
-    L = adapter.num_blocks
+    L = adapter.topology().num_blocks
     result["spearman"] = {}
     for name, s in estimates.items():
         comp = {"embed": spearman(s.embed, exact.embed),

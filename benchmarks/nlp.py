@@ -20,6 +20,7 @@ continues from its last checkpoint). Writes benchmarks/results/nlp.{json,md}.
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/nlp.py lm
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/nlp.py minilm
     .venv/bin/python benchmarks/nlp.py report
+    .venv/bin/python benchmarks/nlp.py lm --smoke   # seconds: tiny random models, a temporary folder (also minilm)
 """
 from __future__ import annotations
 
@@ -47,9 +48,11 @@ WORK = os.path.join(ROOT, "runs", "nlp")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 STATE = os.path.join(RESULTS, "nlp.json")
 LM_TEACHER = os.path.join(ROOT, "upvit", "assets", "lm_teacher")
+MINILM_TEACHER = "hf:all-MiniLM-L6-v2"
+VAL_LIMIT: int | None = None  # smoke runs evaluate on the first few validation items only
 
 LM = dict(shape=dict(embed_dim=64, num_heads=2, mlp_hidden=256), proxy_size=64, proxy_seed=0, epochs=1, batch_size=32,
-          lr=1e-3, weight_decay=0.1, warmup_epochs=0.1, grad_clip=1.0, alpha=1.0, seed=0)
+          lr=1e-3, weight_decay=0.1, warmup_epochs=0.1, grad_clip=1.0, alpha=1.0, seed=0, max_steps=None)
 MINILM = dict(shape=dict(embed_dim=192, num_heads=6, mlp_hidden=768), max_length=32, proxy_size=16, proxy_seed=0,
               steps=300, batch_size=64, lr=5e-4, weight_decay=0.01, warmup_epochs=0.05, alpha=1.0, seed=0,
               eval_sentences=1000, eval_seed=1)
@@ -112,6 +115,8 @@ def run_lm(state: dict[str, Any]) -> None:
     dc = teacher.upvit_config.data_config
     train, info = text_dataset("shakespeare:train", tok, dc)
     val, val_info = text_dataset("shakespeare:val", tok, dc)
+    if VAL_LIMIT:
+        val = torch.utils.data.Subset(val, list(range(VAL_LIMIT)))
     os.makedirs(WORK, exist_ok=True)
     state.setdefault("lm", {})["settings"] = {**cfg, "train_blocks": len(train), "val_tokens": val_info.tokens,
                                               "block_size": dc["block_size"], "machine": machine()}
@@ -143,7 +148,7 @@ def run_lm(state: dict[str, Any]) -> None:
                 "scratch": lambda: scratch_lm(teacher, cfg["shape"])}
     train_cfg = TrainConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                             weight_decay=cfg["weight_decay"], warmup_epochs=cfg["warmup_epochs"],
-                            grad_clip=cfg["grad_clip"], seed=cfg["seed"])
+                            grad_clip=cfg["grad_clip"], seed=cfg["seed"], max_steps_per_epoch=cfg["max_steps"])
     for name, build in students.items():
         def run(name=name, build=build):
             student = build()
@@ -175,7 +180,7 @@ def scratch_lm(teacher, shape: dict[str, int]):
 # ------------------------------------------------------------------------------------------------- MiniLM
 def run_minilm(state: dict[str, Any]) -> None:
     cfg = MINILM
-    teacher = upvit.load_model("hf:all-MiniLM-L6-v2")
+    teacher = upvit.load_model(MINILM_TEACHER)
     teacher.upvit_config.data_config["max_length"] = cfg["max_length"]
     tok = teacher.upvit_tokenizer
     dc = teacher.upvit_config.data_config
@@ -304,7 +309,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=["lm", "minilm", "report"])
     ap.add_argument("--reading", help="report: a Markdown file with the hand-written reading to attach")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny random stand-ins of both teachers, a few "
+                    "items, results to a temporary folder (checks that the script runs, its numbers mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        smoke()
     torch.manual_seed(0)
     state = load_state()
     if args.part == "lm":
@@ -318,6 +327,23 @@ def main() -> None:
         save_state(state, "reading")
     with open(os.path.join(RESULTS, "nlp.md"), "w") as f:
         f.write(report(state))
+
+
+def smoke() -> None:
+    """Point every path at a scratch folder and shrink every setting (see ``--smoke``)."""
+    global WORK, RESULTS, STATE, LM_TEACHER, MINILM_TEACHER, VAL_LIMIT
+    from _smoke import smoke_dir, tiny_teacher
+
+    RESULTS = smoke_dir("nlp")
+    WORK, STATE = os.path.join(RESULTS, "work"), os.path.join(RESULTS, "nlp.json")
+    LM_TEACHER, MINILM_TEACHER = tiny_teacher("gpt2", RESULTS), tiny_teacher("bert", RESULTS)
+    VAL_LIMIT = 8
+    import upvit.text
+
+    read = upvit.text.read_text_spec
+    upvit.text.read_text_spec = lambda spec: (lambda docs, record: (docs[:1], record))(*read(spec))  # one work each
+    LM.update(shape=dict(embed_dim=8, num_heads=1, mlp_hidden=16), proxy_size=4, max_steps=1)
+    MINILM.update(shape=dict(embed_dim=8, num_heads=2, mlp_hidden=16), proxy_size=4, steps=1, eval_sentences=16)
 
 
 if __name__ == "__main__":

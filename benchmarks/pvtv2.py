@@ -17,7 +17,7 @@ Resumable: every finished step is recorded in ``<work>/state.json``; the exact s
 site and fine-tuning from its per-epoch checkpoint, so re-running the same command continues.
 
     HF_HUB_OFFLINE=1 nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pvtv2.py
-    .venv/bin/python benchmarks/pvtv2.py --smoke --teacher DIR --work /tmp/pvt_smoke   # a seconds-long check
+    .venv/bin/python benchmarks/pvtv2.py --smoke   # seconds: a tiny random PVTv2 (or --teacher DIR), a temporary folder
 """
 from __future__ import annotations
 
@@ -75,15 +75,26 @@ def log(msg: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--teacher", default=TEACHER)
-    ap.add_argument("--work", default=os.path.join(ROOT, "runs", "pvtv2"), help="scores, students, state (resumable)")
-    ap.add_argument("--results", default=RESULTS, help="prefix of the .json/.md results")
+    ap.add_argument("--teacher", default=None, help="default: upvit/assets/pvt_teacher")
+    ap.add_argument("--work", default=None, help="scores, students, state (resumable; default runs/pvtv2)")
+    ap.add_argument("--results", default=None, help="prefix of the .json/.md results (default benchmarks/results/pvtv2)")
     ap.add_argument("--proxy-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--smoke", action="store_true", help="tiny settings to check the script end to end")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny settings and (unless --teacher) a tiny random "
+                    "PVTv2, results to a temporary folder (checks that the script runs, its numbers mean nothing)")
     ap.add_argument("--reading", help="a Markdown file with the hand-written reading, appended to the .md")
     args = ap.parse_args()
-    smoke = dict(proxy=4, steps=2, val=64, bench_batch=8, bench_runs=1) if args.smoke else {}
+    smoke = dict(proxy=4, steps=1, val=64, bench_batch=4, bench_runs=1) if args.smoke else {}
+    if args.smoke:
+        from _smoke import smoke_dir, tiny_teacher
+
+        where = smoke_dir("pvtv2")
+        args.teacher = args.teacher or tiny_teacher("pvt", where)
+        args.work = args.work or os.path.join(where, "work")
+        args.results = args.results or os.path.join(where, "pvtv2")
+    args.teacher = args.teacher or TEACHER
+    args.work = args.work or os.path.join(ROOT, "runs", "pvtv2")
+    args.results = args.results or RESULTS
     os.makedirs(args.work, exist_ok=True)
     state = State(os.path.join(args.work, "state.json"))
     t_all = time.time()

@@ -573,19 +573,23 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- CLI
+SMOKE_SHAPES = {"S": {"embed_dim": 12, "num_heads": 2, "mlp_hidden": 24},  # of _smoke.py's tiny ViT (24 wide, 4 heads)
+                "T": {"embed_dim": 8, "num_heads": 1, "mlp_hidden": 12}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the requested cells that are not finished (priority order)")
-    run.add_argument("--teacher", default=os.path.join(ROOT, "upvit", "assets", "teacher"))
+    run.add_argument("--teacher", default=None, help="default: upvit/assets/teacher (with --smoke: a tiny random ViT)")
     run.add_argument("--kl-scores", default=None, help="exact KL scores of the teacher on the proxy set (required "
                      "unless --smoke)")
     run.add_argument("--shape", nargs="+", default=["T", "S"], choices=["S", "T"])
     run.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     run.add_argument("--budget", nargs="+", type=int, default=list(BUDGETS))
     run.add_argument("--seed", nargs="+", type=int, default=list(SEEDS))
-    run.add_argument("--results", default=os.path.join(RESULTS, "quality"))
-    run.add_argument("--work", default=os.path.join(ROOT, "runs", "quality"))
+    run.add_argument("--results", default=None, help="default: benchmarks/results/quality (--smoke: a temporary folder)")
+    run.add_argument("--work", default=None, help="default: runs/quality (--smoke: a temporary folder)")
     run.add_argument("--limit", type=int, default=None, help="stop after this many cells")
     run.add_argument("--smoke", action="store_true", help="test-sized: a tiny teacher's shapes given by --shapes-json, "
                      "2 steps per epoch, 200 validation images, KL scores computed here")
@@ -613,6 +617,17 @@ def main(argv: list[str] | None = None) -> int:
         report(args.results, stem, args.reading)
         print(open(stem + ".md").read())
         return 0
+    if args.smoke and not args.teacher:  # a tiny random ViT and its shapes, everything in a scratch folder
+        from _smoke import smoke_dir, tiny_teacher
+
+        where = smoke_dir("quality")
+        args.teacher = tiny_teacher("vit", where)
+        args.results, args.work = args.results or os.path.join(where, "results"), args.work or os.path.join(where, "work")
+        args.shapes_json = args.shapes_json or json.dumps(SMOKE_SHAPES)
+        args.proxy_size = min(args.proxy_size, 16)
+    args.teacher = args.teacher or os.path.join(ROOT, "upvit", "assets", "teacher")
+    args.results = args.results or os.path.join(RESULTS, "quality")
+    args.work = args.work or os.path.join(ROOT, "runs", "quality")
     if not args.kl_scores and not args.smoke and set(args.method) & {"kl", "kl-iterative", "kl-greedy"}:
         raise SystemExit("--kl-scores FILE is required for kl, kl-iterative and kl-greedy: the teacher's exact KL "
                          "scores on the proxy set (benchmarks/scoring.py --full-only writes them)")

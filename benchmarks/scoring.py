@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/scoring.py                 # comparison (+ the teacher's 256-image scores
                                                            #   when upvit/assets/teacher exists)
     .venv/bin/python benchmarks/scoring.py --skip-full     # comparison only
+    .venv/bin/python benchmarks/scoring.py --smoke         # seconds: a tiny random ViT, to a temporary folder
 
 Both scorers get the same proxy images (animal-mnist:train, seeded) and the same candidates: a seeded
 sample of ``--fraction`` of the channels of every site (every component, every block), so the mix of
@@ -29,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from naive_vit import naive_score  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from _smoke import smoke_dir, tiny_teacher  # noqa: E402
 from upvit.adapters import get_adapter  # noqa: E402
 from upvit.data import load_data, sample_proxy  # noqa: E402
 from upvit.importance.api import proxy_tensor  # noqa: E402
@@ -72,7 +75,7 @@ def matmul_flops(n: int = 1024, m: int = 12800, k: int = 192, seconds: float = 3
 def sample_candidates(adapter, fraction: float, seed: int) -> dict[str, list[int]]:
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for site in adapter.sites():
+    for site in adapter.topology().sites:
         k = max(1, round(site.size * fraction))
         out[site.key] = sorted(torch.randperm(site.size, generator=g)[:k].tolist())
     return out
@@ -114,7 +117,8 @@ def compare(model, images, cands, batch_size: int) -> dict:
             if err > worst:
                 worst, worst_at = err, f"{key}[{c}]"
     per_ci = lambda t: t / (n_cand * n_img)  # noqa: E731
-    by_component = {comp: sum(len(v) for k, v in cands.items() if k.split(".")[0] == comp) for comp in ("embed", "attn", "ffn")}
+    kinds = {s.key: s.kind for s in adapter.topology().sites}
+    by_component = {kind: sum(len(v) for k, v in cands.items() if kinds[k] == kind) for kind in ("residual", "attn", "ffn")}
     return {
         "candidates": n_cand, "candidates_by_component": by_component, "proxy_images": n_img, "batch_size": batch_size,
         "naive_s": round(t_naive, 3), "engine_s": round(t_engine, 3),
@@ -167,7 +171,15 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true", help="do not compute the teacher's 256-image scores")
     ap.add_argument("--full-only", action="store_true",
                     help="only compute (or resume) the teacher's 256-image scores and update the existing report")
+    ap.add_argument("--smoke", action="store_true", help="seconds: a tiny random ViT, 4 images, no full scores; "
+                    "results to a temporary folder (checks that the script runs, its numbers mean nothing)")
     args = ap.parse_args()
+    global RESULTS
+    matmul_seconds = 3.0
+    if args.smoke:
+        RESULTS = smoke_dir("scoring")
+        args.model = args.model or tiny_teacher("vit", RESULTS)
+        args.proxy_size, args.fraction, args.skip_full, matmul_seconds = 4, 0.1, True, 0.05
     if args.full_only:
         full_only(args.batch_size)
         return
@@ -183,7 +195,7 @@ def main() -> None:
 
     info = machine()
     cmp = compare(model, images, cands, args.batch_size)
-    mm = matmul_flops()
+    mm = matmul_flops(seconds=matmul_seconds)
     report = {"model": os.path.relpath(spec, ROOT) if os.path.isdir(spec) else spec,
               "model_is_trained_teacher": spec == TEACHER, "machine": info, "proxy": record,
               "comparison": cmp, "matmul_flop_per_s": mm, "machine_after": machine()}

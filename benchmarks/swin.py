@@ -11,7 +11,7 @@ finished piece is written under ``--work`` and skipped when run again (resumable
 ``benchmarks/results/swin.md`` and ``swin.json``.
 
     python benchmarks/swin.py                      # everything (about an hour on 2 shared CPU cores)
-    python benchmarks/swin.py --epochs 1 --quick   # smoke run
+    python benchmarks/swin.py --smoke              # seconds: a tiny random Swin, a temporary folder
 """
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ SHAPES = {
     "half": dict(embed_dim=[22, 44, 88, 176], num_heads=[2, 4, 8, 16], mlp_hidden=[88, 176, 352, 704]),
     "quarter": dict(embed_dim=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], mlp_hidden=[64, 128, 256, 512]),
 }
+SMOKE_SHAPES = {  # of the tiny stand-in in _smoke.py (8/16/32/64 wide, heads 2/2/4/8)
+    "half": dict(embed_dim=[4, 8, 16, 32], num_heads=[2, 2, 4, 8], mlp_hidden=[16, 32, 64, 128]),
+    "quarter": dict(embed_dim=[4, 8, 16, 32], num_heads=[1, 1, 2, 4], mlp_hidden=[8, 16, 32, 64]),
+}
 
 
 def log(msg: str) -> None:
@@ -56,15 +60,24 @@ def main() -> None:
     ap.add_argument("--work", default="runs/swin_bench", help="where pieces are kept between runs")
     ap.add_argument("--proxy-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--quick", action="store_true", help="a few steps per epoch (smoke test)")
+    ap.add_argument("--smoke", action="store_true", help="seconds: a tiny random Swin, 4 images, 1 epoch of 1 batch, "
+                    "results to a temporary folder (checks that the script runs, its numbers mean nothing)")
     ap.add_argument("--reading", help="a Markdown file with the hand-written reading, appended to swin.md")
     args = ap.parse_args()
+    global SHAPES, RESULTS
+    if args.smoke:
+        from _smoke import smoke_dir, tiny_teacher
+
+        RESULTS = args.work = smoke_dir("swin")
+        args.teacher, args.proxy_size, args.epochs, SHAPES = tiny_teacher("swin", args.work), 4, 1, SMOKE_SHAPES
     os.makedirs(args.work, exist_ok=True)
     teacher = upvit.load(args.teacher)
     data_config = teacher.upvit_config.data_config
     train_eval = load_data("animal-mnist:train", data_config=data_config)[0]
     train = load_data("animal-mnist:train", data_config=data_config, train=True, seed=0)[0]
     val = load_data("animal-mnist:val", data_config=data_config)[0]
+    if args.smoke:
+        val = torch.utils.data.Subset(val, list(range(64)))
     subset, record = sample_proxy(train_eval, size=args.proxy_size, seed=0)
     proxy = proxy_tensor(subset)
     report: dict = {"teacher": args.teacher, "proxy": record, "machine": machine_description(), "shapes": SHAPES,
@@ -98,7 +111,7 @@ def main() -> None:
              "params": count_params(teacher), "macs": count_macs(teacher)}]  # images/s: one sitting at the end
     shared = SharedTeacher(teacher)
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5, seed=0,
-                      max_steps_per_epoch=3 if args.quick else None)
+                      max_steps_per_epoch=1 if args.smoke else None)
     for shape_name, shape in SHAPES.items():
         plans = {"upvit": upvit.make_plan(teacher, exact, **shape), "magnitude": upvit.make_plan(teacher, magnitude, **shape)}
         for selection in ("upvit", "magnitude", "scratch"):
@@ -133,14 +146,14 @@ def main() -> None:
     models = {"teacher": teacher}
     models.update({r["model"]: upvit.load(os.path.join(args.work, r["model"])) for r in rows[1:]})
     best = {name: 0.0 for name in models}
-    for _ in range(1 if args.quick else 3):
+    for _ in range(1 if args.smoke else 3):
         for name, model in models.items():
-            best[name] = max(best[name], throughput(model, batch_size=256, runs=5)["images_per_second"])
+            best[name] = max(best[name], throughput(model, batch_size=4 if args.smoke else 256,
+                                                    runs=1 if args.smoke else 5)["images_per_second"])
     for r in rows:
         r["images_per_second"] = best[r["model"]]
     report["rows"] = rows
-    if not args.quick:
-        write(report, args.reading)
+    write(report, args.reading)
 
 
 def write(report: dict, reading: str | None = None) -> None:

@@ -5,7 +5,6 @@ import torch
 
 from upvit.models import ModelConfig, create_timm_model
 
-
 PVT_NAME = "pvt_v2_b0"
 # 32 px: maps of 8x8, 4x4, 2x2; sr ratios (4, 2, 1) reduce the keys/values of stages 0 and 1 to 2x2
 # (so the sr convs and their LayerNorms run); widths 8/16/32, heads 1/2/4 (head dim 8), FFN ratio 2

@@ -45,6 +45,13 @@ NUMERIC = {
               "--budget-grid": positive_int, "--budget-batch": positive_int},
     "demo": {"--epochs": positive_int, "--proxy-size": positive_int},
     "export": {"--opset": positive_int, "--rtol": positive_float},
+    "depth": {"--remove": positive_int, "--steps": positive_int, "--candidate-blocks": positive_int,
+              "--proxy-size": positive_int, "--per-class": positive_int, "--proxy-seed": nonneg_int,
+              "--epochs": nonneg_int, "--alpha": nonneg_float, "--temperature": positive_float,
+              "--batch-size": positive_int, "--lr": positive_float, "--min-lr": nonneg_float,
+              "--weight-decay": nonneg_float, "--warmup-epochs": nonneg_float, "--score-batch-size": positive_int,
+              "--bench-batch": positive_int, "--bench-runs": positive_int, "--ema-decay": open_unit,
+              "--workers": nonneg_int, "--seed": nonneg_int, "--max-steps-per-epoch": positive_int},
 }
 HANDPICKED = ["0", "-1", "-0.5", "1.5", "nan", "inf", "-inf", "", "x", "1e400", "0x10", "1,5", "2 3", "\x00", "--"]
 
@@ -77,6 +84,8 @@ class World:
             "prune": ["prune", "model", "--scores", "scores.safetensors", "--ratio", "0.5", "--out", "runs/p"],
             "demo": ["demo", "--quick", "--teacher", "model", "--out", "runs/d"],
             "export": ["export", "model", "--out", "runs/m.onnx"],
+            "depth": ["depth", "model", "--data", "data", "--remove", "1", "--epochs", "0", "--proxy-size", "2",
+                      "--out", "runs/dp"],
         }[command]
 
 
@@ -111,7 +120,7 @@ def bad_invocations(draw, world: World) -> list[str]:
         kinds += ["out-taken", "out-is-input"]
     if command != "demo":
         kinds += ["missing-required"]
-    if command in ("train", "finetune", "eval", "score"):
+    if command in ("train", "finetune", "eval", "score", "depth"):
         kinds += ["bad-data"]
     if command in ("eval", "bench", "score"):
         kinds += ["bad-device"]
@@ -119,7 +128,7 @@ def bad_invocations(draw, world: World) -> list[str]:
         kinds += ["json-is-dir"]
     if command in ("score", "demo"):
         kinds += ["bad-method"]
-    if command in ("train", "finetune", "eval"):
+    if command in ("train", "finetune", "eval", "depth"):
         kinds += ["bad-class-map"]
     kind = draw(st.sampled_from(kinds))
     if kind == "number":
@@ -145,7 +154,7 @@ def bad_invocations(draw, world: World) -> list[str]:
         return _set(argv, "--out", "model/scores.safetensors" if command == "score" else "model")
     if kind == "missing-required":
         required = {"train": "--out", "finetune": "--teacher", "eval": "--data", "score": "--out", "prune": "--out",
-                    "export": "--out"}
+                    "export": "--out", "depth": "--remove"}
         if command == "bench":
             return argv[:1] + argv[2:]  # no model at all
         return _without(argv, required[command])

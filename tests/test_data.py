@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from upvit.data import (ANIMAL_MNIST_MEAN, ANIMAL_MNIST_STD, animal_mnist, animal_mnist_arrays, animal_mnist_split,
-                        load_data, sample_proxy, stratified_split)
+from upvit.data import (
+    ANIMAL_MNIST_MEAN,
+    ANIMAL_MNIST_STD,
+    animal_mnist,
+    animal_mnist_arrays,
+    animal_mnist_split,
+    load_data,
+    sample_proxy,
+    stratified_split,
+)
 from upvit.errors import UpvitError
 
 

@@ -13,18 +13,17 @@ import torch
 import upvit
 import upvit.distill
 from helpers import tiny_images, tiny_swin, tiny_vit
+from importance.naive_vit import naive_skip_score  # noqa: E402  (tests/ is on sys.path)
 from naive_swin import naive_swin_skip_score
 from plan_helpers import plan_masks, random_scores
 from upvit.adapters import get_adapter
 from upvit.data import ImageTensorDataset
-from upvit.depth import Candidate, candidates, remove_units, removal_plan, score_candidates, select
+from upvit.depth import Candidate, candidates, removal_plan, remove_units, score_candidates, select
 from upvit.errors import UpvitError
 from upvit.io import load_tensors
 from upvit.models import create_timm_model
 from upvit.plan import Plan
 from upvit.train import TrainConfig
-
-from importance.naive_vit import naive_skip_score  # noqa: E402  (tests/ is on sys.path)
 
 
 @pytest.fixture(autouse=True)
@@ -456,6 +455,59 @@ def test_depth_cli_bad_input_one_line(mnist_model, tmp_path, capsys, change, mat
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("upvit: error:") and match in err, err
+
+
+@pytest.fixture(scope="module")
+def folder_world(tmp_path_factory):
+    """A tiny 2-class RGB ImageFolder with one damaged file, and a 2-block model for it."""
+    from helpers import write_image_folder
+
+    root = tmp_path_factory.mktemp("depth-folder")
+    write_image_folder(str(root / "data"), per_class=3, size=16)
+    with open(root / "data" / "a" / "999.png", "wb") as f:
+        f.write(b"not a png")
+    upvit.save(tiny_vit(num_classes=2, embed_dim=16, num_heads=2, depth=2), str(root / "m"))
+    return root
+
+
+def _folder_args(root, out, *extra):
+    return ["depth", str(root / "m"), "--data", str(root / "data"), "--remove", "1", "--epochs", "0",
+            "--proxy-size", "4", "--bench-batch", "2", "--bench-runs", "1", "--device", "cpu", "--out", str(out), *extra]
+
+
+def _one_line_error(main, args, capsys, match):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("upvit") and "error:" in err and match in err, err
+
+
+def test_depth_cli_honours_numbers_overwrite_protection_and_image_options(folder_world, tmp_path, capsys):
+    """`upvit depth` validated no number, wrote into any --out and ignored --force, --check-images,
+    --skip-bad-images and --class-map; now it does what train and finetune do with each."""
+    from upvit.cli import main
+
+    root = folder_world
+    for flag, value in (("--remove", "0"), ("--epochs", "-1"), ("--proxy-size", "0"), ("--alpha", "-1"),
+                        ("--bench-runs", "0"), ("--lr", "nan")):
+        # the last of a repeated option wins: the bad value replaces the valid one
+        _one_line_error(main, _folder_args(root, tmp_path / "n", "--skip-bad-images", f"{flag}={value}"), capsys, flag)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    _one_line_error(main, _folder_args(root, taken, "--skip-bad-images"), capsys, "is not empty")
+    assert os.listdir(taken) == ["keep.txt"]
+    _one_line_error(main, _folder_args(root, tmp_path / "c", "--check-images"), capsys, "unreadable image file")
+    _one_line_error(main, _folder_args(root, tmp_path / "m", "--skip-bad-images", "--class-map", "nowhere.json"),
+                    capsys, "nowhere.json")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()
+    out = tmp_path / "d"
+    assert main(_folder_args(root, out, "--check-images", "--skip-bad-images")) == 0
+    capsys.readouterr()
+    assert len(upvit.load(str(out)).blocks) == 1
+    _one_line_error(main, _folder_args(root, out, "--skip-bad-images"), capsys, "--force")  # a finished run is kept
+    assert main(_folder_args(root, out, "--skip-bad-images", "--force", "--remove", "1")) == 0  # --force starts over
+    capsys.readouterr()
+    assert len(upvit.load(str(out)).blocks) == 1 and len(_log(out)) == 2
 
 
 # ------------------------------------------------------------------------------------------ PVTv2 (sr convs, dwconv)

@@ -15,10 +15,10 @@ import torch
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402 (after the importorskip above)
 
-from upvit.adapters import dinov2_onnx as dinov2
-from upvit.errors import UpvitError
+from upvit.adapters import dinov2_onnx as dinov2  # noqa: E402 (after the importorskip above)
+from upvit.errors import UpvitError  # noqa: E402 (after the importorskip above)
 
 DIM, HEADS, HIDDEN, DEPTH, PATCH, GRID, STORED = 16, 2, 48, 2, 14, 2, 3
 IMG = PATCH * GRID
@@ -65,7 +65,9 @@ def make_backbone(seed: int = 0, decoder: bool = True) -> tuple[onnx.ModelProto,
     """A 2-layer DINOv2-named backbone on 28x28 input (2x2 patches; stored position grid 3x3)."""
     rng = np.random.default_rng(seed)
     g = _Graph(rng)
-    r = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)
+    def r(*shape, s=0.3):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
     raw: dict[str, np.ndarray] = {}
 
     def param(name: str, value: np.ndarray) -> str:
@@ -236,9 +238,8 @@ def test_converted_model_prunes_to_the_masked_original():
     """The converted family (LayerScale, no fc_norm, the stored position table) through upvit.prune: width
     16 -> 8 (head dim 8 -> 4), MLP 48 -> 20, equal to the original with the plan's masks. (Merged heads have no
     masked-original equivalent: tests/test_surgery.py checks them against hand-written attention.)"""
-    from plan_helpers import plan_masks, random_scores
-
     import upvit
+    from plan_helpers import plan_masks, random_scores
     from upvit.adapters import get_adapter
     from upvit.plan import make_plan
     from upvit.probe import with_head

@@ -123,8 +123,8 @@ def test_teacher_moves_to_student_device():
 
 # ------------------------------------------------------------------------------ feature distillation
 def _pvt_teacher_and_student():
-    from pvt_helpers import tiny_pvt
     from plan_helpers import random_scores
+    from pvt_helpers import tiny_pvt
 
     teacher = tiny_pvt(seed=1, std=0.2)
     plan = upvit.make_plan(teacher, random_scores(teacher, seed=3), embed_dim=[4, 8, 16], mlp_hidden=[8, 16, 32])

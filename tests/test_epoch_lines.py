@@ -7,7 +7,6 @@ import json
 import re
 
 from helpers import write_image_folder
-
 from upvit.cli import build_parser, main
 
 SPEC = "timm:vit_base_patch16_224,img_size=16,patch_size=4,num_classes=2,embed_dim=16,depth=1,num_heads=2"

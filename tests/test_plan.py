@@ -9,7 +9,6 @@ import torch
 from helpers import tiny_vit
 from plan_helpers import random_scores, vit_scores
 from upvit.errors import UpvitError
-from upvit.importance.scores import Scores
 from upvit.plan import PLAN_VERSION, Plan, make_plan
 
 

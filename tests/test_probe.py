@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_vit
 
 import upvit
+from helpers import tiny_vit
 from upvit import probe
 
 

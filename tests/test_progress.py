@@ -8,11 +8,11 @@ import re
 
 import pytest
 import torch
-from helpers import REPO, tiny_images, tiny_vit
 
 import upvit
 import upvit.importance.kl as kl_module
 import upvit.progress as progress_module
+from helpers import REPO, tiny_images, tiny_vit
 
 BAR = re.compile(r"^(?P<desc>[^|]*?):?\s+(?P<pct>\d+)%\|.*\| (?P<n>[\d.]+)/(?P<total>[\d.]+) (?P<unit>\S+)")
 # tiny_vit: residual 24, 2 blocks of 24 attention dims and 48 FFN units

@@ -3,11 +3,11 @@ of a sentence encoder is named 1 - cos, text is counted in sequences, and a warn
 from __future__ import annotations
 
 import pytest
-from hf_helpers import tiny_bert, token_inputs
 
 import upvit
 import upvit.data
 import upvit.progress as progress_module
+from hf_helpers import tiny_bert, token_inputs
 from upvit.cli import main
 from upvit.cli_support import (
     flush_warnings,

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_vit
 
 import upvit
+from helpers import tiny_vit
 from upvit.data import ImageTensorDataset
 from upvit.distill import DistillationLoss, TeacherCache
 from upvit.train import TrainConfig

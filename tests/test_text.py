@@ -18,8 +18,15 @@ from upvit.distill import distillation_loss, similarity_mse
 from upvit.errors import UpvitError
 from upvit.evaluation import evaluate
 from upvit.hf import load_tokenizer
-from upvit.text import (ASSET_TOKENIZER, TokenBlocks, shakespeare, shakespeare_works, similarity_agreement, split_text,
-                        text_dataset)
+from upvit.text import (
+    ASSET_TOKENIZER,
+    TokenBlocks,
+    shakespeare,
+    shakespeare_works,
+    similarity_agreement,
+    split_text,
+    text_dataset,
+)
 
 SAMPLE = """ROMEO.
 But, soft! what light through yonder window breaks?

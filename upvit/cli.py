@@ -8,13 +8,37 @@ import os
 import sys
 from typing import Callable
 
-from .cli_support import (DefaultsFormatter, OneLineParser, check_device, drop_warnings, flush_warnings, fraction,
-                          nonneg_float, nonneg_int, one_line, open_unit, positive_float, positive_int, random_weights_warning,
-                          rate, start_command, warn)
+from .cli_support import (
+    DefaultsFormatter,
+    OneLineParser,
+    check_device,
+    drop_warnings,
+    flush_warnings,
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    one_line,
+    open_unit,
+    positive_float,
+    positive_int,
+    random_weights_warning,
+    rate,
+    start_command,
+    warn,
+)
 from .errors import BadImageError, UpvitError
-from .provenance import command_line, data_input as _data_input, file_input as _file_input, model_input as _model_input
-from .outputs import (check_json_path, check_output_dir, check_output_file, discard_stale_checkpoint, new_paths,
-                      remove_unfinished)
+from .outputs import (
+    check_json_path,
+    check_output_dir,
+    check_output_file,
+    discard_stale_checkpoint,
+    new_paths,
+    remove_unfinished,
+)
+from .provenance import command_line
+from .provenance import data_input as _data_input
+from .provenance import file_input as _file_input
+from .provenance import model_input as _model_input
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -102,6 +126,25 @@ def _fit_or_explain(run, out: str):
         else:
             then = "then rerun the command (no epoch had finished, so there is nothing to resume)"
         raise UpvitError(f"{message}: replace the file with a readable image or add --skip-bad-images, {then}") from None
+
+
+def _distillation_image_data(args: argparse.Namespace, model, data_config: dict | None):
+    """Training and validation image data of a run that distils into ``model`` (finetune, depth): read with
+    the model's data config, classes checked against the model's or mapped (--class-map), unreadable files
+    refused or skipped (--skip-bad-images), every file decoded up front with --check-images."""
+    from .data import align_classes, load_data
+
+    classes, outputs = model.upvit_config.class_names, _num_classes(model, None)
+    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
+                               skip_bad_images=args.skip_bad_images)
+    train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
+    val_ds = None
+    if args.val_data:
+        val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
+        reference = classes if args.class_map else classes or info.class_names  # else: val must match train
+        val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
+    _check_images(args, train_ds, val_ds)
+    return train_ds, val_ds
 
 
 def _report_unreadable(*datasets) -> None:
@@ -257,7 +300,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 # -------------------------------------------------------------------------------------- finetune
 @command("finetune")
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import align_classes, load_data
+    from .data import load_data
     from .distill import check_teacher, finetune
     from .models import load_model
     from .train import TrainConfig
@@ -275,16 +318,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed, tokenizer=tokenizer)
         val_ds = load_data(args.val_data, data_config=data_config, tokenizer=tokenizer)[0] if args.val_data else None
     else:
-        classes, outputs = student.upvit_config.class_names, _num_classes(student, None)
-        train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
-                                   skip_bad_images=args.skip_bad_images)
-        train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
-        val_ds = None
-        if args.val_data:
-            val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
-            reference = classes if args.class_map else classes or info.class_names  # else: val must match train
-            val_ds = align_classes(val_ds, val_info, reference, outputs, args.class_map, repr(args.val_data))
-        _check_images(args, train_ds, val_ds)
+        train_ds, val_ds = _distillation_image_data(args, student, data_config)
     lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256  # public recipe: 1e-3 at batch 256
     warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
@@ -699,18 +733,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 def _parse_targets(values: list[str] | None) -> list[dict[str, object]] | None:
     """``["96,6,384", ...]`` -> ``[{"embed_dim": 96, "num_heads": 6, "mlp_hidden": 384}, ...]``; a field may
     give one value per stage separated by ``/`` (``16/32/64/128,1/2/4/8,64/128/256/512``)."""
-    if not values:
-        return None
-    out = []
-    for v in values:
-        parts = v.split(",")
-        fields = [p.strip().split("/") for p in parts]
-        if len(parts) != 3 or not all(x.isdigit() for f in fields for x in f):
-            raise UpvitError(f"--target {v!r}: write EMBED,HEADS,MLP, e.g. --target 96,6,384 (per stage: "
-                             "16/32/64/128,1/2/4/8,64/128/256/512)")
-        values_ = [int(f[0]) if len(f) == 1 else [int(x) for x in f] for f in fields]
-        out.append(dict(zip(("embed_dim", "num_heads", "mlp_hidden"), values_)))
-    return out
+    from .targets import parse_target_text
+
+    return [parse_target_text(v) for v in values] if values else None
 
 
 def _score_parser(p: argparse.ArgumentParser) -> None:
@@ -748,25 +773,32 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------ depth
 @command("depth")
 def cmd_depth(args: argparse.Namespace) -> int:
-    from .data import load_data, sample_proxy
+    from .data import load_data, sample_proxy, stack_images
     from .depth import prune_depth
     from .importance.api import proxy_tensor
     from .models import load_model
     from .train import TrainConfig
 
-    if args.epochs < 0:
-        raise UpvitError(f"--epochs must be 0 (no fine-tuning) or more, got {args.epochs}")
+    check_output_dir(args.out, force=args.force, resume=args.resume,
+                     inputs=[args.model, args.checkpoint, args.teacher, args.teacher_checkpoint, args.data, args.val_data])
     model = load_model(args.model, args.checkpoint)
+    random_weights_warning(args.model, args.checkpoint)
     teacher = load_model(args.teacher or args.model, args.teacher_checkpoint if args.teacher else args.checkpoint)
+    if args.teacher:
+        random_weights_warning(args.teacher, args.teacher_checkpoint, "--teacher-checkpoint")
     data_config = model.upvit_config.data_config or None
-    train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed)
-    if getattr(model, "num_classes", info.num_classes) != info.num_classes:
-        raise UpvitError(f"the model has {model.num_classes} classes but the data {args.data!r} has {info.num_classes}")
-    plain, _ = load_data(args.data, data_config=data_config)  # the proxy set: evaluation transform
+    train_ds, val_ds = _distillation_image_data(args, model, data_config)  # checked before the proxy reads any image
+    # the proxy set: evaluation transform (its labels are not used by the scores)
+    plain, _ = load_data(args.data, data_config=data_config, skip_bad_images=args.skip_bad_images)
     subset, record = sample_proxy(plain, size=None if args.per_class else args.proxy_size, per_class=args.per_class,
                                   seed=args.proxy_seed)
-    proxy = proxy_tensor(subset)
-    val_ds = load_data(args.val_data, data_config=data_config)[0] if args.val_data else None
+    proxy = proxy_tensor(stack_images(subset))  # unreadable files: error, or dropped with --skip-bad-images
+    if len(proxy) < len(subset):
+        record.update(num_images=len(proxy), unreadable_skipped=len(subset) - len(proxy))
+        warn(f"skipped {len(subset) - len(proxy)} unreadable image file(s) of the proxy set: it has {len(proxy)}")
+    if args.force and not args.resume:  # start over: the earlier run's record and checkpoints go
+        _discard_depth_run(args.out)
+    flush_warnings()
     cfg = None
     if args.epochs:
         lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256
@@ -775,7 +807,8 @@ def cmd_depth(args: argparse.Namespace) -> int:
                           weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay,
                           seed=args.seed, num_workers=args.workers, amp=args.amp,
                           max_steps_per_epoch=args.max_steps_per_epoch)
-    final = prune_depth(model, teacher, train_ds, proxy, remove=args.remove, steps=args.steps, train_config=cfg,
+    final = _fit_or_explain(lambda: prune_depth(
+                        model, teacher, train_ds, proxy, remove=args.remove, steps=args.steps, train_config=cfg,
                         out_dir=args.out, criterion=args.criterion,
                         kinds=("block",) if args.blocks_only else ("block", "hybrid"),
                         candidate_blocks=args.candidate_blocks, val_data=val_ds, alpha=args.alpha,
@@ -788,7 +821,8 @@ def cmd_depth(args: argparse.Namespace) -> int:
                                                                  else args.checkpoint),
                                          "data": _data_input(args.data, train_ds),
                                          "val_data": _data_input(args.val_data, val_ds)},
-                              "teacher": args.teacher or args.model})
+                              "teacher": args.teacher or args.model}), args.out)
+    _report_unreadable(train_ds, val_ds)
     with open(os.path.join(args.out, "depth.md")) as f:
         print(f.read().rstrip())
     from .adapters import get_adapter
@@ -797,38 +831,55 @@ def cmd_depth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _discard_depth_run(out: str) -> None:
+    """``depth --force`` without ``--resume``: remove the earlier depth run's own files (its record, log,
+    report and step folders), which would otherwise make the run refuse to start; nothing else in --out."""
+    import shutil
+
+    from .depth import RUN_FILE
+
+    if not os.path.isfile(os.path.join(out, RUN_FILE)):
+        return
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name in (RUN_FILE, "log.jsonl", "depth.md") and os.path.isfile(path):
+            os.unlink(path)
+        elif name.startswith("step-") and os.path.isdir(path):
+            shutil.rmtree(path)
+
+
 def _depth_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--teacher", help="the model to distil from (default: MODEL itself, the original)")
     p.add_argument("--teacher-checkpoint", help="state dict to load into the teacher")
     p.add_argument("--data", required=True, help="training data (fine-tuning, and the proxy set is drawn from it)")
     p.add_argument("--val-data", help="validation data: accuracy before and after each step's fine-tuning")
-    p.add_argument("--remove", type=int, required=True,
+    p.add_argument("--remove", type=positive_int, required=True,
                    help="blocks-worth to remove in all (2 units each: a block attn.i+ffn.i or a hybrid ffn.i+attn.i+1)")
-    p.add_argument("--steps", type=int, default=1, help="rounds of score -> remove -> fine-tune (--remove splits evenly)")
+    p.add_argument("--steps", type=positive_int, default=1, help="rounds of score -> remove -> fine-tune (--remove splits evenly)")
     p.add_argument("--criterion", default="kl", choices=["kl", "block_influence", "last"],
                    help="kl: the paper's summed KL on the proxy set; block_influence: ShortGPT's 1 - cos(in, out); "
                         "last: the last blocks")
     p.add_argument("--blocks-only", action="store_true", help="whole blocks only, no hybrid blocks")
-    p.add_argument("--candidate-blocks", type=int, default=1,
+    p.add_argument("--candidate-blocks", type=positive_int, default=1,
                    help="blocks-worth per candidate (2: pairs, e.g. inside a shifted Swin stage)")
-    p.add_argument("--proxy-size", type=int, default=256, help="random proxy images (seeded) for the scores")
-    p.add_argument("--per-class", type=int, default=None, help="instead: this many proxy images of every class")
-    p.add_argument("--proxy-seed", type=int, default=0, help="seed of the proxy sampling")
-    p.add_argument("--epochs", type=int, required=True,
+    p.add_argument("--proxy-size", type=positive_int, default=256, help="random proxy images (seeded) for the scores")
+    p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many proxy images of every class")
+    p.add_argument("--proxy-seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
+    p.add_argument("--epochs", type=nonneg_int, required=True,
                    help="fine-tuning epochs of the whole run, split evenly over the steps (0: no fine-tuning)")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL term (x T^2)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size of the fine-tuning (split over "
+    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the KL term (x T^2)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size of the fine-tuning (split over "
                    "torchrun ranks)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate of each step (default 1e-3 x batch / 256)")
-    p.add_argument("--min-lr", type=float, default=1e-5, help="learning rate at the end of each step's cosine")
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
-    p.add_argument("--warmup-epochs", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate of each step (default 1e-3 x batch / 256)")
+    p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of each step's cosine")
+    p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=None,
                    help="linear warm-up of each step (default min(2, epochs per step / 10))")
-    p.add_argument("--score-batch-size", type=int, default=64, help="proxy images per forward when scoring")
-    p.add_argument("--bench-batch", type=int, default=64, help="batch size of the throughput measurement")
-    p.add_argument("--bench-runs", type=int, default=10, help="timed runs of the throughput measurement")
+    p.add_argument("--score-batch-size", type=positive_int, default=64, help="proxy images per forward when scoring")
+    p.add_argument("--bench-batch", type=positive_int, default=64, help="batch size of the throughput measurement")
+    p.add_argument("--bench-runs", type=positive_int, default=10, help="timed runs of the throughput measurement")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, help="run directory: steps, log.jsonl, depth.md and the final model")
     _add_run_args(p)

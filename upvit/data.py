@@ -38,8 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
-from torch.utils.data import default_collate
+from torch.utils.data import Dataset, Subset, default_collate
 
 from .errors import BadImageError, UpvitError
 

@@ -74,10 +74,6 @@ class Candidate:
     def key(self) -> str:
         return "+".join(self.units)
 
-    @property
-    def blocks_worth(self) -> int:
-        return len(self.units) // 2
-
     def to_dict(self) -> dict[str, Any]:
         return {"units": list(self.units), "kind": self.kind}
 

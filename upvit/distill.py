@@ -359,9 +359,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
     >>> record = upvit.finetune(pruned, teacher, train_ds, upvit.TrainConfig(epochs=10), "out/ft")  # doctest: +SKIP
     >>> record = upvit.finetune(pruned, teacher, train_ds, cfg, "out/ft-f", alpha=20, distill="features")  # doctest: +SKIP
     """
-    from .train import fit
-
     from .hf import task_of
+    from .train import fit
 
     if distill not in DISTILL_KINDS:
         raise UpvitError(f"distill must be one of {', '.join(DISTILL_KINDS)}, got {distill!r}")

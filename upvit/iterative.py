@@ -34,7 +34,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .errors import UpvitError
-from .plan import Plan, make_plan, resolve_targets
+from .plan import Plan, make_plan
 from .targets import StageTarget, Targets
 from .topology import Topology
 
@@ -193,10 +193,7 @@ def prune_iteratively(model: nn.Module, proxy: Any, targets: Targets | dict[str,
     topology = get_adapter(model).topology()
     if (targets is None) == (ratio is None):
         raise UpvitError("give exactly one of targets=dict(embed_dim=..., num_heads=..., mlp_hidden=...) or ratio=...")
-    if isinstance(targets, dict):
-        targets = resolve_targets(topology, **targets)
-    else:
-        targets = resolve_targets(topology, targets=targets, ratio=ratio)
+    targets = Targets.parse(topology, targets, ratio=ratio)
     if finetune is not None and not callable(finetune):
         raise UpvitError("finetune must be a callable finetune(model, step) or None")
     shapes = schedule(topology, targets, steps)

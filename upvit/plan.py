@@ -34,7 +34,7 @@ from torch import nn
 from .errors import UpvitError
 from .selection import problems, top_k
 from .targets import Targets, resolve_targets
-from .topology import Rules, Topology
+from .topology import Rules, StageShape, Topology
 
 if TYPE_CHECKING:
     from .importance.scores import Scores
@@ -153,6 +153,20 @@ class Plan:
         shape.update({"embed_dim": shape["residual"][0] if shape["residual"] else None,
                       "attn_dim": shape["attn"], "ffn_dim": shape["ffn"], "num_heads": shape["heads"]})
         return shape
+
+    def stage_shapes(self, topology: Topology) -> list[StageShape]:
+        """The pruned model's widths, one :class:`~upvit.topology.StageShape` per stage of ``topology``
+        (the source model), for :meth:`Rules.check`. With units removed, a stage's kept attention and FFN
+        units may come from different blocks (a hybrid removal pairs block i's attention with block i+1's
+        FFN), so each width list follows the kept units of its kind."""
+        kept = set(self.kept_units(topology))
+        out = []
+        for s in range(topology.num_stages):
+            attn = [f"attn.{b}" for b in topology.blocks_of(s) if f"attn.{b}" in kept]
+            ffn = [f"ffn.{b}" for b in topology.blocks_of(s) if f"ffn.{b}" in kept]
+            out.append(StageShape(len(self.keep[f"res.{s}"]), tuple(len(self.heads[k]) for k in attn),
+                                  tuple(len(self.keep[k]) for k in attn), tuple(len(self.keep[k]) for k in ffn)))
+        return out
 
     def summary(self) -> str:
         """One line: the kept widths (per stage where they differ)."""
@@ -326,44 +340,6 @@ def vit_rules() -> Rules:
                  uniform_across_stages=frozenset({"heads", "attn", "ffn"}))
 
 
-# ---------------------------------------------------------------------------------- rules check
-def check_against_rules(plan: Plan, topology: Topology) -> None:
-    """Refuse, in one line, a plan whose result the family's constructor cannot express."""
-    rules = topology.rules
-    multi = topology.num_stages > 1
-    kept = set(plan.kept_units(topology))
-    per_stage: list[dict[str, int]] = []
-    # (unit kind, width): with units removed, a stage's kept attention and FFN units may come from
-    # different blocks (a hybrid removal pairs block i's attention with block i+1's FFN)
-    widths = {"heads": ("attn", lambda k: len(plan.heads[k])), "attn": ("attn", lambda k: len(plan.keep[k])),
-              "ffn": ("ffn", lambda k: len(plan.keep[k]))}
-    what = {"heads": "head count", "attn": "attention width", "ffn": "FFN width"}
-    for s in range(topology.num_stages):
-        blocks = topology.blocks_of(s)
-        values: dict[str, int] = {"residual": len(plan.keep[f"res.{s}"])}
-        for name, (kind, get) in widths.items():
-            seen = [get(f"{kind}.{b}") for b in blocks if f"{kind}.{b}" in kept]
-            if name in rules.uniform and len(set(seen)) > 1:
-                where = "every block of a stage" if multi else "every block"
-                raise UpvitError(f"{rules.family} needs the same {what[name]} in {where}: keep the same number "
-                                 f"in every block (got {seen})")
-            values[name] = seen[0] if seen else 0
-        per_stage.append(values)
-    for name in sorted(rules.uniform_across_stages):
-        seen = [v[name] for v in per_stage if v[name]]
-        if len(set(seen)) > 1:
-            raise UpvitError(f"{rules.family} needs the same {what.get(name, name)} in every stage (got {seen})")
-    for s, v in enumerate(per_stage):
-        if rules.attn_tied_to_residual and v["attn"] and v["attn"] != v["residual"]:
-            sfx = f"[{s}]" if multi else ""
-            raise UpvitError(f"{rules.family} ties the attention width to embed_dim, so attn_dim{sfx} ({v['attn']}) "
-                             f"must equal embed_dim{sfx} ({v['residual']}): leave attn_dim unset")
-    if rules.residual_ratios and multi:
-        from .targets import _check_ratios
-
-        _check_ratios(rules.family, rules.residual_ratios, [v["residual"] for v in per_stage])
-
-
 # ---------------------------------------------------------------------------------- make_plan
 def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_heads: Any = None,
               mlp_hidden: Any = None, attn_dim: Any = None, ratio: float | None = None,
@@ -430,4 +406,4 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
     return plan
 
 
-__all__ = ["Plan", "make_plan", "check_against_rules", "vit_rules", "PLAN_FORMAT", "PLAN_VERSION"]
+__all__ = ["Plan", "make_plan", "vit_rules", "PLAN_FORMAT", "PLAN_VERSION"]

@@ -98,7 +98,9 @@ def probe(backbone_dir: str, data: str, val_data: str, out_dir: str, l2: float =
     t0 = time.time()
     head = fit_linear(xtr, ytr, info.num_classes, l2)
     t_fit = time.time() - t0
-    acc = lambda x, y: float((head(x).argmax(1) == y).float().mean() * 100)
+    def acc(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((head(x).argmax(1) == y).float().mean() * 100)
+
     model = with_head(backbone, head, info.class_names)
     model.upvit_config.extra["probe"] = {"backbone": backbone_dir, "data": data, "l2": l2}
     save(model, out_dir)

@@ -1,6 +1,7 @@
 """Plan + model -> a genuine smaller model of the same family (docs/method.md section 3).
 
-The family-independent driver: validate the plan against the model, let the family's adapter build
+The family-independent driver: validate the plan against the model and the family's rules (once, here:
+``Adapter.rebuild`` may assume a checked plan), let the family's adapter build
 the new model through the family's own constructor and slice every tensor that carries a pruned
 channel (and, for a plan that removes units, re-pair the remaining attention and FFN units into
 ordinary blocks: :meth:`upvit.topology.Topology.rebuilt_blocks`), then check the result has the
@@ -40,7 +41,8 @@ def prune(model: nn.Module, plan: Plan) -> nn.Module:
                          "or Plan.from_json")
     adapter = get_adapter(model)
     topology = adapter.topology()
-    plan.check_fits(topology)
+    plan.check_fits(topology)  # the one check of a plan in surgery: structure, then the family's rules
+    adapter.check_plan(plan)
     new, config = adapter.rebuild(plan)
     got = get_adapter(new).topology().shape()
     want = plan.target_shape()

@@ -3,9 +3,11 @@
 A :class:`Targets` holds one :class:`StageTarget` per residual stage (a plain ViT has one): the
 residual width, and for every block of the stage the head count, the attention width and the FFN
 width (the paper uses the same ratio everywhere; every constructor we rebuild through needs these
-to be equal within a stage anyway). :meth:`Targets.check` refuses, in one line naming the fix,
-anything the model cannot be pruned to or the family's constructor cannot express, and runs
-before any scoring or surgery work.
+to be equal within a stage anyway). :meth:`Targets.parse` is the one door for every accepted spelling
+(a :class:`Targets`, a dict of :func:`upvit.make_plan`'s keywords, the CLI's ``EMBED,HEADS,MLP`` text, a
+ratio); :meth:`Targets.check` refuses, in one line naming the fix, anything the model cannot be pruned
+to (and, through :meth:`upvit.topology.Rules.check`, anything the family's constructor cannot
+express), before any scoring or surgery work.
 
 Names in messages follow the single-stage parameter names users know from timm and
 :func:`upvit.make_plan` (``embed_dim``, ``num_heads``, ``attn_dim``, ``mlp_hidden``), with
@@ -19,14 +21,14 @@ StageTarget(residual=12, heads=2, attn=12, ffn=24)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import UpvitError
-from .topology import Topology
+from .topology import StageShape, Topology, check_ratios
+from .topology import width_name as _name
 
-NAMES = {"residual": "embed_dim", "heads": "num_heads", "attn": "attn_dim", "ffn": "mlp_hidden"}
+TARGET_KEYS = ("embed_dim", "num_heads", "mlp_hidden", "attn_dim")
 
 
 @dataclass(frozen=True)
@@ -108,14 +110,15 @@ class Targets:
 
     # ------------------------------------------------------------------ validation
     def check(self, topology: Topology) -> None:
-        """Raise a one-line UpvitError unless the model can be pruned to these targets and the
-        family's constructor can express the result."""
+        """Raise a one-line UpvitError unless the model can be pruned to these targets (counts in range,
+        heads that merge evenly) and the family's constructor can express the result (its
+        :meth:`~upvit.topology.Rules.check`)."""
         n, rules = topology.num_stages, topology.rules
         multi = n > 1
         if len(self.stages) != n:
             raise UpvitError(f"targets give {len(self.stages)} stages but the model has {n}: give one value per stage")
         if rules.residual_ratios and multi:  # the family's own constraint first: it decides what else is possible
-            _check_ratios(rules.family, rules.residual_ratios, [st.residual for st in self.stages])
+            check_ratios(rules.family, rules.residual_ratios, [st.residual for st in self.stages])
         for s, st in enumerate(self.stages):
             nm = lambda f: _name(f, s, multi)  # noqa: E731
             _in_range(nm("residual"), st.residual, topology.residual(s).size)
@@ -134,14 +137,65 @@ class Targets:
                         else f"{nm('attn')}={st.attn}")
                 raise UpvitError(f"{what} is not divisible by {nm('heads')}={st.heads}: choose a multiple of "
                                  f"{st.heads} (e.g. {max(st.heads, st.attn // st.heads * st.heads)})")
-            if rules.attn_tied_to_residual and st.attn != st.residual:
-                raise UpvitError(f"{rules.family} ties the attention width to embed_dim, so {nm('attn')} "
-                                 f"({st.attn}) must equal {nm('residual')} ({st.residual}): leave attn_dim unset")
-        for name in sorted(rules.uniform_across_stages):
-            values = {getattr(st, name) for st in self.stages}
-            if len(values) > 1:
-                raise UpvitError(f"{rules.family} needs the same {NAMES[name]} in every stage, got "
-                                 f"{[getattr(st, name) for st in self.stages]}")
+        rules.check(self.shape())
+
+    def shape(self) -> list[StageShape]:
+        """The widths these targets give, one :class:`~upvit.topology.StageShape` per stage."""
+        return [StageShape(st.residual, (st.heads,), (st.attn,), (st.ffn,)) for st in self.stages]
+
+    # ------------------------------------------------------------------ the one door
+    @classmethod
+    def parse(cls, topology: Topology, spec: Any = None, *, ratio: Any = None, keep_heads: bool = False) -> "Targets":
+        """Checked targets from any accepted spelling: a :class:`Targets`; a dict of
+        :func:`upvit.make_plan`'s keywords (``embed_dim``, ``num_heads``, ``mlp_hidden``, ``attn_dim``,
+        each an int or one value per stage); the CLI's text ``EMBED,HEADS,MLP`` (per stage
+        ``16/32/64/128,1/2/4/8,64/128/256/512``); or None with ``ratio`` (None and no ratio: the model's
+        own shape)."""
+        if isinstance(spec, str):
+            try:
+                spec = parse_target_text(spec)
+            except UpvitError:
+                raise UpvitError(f"each target must be a dict like {{'embed_dim': 96, 'num_heads': 6, 'mlp_hidden': "
+                                 f"384}} or the text 'EMBED,HEADS,MLP' (e.g. '96,6,384'), got {spec!r}") from None
+        if spec is not None and ratio is not None:
+            raise UpvitError("give either ratio or explicit targets (embed_dim, num_heads, mlp_hidden, attn_dim), "
+                             "not both")
+        if isinstance(spec, Targets):
+            targets = spec
+        elif isinstance(spec, dict):
+            unknown = set(spec) - set(TARGET_KEYS)
+            if unknown:
+                raise UpvitError(f"unknown target key(s) {', '.join(sorted(unknown))}: use "
+                                 f"{', '.join(sorted(TARGET_KEYS))}")
+            targets = cls.from_values(topology, **spec)
+        elif spec is None:
+            targets = (cls.from_ratio(topology, ratio, keep_heads=keep_heads) if ratio is not None
+                       else cls.from_values(topology))
+        else:
+            raise UpvitError(f"each target must be a dict like {{'embed_dim': 96, 'num_heads': 6, 'mlp_hidden': 384}}, "
+                             f"got {spec!r}")
+        targets.check(topology)
+        return targets
+
+    @classmethod
+    def parse_many(cls, topology: Topology, targets: Any = None, ratios: Any = None,
+                   method: str = "hybrid") -> list["Targets"]:
+        """Checked targets for the scorers that serve several shapes (hybrid, greedy): exactly one of
+        ``targets`` (one spelling of :meth:`parse`, or a list of them) or ``ratios`` (a number or a list)."""
+        if (targets is None) == (ratios is None):
+            raise UpvitError(f"method {method!r} needs exactly one of targets=[{{embed_dim, num_heads, mlp_hidden}}, "
+                             "...] or ratios=[0.5, ...]")
+        if ratios is not None:
+            if isinstance(ratios, (int, float)):
+                ratios = [ratios]
+            if not isinstance(ratios, (list, tuple)) or not ratios:
+                raise UpvitError(f"ratios must be a non-empty list of numbers in (0, 1], got {ratios!r}")
+            return [cls.parse(topology, ratio=r) for r in ratios]
+        if isinstance(targets, (dict, Targets, str)):
+            targets = [targets]
+        if not isinstance(targets, (list, tuple)) or not targets:
+            raise UpvitError(f"targets must be a non-empty list of dicts, got {targets!r}")
+        return [cls.parse(topology, t) for t in targets]
 
     # ------------------------------------------------------------------ conversion
     def per_stage(self, field_name: str) -> list[int]:
@@ -161,33 +215,25 @@ class Targets:
 def resolve_targets(topology: Topology, embed_dim: Any = None, num_heads: Any = None, mlp_hidden: Any = None,
                     attn_dim: Any = None, ratio: float | None = None, targets: Targets | None = None,
                     keep_heads: bool = False) -> Targets:
-    """One :class:`Targets` from whichever form was given (explicit values, a ratio, or Targets), checked."""
-    explicit = [v is not None for v in (embed_dim, num_heads, mlp_hidden, attn_dim)]
-    if targets is not None:
-        if any(explicit) or ratio is not None:
-            raise UpvitError("give either targets or explicit values / a ratio, not both")
-    elif ratio is not None:
-        if any(explicit):
-            raise UpvitError("give either ratio or explicit targets (embed_dim, num_heads, mlp_hidden, attn_dim), not both")
-        targets = Targets.from_ratio(topology, ratio, keep_heads=keep_heads)
-    else:
-        targets = Targets.from_values(topology, embed_dim, num_heads, mlp_hidden, attn_dim)
-    targets.check(topology)
-    return targets
+    """:meth:`Targets.parse` for :func:`upvit.make_plan`'s keywords (explicit values, a ratio, or Targets)."""
+    explicit = {k: v for k, v in zip(TARGET_KEYS, (embed_dim, num_heads, mlp_hidden, attn_dim)) if v is not None}
+    if targets is not None and (explicit or ratio is not None):
+        raise UpvitError("give either targets or explicit values / a ratio, not both")
+    return Targets.parse(topology, targets if targets is not None else (explicit or None), ratio=ratio,
+                         keep_heads=keep_heads)
 
 
-def _check_ratios(family: str, ratios: Sequence[float], widths: list[int]) -> None:
-    base = widths[0] / ratios[0]
-    expected = [base * r for r in ratios]
-    if any(abs(w - e) > 1e-9 for w, e in zip(widths, expected)):
-        pattern = ":".join(f"{r:g}" for r in ratios)
-        suggestion = [int(round(widths[0] * r / ratios[0])) for r in ratios]
-        raise UpvitError(f"{family} keeps the stage widths in the ratio {pattern} (timm builds them from one "
-                         f"embed_dim), so embed_dim={widths} cannot be built: use e.g. {suggestion}")
-
-
-def _name(field_name: str, stage: int, multi: bool) -> str:
-    return f"{NAMES[field_name]}[{stage}]" if multi else NAMES[field_name]
+def parse_target_text(text: str) -> dict[str, Any]:
+    """``"96,6,384"`` -> ``{"embed_dim": 96, "num_heads": 6, "mlp_hidden": 384}``; a field may give one value
+    per stage separated by ``/`` (``16/32/64/128,1/2/4/8,64/128/256/512``). Syntax only: the CLI checks
+    its arguments with it before loading the model."""
+    parts = text.split(",")
+    fields = [p.strip().split("/") for p in parts]
+    if len(parts) != 3 or not all(x.isdigit() for f in fields for x in f):
+        raise UpvitError(f"--target {text!r}: write EMBED,HEADS,MLP, e.g. --target 96,6,384 (per stage: "
+                         "16/32/64/128,1/2/4/8,64/128/256/512)")
+    values = [int(f[0]) if len(f) == 1 else [int(x) for x in f] for f in fields]
+    return dict(zip(("embed_dim", "num_heads", "mlp_hidden"), values))
 
 
 def _in_range(name: str, value: int, source: int) -> None:
@@ -209,9 +255,4 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def geometric_check(ratios: Sequence[float], widths: Sequence[int]) -> bool:
-    """Whether ``widths`` keep the proportions ``ratios`` (used by adapters for plan checks)."""
-    return all(math.isclose(w * ratios[0], widths[0] * r) for w, r in zip(widths, ratios))
-
-
-__all__ = ["StageTarget", "Targets", "resolve_targets"]
+__all__ = ["StageTarget", "TARGET_KEYS", "Targets", "parse_target_text", "resolve_targets"]

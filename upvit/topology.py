@@ -24,7 +24,7 @@ to know a family's layout.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 from .errors import UpvitError
 
@@ -74,6 +74,28 @@ class PairedBlock:
     ffn: str
 
 
+# what the rules and targets call each width in messages: the single-stage parameter names users know from
+# timm and :func:`upvit.make_plan`, with ``[s]`` for stage s of a multi-stage model
+WIDTH_NAMES = {"residual": "embed_dim", "heads": "num_heads", "attn": "attn_dim", "ffn": "mlp_hidden"}
+_WHAT = {"heads": "head count", "attn": "attention width", "ffn": "FFN width"}
+
+
+def width_name(field_name: str, stage: int, multi: bool) -> str:
+    return f"{WIDTH_NAMES[field_name]}[{stage}]" if multi else WIDTH_NAMES[field_name]
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """The widths of one stage of a (pruned) model, what :meth:`Rules.check` judges: the residual width
+    and, per unit the stage keeps (forward order), the head count and attention width of each attention
+    unit and the width of each FFN unit. Targets give one entry per stage; a plan one per kept unit."""
+
+    residual: int
+    heads: tuple[int, ...] = ()
+    attn: tuple[int, ...] = ()
+    ffn: tuple[int, ...] = ()
+
+
 @dataclass(frozen=True)
 class Rules:
     """What the family's constructor can express (checked before scoring and before surgery).
@@ -98,6 +120,31 @@ class Rules:
     head_bias: bool = False
     depth_pruning: bool = True
     notes: tuple[str, ...] = ()
+
+    def check(self, stages: "Sequence[StageShape]") -> None:
+        """Raise a one-line UpvitError unless the family's constructor can express a model of this shape
+        (one :class:`StageShape` per stage). The one statement of the rules: targets
+        (:meth:`upvit.targets.Targets.check`) and plans (:meth:`upvit.adapters.base.Adapter.check_plan`)
+        both come here."""
+        multi = len(stages) > 1
+        if self.residual_ratios and multi:  # the family's own constraint first: it decides what else is possible
+            check_ratios(self.family, self.residual_ratios, [st.residual for st in stages])
+        for s, st in enumerate(stages):
+            for name in ("heads", "attn", "ffn"):
+                seen = list(getattr(st, name))
+                if name in self.uniform and len(set(seen)) > 1:
+                    where = "every block of a stage" if multi else "every block"
+                    raise UpvitError(f"{self.family} needs the same {_WHAT[name]} in {where}: keep the same number "
+                                     f"in every block (got {seen})")
+            bad = next((a for a in st.attn if a != st.residual), None)
+            if self.attn_tied_to_residual and bad is not None:
+                raise UpvitError(f"{self.family} ties the attention width to embed_dim, so {width_name('attn', s, multi)} "
+                                 f"({bad}) must equal {width_name('residual', s, multi)} ({st.residual}): leave attn_dim "
+                                 "unset")
+        for name in sorted(self.uniform_across_stages):
+            seen = [getattr(st, name)[0] for st in stages if getattr(st, name)]
+            if len(set(seen)) > 1:
+                raise UpvitError(f"{self.family} needs the same {WIDTH_NAMES[name]} in every stage, got {seen}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -297,10 +344,22 @@ class Topology:
         return cls(family, tuple(ordered), tuple(units), rules, head_tokens)
 
 
+def check_ratios(family: str, ratios: Sequence[float], widths: list[int]) -> None:
+    """Refuse residual widths that do not keep the family's fixed proportions (timm Swin: 1:2:4:8)."""
+    base = widths[0] / ratios[0]
+    expected = [base * r for r in ratios]
+    if any(abs(w - e) > 1e-9 for w, e in zip(widths, expected)):
+        pattern = ":".join(f"{r:g}" for r in ratios)
+        suggestion = [int(round(widths[0] * r / ratios[0])) for r in ratios]
+        raise UpvitError(f"{family} keeps the stage widths in the ratio {pattern} (timm builds them from one "
+                         f"embed_dim), so embed_dim={widths} cannot be built: use e.g. {suggestion}")
+
+
 def _summarise(keys: Iterable[str], limit: int = 6) -> str:
     keys = list(keys)
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-__all__ = ["PairedBlock", "Site", "Unit", "Rules", "Topology", "residual_key"]
+__all__ = ["PairedBlock", "Site", "StageShape", "Unit", "Rules", "Topology", "WIDTH_NAMES", "check_ratios",
+           "residual_key", "width_name"]

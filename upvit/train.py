@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as dist_utils
-from .errors import UpvitError
 from .adapters.base import batch_len, batch_to
+from .errors import UpvitError
 from .evaluation import evaluate, model_output
 from .fingerprint import digest
 from .io import atomic_write_bytes, save

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import upvit
-from pvt_helpers import PVT_IMG, tiny_pvt
 from naive_pvt import naive_pvt_score
 from plan_helpers import plan_masks, random_scores
+from pvt_helpers import PVT_IMG, tiny_pvt
 from upvit.adapters import get_adapter
 from upvit.adapters.timm_pvt import TimmPVTv2Adapter
 from upvit.errors import UpvitError

@@ -6,6 +6,7 @@ import torch
 
 import upvit
 from helpers import tiny_images, tiny_vit
+from plan_helpers import scrambled
 from upvit.adapters import Masks, get_adapter
 from upvit.errors import UpvitError
 from upvit.importance import hybrid as hybrid_module
@@ -77,16 +78,7 @@ def test_hybrid_with_ratios(setup):
 def test_hybrid_recovers_from_a_misleading_estimate(setup, monkeypatch):
     """With a scrambled estimate the bands must widen until the decisions are still exact."""
     model, images, ref = setup
-    real = hybrid_module.fisher_scores
-
-    def scrambled(adapter, images, **options):
-        s = real(adapter, images, **options)
-        g = torch.Generator().manual_seed(0)
-        for _, t in s.items():
-            t.copy_(t[torch.randperm(t.numel(), generator=g)])
-        return s
-
-    monkeypatch.setattr(hybrid_module, "fisher_scores", scrambled)
+    monkeypatch.setattr(hybrid_module, "fisher_scores", scrambled(hybrid_module.fisher_scores))
     target = TARGETS[0]
     s = upvit.score(model, images, method="hybrid", targets=[target], band=0.02, min_band=1)
     assert s.meta["rounds"] > 1

@@ -139,7 +139,6 @@ def test_cli_hybrid_needs_targets_and_parses_them():
     assert _parse_targets(None) is None
     assert _parse_targets(["16/32/64/128,1/2/4/8,64"]) == [{"embed_dim": [16, 32, 64, 128], "num_heads": [1, 2, 4, 8],
                                                              "mlp_hidden": 64}]
-    import pytest
 
     with pytest.raises(UpvitError, match="EMBED,HEADS,MLP"):
         _parse_targets(["96x6"])

@@ -8,7 +8,7 @@ import torch
 from helpers import TINY, tiny_images, tiny_vit
 from upvit.adapters import get_adapter
 from upvit.errors import UpvitError
-from upvit.importance.kl import (bytes_per_candidate_input, candidate_batch_for_memory, compute_dtype, kl_scores)
+from upvit.importance.kl import bytes_per_candidate_input, candidate_batch_for_memory, compute_dtype, kl_scores
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits
 

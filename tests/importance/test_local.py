@@ -6,10 +6,9 @@ import torch
 
 from helpers import tiny_images, tiny_vit
 from upvit.adapters import get_adapter
-from upvit.adapters.base import Adapter
+from upvit.adapters.base import Adapter, forward_from
 from upvit.errors import UpvitError
 from upvit.importance.fisher import fisher_scores
-from upvit.adapters.base import forward_from
 from upvit.importance.kl import kl_scores
 from upvit.importance.local import local_attention_sums
 

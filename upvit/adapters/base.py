@@ -41,6 +41,7 @@ from ..topology import PairedBlock, Topology
 if TYPE_CHECKING:
     from ..models import ModelConfig
     from ..plan import Plan
+    from .slicing import ChannelSlice, SliceRules
 
 Inputs = Union[torch.Tensor, dict]
 
@@ -247,11 +248,50 @@ class Adapter(ABC):
         """Plain-data description of the shape (metadata, messages)."""
         return {"family": self.family, "class": type(self.model).__name__, **self.topology().shape()}
 
+    # ---------------------------------------------------------------- declared channels
+    def channel_slices(self) -> "dict[str, list[ChannelSlice]] | None":
+        """Per site key, the state-dict slices that carry its channel c, declared once
+        (:class:`~upvit.adapters.slicing.ChannelSlice`); magnitude/Taylor weights and surgery slicing
+        derive from it. None where a family has not declared them (it then writes
+        :meth:`channel_weights` and its surgery's slicing by hand)."""
+        return None
+
+    def untouched_keys(self) -> set[str]:
+        """State-dict keys that no site's channels touch (e.g. a classifier's bias), copied whole."""
+        return set()
+
+    def producers(self, site_key: str) -> "list[ChannelSlice]":
+        """The slices that write channel c of the site (output rows and biases)."""
+        return [sl for sl in self._declared()[site_key] if sl.role == "out"]
+
+    def consumers(self, site_key: str) -> "list[ChannelSlice]":
+        """The slices that read channel c of the site (input columns of the layers that follow)."""
+        return [sl for sl in self._declared()[site_key] if sl.role == "in"]
+
+    def declared_slice_rules(self, keep: dict[str, list[int]]) -> "SliceRules":
+        """Surgery's slice rules for ``keep`` (site key -> kept channels), derived from the declaration."""
+        from .slicing import declared_rules
+
+        return declared_rules(self.model.state_dict(), self._declared(), keep, self.untouched_keys())
+
+    def _declared(self) -> "dict[str, list[ChannelSlice]]":
+        declared = self.channel_slices()
+        if declared is None:
+            raise UpvitError(f"the {self.family} adapter does not declare its channels' weights")
+        return declared
+
     def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
         """``(tensor, dim)`` pairs whose index i along ``dim`` is carried by channel i of the site
-        (used by the magnitude baseline). Families that support it override this."""
-        raise UpvitError(f"the {self.family} adapter does not list its weights per channel: magnitude scoring "
-                         "is not available for this model family")
+        (magnitude and Taylor importance): derived from :meth:`channel_slices` where the family declares
+        them; families that do not override this."""
+        declared = self.channel_slices()
+        if declared is None:
+            raise UpvitError(f"the {self.family} adapter does not list its weights per channel: magnitude scoring "
+                             "is not available for this model family")
+        from .slicing import declared_weights
+
+        self.topology().site(site_key)  # one clear line for a site the model does not have
+        return declared_weights(self.model.state_dict(keep_vars=True), declared[site_key])
 
     def input_size(self) -> tuple[int, ...] | None:
         """The input one sample must have (``(C, H, W)`` for images), or None when it varies."""
@@ -370,16 +410,16 @@ class Adapter(ABC):
     @abstractmethod
     def rebuild(self, plan: "Plan") -> tuple[nn.Module, "ModelConfig"]:
         """A new model of this family at ``plan``'s shape with sliced weights, and its config
-        (rebuilt through the family's own constructor; the original model is not modified)."""
+        (rebuilt through the family's own constructor; the original model is not modified). The plan
+        has been checked (:func:`upvit.surgery.prune` runs :meth:`check_plan` once before this)."""
 
     def check_plan(self, plan: "Plan") -> None:
         """Refuse, in one line, a plan the family's constructor cannot express (default: the rules,
         and for a plan that removes units, :meth:`check_units`)."""
-        from ..plan import check_against_rules
-
         if plan.units is not None:
             self.check_units(plan.units)
-        check_against_rules(plan, self.topology())
+        topology = self.topology()
+        topology.rules.check(plan.stage_shapes(topology))
 
     def check_units(self, kept: Sequence[str]) -> list[PairedBlock]:
         """The blocks the family rebuilds from ``kept`` units (see :meth:`Topology.rebuilt_blocks`), or

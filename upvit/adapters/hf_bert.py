@@ -46,9 +46,9 @@ from ..errors import UpvitError
 from ..evaluation import mean_pooled
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook
-from .hf_common import (TIED_NOTE, apply_rules, eager_attention, hf_config, linear, q_scale, rebuild_from_config,
-                        vector)
+from .slicing import apply_rules, linear, q_scale, vector
 
 CLASSES = ("BertModel", "BertForMaskedLM")
 
@@ -232,7 +232,6 @@ class HFBertAdapter(HookMasking, Adapter):
         if plan.units is not None and len(plan.units) != len(topo.units):
             raise UpvitError("BERT is rebuilt with all its layers here: depth pruning is not supported for this "
                              "family yet")
-        self.check_plan(plan)
         cfg = self.model.config
         dim, heads = plan.embed_dim, plan.num_heads
         state = self._slice(plan)

@@ -37,9 +37,9 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
-from .hf_common import (TIED_NOTE, apply_rules, conv1d, eager_attention, hf_config, q_scale, rebuild_from_config,
-                        vector)
+from .slicing import apply_rules, conv1d, q_scale, vector
 
 
 def is_hf_gpt2(model: nn.Module) -> bool:
@@ -205,7 +205,6 @@ class HFGPT2Adapter(HookMasking, Adapter):
         if plan.units is not None and len(plan.units) != len(topo.units):
             raise UpvitError("GPT-2 is rebuilt with all its blocks here: depth pruning is not supported for this "
                              "family yet")
-        self.check_plan(plan)
         cfg = self.model.config
         dim, heads = plan.embed_dim, plan.num_heads
         state = self._slice(plan)

@@ -28,8 +28,9 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .hf_common import eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .hf_common import (apply_rules, eager_attention, hf_config, linear, q_scale, rebuild_from_config, vector)
+from .slicing import apply_rules, linear, q_scale, vector
 
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
 
@@ -177,7 +178,6 @@ class HFViTAdapter(HookMasking, Adapter):
         if plan.units is not None and len(plan.units) != len(topo.units):
             raise UpvitError(f"{type(self.model).__name__} is rebuilt with all its layers here: depth pruning is not "
                              "supported for this family yet")
-        self.check_plan(plan)
         dim, heads, head_dim = plan.embed_dim, plan.num_heads, plan.head_dim(0)
         old_hd = self.base.layers[0].attention.head_dim
         state = self._slice(plan)

@@ -1,5 +1,6 @@
-"""What the timm adapters share: rebuilding through ``timm.create_model``, slicing rules, the
-attention-backend switch, and the search for a registered timm architecture of the same shape."""
+"""What the timm adapters share: rebuilding through ``timm.create_model``, the attention-backend switch,
+and the search for a registered timm architecture of the same shape (the slicing helpers, shared with the
+Hugging Face adapters, are in :mod:`upvit.adapters.slicing`)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,62 +15,11 @@ from torch import nn
 
 from ..errors import UpvitError
 
-# slicing rules: state-dict key -> [(dim, index), ...] applied in order (an empty list copies the tensor)
-SliceRules = dict[str, list[tuple[int, torch.Tensor]]]
-
 
 def import_timm():
     from .._compat import import_timm as _import
 
     return _import()
-
-
-def linear_rule(rules: SliceRules, prefix: str, module: nn.Linear, out_idx: torch.Tensor | None,
-                in_idx: torch.Tensor | None) -> None:
-    """Rows ``out_idx`` and columns ``in_idx`` of a linear layer (None keeps that axis whole)."""
-    weight = [(d, i) for d, i in ((0, out_idx), (1, in_idx)) if i is not None]
-    rules[f"{prefix}.weight"] = weight
-    if module.bias is not None:
-        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
-
-
-def vector_rule(rules: SliceRules, prefix: str, module: nn.Module | None, idx: torch.Tensor) -> None:
-    """Every parameter and buffer of a per-channel module (LayerNorm, LayerScale) at ``idx``."""
-    if module is None or isinstance(module, nn.Identity):
-        return
-    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-        rules[f"{prefix}.{name}"] = [(0, idx)]
-
-
-def apply_rules(model: nn.Module, rules: SliceRules) -> dict[str, torch.Tensor]:
-    """The model's state dict sliced by ``rules`` (new tensors; refuses keys without a rule)."""
-    state = model.state_dict()
-    unknown = sorted(set(state) - set(rules))
-    if unknown:
-        raise UpvitError(f"surgery does not know how to slice {unknown[0]} of this timm model: this variant is "
-                         "not supported for pruning yet")
-    out = {}
-    for key, tensor in state.items():
-        t = tensor.detach()
-        for dim, index in rules[key]:
-            t = t.index_select(dim, index.to(t.device))
-        out[key] = t if rules[key] else t.clone()
-    return out
-
-
-def move_sublayers(state: dict[str, torch.Tensor], moves: dict[str, str | None]) -> dict[str, torch.Tensor]:
-    """Depth surgery on a state dict: every key under an old sub-layer prefix in ``moves`` (e.g.
-    ``"blocks.3.norm2."``) goes under its new prefix (``"blocks.2.norm2."``), or is dropped where
-    the new prefix is None; other keys stay. Prefixes end with a dot, so ``blocks.1.`` never
-    matches ``blocks.10.``."""
-    out = {}
-    for key, tensor in state.items():
-        old = next((p for p in moves if key.startswith(p)), None)
-        if old is None:
-            out[key] = tensor
-        elif moves[old] is not None:
-            out[moves[old] + key[len(old):]] = tensor
-    return out
 
 
 def staged_unit_moves(blocks, where: list[tuple[int, int]], unit_parts: dict[str, tuple[str, ...]],
@@ -90,14 +40,6 @@ def staged_unit_moves(blocks, where: list[tuple[int, int]], unit_parts: dict[str
             for part in unit_parts[kind]:
                 moves[f"{stages}.{s}.blocks.{i}.{part}."] = f"{stages}.{s}.blocks.{k}.{part}."
     return moves
-
-
-def fold_q_scale(state: dict[str, torch.Tensor], prefix: str, rows: int, factor: float) -> None:
-    """Multiply the first ``rows`` output rows (q) of ``prefix``.weight/.bias by ``factor``: with the
-    pruned module's own ``head_dim ** -0.5`` scale, q . k then carries the original model's scale."""
-    for suffix in ("weight", "bias"):
-        if f"{prefix}.{suffix}" in state:
-            state[f"{prefix}.{suffix}"][:rows] *= factor
 
 
 def exact_ratio(hidden: int, dim: int) -> float:

@@ -22,7 +22,7 @@ Masks (hooks on timm's modules, only inside :meth:`TimmPVTv2Adapter.masking`):
 * ``attn.{b}``: dim d of q (``q`` row d) and of k and v (``kv`` rows d and A + d) is zeroed, which
   removes ``proj`` input column d; the scale stays ``head_dim ** -0.5`` of the original model.
 * ``ffn.{b}``: unit j is fc1 row j, depthwise-conv channel j and fc2 column j together
-  (docs/method.md section 6: the depthwise conv belongs to component 3); since the conv is
+  (docs/method.md section 6: the depthwise conv belongs to the FFN component); since the conv is
   depthwise, this equals zeroing unit j after the activation.
 
 Surgery rebuilds through ``timm.create_model(name, embed_dims=[...], num_heads=[...],
@@ -49,8 +49,8 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          move_sublayers, new_config, rebuild_from_state, staged_unit_moves, vector_rule)
+from .slicing import apply_rules, fold_q_scale, linear, move_sublayers, vector
+from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
 
 EQUIVALENT_CANDIDATES = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
 FAMILY = "timm PyramidVisionTransformerV2"
@@ -60,8 +60,7 @@ def _pvt_classes():
     from .._compat import import_timm
 
     import_timm()
-    from timm.models.pvt_v2 import (Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed,
-                                    PyramidVisionTransformerV2)
+    from timm.models.pvt_v2 import Attention, Block, MlpWithDepthwiseConv, OverlapPatchEmbed, PyramidVisionTransformerV2
 
     return PyramidVisionTransformerV2, Block, Attention, MlpWithDepthwiseConv, OverlapPatchEmbed
 
@@ -312,7 +311,6 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         (depthwise conv included) of its k-th kept FFN. Every block of a stage has the same sr ratio, so
         a block's position inside its stage changes nothing."""
         topo = self.topology()
-        self.check_plan(plan)
         blocks = self.check_units(plan.kept_units(topo))
         m = self.model
         base = base_config(m, {"in_chans": m.patch_embed.proj.in_channels, "num_classes": m.num_classes})
@@ -336,12 +334,12 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         rules: dict = {}
         E = [idx(f"res.{s}") for s in range(len(m.stages))]
         _conv_rule(rules, "patch_embed.proj", m.patch_embed.proj, E[0], None)
-        vector_rule(rules, "patch_embed.norm", m.patch_embed.norm, E[0])
+        vector(rules, "patch_embed.norm", m.patch_embed.norm, E[0])
         for s, stage in enumerate(m.stages):
             if s > 0:  # input channels: the previous stage's residual channels
                 _conv_rule(rules, f"stages.{s}.downsample.proj", stage.downsample.proj, E[s], E[s - 1])
-                vector_rule(rules, f"stages.{s}.downsample.norm", stage.downsample.norm, E[s])
-            vector_rule(rules, f"stages.{s}.norm", stage.norm, E[s])
+                vector(rules, f"stages.{s}.downsample.norm", stage.downsample.norm, E[s])
+            vector(rules, f"stages.{s}.norm", stage.norm, E[s])
         scales = {}
         kept = set(plan.kept_units(self.topology()))
         for b, (s, i) in enumerate(self._where):
@@ -356,11 +354,11 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
                 self._slice_attention(rules, scales, plan, b, p, attn, blk, E[s], idx(f"attn.{b}"))
             if f"ffn.{b}" in kept:
                 F = idx(f"ffn.{b}")
-                vector_rule(rules, f"{p}.norm2", blk.norm2, E[s])
-                linear_rule(rules, f"{p}.mlp.fc1", mlp.fc1, F, E[s])
+                vector(rules, f"{p}.norm2", blk.norm2, E[s])
+                linear(rules, f"{p}.mlp.fc1", mlp.fc1, F, E[s])
                 _conv_rule(rules, f"{p}.mlp.dwconv", mlp.dwconv, F, None)
-                linear_rule(rules, f"{p}.mlp.fc2", mlp.fc2, E[s], F)
-        linear_rule(rules, "head", m.head, None, E[-1])
+                linear(rules, f"{p}.mlp.fc2", mlp.fc2, E[s], F)
+        linear(rules, "head", m.head, None, E[-1])
         state = apply_rules(m, rules)
         for prefix, (rows, factor) in scales.items():
             fold_q_scale(state, prefix, rows, factor)
@@ -370,13 +368,13 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
     def _slice_attention(rules, scales, plan, b, p, attn, blk, E, A) -> None:
         """Slice rules of one kept attention unit: norm1, q, kv, proj and the sr conv + its norm."""
         a_src = attn.q.out_features
-        vector_rule(rules, f"{p}.norm1", blk.norm1, E)
-        linear_rule(rules, f"{p}.attn.q", attn.q, A, E)
-        linear_rule(rules, f"{p}.attn.kv", attn.kv, torch.cat([A, A + a_src]), E)
-        linear_rule(rules, f"{p}.attn.proj", attn.proj, E, A)
+        vector(rules, f"{p}.norm1", blk.norm1, E)
+        linear(rules, f"{p}.attn.q", attn.q, A, E)
+        linear(rules, f"{p}.attn.kv", attn.kv, torch.cat([A, A + a_src]), E)
+        linear(rules, f"{p}.attn.proj", attn.proj, E, A)
         if attn.sr is not None:  # output channels tied to the residual index (module doc)
             _conv_rule(rules, f"{p}.attn.sr", attn.sr, E, E)
-            vector_rule(rules, f"{p}.attn.norm", attn.norm, E)
+            vector(rules, f"{p}.attn.norm", attn.norm, E)
         old_hd, new_hd = a_src // attn.num_heads, plan.head_dim_of(f"attn.{b}")
         if old_hd != new_hd:
             scales[f"{p}.attn.q"] = (len(A), (new_hd / old_hd) ** 0.5)

@@ -37,8 +37,8 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream, per_window
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          move_sublayers, new_config, rebuild_from_state, staged_unit_moves, vector_rule)
+from .slicing import apply_rules, fold_q_scale, linear, move_sublayers, vector
+from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
 
 EQUIVALENT_CANDIDATES = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
                          "swin_base_patch4_window7_224", "swin_base_patch4_window12_384"]
@@ -279,7 +279,6 @@ class TimmSwinAdapter(HookMasking, Adapter):
         ``norm2``/``mlp`` of its k-th kept FFN; timm rebuilds the shift, the attention mask and the
         drop-path rates from the kwargs (:meth:`check_units` guarantees the shift is unchanged)."""
         topo = self.topology()
-        self.check_plan(plan)
         blocks = self.check_units(plan.kept_units(topo))
         m = self.model
         base = base_config(m, {"img_size": list(m.patch_embed.img_size), "in_chans": m.patch_embed.proj.in_channels,
@@ -312,21 +311,21 @@ class TimmSwinAdapter(HookMasking, Adapter):
         rules["patch_embed.proj.weight"] = [(0, E[0])]
         if m.patch_embed.proj.bias is not None:
             rules["patch_embed.proj.bias"] = [(0, E[0])]
-        vector_rule(rules, "patch_embed.norm", m.patch_embed.norm, E[0])
+        vector(rules, "patch_embed.norm", m.patch_embed.norm, E[0])
         scales, biases = {}, {}
         for b, (s, i) in enumerate(self._where):
             layer = m.layers[s]
             if i == 0 and s > 0:
                 four = torch.cat([E[s - 1] + k * widths[s - 1] for k in range(4)])
-                vector_rule(rules, f"layers.{s}.downsample.norm", layer.downsample.norm, four)
-                linear_rule(rules, f"layers.{s}.downsample.reduction", layer.downsample.reduction, E[s], four)
+                vector(rules, f"layers.{s}.downsample.norm", layer.downsample.norm, four)
+                linear(rules, f"layers.{s}.downsample.reduction", layer.downsample.reduction, E[s], four)
             blk, p = layer.blocks[i], f"layers.{s}.blocks.{i}"
             if f"attn.{b}" in kept:
                 a_src = blk.attn.qkv.out_features // 3
                 A = idx(f"attn.{b}")
-                vector_rule(rules, f"{p}.norm1", blk.norm1, E[s])
-                linear_rule(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E[s])
-                linear_rule(rules, f"{p}.attn.proj", blk.attn.proj, E[s], A)
+                vector(rules, f"{p}.norm1", blk.norm1, E[s])
+                linear(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E[s])
+                linear(rules, f"{p}.attn.proj", blk.attn.proj, E[s], A)
                 table = f"{p}.attn.relative_position_bias_table"
                 rules[table] = []
                 groups = (plan.bias_heads or {}).get(f"attn.{b}") or plan.heads[f"attn.{b}"]
@@ -342,16 +341,16 @@ class TimmSwinAdapter(HookMasking, Adapter):
                     rules[f"{p}.attn.{key}"] = []
             if f"ffn.{b}" in kept:
                 F = idx(f"ffn.{b}")
-                vector_rule(rules, f"{p}.norm2", blk.norm2, E[s])
-                linear_rule(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E[s])
-                linear_rule(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E[s], F)
+                vector(rules, f"{p}.norm2", blk.norm2, E[s])
+                linear(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E[s])
+                linear(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E[s], F)
             else:
                 for key in blk.norm2.state_dict():
                     rules[f"{p}.norm2.{key}"] = []
                 for key in blk.mlp.state_dict():
                     rules[f"{p}.mlp.{key}"] = []
-        vector_rule(rules, "norm", m.norm, E[-1])
-        linear_rule(rules, "head.fc", m.head.fc, None, E[-1])
+        vector(rules, "norm", m.norm, E[-1])
+        linear(rules, "head.fc", m.head.fc, None, E[-1])
         state = apply_rules(m, rules)
         state.update(biases)
         for prefix, (rows, factor) in scales.items():

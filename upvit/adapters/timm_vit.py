@@ -32,8 +32,8 @@ from ..errors import UpvitError
 from ..topology import Topology
 from .base import Adapter, MaskProbe, Masks, Stream, masked_layer_norm
 from .hooks import HookMasking, grouped_scale_hook, scale_hook, zero_hook
-from .timm_common import (apply_rules, base_config, exact_ratio, explicit_attention, fold_q_scale, linear_rule,
-                          move_sublayers, new_config, rebuild_from_state, vector_rule)
+from .slicing import ChannelSlice, apply_rules, fold_q_scale, move_sublayers
+from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state
 
 
 def _timm_classes():
@@ -142,52 +142,56 @@ class TimmViTAdapter(HookMasking, Adapter):
                 block.drop_path1, block.drop_path2 = DropPath(r), DropPath(r)
 
     # ---------------------------------------------------------------- weights per channel (magnitude baseline)
-    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
-        """``(tensor, dim)`` pairs: index i along ``dim`` of each tensor is a weight carried by channel i of
-        the site. ``res.0``: every residual-width slice (patch embedding out, tokens, position embedding,
-        residual LayerNorms, qkv/fc1/head inputs, proj/fc2 outputs, LayerScale). ``attn.b``: q, k and v
-        rows (and biases) of dim d and the proj column d. ``ffn.b``: fc1 row j and bias, fc2 column j."""
+    def channel_slices(self) -> dict[str, list[ChannelSlice]]:
+        """The state-dict slices that carry channel c of each site (declared once: magnitude, Taylor and
+        surgery derive from it). ``res.0``: the patch embedding's output, the class/distillation/register
+        tokens and position embedding, every residual-width LayerNorm and LayerScale, the qkv/fc1/head
+        inputs, the proj/fc2 outputs. ``attn.b``: q, k and v rows d (and biases), proj column d.
+        ``ffn.b``: fc1 row j and bias, fc2 column j."""
         m = self.model
-        site = self.topology().site(site_key)
-        out: list[tuple[torch.Tensor, int]] = []
+        keys = set(m.state_dict())
+        out: dict[str, list[ChannelSlice]] = {}
 
-        def add(t, dim):
-            if isinstance(t, torch.Tensor):
-                out.append((t.detach(), dim))
+        def claim(site: str, key: str, dim: int, role: str, copies: int = 1, stride: int = 0) -> None:
+            if key in keys:
+                out.setdefault(site, []).append(ChannelSlice(key, dim, role, copies, stride))  # type: ignore[arg-type]
 
-        if site.kind == "attn":
-            attn = m.blocks[site.block].attn
-            a = site.size
-            add(attn.qkv.weight.view(3, a, -1), 1)
-            if attn.qkv.bias is not None:
-                add(attn.qkv.bias.view(3, a), 1)
-            add(attn.proj.weight, 1)
-        elif site.kind == "ffn":
-            mlp = m.blocks[site.block].mlp
-            add(mlp.fc1.weight, 0)
-            add(mlp.fc1.bias, 0)
-            add(mlp.fc2.weight, 1)
-        else:
-            add(m.patch_embed.proj.weight, 0)
-            add(m.patch_embed.proj.bias, 0)
-            for name in ("cls_token", "dist_token", "reg_token", "pos_embed"):
-                add(getattr(m, name, None), -1)
-            for norm in self.residual_norms():
-                add(norm.weight, 0)
-                add(norm.bias, 0)
-            for blk in m.blocks:
-                add(blk.attn.qkv.weight, 1)
-                add(blk.attn.proj.weight, 0)
-                add(blk.attn.proj.bias, 0)
-                add(blk.mlp.fc1.weight, 1)
-                add(blk.mlp.fc2.weight, 0)
-                add(blk.mlp.fc2.bias, 0)
-                for ls in (blk.ls1, blk.ls2):
-                    add(getattr(ls, "gamma", None), 0)
-            for head in (m.head, getattr(m, "head_dist", None)):
-                if isinstance(head, nn.Linear):
-                    add(head.weight, 1)
+        def vector(site: str, prefix: str) -> None:  # every tensor of a per-channel module
+            for key in keys:
+                if key.startswith(prefix + ".") and "." not in key[len(prefix) + 1:]:
+                    claim(site, key, 0, "param")
+
+        res = "res.0"
+        claim(res, "patch_embed.proj.weight", 0, "out")
+        claim(res, "patch_embed.proj.bias", 0, "out")
+        for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+            claim(res, name, -1, "param")
+        for name in ("patch_embed.norm", "norm_pre", "norm", "fc_norm"):
+            vector(res, name)
+        for b, blk in enumerate(m.blocks):
+            p, a = f"blocks.{b}", blk.attn.attn_dim
+            for part in ("norm1", "ls1", "norm2", "ls2"):
+                vector(res, f"{p}.{part}")
+            for key, dim, role in (("attn.qkv.weight", 1, "in"), ("attn.proj.weight", 0, "out"),
+                                   ("attn.proj.bias", 0, "out"), ("mlp.fc1.weight", 1, "in"),
+                                   ("mlp.fc2.weight", 0, "out"), ("mlp.fc2.bias", 0, "out")):
+                claim(res, f"{p}.{key}", dim, role)
+            out[f"attn.{b}"] = []
+            claim(f"attn.{b}", f"{p}.attn.qkv.weight", 0, "out", 3, a)
+            claim(f"attn.{b}", f"{p}.attn.qkv.bias", 0, "out", 3, a)
+            claim(f"attn.{b}", f"{p}.attn.proj.weight", 1, "in")
+            out[f"ffn.{b}"] = []
+            claim(f"ffn.{b}", f"{p}.mlp.fc1.weight", 0, "out")
+            claim(f"ffn.{b}", f"{p}.mlp.fc1.bias", 0, "out")
+            claim(f"ffn.{b}", f"{p}.mlp.fc2.weight", 1, "in")
+        for head in ("head", "head_dist"):
+            if isinstance(getattr(m, head, None), nn.Linear):
+                claim(res, f"{head}.weight", 1, "in")
         return out
+
+    def untouched_keys(self) -> set[str]:
+        """The classifier biases: one per class, no channel of any site."""
+        return {f"{head}.bias" for head in ("head", "head_dist") if f"{head}.bias" in self.model.state_dict()}
 
     # ---------------------------------------------------------------- masking
     def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
@@ -217,7 +221,7 @@ class TimmViTAdapter(HookMasking, Adapter):
 
     @contextlib.contextmanager
     def probing(self):
-        """Record a :class:`MaskProbe` at every point where :meth:`_install` would apply a mask (same
+        """Record a :class:`MaskProbe` at every point where :meth:`install_hooks` applies a mask (same
         modules), leaving every output unchanged; the residual stream is made to require grad, and the
         FFN activation (elementwise) is linearised at its forward point, which keeps its value and its
         gradient and makes repeated backward passes cheaper."""
@@ -345,7 +349,6 @@ class TimmViTAdapter(HookMasking, Adapter):
         unit and ``norm2``/``mlp``/``ls2`` of the k-th kept FFN unit (the same block for a whole-block
         removal, blocks i and i+1 after removing the hybrid ffn.i + attn.i+1); its logits equal the
         original's with the removed units skipped."""
-        self.check_plan(plan)
         m = self.model
         blocks = self.check_units(plan.kept_units(self.topology()))
         base = base_config(m, {"img_size": list(m.patch_embed.img_size), "in_chans": m.patch_embed.proj.in_channels,
@@ -368,60 +371,14 @@ class TimmViTAdapter(HookMasking, Adapter):
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
-        """The source model's state dict with every kept site sliced (source key names; the tensors
-        of removed units are copied whole and dropped by :meth:`rebuild`)."""
+        """The source model's state dict with every kept site sliced as :meth:`channel_slices` declares
+        (source key names; the tensors of removed units are dropped by :meth:`rebuild`), with the
+        attention scale folded into q where the kept head dim differs."""
         m = self.model
-        dev = next(m.parameters()).device
+        state = apply_rules(m, self.declared_slice_rules(plan.keep))
         kept = set(plan.kept_units(self.topology()))
-        keys = list(m.state_dict())
-        E = torch.tensor(plan.keep["res.0"], dtype=torch.long, device=dev)
-        rules: dict = {}
-        for key in ("cls_token", "reg_token", "dist_token", "pos_embed"):
-            if getattr(m, key, None) is not None:
-                rules[key] = [(-1, E)]
-        rules["patch_embed.proj.weight"] = [(0, E)]
-        if m.patch_embed.proj.bias is not None:
-            rules["patch_embed.proj.bias"] = [(0, E)]
-        for name in ("patch_embed.norm", "norm_pre", "norm", "fc_norm"):
-            try:
-                vector_rule(rules, name, m.get_submodule(name), E)
-            except AttributeError:
-                continue
-        for head in ("head", "head_dist"):
-            mod = getattr(m, head, None)
-            if isinstance(mod, nn.Linear):
-                linear_rule(rules, head, mod, None, E)
-        scales = {}
         for b, blk in enumerate(m.blocks):
-            p = f"blocks.{b}"
-            if f"attn.{b}" in kept:
-                a_src = blk.attn.attn_dim
-                A = torch.tensor(plan.keep[f"attn.{b}"], dtype=torch.long, device=dev)
-                for part in ("norm1", "ls1"):
-                    vector_rule(rules, f"{p}.{part}", getattr(blk, part), E)
-                linear_rule(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E)
-                linear_rule(rules, f"{p}.attn.proj", blk.attn.proj, E, A)
-                old_hd, new_hd = blk.attn.head_dim, plan.head_dim(b)
-                if old_hd != new_hd:
-                    scales[f"{p}.attn.qkv"] = (len(A), (new_hd / old_hd) ** 0.5)
-            else:
-                _copy_whole(rules, keys, p, self.UNIT_PARTS["attn"])
-            if f"ffn.{b}" in kept:
-                F = torch.tensor(plan.keep[f"ffn.{b}"], dtype=torch.long, device=dev)
-                for part in ("norm2", "ls2"):
-                    vector_rule(rules, f"{p}.{part}", getattr(blk, part), E)
-                linear_rule(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E)
-                linear_rule(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E, F)
-            else:
-                _copy_whole(rules, keys, p, self.UNIT_PARTS["ffn"])
-        state = apply_rules(m, rules)
-        for prefix, (rows, factor) in scales.items():
-            fold_q_scale(state, prefix, rows, factor)
+            if f"attn.{b}" in kept and blk.attn.head_dim != plan.head_dim(b):
+                fold_q_scale(state, f"blocks.{b}.attn.qkv", len(plan.keep[f"attn.{b}"]),
+                             (plan.head_dim(b) / blk.attn.head_dim) ** 0.5)
         return state
-
-
-def _copy_whole(rules: dict, keys: list[str], prefix: str, parts: tuple[str, ...]) -> None:
-    """Rules that copy every tensor under ``prefix.part`` unchanged (a removed unit's, dropped later)."""
-    for key in keys:
-        if any(key.startswith(f"{prefix}.{part}.") for part in parts):
-            rules[key] = []

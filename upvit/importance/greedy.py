@@ -49,83 +49,53 @@ from typing import Any, Callable
 
 import torch
 
-from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_repeat, batch_slice, batch_to,
-                             forward_from, removal_masks)
+from ..adapters.base import Adapter, Inputs, Masks, batch_len, removal_masks
 from ..errors import UpvitError
 from ..progress import job, note
+from ..targets import Targets
 from .api import register_method
 from .hybrid import MIN_CALIBRATION
-from .hybrid import resolve_targets as resolve_target_list
-from .kl import TOKEN_ROWS, check_proxy, kl_scores, kl_sum, samples_word
+from .kl import kl_scores
+from .reference import Reference, samples_word
 from .scores import Scores
 
 
 class JointKL:
-    """Exact ``sum_i KL(q_i || p_i)`` of one site under a keep-mask, for many candidate removals.
+    """Exact ``sum_i KL(q_i || p_i)`` of one site under a keep-mask, for many candidate removals (for a
+    sentence encoder the adapter's divergence, ``1 - cos``, as in the one-shot engine).
 
-    ``q`` is the unmasked model's output (computed once). The streams entering the unit where the
-    site's mask first acts are cached (for a residual site of stage 0: the inputs), so every
-    evaluation runs from there; candidates are stacked on the batch axis with ``[C*B, size]`` masks.
+    ``q`` is the unmasked model's output, from the shared :class:`~upvit.importance.reference.Reference`
+    (computed once per run). The streams entering the unit where the site's mask first acts are cached
+    (for a residual site of stage 0: the inputs), so every evaluation runs from there; candidates are
+    stacked on the batch axis with ``[C*B, size]`` masks.
     """
 
     def __init__(self, adapter: Adapter, inputs: Inputs, key: str, batch_size: int = 64,
-                 candidate_batch: int | None = None) -> None:
-        check_proxy(inputs)
+                 candidate_batch: int | None = None, reference: Reference | None = None) -> None:
         self.adapter = adapter
-        self.topology = adapter.topology()
+        self.reference = reference or Reference(adapter, inputs, batch_size)  # shared by a run's sites
+        self.topology = self.reference.topology
         self.site = self.topology.site(key)
         self.start = self.topology.start_unit(key)
-        param = next(adapter.model.parameters())
-        self.dtype = param.dtype
-        inputs = batch_to(inputs, param.device, param.dtype)
-        n = batch_len(inputs)
-        self.batches = []  # (inputs or stream entering unit `start`, logq, q, weights, rows)
-        with torch.no_grad():
-            for s in range(0, n, batch_size):
-                x = batch_slice(inputs, s, min(s + batch_size, n))
-                stream = adapter.begin(x)
-                logits = forward_from(adapter, stream, 0, self.topology)
-                if not torch.isfinite(logits).all():
-                    raise UpvitError("the model's logits are NaN or inf on the proxy set: check the weights and inputs")
-                logq = torch.log_softmax(logits.double(), dim=-1)
-                w = adapter.event_weights(x)
-                if self.start >= 0:
-                    for unit in self.topology.units[:self.start]:
-                        stream = adapter.run(unit.key, stream)
-                entry = x if self.start < 0 else stream
-                self.batches.append((entry, logq, logq.exp(), None if w is None else w.to(logq.device, torch.float64),
-                                     batch_len(x)))
-        rows = self.batches[0][4]
-        self.C = candidate_batch or max(1, round(TOKEN_ROWS / (rows * self._tokens())))
+        self.dtype = self.reference.dtype
+        self.streams = self.reference.streams_at(self.start)  # None: candidates run from the inputs
+        self.C = self.reference.candidate_batch(candidate_batch, self.streams)
         self.evaluations = 0  # candidate evaluations (each over the whole proxy set)
         self.bar: Any = None  # a progress job told of every evaluation, in forward passes of the model
-        self.n = n
+        self.n = batch_len(self.reference.inputs)
         self.cost = evaluation_cost(self.topology, key)
 
-    def _tokens(self) -> int:
-        entry = self.batches[0][0]
-        if isinstance(entry, Stream):
-            x = entry.x
-        else:
-            with torch.no_grad():
-                x = self.adapter.begin(batch_slice(entry, 0, 1)).x
-        return max(1, x[0].numel() // x.shape[-1])
-
     def _run(self, n: int, masks: torch.Tensor, copies: int) -> torch.Tensor:
-        entry = self.batches[n][0]
         with self.adapter.masking(Masks({self.site.key: masks})):
-            if self.start < 0:
-                return forward_from(self.adapter, self.adapter.begin(batch_repeat(entry, copies)), 0, self.topology)
-            return forward_from(self.adapter, entry.repeat(copies), self.start, self.topology)
+            return self.reference.run(n, self.start, copies, self.streams)
 
     @torch.no_grad()
     def current(self, keep: torch.Tensor) -> float:
         """The divergence with the channels where ``keep`` is 0 removed."""
         total = 0.0
-        keep = keep.to(self.batches[0][1].device, self.dtype)
-        for n, (_, logq, q, w, rows) in enumerate(self.batches):
-            logits = self._run(n, keep, 1)
-            total += float(kl_sum(logq, q, logits.unsqueeze(0), w)[0])
+        keep = keep.to(self.reference.device, self.dtype)
+        for n in range(len(self.reference.batches)):
+            total += float(self.reference.divergence(n, self._run(n, keep, 1))[0])
         self._count(1)
         return total
 
@@ -140,15 +110,14 @@ class JointKL:
         out = torch.zeros(idx.numel(), dtype=torch.float64)
         if not idx.numel():
             return out
-        device = self.batches[0][1].device
+        device = self.reference.device
         keep = keep.to(device, self.dtype)
         offset = 0
         for chunk in idx.split(self.C):
             acc = torch.zeros(len(chunk), dtype=torch.float64, device=device)
-            for n, (_, logq, q, w, rows) in enumerate(self.batches):
-                masks = removal_masks(self.site.size, chunk, rows, keep) * keep
-                logits = self._run(n, masks, len(chunk))
-                acc += kl_sum(logq, q, logits.view(len(chunk), rows, *logits.shape[1:]), w)
+            for n in range(len(self.reference.batches)):
+                masks = removal_masks(self.site.size, chunk, self.reference.rows(n), keep) * keep
+                acc += self.reference.divergence(n, self._run(n, masks, len(chunk)))
             out[offset:offset + len(chunk)] = acc.cpu()
             offset += len(chunk)
             self._count(len(chunk))
@@ -367,7 +336,7 @@ def _greedy(adapter: Adapter, images: Inputs, targets: Any, ratios: Any, initial
             progress: bool, state_path: str | None, meta: dict[str, Any], bar: Any) -> Scores:
     t0 = time.perf_counter()
     topology = adapter.topology()
-    target_list = resolve_target_list(adapter, targets, ratios)
+    target_list = Targets.parse_many(topology, targets, ratios, method="greedy")
     computed = initial is None
     n = batch_len(images)
     plan, work = [], 0.0
@@ -400,10 +369,11 @@ def _greedy(adapter: Adapter, images: Inputs, targets: Any, ratios: Any, initial
     paths: dict[str, Any] = {}
     evaluations = 0
     try:
+        reference = Reference(adapter, images, batch_size)  # the original's outputs, once for every site
         for site in topology.sites_of("residual"):
             bar.phase(f"greedy rounds on {site.key}")
             widths = [t.stages[site.stage].residual for t in target_list]
-            joint = JointKL(adapter, images, site.key, batch_size, candidate_batch)
+            joint = JointKL(adapter, images, site.key, batch_size, candidate_batch, reference)
             joint.bar = bar
             joint._count(1)  # the reference pass
             exact_initial = computed or _matches(joint, values[site.key])
@@ -428,7 +398,8 @@ def _greedy(adapter: Adapter, images: Inputs, targets: Any, ratios: Any, initial
             paths[site.key] = path
     finally:
         model.train(was_training)
-    info = {**meta, "criterion": "kl", "method": "greedy", "greedy": paths, "batch": batch, "screen": screen,
+    info = {**meta, "criterion": Reference.criterion_of(adapter), "divergence": adapter.divergence,
+            "method": "greedy", "greedy": paths, "batch": batch, "screen": screen,
             "band": band, "min_band": min_band, "z": z, "targets": [t.to_dict() for t in target_list],
             "initial": {k: initial.meta.get(k) for k in ("criterion", "method", "num_images", "fingerprint")},
             "exact_evaluations": evaluations, "num_images": batch_len(images),

@@ -1,7 +1,7 @@
 """Screen then verify: rank with the Fisher estimate, score exactly only near the keep/drop boundaries.
 
 For every requested target a site splits into *selection problems* (one set of channels, keep k):
-``embed`` (all D channels, keep embed_dim), ``ffn.b`` (all H units, keep mlp_hidden) and, because
+``res.{s}`` (all D channels of stage s, keep embed_dim), ``ffn.b`` (all H units, keep mlp_hidden) and, because
 attention dims are kept per merged head (docs/method.md section 3), one problem per merged head
 group of ``attn.b`` (h_b/h_t consecutive heads, keep attn_dim/h_t). In each problem the channels are
 ordered by the estimate and a band of Fisher ranks [k - w, k + w) is scored exactly with the exact
@@ -46,9 +46,9 @@ from ..progress import job, note
 from ..selection import order as _order
 from ..selection import problems as selection_problems
 from ..targets import Targets
-from ..targets import resolve_targets as _resolve_one
 from .api import register_method
 from .fisher import fisher_scores
+from .reference import Reference
 from .scores import Scores
 
 TINY = 1e-30
@@ -73,35 +73,9 @@ class Problem:
 
 
 def resolve_targets(adapter: Adapter, targets: Any = None, ratios: Any = None) -> list[Targets]:
-    """The targets to verify, from ``targets`` (Targets, dicts of make_plan's keywords, or a list of
-    them) or ``ratios``; each is checked against the model's rules before any work is done."""
-    topology = adapter.topology()
-    if (targets is None) == (ratios is None):
-        raise UpvitError("method 'hybrid' needs exactly one of targets=[{embed_dim, num_heads, mlp_hidden}, ...] "
-                         "or ratios=[0.5, ...]")
-    if ratios is not None:
-        if isinstance(ratios, (int, float)):
-            ratios = [ratios]
-        if not isinstance(ratios, (list, tuple)) or not ratios:
-            raise UpvitError(f"ratios must be a non-empty list of numbers in (0, 1], got {ratios!r}")
-        return [_resolve_one(topology, ratio=r) for r in ratios]
-    if isinstance(targets, (dict, Targets)):
-        targets = [targets]
-    if not isinstance(targets, (list, tuple)) or not targets:
-        raise UpvitError(f"targets must be a non-empty list of dicts, got {targets!r}")
-    allowed = {"embed_dim", "num_heads", "mlp_hidden", "attn_dim"}
-    out = []
-    for t in targets:
-        if isinstance(t, Targets):
-            out.append(_resolve_one(topology, targets=t))
-            continue
-        if not isinstance(t, dict):
-            raise UpvitError(f"each target must be a dict like {{'embed_dim': 96, 'num_heads': 6, 'mlp_hidden': 384}}, got {t!r}")
-        unknown = set(t) - allowed
-        if unknown:
-            raise UpvitError(f"unknown target key(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(allowed))}")
-        out.append(_resolve_one(topology, **t))
-    return out
+    """The targets to verify, from ``targets`` (any spelling of :meth:`Targets.parse`, or a list of them) or
+    ``ratios``; each is checked against the model's rules before any work is done."""
+    return Targets.parse_many(adapter.topology(), targets, ratios, method="hybrid")
 
 
 def build_problems(adapter: Adapter, estimate: Scores, targets: list[Targets], band: float,
@@ -243,6 +217,7 @@ def _hybrid(adapter: Adapter, images: torch.Tensor, targets: Any, ratios: Any, b
     extra: dict[str, set[int]] = {k: set() for k in sizes}  # channels scored to repair the values
     t_exact, rounds, exact_calls = 0.0, 0, 0
     values: dict[str, torch.Tensor] = {}
+    reference = None  # the original's outputs: computed at the first exact round, kept for every later one
     while True:
         rounds += 1
         if rounds > max_rounds:
@@ -263,7 +238,9 @@ def _hybrid(adapter: Adapter, images: torch.Tensor, targets: Any, ratios: Any, b
             bar.extend(0, growing=exact_calls > 0)
             bar.phase(f"round {rounds}, exact KL of {count:,} channels")
             t1 = time.perf_counter()
-            got = kl_scores(adapter, images, batch_size=batch_size, candidates=need, progress=progress)
+            reference = reference or Reference(adapter, images, batch_size)
+            got = kl_scores(adapter, images, batch_size=batch_size, candidates=need, progress=progress,
+                            reference=reference)
             t_exact += time.perf_counter() - t1
             exact_calls += 1
             for k, idx in need.items():

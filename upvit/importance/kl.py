@@ -30,18 +30,17 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed as dist_utils
-from ..progress import job, note, running
-from ..adapters.base import (Adapter, Inputs, Masks, Stream, batch_len, batch_repeat, batch_slice, batch_to,
-                             forward_from, removal_masks)
+from ..adapters.base import Adapter, Inputs, Masks, Stream, batch_len, batch_to, forward_from, removal_masks
 from ..errors import UpvitError
 from ..fingerprint import digest
+from ..progress import job, note, running
 from ..topology import Site, Topology
 from .api import register_method
+from .reference import TOKEN_ROWS, Reference, check_proxy, criterion_name, samples_word  # noqa: F401 (re-exported)
 from .scores import Scores
 
 PARTIAL_FORMAT = "upvit-kl-partial"
 ENGINE_VERSION = 2
-TOKEN_ROWS = 32768  # target size of a stacked forward, in token rows, when candidate_batch is automatic
 DEFAULT_MEMORY_GB = 6.0  # activation budget of the candidates' stacked forwards: safe on a 16 GB machine
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -180,36 +179,6 @@ def _resume_mismatch(recorded: Any, fp: str) -> str:
             "--checkpoint or model directory; other proxy: --data, --proxy-size or --seed; --batch-size)")
 
 
-def kl_sum(logq: torch.Tensor, q: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """``[C]`` float64: sum over the batch and its events of KL(q || softmax(logits)), ``logits``
-    ``[C, B, E, K]``, ``logq``/``q`` ``[B, E, K]``, ``weights`` ``[B, E]`` or None."""
-    logp = torch.log_softmax(logits.double(), dim=-1)
-    kl = (q.unsqueeze(0) * (logq.unsqueeze(0) - logp)).sum(-1)  # [C, B, E]
-    if weights is not None:
-        kl = kl * weights.unsqueeze(0)
-    return kl.sum((1, 2))
-
-
-def criterion_name(divergence: str) -> str:
-    """How the exact score is named in messages and metadata: ``kl`` for output distributions, ``1 - cos``
-    for a sentence encoder's embeddings (the adapter's ``divergence``)."""
-    return {"kl": "kl", "cosine": "1 - cos"}.get(divergence, f"{divergence} divergence")
-
-
-def samples_word(inputs: Inputs) -> str:
-    """``images`` for an image batch, ``sequences`` for token inputs (a dict of tensors)."""
-    return "images" if isinstance(inputs, torch.Tensor) else "sequences"
-
-
-def check_proxy(inputs: Inputs) -> None:
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dim() != 4 or inputs.shape[0] == 0:
-            raise UpvitError("the proxy set must be a non-empty [N, C, H, W] image tensor (or a dict of per-sample "
-                             "tensors for text)")
-    elif not isinstance(inputs, dict) or not inputs or batch_len(inputs) == 0:
-        raise UpvitError("the proxy set must be a non-empty image tensor or a dict of per-sample tensors")
-
-
 # --------------------------------------------------------------------------------------- engine
 @register_method("kl")
 def kl_scores(
@@ -226,6 +195,7 @@ def kl_scores(
     meta: dict[str, Any] | None = None,
     dtype: str | torch.dtype | None = None,
     memory_gb: float | None = None,
+    reference: Reference | None = None,
 ) -> Scores:
     """Exact KL importance of every channel (or of ``candidates`` only; other entries are NaN).
 
@@ -247,6 +217,8 @@ def kl_scores(
             teacher's reference outputs and stream caches stay in the model's dtype and the KL in float64.
         memory_gb: activation budget (GiB) that caps the automatic candidate batch (default 6: safe on a
             16 GB machine); ignored when ``candidate_batch`` is given.
+        reference: the original's outputs on these inputs and batches, from an earlier call (a caller that
+            scores in rounds, like the hybrid scorer, keeps one); without ``out``, no fingerprint is taken.
 
     >>> from upvit.adapters import get_adapter                      # doctest: +SKIP
     >>> s = kl_scores(get_adapter(model), images, out="scores.safetensors")  # doctest: +SKIP
@@ -274,7 +246,10 @@ def kl_scores(
                "dtype": str(dtype), "device": device.type}
     if compute != torch.float32:  # only then: fp32 runs keep the fingerprint (and resume) of earlier versions
         options["compute_dtype"] = str(compute)
-    fp = fingerprint(adapter, inputs, options)
+    if reference is not None and not reference.fits(adapter, batches):
+        raise UpvitError("the reference given to kl_scores was computed for another model or other proxy batches")
+    # the fingerprint hashes every weight: needed to persist or resume, not for a caller's in-memory round
+    fp = fingerprint(adapter, inputs, options) if reference is None or out else None
     done: dict[str, torch.Tensor] = {}
     previous_wall = 0.0
     if out and resume:
@@ -294,7 +269,7 @@ def kl_scores(
     try:
         with torch.no_grad():
             engine = _Engine(adapter, inputs, batches, cands, candidate_batch, progress, compute,
-                             DEFAULT_MEMORY_GB if memory_gb is None else memory_gb)
+                             DEFAULT_MEMORY_GB if memory_gb is None else memory_gb, reference)
             result = engine.run(done, lambda key, res: _persist(out, fp, res, previous_wall + time.time() - t_start,
                                                                  callback, key))
     finally:
@@ -335,7 +310,8 @@ class _Engine:
 
     def __init__(self, adapter: Adapter, inputs: Inputs, batches: list[tuple[int, int]],
                  cands: dict[str, torch.Tensor], candidate_batch: int | None, show_progress: bool,
-                 compute: torch.dtype = torch.float32, memory_gb: float = DEFAULT_MEMORY_GB) -> None:
+                 compute: torch.dtype = torch.float32, memory_gb: float = DEFAULT_MEMORY_GB,
+                 reference: Reference | None = None) -> None:
         self.adapter, self.inputs, self.batches, self.cands = adapter, inputs, batches, cands
         self.compute, self.memory_gb = compute, memory_gb
         self.topology = adapter.topology()
@@ -343,30 +319,19 @@ class _Engine:
         self.show_progress = show_progress
         self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
         self.dtype = next(adapter.model.parameters()).dtype
+        self.reference = reference
 
     # ---------------------------------------------------------------- set-up
-    def _teacher(self) -> list[Stream]:
-        """Log-probabilities of the original model (once) and the streams entering the first unit."""
-        a = self.adapter
-        self.ref, self.weights, streams = [], [], []
-        for s, e in self.batches:
-            x = batch_slice(self.inputs, s, e)
-            stream = a.begin(x)
-            logits = forward_from(a, stream, 0, self.topology)
-            bad = (~torch.isfinite(logits)).any(-1)
-            if bad.any():
-                raise UpvitError(f"the model's logits are NaN or inf on {int(bad.any(-1).sum())} proxy inputs: "
-                                 "check the weights and the input normalisation")
-            self.ref.append(a.output_reference(logits))  # (log q, q) for the KL; see Adapter.divergence
-            w = a.event_weights(x)
-            self.weights.append(None if w is None else w.to(logits.device, torch.float64))
-            streams.append(stream)
+    def _teacher(self) -> None:
+        """The original's outputs (once) and the streams entering the first unit: the shared
+        :class:`~upvit.importance.reference.Reference`; the candidate batch from the token rows and memory."""
+        if self.reference is None:
+            self.reference = Reference(self.adapter, self.inputs, batches=self.batches)
+        streams = self.reference.entry
         x0 = streams[0].x
         tokens = max(1, x0[0].numel() // x0.shape[-1])
-        rows = self.batches[0][1] - self.batches[0][0]
-        self.C = self.candidate_batch or min(max(1, round(TOKEN_ROWS / (rows * tokens))),
-                                             self._memory_cap(streams, rows, tokens))
-        return streams
+        rows = self.reference.rows(0)
+        self.C = self.candidate_batch or min(self.reference.candidate_batch(), self._memory_cap(streams, rows, tokens))
 
     def _memory_cap(self, streams: list[Stream], rows: int, tokens: int) -> int:
         """The candidate batch whose stacked activations fit ``memory_gb`` beside the weights and caches.
@@ -407,7 +372,7 @@ class _Engine:
         unit = "seq-fwd" if isinstance(self.inputs, dict) else "img-fwd"
         with job(f"{criterion_name(self.adapter.divergence)} exact", unit=unit, show=self.show_progress) as bar:
             self.bar = bar
-            streams = self._teacher()
+            self._teacher()
             self._plan_work(done)
             bar.extend(self.total_cost)
             bar.begin()  # the estimate measures the scoring itself: its first candidates are the warm-up
@@ -417,11 +382,9 @@ class _Engine:
                 by_start.setdefault(self.topology.start_unit(site.key), []).append(site)
             for site in by_start.get(-1, []):
                 self._score(site, -1, None, result, persist)
-            for i, unit in enumerate(self.topology.units):
+            for i, streams in self.reference.walk():  # the stream cache, advanced unit by unit
                 for site in by_start.get(i, []):
                     self._score(site, i, streams, result, persist)
-                if i + 1 < len(self.topology.units):  # advance the caches past this unit
-                    streams = [self.adapter.run(unit.key, st) for st in streams]
         return result
 
     def _score(self, site: Site, start: int, streams: list[Stream] | None, result: dict[str, torch.Tensor],
@@ -433,7 +396,7 @@ class _Engine:
         full = torch.full((site.size,), float("nan"), dtype=torch.float64)
         idx_all = self.cands.get(key)
         if idx_all is not None:
-            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=self.ref[0][0].device)
+            acc = torch.zeros(idx_all.numel(), dtype=torch.float64, device=self.reference.device)
             offsets = [0]
             for chunk in self.chunks[key]:
                 offsets.append(offsets[-1] + len(chunk))
@@ -445,8 +408,7 @@ class _Engine:
                     if not self.mine[key][i]:
                         continue
                     logits = self._candidates(site, start, n, chunk, streams, rank1)
-                    acc[offsets[i]:offsets[i + 1]] += self.adapter.output_divergence(self.ref[n], logits,
-                                                                                      self.weights[n])
+                    acc[offsets[i]:offsets[i + 1]] += self.reference.divergence(n, logits)
                     self.bar.detail(key)
                     self.bar.update(len(chunk) * (e - s) * self.cost[key])
             full[idx_all] = dist_utils.all_reduce_sum(acc).cpu()
@@ -471,13 +433,9 @@ class _Engine:
             with self._precision():
                 logits = forward_from(a, stream, start + 1, topo)
         else:
-            mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.ref[0][0].device))
+            mask = removal_masks(site.size, idx, rows, torch.empty(0, dtype=self.dtype, device=self.reference.device))
             with a.masking(Masks({site.key: mask})), self._precision():
-                if start < 0:
-                    stream = a.begin(batch_repeat(batch_slice(self.inputs, s, e), C))
-                    logits = forward_from(a, stream, 0, topo)
-                else:
-                    logits = forward_from(a, streams[n].repeat(C), start, topo)
+                return self.reference.run(n, start, C, streams).to(self.dtype)
         return logits.view(C, rows, *logits.shape[1:]).to(self.dtype)
 
     def _precision(self):
@@ -486,7 +444,7 @@ class _Engine:
         candidate forward runs inside this, nothing else does.)"""
         if self.compute == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.ref[0][0].device.type, dtype=self.compute)
+        return torch.autocast(self.reference.device.type, dtype=self.compute)
 
 
 # --------------------------------------------------------------------------------------- persistence

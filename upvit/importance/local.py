@@ -4,7 +4,8 @@ The Fisher estimate (:mod:`upvit.importance.fisher`) linearises the whole networ
 mask. For an attention dim that is where it is weakest (Spearman about 0.95 with exact KL on the
 shipped teacher, against 1.000 for FFN units): removing one of a head's dims changes every score
 q.k of that head, and the softmax responds non-linearly. Here the change of the residual stream
-after the block, ``delta_c = attn_half(b, h; dim c removed) - attn_half(b, h)``, is computed exactly
+after the attention unit of block b, ``delta_c = attn(b, h; dim c removed) - attn(b, h)`` (the stream after
+the unit's residual add, only head h's contribution differing), is computed exactly
 (cheaply: only one head changes, see :meth:`upvit.adapters.base.Adapter.attn_removal_deltas`), and
 only the rest of the network is linearised:
 

@@ -11,7 +11,7 @@ skipped (their residual branches add nothing; a stage transition that starts a s
 runs). Higher = more important. It reuses the exact engine's pieces: the reference
 log-probabilities are computed once per proxy batch, the stream is cached unit by unit so every
 candidate runs only from its first unit (:func:`~upvit.adapters.base.forward_from`), and the KL is
-accumulated in float64 (:func:`upvit.importance.kl.kl_sum`).
+accumulated in float64 (the adapter's divergence through :class:`upvit.importance.reference.Reference`).
 
 :func:`block_influence` is the cheap criterion of ShortGPT (Men et al., 2024), "Block Influence":
 ``1 - cos(input, output)`` of the candidate, averaged over proxy inputs and token positions, where the
@@ -28,11 +28,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to, forward_from
+from ..adapters.base import Adapter, Inputs, Stream, batch_len, batch_slice, batch_to
 from ..errors import UpvitError
-from ..topology import Topology
 from ..progress import Scaled, job, note, running
-from .kl import check_proxy, kl_sum, samples_word
+from ..topology import Topology
+from .reference import Reference, check_proxy, samples_word
 
 
 def _prepare(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
@@ -58,7 +58,8 @@ def _prepare(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str
 
 def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[str]],
                 batch_size: int = 64, progress: bool = True) -> torch.Tensor:
-    """``[C]`` float64: summed KL(model || model without candidate c's units) over the proxy inputs.
+    """``[C]`` float64: summed KL(model || model without candidate c's units) over the proxy inputs
+    (for a sentence encoder the adapter's divergence, ``1 - cos``, as in the channel scores).
 
     ``inputs``: proxy images ``[N, C, H, W]`` (evaluation transform) or a dict of per-sample tensors;
     ``candidates``: groups of unit keys (see the module docstring). The model is run in eval mode.
@@ -72,8 +73,8 @@ def unit_scores(adapter: Adapter, inputs: Inputs, candidates: Sequence[Sequence[
         return _unit_kl(adapter, topo, batches, spans, inputs, cost, bar)
 
 
-def _unit_kl(adapter: Adapter, topo: Topology, batches: list[tuple[int, int]], spans: list[tuple[int, int, frozenset[str]]],
-             inputs: Inputs, cost: list[float], bar: Any) -> torch.Tensor:
+def _unit_kl(adapter: Adapter, topo: Topology, batches: list[tuple[int, int]],
+             spans: list[tuple[int, int, frozenset[str]]], inputs: Inputs, cost: list[float], bar: Any) -> torch.Tensor:
     by_start: dict[int, list[int]] = {}
     for c, (start, _, _) in enumerate(spans):
         by_start.setdefault(start, []).append(c)
@@ -83,28 +84,18 @@ def _unit_kl(adapter: Adapter, topo: Topology, batches: list[tuple[int, int]], s
     model.eval()
     try:
         with torch.no_grad():
-            for s, e in batches:
-                x = batch_slice(inputs, s, e)
-                stream = adapter.begin(x)
-                logq = torch.log_softmax(forward_from(adapter, stream, 0, topo).double(), dim=-1)
-                if not torch.isfinite(logq).all():
-                    raise UpvitError("the model's logits are NaN or inf on the proxy inputs: check the weights "
-                                     "and the input normalisation")
-                q = logq.exp()
-                bar.update(e - s)
-                w = adapter.event_weights(x)
-                w = None if w is None else w.to(logq.device, torch.float64)
-                last = max(by_start)
-                for i, unit in enumerate(topo.units):
-                    for c in by_start.get(i, []):
-                        with adapter.masking(None, skip=spans[c][2]):
-                            logits = forward_from(adapter, stream, i, topo)
-                        total[c] += kl_sum(logq, q, logits.unsqueeze(0), w)[0].cpu()
-                        bar.detail("+".join(sorted(spans[c][2])))
-                        bar.update((e - s) * cost[c])
-                    if i >= last:
-                        break
-                    stream = adapter.run(unit.key, stream)  # advance the cache past this unit
+            ref = Reference(adapter, inputs, batches=batches)  # the original's outputs, once
+            bar.update(sum(e - s for s, e in batches))
+            last = max(by_start)
+            for i, streams in ref.walk():  # the stream cache, advanced unit by unit
+                for c in by_start.get(i, []):
+                    with adapter.masking(None, skip=spans[c][2]):
+                        for n, (s, e) in enumerate(ref.batches):
+                            total[c] += ref.divergence(n, ref.run(n, i, 1, streams))[0].cpu()
+                            bar.detail("+".join(sorted(spans[c][2])))
+                            bar.update((e - s) * cost[c])
+                if i >= last:
+                    break
     finally:
         model.train(was_training)
     return total

@@ -1,0 +1,167 @@
+"""Which tensor slices carry a channel, and surgery's slicing helpers: one set for every family.
+
+**Declared channels.** An adapter may declare, per site, the state-dict slices that carry channel c
+(:class:`ChannelSlice`: tensor, dimension, index map; the "group" of Torch-Pruning, declared rather
+than traced), and the state-dict keys no site touches. From that one declaration come the weights a
+channel carries (magnitude and Taylor importance: :func:`declared_weights`), surgery's slicing
+(:func:`declared_rules`) and, for issue-26-style compensation of consumer layers, the producer and
+consumer slices of a site (:meth:`ChannelSlice.role`). ``tests/adapters/test_declared_channels.py``
+checks that every state-dict key is claimed or declared untouched and that derived slicing equals an
+independent slice-by-hand reference.
+
+A *slice rule* says how one state-dict tensor of the source model becomes the pruned model's: a list
+of ``(dim, index)`` applied in order (``index_select``); an empty list copies the tensor whole. An
+adapter's surgery writes one rule per state-dict key (:func:`apply_rules` refuses a key without one,
+so a tensor the adapter does not know about is never silently copied at the wrong width), then moves
+sub-layers for depth pruning (:func:`move_sublayers`) and folds the attention scale
+(:func:`fold_q_scale`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from ..errors import UpvitError
+
+# state-dict key -> [(dim, index), ...] applied in order (an empty list copies the tensor)
+SliceRules = dict[str, list[tuple[int, torch.Tensor]]]
+
+
+Role = Literal["out", "in", "param"]
+
+
+@dataclass(frozen=True)
+class ChannelSlice:
+    """Channel c of a site is index ``c + k * stride`` (k < ``copies``) along ``dim`` of the state-dict
+    tensor ``key``. ``role``: "out" where the tensor produces channel c (a layer's output rows and bias:
+    the site's producers), "in" where it consumes it (a layer's input columns: the site's consumers),
+    "param" for a per-channel vector or table that is neither (LayerNorm, LayerScale, tokens, position
+    embeddings). ``copies``/``stride``: fused projections (qkv: 3 copies at stride = attention width)."""
+
+    key: str
+    dim: int
+    role: Role
+    copies: int = 1
+    stride: int = 0
+
+    def index(self, keep: torch.Tensor) -> torch.Tensor:
+        """The tensor's indices along ``dim`` that channels ``keep`` occupy, in order (copy by copy)."""
+        if self.copies == 1:
+            return keep
+        return torch.cat([keep + k * self.stride for k in range(self.copies)])
+
+
+def declared_weights(state: dict[str, torch.Tensor], slices: list[ChannelSlice]) -> list[tuple[torch.Tensor, int]]:
+    """``(tensor, dim)`` pairs, index i along ``dim`` being carried by channel i (views of ``state``'s
+    tensors, so a parameter's gradient can be matched to them): what magnitude and Taylor read."""
+    out = []
+    for sl in slices:
+        t = state[sl.key].detach()
+        dim = sl.dim % t.dim()
+        if sl.copies > 1:
+            t, dim = t.unflatten(dim, (sl.copies, sl.stride)), dim + 1
+        out.append((t, dim))
+    return out
+
+
+def declared_rules(state: dict[str, torch.Tensor], declared: dict[str, list[ChannelSlice]],
+                   keep: dict[str, list[int]], untouched: Iterable[str] = ()) -> SliceRules:
+    """Slice rules for every key of ``state``: each declared slice of a site in ``keep`` selects the kept
+    channels; keys only claimed by sites not in ``keep`` (removed units), and ``untouched`` keys, are
+    copied whole. A key neither claimed nor untouched gets no rule (:func:`apply_rules` refuses it)."""
+    rules: SliceRules = {key: [] for key in untouched}
+    for site, slices in declared.items():
+        for sl in slices:
+            rules.setdefault(sl.key, [])
+            if site in keep:
+                device = state[sl.key].device
+                idx = sl.index(torch.as_tensor(keep[site], dtype=torch.long, device=device))
+                rules[sl.key].append((sl.dim % state[sl.key].dim(), idx))
+    return rules
+
+
+def linear(rules: SliceRules, prefix: str, module: nn.Linear, out_idx: torch.Tensor | None,
+           in_idx: torch.Tensor | None) -> None:
+    """nn.Linear (and convolutions, whose weight is ``[out, in, ...]``): weight rows ``out_idx``,
+    columns ``in_idx`` (None keeps the axis whole), bias ``out_idx``."""
+    rules[f"{prefix}.weight"] = [(d, i) for d, i in ((0, out_idx), (1, in_idx)) if i is not None]
+    if getattr(module, "bias", None) is not None:
+        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
+
+
+def conv1d(rules: SliceRules, prefix: str, module: nn.Module, out_idx: torch.Tensor | None,
+           in_idx: torch.Tensor | None) -> None:
+    """transformers' ``Conv1D`` (GPT-2): the weight is stored transposed, ``[in, out]``."""
+    rules[f"{prefix}.weight"] = [(d, i) for d, i in ((0, in_idx), (1, out_idx)) if i is not None]
+    if getattr(module, "bias", None) is not None:
+        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
+
+
+def vector(rules: SliceRules, prefix: str, module: nn.Module | None, idx: torch.Tensor) -> None:
+    """Every parameter and buffer of a per-channel module (LayerNorm, LayerScale) at ``idx``; nothing
+    for an absent module (None or ``nn.Identity``)."""
+    if module is None or isinstance(module, nn.Identity):
+        return
+    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        rules[f"{prefix}.{name}"] = [(0, idx)]
+
+
+def copy_whole(rules: SliceRules, keys: Iterable[str], prefixes: Iterable[str]) -> None:
+    """Rules that copy every tensor under one of ``prefixes`` unchanged (e.g. a removed unit's, dropped
+    afterwards by :func:`move_sublayers`). Prefixes end with a dot."""
+    prefixes = tuple(prefixes)
+    for key in keys:
+        if key.startswith(prefixes):
+            rules[key] = []
+
+
+def apply_rules(model: nn.Module, rules: SliceRules, family: str = "timm") -> dict[str, torch.Tensor]:
+    """The model's state dict sliced by ``rules`` (new tensors; refuses keys without a rule)."""
+    state = model.state_dict()
+    unknown = sorted(set(state) - set(rules))
+    if unknown:
+        raise UpvitError(f"surgery does not know how to slice {unknown[0]} of this {family} model: this variant is "
+                         "not supported for pruning yet")
+    out = {}
+    for key, tensor in state.items():
+        t = tensor.detach()
+        for dim, index in rules[key]:
+            t = t.index_select(dim, index.to(t.device))
+        out[key] = t if rules[key] else t.clone()
+    return out
+
+
+def move_sublayers(state: dict[str, torch.Tensor], moves: dict[str, str | None]) -> dict[str, torch.Tensor]:
+    """Depth surgery on a state dict: every key under an old sub-layer prefix in ``moves`` (e.g.
+    ``"blocks.3.norm2."``) goes under its new prefix (``"blocks.2.norm2."``), or is dropped where
+    the new prefix is None; other keys stay. Prefixes end with a dot, so ``blocks.1.`` never
+    matches ``blocks.10.``."""
+    out = {}
+    for key, tensor in state.items():
+        old = next((p for p in moves if key.startswith(p)), None)
+        if old is None:
+            out[key] = tensor
+        elif moves[old] is not None:
+            out[moves[old] + key[len(old):]] = tensor
+    return out
+
+
+def fold_q_scale(state: dict[str, torch.Tensor], prefix: str, rows: int, factor: float) -> None:
+    """Multiply the first ``rows`` output rows (q) of ``prefix``.weight/.bias by ``factor``: with the
+    pruned module's own ``head_dim ** -0.5`` scale, q . k then carries the original model's scale."""
+    for suffix in ("weight", "bias"):
+        if f"{prefix}.{suffix}" in state:
+            state[f"{prefix}.{suffix}"][:rows] *= factor
+
+
+def q_scale(old_head_dim: int, new_head_dim: int) -> float | None:
+    """The factor folded into the query projection so that the pruned attention, which scales by its
+    own ``new_head_dim ** -0.5``, keeps the original ``old_head_dim ** -0.5`` (None: no change)."""
+    return None if old_head_dim == new_head_dim else (new_head_dim / old_head_dim) ** 0.5
+
+
+__all__ = ["ChannelSlice", "Role", "SliceRules", "declared_rules", "declared_weights", "apply_rules", "conv1d", "copy_whole", "fold_q_scale", "linear", "move_sublayers", "q_scale",
+           "vector"]
