@@ -118,3 +118,21 @@ def test_cli_bench_is_quiet_when_runs_agree(tmp_path, monkeypatch, capsys):
     save(tiny_vit(), str(tmp_path / "a"))
     assert main(["bench", str(tmp_path / "a"), "--batch-size", "2", "--runs", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().err.strip() == ""
+
+
+def test_the_table_names_the_unit_of_the_models_samples():
+    """A text model's sample is a sequence (issue 21 item 10): the header says sequences/s for text rows, images/s
+    for image rows and samples/s for a mix; a text row's JSON carries sequences_per_second too."""
+    stats = {"images_per_second": 10.0, "images_per_second_q1": 9.0, "images_per_second_q3": 11.0,
+             "images_per_second_min": 8.0, "images_per_second_max": 12.0, "spread": 0.2, "batch_size": 4}
+    image = {"model": "vit", "params": 1, "macs": 2, "input_size": [3, 16, 16], **stats}
+    text = {"model": "lm", "params": 1, "macs": 2, "input_size": [32], **stats}
+    assert "| images/s (median) |" in format_table([image])
+    assert "| sequences/s (median) |" in format_table([text])
+    assert "| samples/s (median) |" in format_table([image, text])
+    from hf_helpers import tiny_gpt2
+    from upvit.bench import describe
+
+    row = describe(tiny_gpt2(), "lm", batch_size=2, runs=2)
+    assert row["sequences_per_second"] == row["images_per_second"]
+    assert row["tokens_per_second"] == pytest.approx(row["sequences_per_second"] * row["input_size"][0])

@@ -169,6 +169,7 @@ def describe_many(models: list[tuple[str, nn.Module]], batch_size: int = 64, run
         row = {"model": name, "params": count_params(model), "macs": count_macs(model),
                "input_size": list(input_size_of(model)), **speed}
         if len(row["input_size"]) == 1:  # a text model: one sample is a sequence of input_size[0] tokens
+            row["sequences_per_second"] = row["images_per_second"]  # the same number, in the text's own unit
             row["tokens_per_second"] = row["images_per_second"] * row["input_size"][0]
         rows.append(row)
     return rows
@@ -192,7 +193,9 @@ def spread_warning(rows: list[dict[str, Any]], limit: float = SPREAD_WARNING) ->
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of bench rows: the median throughput, its interquartile range and min-max."""
-    lines = ["| model | params (M) | GMACs | images/s (median) | IQR | min-max | spread | batch |",
+    text = [len(r.get("input_size", [3])) == 1 for r in rows]  # a text model's sample is a sequence
+    unit = "sequences/s" if rows and all(text) else "samples/s" if any(text) else "images/s"
+    lines = [f"| model | params (M) | GMACs | {unit} (median) | IQR | min-max | spread | batch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e9:.4f} | "

@@ -570,7 +570,7 @@ def _certify(args: argparse.Namespace, model, source, proxy) -> None:
     from .certificate import certify
 
     report = certify(args.out, model, source=source, proxy=proxy, onnx=args.onnx,
-                     extra={"command": " ".join(["upvit", *sys.argv[1:]])})
+                     extra={"command": _command(args)})
     r = report["reload"]
     line = f"reload through {r['loader']} in a fresh process: passed (max |diff| {r['max_abs_diff']:.2g})"
     if report.get("proxy_divergence"):
