@@ -74,15 +74,35 @@ def machine() -> dict:
             "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
+def clock() -> float:
+    """Process CPU time with one thread (the shared machine's load then does not enter the rates: a
+    descheduled process accrues none), wall time with several threads (CPU time would count spinning)."""
+    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
+
+
+def clock_name() -> str:
+    return "process CPU time, 1 thread" if torch.get_num_threads() == 1 else f"wall time, {torch.get_num_threads()} threads"
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX); without it bf16 GEMMs are emulated."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def matmul_rate(rows: int, width: int, dtype: torch.dtype, seconds: float) -> float:
     """FLOP/s of an engine-shaped product [rows, width] @ [width, 4 width] in ``dtype``."""
     a, b = torch.randn(rows, width).to(dtype), torch.randn(width, 4 * width).to(dtype)
     a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or reps < 2:
+    reps, t0, w0 = 0, clock(), time.perf_counter()
+    while time.perf_counter() - w0 < seconds or reps < 2:
         a @ b
         reps += 1
-    return 2 * rows * width * 4 * width * reps / (time.perf_counter() - t0)
+    return 2 * rows * width * 4 * width * reps / max(clock() - t0, 1e-9)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,9 +113,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ rates
 def _timed(adapter, images, key, idx, dtype) -> tuple[float, torch.Tensor]:
-    t0 = time.perf_counter()
+    t0 = clock()
     s = kl_scores(adapter, images, candidates={key: idx}, dtype=dtype, progress=False)
-    return time.perf_counter() - t0, s[key][idx]
+    return clock() - t0, s[key][idx]
 
 
 def _flops(adapter, images, key, idx) -> float:
@@ -118,7 +138,8 @@ def part_rates(cfg: dict) -> dict:
         tokens = (cfg["px"] // cfg["patch"]) ** 2 + 1
         rows = cfg["k"] * cfg["images"] * tokens
         g = torch.Generator().manual_seed(1)
-        res: dict = {"spec": spec, "images": cfg["images"], "candidates_per_site": cfg["k"], "sites": {}}
+        res: dict = {"spec": spec, "images": cfg["images"], "candidates_per_site": cfg["k"], "sites": {},
+                     "clock": clock_name(), "native_bf16": native_bf16()}
         for kind, key in (("residual", "res.0"), ("attn", f"attn.{mid}"), ("ffn", f"ffn.{mid}")):
             size = adapter.topology().site(key).size
             idx = torch.randperm(size, generator=g)[:cfg["k"] + 1].sort().values
@@ -128,6 +149,12 @@ def part_rates(cfg: dict) -> dict:
             row: dict = {"site": key, "flop_per_candidate_image": f_per}
             scores = {}
             for dname, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                if dname == "bf16" and not (cfg["smoke"] or native_bf16() or (name == "deit_s" and kind == "ffn")):
+                    # emulated bf16 GEMMs (no AVX-512 BF16 / AMX) run tens of times slower than fp32: one site shows it
+                    row[dname] = {"skipped": "no native bf16 on this CPU: measured on deit_s ffn only",
+                                  "candidate_images_per_s": None, "fraction_of_matmul": None,
+                                  "matmul_flop_per_s": matmul_rate(rows, shape["e"], dt, cfg["mm_seconds"])}
+                    continue
                 mm_before = matmul_rate(rows, shape["e"], dt, cfg["mm_seconds"])
                 t1, _ = _timed(adapter, images, key, idx[:1], dname)
                 tk, sc = _timed(adapter, images, key, idx, dname)
@@ -136,13 +163,14 @@ def part_rates(cfg: dict) -> dict:
                 # candidate-images per second; None when load noise hides the difference (tiny smoke shapes)
                 rate = cfg["images"] * cfg["k"] / (tk - t1) if tk > t1 else None
                 mm = (mm_before + mm_after) / 2
-                row[dname] = {"seconds_k_plus_1": round(tk, 3), "seconds_1": round(t1, 3),
+                row[dname] = {"seconds_k_plus_1": tk, "seconds_1": t1,
                               "candidate_images_per_s": rate, "flop_per_s": rate and rate * f_per,
                               "matmul_flop_per_s": mm, "matmul_before_after": [mm_before, mm_after],
                               "fraction_of_matmul": rate and rate * f_per / mm, "load_after": os.getloadavg()[0]}
-            a, b = scores["fp32"], scores["bf16"]
-            row["bf16_max_rel_err_vs_site_max"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-            row["bf16_spearman"] = spearman(a, b) if len(a) > 2 else None
+            if "bf16" in scores:
+                a, b = scores["fp32"], scores["bf16"]
+                row["bf16_max_rel_err_vs_site_max"] = float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+                row["bf16_spearman"] = spearman(a, b) if len(a) > 2 else None
             rf, rb = row["fp32"]["candidate_images_per_s"], row["bf16"]["candidate_images_per_s"]
             row["bf16_speedup"] = rb / rf if rf and rb else None
             res["sites"][kind] = row
@@ -153,9 +181,9 @@ def part_rates(cfg: dict) -> dict:
 
         n = cfg["images"]
         for what, opts in (("fisher_s_per_image", {}), ("fisher_local_attn_s_per_image", {"attention": "local"})):
-            t0 = time.perf_counter()
+            t0 = clock()
             fisher_scores(adapter, images, batch_size=n, progress=False, **opts)
-            res[what] = (time.perf_counter() - t0) / n
+            res[what] = (clock() - t0) / n
         topo = adapter.topology()
         U = len(topo.units)
         res["sites_all"] = [{"key": s.key, "kind": s.kind, "size": s.size,
@@ -190,7 +218,7 @@ def memory_child(spec: str, images: int, memory_gb: float | None, key: str, px: 
 def part_memory(cfg: dict) -> dict:
     shape = cfg["shapes"][list(cfg["shapes"])[-1]]
     spec = VIT.format(px=cfg["px"], patch=cfg["patch"], classes=cfg["classes"], **shape)
-    key = f"attn.{shape['d'] - 2}"
+    key = f"attn.{shape['d'] - 1}"
     out = {}
     for label, budget in (("default", None), ("2GiB", 2.0))[:1 if cfg["smoke"] else 2]:
         args = [sys.executable, os.path.abspath(__file__), "--memory-child", json.dumps(
@@ -219,7 +247,7 @@ def error_by_kind(a, b, topology) -> dict:
     out = {}
     for kind in ("residual", "attn", "ffn"):
         keys = [s.key for s in topology.sites if s.kind == kind]
-        rel, med, sp = [], [], []
+        rel, med, sp = [], [], []  # a and b: Scores, or {site key: scores of the sampled channels}
         for k in keys:
             x, y = a[k].double(), b[k].double()
             top = x.abs().max().clamp_min(1e-300)
@@ -249,16 +277,28 @@ def part_bf16(cfg: dict) -> dict:
         subset, _ = sample_proxy(ds, size=cfg["bf16_images"], seed=0)
         images, desc, targets = proxy_tensor(subset), "upvit/assets/teacher", TEACHER_TARGETS
     adapter = get_adapter(model)
-    t0 = time.perf_counter()
-    a = kl_scores(adapter, images, progress=False)
-    t_fp32 = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    b = kl_scores(adapter, images, progress=False, dtype="bf16")
-    t_bf16 = time.perf_counter() - t0
-    return {"model": desc, "proxy_images": len(images), "fp32_s": round(t_fp32, 2), "bf16_s": round(t_bf16, 2),
-            "error_by_kind": error_by_kind(a, b, adapter.topology()),
-            "keep_set_differences": {t: keep_diff(model, b, a, tg) for t, tg in targets.items()},
-            "load_after": os.getloadavg()[0]}
+    cands, frac = None, cfg.get("bf16_fraction", 1.0)
+    if frac < 1:  # a seeded sample of every site's channels (emulated bf16 cannot afford them all)
+        g = torch.Generator().manual_seed(0)
+        cands = {s.key: torch.randperm(s.size, generator=g)[:max(3, round(s.size * frac))].tolist()
+                 for s in adapter.topology().sites}
+    t0 = clock()
+    a = kl_scores(adapter, images, progress=False, candidates=cands)
+    t_fp32 = clock() - t0
+    t0 = clock()
+    b = kl_scores(adapter, images, progress=False, dtype="bf16", candidates=cands)
+    t_bf16 = clock() - t0
+    if cands is not None:
+        a = {k: a[k][torch.tensor(v)] for k, v in cands.items()}
+        b = {k: b[k][torch.tensor(v)] for k, v in cands.items()}
+    out = {"model": desc, "proxy_images": len(images), "fp32_s": round(t_fp32, 2), "bf16_s": round(t_bf16, 2),
+           "clock": clock_name(), "channels_fraction": frac,
+           "error_by_kind": error_by_kind(a, b, adapter.topology()), "load_after": os.getloadavg()[0]}
+    if cands is None:
+        out["keep_set_differences"] = {t: keep_diff(model, b, a, tg) for t, tg in targets.items()}
+    else:
+        out["keep_set_differences"] = "not computed: a sample of channels was scored (keep sets need them all)"
+    return out
 
 
 # ------------------------------------------------------------------------------------------ fast
@@ -374,7 +414,8 @@ def markdown(rep: dict) -> str:
     L = ["# Exact KL scoring at real size", "",
          f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch {rep['machine']['torch']}, "
          f"{rep['machine']['torch_threads']} threads; load average at start {rep['machine']['loadavg_1_5_15']} "
-         "(other agents share the machine: absolute rates are depressed, ratios are taken within one stretch).", ""]
+         "(other agents share the machine). Rates part clock: "
+         f"{next(iter(rep.get('rates', {}).values()), {}).get('clock', 'wall time')} (rates per core when CPU time).", ""]
     if rep.get("rates"):
         L += ["## Candidate-images/s per site kind (224 px, seeded random weights)", "",
               "Achieved fraction = the engine's FLOP/s on the FLOPs exactness requires (counted) / the engine-shaped "
@@ -388,8 +429,8 @@ def markdown(rep: dict) -> str:
                 L.append(f"| {name} | {kind} | {s['site']} | {s['flop_per_candidate_image'] / 1e9:.2f} | "
                          f"{num(f['candidate_images_per_s'])} | {num(f['fraction_of_matmul'], '.0%')} | "
                          f"{num(b['candidate_images_per_s'])} | {num(b['fraction_of_matmul'], '.0%')} | "
-                         f"{num(s['bf16_speedup'])}x | "
-                         f"{s['bf16_max_rel_err_vs_site_max']:.1e} | {f['matmul_flop_per_s'] / 1e9:.0f} / "
+                         f"{num(s['bf16_speedup'])}{'x' if s['bf16_speedup'] else ''} | "
+                         f"{num(s.get('bf16_max_rel_err_vs_site_max'), '.1e')} | {f['matmul_flop_per_s'] / 1e9:.0f} / "
                          f"{b['matmul_flop_per_s'] / 1e9:.0f} |")
         L += ["", f"Sample: {next(iter(rep['rates'].values()))['candidates_per_site']} candidates per site (+1 for the "
               f"difference), {next(iter(rep['rates'].values()))['images']} images."]
@@ -403,17 +444,21 @@ def markdown(rep: dict) -> str:
     if rep.get("bf16"):
         b = rep["bf16"]
         L += ["", "## bf16 against fp32 on one proxy set", "",
-              f"Model: {b['model']}, {b['proxy_images']} proxy images; fp32 {b['fp32_s']} s, bf16 {b['bf16_s']} s.", "",
+              f"Model: {b['model']}, {b['proxy_images']} proxy images, {b.get('channels_fraction', 1):.0%} of every "
+              f"site's channels (seeded); fp32 {b['fp32_s']} s, bf16 {b['bf16_s']} s ({b.get('clock', 'wall time')}).", "",
               "| kind | max abs error / site max | median relative error | min Spearman (per site) |", "|---|---|---|---|"]
         for k, e in b["error_by_kind"].items():
             L.append(f"| {k} | {e['max_abs_err_over_site_max']:.2e} | {e['median_rel_err']:.2e} | {e['min_spearman']:.5f} |")
-        L += ["", "Keep-set differences (channels swapped between kept and dropped, bf16 vs fp32):", "",
-              "| target | embed | attn | ffn |", "|---|---|---|---|"]
-        for t, d in b["keep_set_differences"].items():
-            L.append(f"| {t} | {d['embed']} | {d['attn']} | {d['ffn']} |")
-        same = all(v == 0 for d in b["keep_set_differences"].values() for v in d.values())
-        L += ["", "Keep sets " + ("match: bf16 is safe here, still an option (`dtype='bf16'`)." if same else
-                                  "differ: bf16 stays an option, fp32 the default.")]
+        if isinstance(b["keep_set_differences"], str):
+            L += ["", f"Keep sets: {b['keep_set_differences']}; bf16 stays an option, fp32 the default."]
+        else:
+            L += ["", "Keep-set differences (channels swapped between kept and dropped, bf16 vs fp32):", "",
+                  "| target | embed | attn | ffn |", "|---|---|---|---|"]
+            for t, d in b["keep_set_differences"].items():
+                L.append(f"| {t} | {d['embed']} | {d['attn']} | {d['ffn']} |")
+            same = all(v == 0 for d in b["keep_set_differences"].values() for v in d.values())
+            L += ["", "Keep sets " + ("match: bf16 is safe here, still an option (`dtype='bf16'`)." if same else
+                                      "differ: bf16 stays an option, fp32 the default.")]
     if rep.get("fast"):
         f = rep["fast"]
         L += ["", "## Fast scorers against exact", "", f"Model: {f['model']}; proxy: {f['proxy']}.", "",
@@ -431,16 +476,20 @@ def markdown(rep: dict) -> str:
     for shape, p in (rep.get("projection") or {}).items():
         if not p:
             continue
+        per_core = "CPU" in (rep.get("rates", {}).get(shape, {}).get("clock") or "")
         L += ["", f"## Projected cost of the paper's setting ({shape}, 224 px, {p['images']:,} images) on this machine", "",
-              "| method | hours |", "|---|---|",
-              f"| exact fp32 | {p['exact_fp32_hours']:,.0f} |", f"| exact bf16 | {p['exact_bf16_hours']:,.0f} |",
+              "| method | " + ("hours of one core (CPU time; halve for both cores of an idle machine)" if per_core
+                                else "hours") + " |", "|---|---|",
+              f"| exact fp32 | {p['exact_fp32_hours']:,.0f} |",
+              f"| exact bf16 | {p['exact_bf16_hours']:,.0f} |" if p["exact_bf16_hours"] == p["exact_bf16_hours"] else
+              "| exact bf16 | not projected (bf16 not measured on this shape: no native bf16) |",
               f"| fisher | {p['fisher_hours']:,.2f} |"]
         if "hybrid_hours" in p:
             L.append(f"| hybrid (exact fraction {p['hybrid_exact_fraction_used']:.1%} from the fast part) | "
                      f"{p['hybrid_hours']:,.0f} |")
         L += ["", "Exact: every site's channels x images / the measured rate of its kind, scaled by the share of the "
               "model the site's candidates rerun. Hybrid: its screen (Fisher with local attention) plus its exact "
-              "fraction of exact's time (the fraction measured on the ViT-S at 56 px; it varies with the model)."]
+              "fraction of exact's time (the largest fraction measured in the fast part, on a ViT-S at low resolution: it varies with the model, the proxy and the target)."]
     if rep.get("reading"):
         L += ["", "## Reading", "", rep["reading"]]
     return "\n".join(L) + "\n"
@@ -454,6 +503,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=12, help="candidates per site in the rates part (+1)")
     ap.add_argument("--images", type=int, default=2, help="proxy images in the rates part")
     ap.add_argument("--bf16-images", type=int, default=16)
+    ap.add_argument("--bf16-fraction", type=float, default=1.0, help="share of every site's channels in the bf16 part "
+                    "(keep sets need 1)")
     ap.add_argument("--fast-images", type=int, default=16)
     ap.add_argument("--fast-px", type=int, default=56)
     ap.add_argument("--reading", default=None, help="a Markdown file attached as the reading")
@@ -471,7 +522,7 @@ def main() -> None:
                    bf16_images=4, fast_images=4, fast_px=16, smoke=True, runs=os.path.join(os.path.dirname(args.out), "runs"))
     else:
         cfg = dict(shapes=SHAPES, px=224, patch=16, classes=1000, images=args.images, k=args.candidates, mm_seconds=1.5,
-                   mem_images=4, bf16_images=args.bf16_images, fast_images=args.fast_images, fast_px=args.fast_px,
+                   mem_images=4, bf16_images=args.bf16_images, bf16_fraction=args.bf16_fraction, fast_images=args.fast_images, fast_px=args.fast_px,
                    smoke=False, runs=os.path.join(ROOT, "runs", "scale"))
     path = args.out + ".json"
     report = {}

@@ -34,7 +34,7 @@ def test_scale_smoke(tmp_path):
                 rate = m["candidate_images_per_s"]
                 if rate is not None:  # candidate-images/s = images * k / (t(k+1) - t(1))
                     expect = shape["images"] * shape["candidates_per_site"] / (m["seconds_k_plus_1"] - m["seconds_1"])
-                    assert math.isclose(rate, expect, rel_tol=0.02)  # the seconds are rounded to 1 ms
+                    assert math.isclose(rate, expect, rel_tol=1e-9)
                     assert math.isclose(m["fraction_of_matmul"], rate * s["flop_per_candidate_image"] /
                                         m["matmul_flop_per_s"], rel_tol=1e-9)
         # projection: every site's channels x 2,000 images / its kind's rate, scaled by its share of the model
