@@ -36,3 +36,13 @@ def thread_count_restored(request):
         torch.set_num_threads(THREADS)
         pytest.fail(f"{request.node.nodeid} left torch's thread count at {now} (the session runs {THREADS}): "
                     "restore it, e.g. in a fixture", pytrace=False)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test of tiny forwards (fastest there, and steady on a loaded machine), restored
+    afterwards so the session keeps its count; modules take it with ``pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ from upvit.models import create_timm_model
 from upvit.plan import Plan
 from upvit.train import TrainConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 VIT_KINDS = {"vit": {}, "deit_distilled": {"distilled": True}, "layer_scale": {"init_values": 0.5}}

@@ -25,13 +25,7 @@ def _module():
     return mod
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread for the tiny runs (quality.py's main sets OMP_NUM_THREADS or 1); restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ from upvit.errors import UpvitError
 from upvit.evaluation import model_output
 from upvit.importance.kl import kl_scores
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 def own_output(model, x):

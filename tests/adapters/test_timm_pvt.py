@@ -22,13 +22,7 @@ from upvit.models import ModelConfig, create_timm_model
 from upvit.plan import Plan
 from upvit.targets import Targets
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 def images(n=3, seed=1, size=PVT_IMG):

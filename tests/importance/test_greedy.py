@@ -14,13 +14,7 @@ SHAPE = dict(embed_dim=48, num_heads=4, mlp_ratio=4.0)
 TARGETS = [dict(embed_dim=24, num_heads=2, mlp_hidden=96), dict(embed_dim=12, num_heads=1, mlp_hidden=48)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards: one thread is fastest here; restored after each test (the session keeps its count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 def brute_force_greedy(model, images, key, widths, batch):

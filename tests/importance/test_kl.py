@@ -15,14 +15,7 @@ from upvit.adapters.timm_vit import TimmViTAdapter
 from upvit.errors import UpvitError
 from upvit.importance.kl import kl_scores, partial_path
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards: one thread is fastest, and avoids pathological slow-downs on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 def assert_matches_naive(model, images, scores, keys=None) -> None:

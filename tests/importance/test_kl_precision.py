@@ -13,12 +13,7 @@ from upvit.importance.kl import bytes_per_candidate_input, candidate_batch_for_m
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 def test_bf16_scores_within_the_bound_bf16_precision_allows():

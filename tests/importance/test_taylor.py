@@ -18,13 +18,7 @@ from upvit.io import save
 LABELS = torch.tensor([0, 3, 1, 4, 2, 3])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny forwards: one thread is fastest here; restored after each test (the session keeps its count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny forwards (see conftest.py)
 
 
 def _reference(model, images, labels, reduction):
