@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("UPVIT_NO_PROGRESS", "1")
 
+from _machine import machine  # noqa: E402 (benchmarks/ is on sys.path)
 from upvit.adapters import get_adapter  # noqa: E402
 from upvit.importance.kl import kl_scores  # noqa: E402
 from upvit.models import load_model  # noqa: E402
@@ -62,16 +62,6 @@ PAPER = dict(images=2000, shape="deit_b")
 
 
 # ------------------------------------------------------------------------------------------ machine
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 def clock() -> float:

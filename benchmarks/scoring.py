@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -28,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "importance"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _machine import machine  # noqa: E402 (benchmarks/ is on sys.path)
 from naive_vit import naive_score  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -44,17 +44,6 @@ STAND_IN = ("timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_c
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
 
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "loadavg_1_5_15": [round(x, 2) for x in load] if load else None, "python": platform.python_version()}
 
 
 def matmul_flops(n: int = 1024, m: int = 12800, k: int = 192, seconds: float = 3.0) -> dict:
