@@ -215,9 +215,13 @@ def test_cli_finetune_passes_the_distillation_kind(tmp_path, monkeypatch):
     model = tiny_pvt(img_size=28, in_chans=1, num_classes=10)
     upvit.save(model, str(tmp_path / "m"))
     seen = {}
-    monkeypatch.setattr(upvit.distill, "finetune", lambda *a, **k: seen.update(k) or {"epoch": 1})
+    # the stub saves the student untrained; the certificate's fresh-process reload is test_certificate.py's job
+    monkeypatch.setattr(upvit.distill, "finetune",
+                        lambda student, teacher, data, cfg, out, **k: seen.update(k) or upvit.save(student, out)
+                        or {"epoch": 1})
+    monkeypatch.setattr(upvit.cli, "_certify", lambda *a, **k: None)
     args = ["finetune", str(tmp_path / "m"), "--teacher", str(tmp_path / "m"), "--data", "animal-mnist:train",
             "--out", str(tmp_path / "o")]
     assert main(args + ["--distill", "features", "--alpha", "20"]) == 0
     assert seen["distill"] == "features" and seen["alpha"] == 20.0
-    assert main(args) == 0 and seen["distill"] == "logits"
+    assert main(args[:-1] + [str(tmp_path / "o2")]) == 0 and seen["distill"] == "logits"  # a fresh --out

@@ -84,5 +84,8 @@ def test_hybrid_keeps_one_reference_across_its_rounds(monkeypatch):
     assert s.meta["exact_calls"] > 1 and len(references) == 1 and not hashes
     exact = kl_scores(get_adapter(model), images, progress=False)
     for key, known in s.meta["exact_channels"].items():
-        if known:
-            assert torch.equal(s[key][known], exact[key][known])
+        if known:  # hybrid's rounds batch other candidates together than one full run, and a batched product's
+            # rounding depends on its shape (with 2 threads it differs): the engine's own batching bound of
+            # test_kl.py::test_candidates_only_scores_those_and_batching_does_not_matter
+            top = float(exact[key].max())
+            torch.testing.assert_close(s[key][known], exact[key][known], rtol=1e-5, atol=1e-6 * top)
