@@ -150,12 +150,7 @@ def run(args: argparse.Namespace) -> None:
             rows.append(("scratch", shape, SCRATCH.format(e=e, h=h, r=m / e)))
     for seed in range(args.seeds):
         for method, shape, model in rows:
-            ft = f"{RUNS}/{method}_{shape}_ft{args.epochs}_s{seed}"
-            cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(model, ft, args.epochs, seed, args.max_steps)
-                        + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
-            if cell is not None:
-                cell["val_top1"] = last_val(ft)
-                store(results)
+            finetune_cell(results, args, method, shape, model, seed)
     if args.bench:
         bench(results)
 
@@ -172,12 +167,17 @@ def finetune_rows(args: argparse.Namespace) -> None:
                 model = SCRATCH.format(e=e, h=h, r=m / e)
             else:
                 model = f"{RUNS}/{method}_{shape}"
-            ft = f"{RUNS}/{method}_{shape}_ft{args.epochs}_s{seed}"
-            cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(model, ft, args.epochs, seed, args.max_steps)
-                        + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
-            if cell is not None:
-                cell["val_top1"] = last_val(ft)
-                store(results)
+            finetune_cell(results, args, method, shape, model, seed)
+
+
+def finetune_cell(results: dict, args: argparse.Namespace, method: str, shape: str, model: str, seed: int) -> None:
+    """One fine-tuning row (resumed from its checkpoint if a run was interrupted), its val top-1 stored."""
+    ft = f"{RUNS}/{method}_{shape}_ft{args.epochs}_s{seed}"
+    cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(model, ft, args.epochs, seed, args.max_steps)
+                + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
+    if cell is not None:
+        cell["val_top1"] = last_val(ft)
+        store(results)
 
 
 def bench(results: dict) -> None:
