@@ -255,12 +255,6 @@ def report(_: argparse.Namespace) -> None:
         for r in results["sizes"]:
             lines.append(f"| {r['model']} | {tuple(r['shape'])} | {r['img_size']} | {r['params'] / 1e6:.2f} M | "
                          f"{r['macs'] / 1e9:.2f} G |")
-    if results.get("sizes"):
-        lines += ["", "## Size (one forward of one image)", "", "| model | shape | px | params | MACs |",
-                  "|---|---|---:|---:|---:|"]
-        for r in results["sizes"]:
-            lines.append(f"| {r['model']} | {tuple(r['shape'])} | {r['img_size']} | {r['params'] / 1e6:.2f} M | "
-                         f"{r['macs'] / 1e9:.2f} G |")
     if "bench" in results:
         lines += ["", "## Size and speed (batch 16, median of 5, random weights of the same shape)", "",
                   "| model | shape | px | params | MACs | images/s |", "|---|---|---:|---:|---:|---:|"]
