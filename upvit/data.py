@@ -500,10 +500,7 @@ def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = Fa
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
-    if os.path.isfile(root):  # a single file is never image data: say what is accepted instead
-        raise UpvitError(f"data {root!r} is a file, not a directory: pass {DATA_SPELLINGS}")
-    if not os.path.isdir(root):
-        raise UpvitError(f"data directory {root!r} does not exist: pass {DATA_SPELLINGS}")
+    check_image_folder(root)
     cfg = dict(data_config or {"input_size": [3, 224, 224], "mean": [0.485, 0.456, 0.406],
                                "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "interpolation": "bicubic"})
     transform = create_transform(
@@ -538,10 +535,15 @@ def check_data_spec(spec: str) -> None:
         if not os.path.exists(rest):
             raise UpvitError(f"text data {rest!r} does not exist: pass text:FILE_OR_DIR")
         return
-    if os.path.isfile(spec):
-        raise UpvitError(f"data {spec!r} is a file, not a directory: pass {DATA_SPELLINGS}")
-    if not os.path.isdir(spec):
-        raise UpvitError(f"data directory {spec!r} does not exist: pass {DATA_SPELLINGS}")
+    check_image_folder(spec)
+
+
+def check_image_folder(root: str) -> None:
+    """An ImageFolder path must be an existing directory; a single file is never image data."""
+    if os.path.isfile(root):
+        raise UpvitError(f"data {root!r} is a file, not a directory: pass {DATA_SPELLINGS}")
+    if not os.path.isdir(root):
+        raise UpvitError(f"data directory {root!r} does not exist: pass {DATA_SPELLINGS}")
 
 
 def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool = False, seed: int = 0,
