@@ -45,7 +45,7 @@ os.environ.setdefault("UPVIT_NO_PROGRESS", "1")
 
 from _machine import machine  # noqa: E402 (benchmarks/ is on sys.path)
 from upvit.adapters import get_adapter  # noqa: E402
-from upvit.importance.kl import kl_scores  # noqa: E402
+from upvit.importance.kl import cpu_bf16_native, kl_scores  # noqa: E402
 from upvit.models import load_model  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -73,15 +73,6 @@ def clock() -> float:
 def clock_name() -> str:
     return "process CPU time, 1 thread" if torch.get_num_threads() == 1 else f"wall time, {torch.get_num_threads()} threads"
 
-
-def native_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX-512 BF16 or AMX); without it bf16 GEMMs are emulated."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def matmul_rate(rows: int, width: int, dtype: torch.dtype, seconds: float) -> float:
@@ -129,7 +120,7 @@ def part_rates(cfg: dict) -> dict:
         rows = cfg["k"] * cfg["images"] * tokens
         g = torch.Generator().manual_seed(1)
         res: dict = {"spec": spec, "images": cfg["images"], "candidates_per_site": cfg["k"], "sites": {},
-                     "clock": clock_name(), "native_bf16": native_bf16()}
+                     "clock": clock_name(), "native_bf16": cpu_bf16_native()}
         for kind, key in (("residual", "res.0"), ("attn", f"attn.{mid}"), ("ffn", f"ffn.{mid}")):
             size = adapter.topology().site(key).size
             idx = torch.randperm(size, generator=g)[:cfg["k"] + 1].sort().values
@@ -139,7 +130,7 @@ def part_rates(cfg: dict) -> dict:
             row: dict = {"site": key, "flop_per_candidate_image": f_per}
             scores = {}
             for dname, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                if dname == "bf16" and not (cfg["smoke"] or native_bf16() or (name == "deit_s" and kind == "ffn")):
+                if dname == "bf16" and not (cfg["smoke"] or cpu_bf16_native() or (name == "deit_s" and kind == "ffn")):
                     # emulated bf16 GEMMs (no AVX-512 BF16 / AMX) run tens of times slower than fp32: one site shows it
                     row[dname] = {"skipped": "no native bf16 on this CPU: measured on deit_s ffn only",
                                   "candidate_images_per_s": None, "fraction_of_matmul": None,
