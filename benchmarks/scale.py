@@ -74,7 +74,6 @@ def clock_name() -> str:
     return "process CPU time, 1 thread" if torch.get_num_threads() == 1 else f"wall time, {torch.get_num_threads()} threads"
 
 
-
 def matmul_rate(rows: int, width: int, dtype: torch.dtype, seconds: float) -> float:
     """FLOP/s of an engine-shaped product [rows, width] @ [width, 4 width] in ``dtype``."""
     a, b = torch.randn(rows, width).to(dtype), torch.randn(width, 4 * width).to(dtype)
