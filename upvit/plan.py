@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import UpvitError
-from .selection import problems, top_k
+from .selection import HEAD_MODES, problems, top_k, whole_head_problems
 from .targets import Targets, resolve_targets
 from .topology import Rules, StageShape, Topology
 
@@ -344,7 +344,8 @@ def vit_rules() -> Rules:
 def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_heads: Any = None,
               mlp_hidden: Any = None, attn_dim: Any = None, ratio: float | None = None,
               targets: Targets | None = None, head_bias: str = "mean", keep_heads: bool = False,
-              drop_units: Sequence[str] | None = None) -> Plan:
+              drop_units: Sequence[str] | None = None, heads: str = "merge",
+              head_scores: dict[str, torch.Tensor] | None = None) -> Plan:
     """A plan keeping the best-scoring channels at the given targets (and, with ``drop_units``,
     removing those units: width and depth pruning in one plan).
 
@@ -354,6 +355,11 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
     ``head_bias`` ("mean" or "best"): for families whose heads carry a bias column (Swin), a merged
     head's column is the mean of its source heads' columns, or the column of its best source head
     (the one whose kept dims have the largest summed score; ties: the lower head).
+    ``heads``: "merge" (the paper: each new head takes the best dims of h_b/h_t consecutive source
+    heads) or "whole" (each attention site keeps its h_t best *whole* source heads, their attention
+    patterns intact; :func:`upvit.selection.whole_head_problems`). The heads are ranked by
+    ``head_scores`` (site -> one value per source head, e.g. the exact divergence of removing the head:
+    :func:`upvit.importance.heads.head_scores`), by default by the sum of the head's channel scores.
     ``drop_units`` (or ``targets.drop_units``): unit keys to remove, e.g. ``["ffn.2", "attn.3"]`` for
     a hybrid block; the kept units must pair into ordinary blocks (:meth:`Topology.rebuilt_blocks`)
     and the family must be able to rebuild them (``adapter.check_units``). The channels of the
@@ -365,6 +371,8 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
     """
     from .adapters import get_adapter
 
+    if heads not in HEAD_MODES:
+        raise UpvitError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
     if head_bias not in HEAD_BIAS_RULES:
         raise UpvitError(f"head_bias must be one of {', '.join(HEAD_BIAS_RULES)}, got {head_bias!r}")
     adapter = get_adapter(model)
@@ -382,28 +390,45 @@ def make_plan(model: nn.Module, scores: "Scores", embed_dim: Any = None, num_hea
         units = [u.key for u in topology.units if u.key not in drop]
         adapter.check_units(units)
         targets = dataclasses.replace(targets, drop_units=drop)
+    if heads == "whole":
+        head_scores = head_scores if head_scores is not None else summed_head_scores(topology, scores)
+        selection = whole_head_problems(topology, targets, head_scores)
+    else:
+        selection = problems(topology, targets)
     keep: dict[str, list[int]] = {}
-    heads: dict[str, list[list[int]]] = {}
+    groups: dict[str, list[list[int]]] = {}
     bias: dict[str, list[list[int]]] = {}
-    for p in problems(topology, targets):
+    for p in selection:
         if p.site in drop:
             continue
         kept = top_k(scores[p.site], p.channels, p.k)
         keep.setdefault(p.site, []).extend(kept)
         if p.head is not None:
-            heads.setdefault(p.site, []).append(list(p.source_heads))
+            groups.setdefault(p.site, []).append(list(p.source_heads))
             if head_bias == "best":
                 hd = topology.site(p.site).head_dim
                 values = scores[p.site].detach().to(torch.float64).cpu()
                 sums = [float(sum(values[i] for i in kept if i // hd == h)) for h in p.source_heads]
                 best = max(range(len(sums)), key=lambda i: (sums[i], -i))
                 bias.setdefault(p.site, []).append([p.source_heads[best]])
-    plan = Plan(keep=keep, heads=heads, source=topology.to_dict(), units=units,
+    plan = Plan(keep=keep, heads=groups, source=topology.to_dict(), units=units,
                 bias_heads=bias if head_bias == "best" and topology.rules.head_bias else None,
                 meta={"criterion": scores.meta.get("criterion"), "targets": targets.to_dict(),
-                      "head_bias": head_bias if topology.rules.head_bias else None})
+                      "head_bias": head_bias if topology.rules.head_bias else None,
+                      **({"heads": "whole"} if heads == "whole" else {})})
     adapter.check_plan(plan)
     return plan
 
 
-__all__ = ["Plan", "make_plan", "vit_rules", "PLAN_FORMAT", "PLAN_VERSION"]
+def summed_head_scores(topology: Topology, scores: "Scores") -> dict[str, torch.Tensor]:
+    """Per attention site, one value per source head: the sum of its dims' scores (the default ranking
+    of ``make_plan(heads="whole")`` when no whole-head scores are given)."""
+    out = {}
+    for site in topology.sites:
+        if site.kind == "attn" and site.key in scores:
+            values = scores[site.key].detach().to(torch.float64).cpu()
+            out[site.key] = values.view(site.heads, site.head_dim).sum(1)
+    return out
+
+
+__all__ = ["Plan", "make_plan", "summed_head_scores", "vit_rules", "PLAN_FORMAT", "PLAN_VERSION"]

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import UpvitError
 from .targets import Targets
 from .topology import Topology
 
@@ -61,6 +62,35 @@ def problems(topology: Topology, targets: Targets) -> list[Problem]:
     return out
 
 
+HEAD_MODES = ("merge", "whole")
+
+
+def whole_head_problems(topology: Topology, targets: Targets,
+                        head_values: dict[str, torch.Tensor]) -> list[Problem]:
+    """The selection problems with *whole* heads (``make_plan(heads="whole")``): each attention site keeps
+    its ``h_t`` best source heads by ``head_values`` (site -> one value per source head, higher is more
+    important; ties keep the lower head), in their original order, each as one new head keeping its
+    best ``attn_t / h_t`` dims (all of them where that is the source head dim). Residual and FFN
+    problems are those of :func:`problems`."""
+    out: list[Problem] = []
+    for p in problems(topology, targets):
+        if p.head is None:
+            out.append(p)
+            continue
+        if p.head:  # one whole-head set per site: built from the site's first merged problem
+            continue
+        site = topology.site(p.site)
+        st = targets.stages[site.stage]
+        hd = site.head_dim
+        values = head_values.get(p.site)
+        if values is None or len(values) != site.heads:
+            raise UpvitError(f"whole-head selection needs one value per head of {p.site} ({site.heads} heads)")
+        kept = top_k(values, range(site.heads), st.heads)
+        for j, h in enumerate(kept):
+            out.append(Problem(p.site, tuple(range(h * hd, (h + 1) * hd)), st.attn // st.heads, j, (h,)))
+    return out
+
+
 def order(values: torch.Tensor, channels: Sequence[int] | torch.Tensor) -> torch.Tensor:
     """``channels`` sorted by ``values`` (indexed by channel), best first; ties go to the lower index."""
     ch = torch.as_tensor(channels, dtype=torch.long)
@@ -74,4 +104,4 @@ def top_k(values: torch.Tensor, channels: Sequence[int] | torch.Tensor, k: int) 
     return sorted(order(values, channels)[:k].tolist())
 
 
-__all__ = ["Problem", "merge_groups", "order", "problems", "top_k"]
+__all__ = ["HEAD_MODES", "Problem", "merge_groups", "order", "problems", "top_k", "whole_head_problems"]
