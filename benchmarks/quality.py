@@ -18,6 +18,11 @@ Methods (the student's channels; all from the same teacher):
 * ``kl-iterative``: two steps (the T path goes through the S shape): prune to the intermediate shape
   with the exact scores, distil 1 epoch, re-score the intermediate model (hybrid scorer, whose keep
   sets at its target are exact KL's), prune to the target, fine-tune for the budget minus that epoch.
+* ``kl-lsq`` / ``magnitude-lsq``: the kl / magnitude student, its layers then refitted by least squares
+  on the proxy set (``upvit.prune(..., compensate="lsq")``, :mod:`upvit.compensation`).
+* ``kl-whole`` / ``magnitude-whole``: whole original heads kept instead of merged ones
+  (``make_plan(heads="whole")``), ranked by the exact KL of removing each head on the proxy set
+  (kl) or by the head's summed magnitude; ``kl-whole-lsq``: both options together.
 * ``kl-greedy``: residual channels chosen greedily in rounds of 16 under the joint removal already
   decided (exact KL from the original, one path 192 -> 96 -> 48 for both shapes); attention and FFN
   by the exact one-shot scores.
@@ -60,7 +65,9 @@ from upvit.errors import UpvitError  # noqa: E402
 
 PAPER = ("kl", "magnitude", "random", "taylor", "scratch")
 OPTIONS = ("kl-iterative", "kl-greedy")
-METHODS = PAPER + OPTIONS
+# issue 26: whole heads instead of merged ones, and least-squares compensation before fine-tuning
+HEADS_AND_COMPENSATION = ("kl-lsq", "magnitude-lsq", "kl-whole", "magnitude-whole", "kl-whole-lsq")
+METHODS = PAPER + OPTIONS + HEADS_AND_COMPENSATION
 BUDGETS = (4, 16)
 SEEDS = (0, 1, 2)
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -101,7 +108,7 @@ def priority(shapes=("T", "S"), methods=METHODS, budgets=BUDGETS, seeds=SEEDS) -
     """All requested cells in the order they should run (see the module doc)."""
     out = []
     for budget in sorted(budgets):
-        for group in (PAPER, OPTIONS):
+        for group in (PAPER, OPTIONS, HEADS_AND_COMPENSATION):
             for seed in seeds:
                 for shape in shapes:
                     out += [(shape, m, budget, seed) for m in group if m in methods]
@@ -264,6 +271,8 @@ class Context:
             return model, 0, {"init": "timm default, torch.manual_seed(seed)"}
         if method == "kl-iterative":
             return self.iterative(shape, seed)
+        if method in HEADS_AND_COMPENSATION:
+            return self.optioned(shape, method)
         scores = {"kl": self.kl, "taylor": self.taylor, "kl-greedy": self.greedy}.get(method)
         if scores is not None:
             scores = scores()
@@ -277,6 +286,43 @@ class Context:
         info = {"scores": {k: scores.meta.get(k) for k in ("criterion", "method", "num_images", "reduction", "seed",
                                                            "wall_time_s", "exact_evaluations")}}
         return upvit.prune(self.teacher, plan), 0, info
+
+    def head_scores(self):
+        """The exact KL of removing each whole head, on the proxy set (once per process)."""
+        if "heads" not in self._scores:
+            from upvit.importance.heads import head_scores
+
+            t0 = time.time()
+            self._scores["heads"] = head_scores(self.teacher, self.images)
+            self._scores["heads_seconds"] = round(time.time() - t0, 1)
+        return self._scores["heads"]
+
+    def optioned(self, shape: str, method: str) -> tuple[torch.nn.Module, int, dict[str, Any]]:
+        """kl / magnitude selection with whole heads and/or least-squares compensation (issue 26)."""
+        base, *options = method.split("-")
+        scores = self.kl() if base == "kl" else upvit.score(self.teacher, self.images, method="magnitude")
+        whole = "whole" in options
+        heads = self.head_scores() if whole and base == "kl" else None
+        plan = upvit.make_plan(self.teacher, scores, heads="whole" if whole else "merge", head_scores=heads,
+                               **self.s.shapes[shape])
+        compensate = "lsq" if "lsq" in options else "none"
+        student = upvit.prune(self.teacher, plan, compensate=compensate, proxy=self.images)
+        info = {"scores": {"criterion": scores.meta.get("criterion")}, "heads": "whole" if whole else "merge",
+                "head_ranking": ("exact KL of removing the head" if heads is not None else
+                                 "sum of the head's channel scores") if whole else None,
+                "compensation": {k: v for k, v in student.upvit_config.extra.get("compensation", {}).items()
+                                 if k in ("mode", "seconds", "summary")} or None}
+        return student, 0, info
+
+    def proxy_kl(self, student: torch.nn.Module) -> float:
+        """sum over the proxy images of KL(teacher || student): how far the student starts from its teacher."""
+        with torch.no_grad():
+            was = student.training
+            student.eval()
+            t = torch.log_softmax(self.teacher(self.images).double(), -1)
+            q = torch.log_softmax(student(self.images).double(), -1)
+            student.train(was)
+        return float((t.exp() * (t - q)).sum())
 
     def iterative(self, shape: str, seed: int) -> tuple[torch.nn.Module, int, dict[str, Any]]:
         """Steps 1..k of iterative pruning (distillation between them), cached per (shape, seed)."""
@@ -353,6 +399,7 @@ def run_cell(ctx: Context, shape: str, method: str, budget: int, seed: int) -> d
         t_select = time.time() - t0
         epochs = budget - pre_epochs
         before = evaluate(student, ctx.val)["top1"]
+        kl_before = ctx.proxy_kl(student)
         run_dir = os.path.join(ctx.work, "runs", ctx.teacher_fingerprint, key)
         resume = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
         _log(f"{key}: top-1 before fine-tuning {before:.2f}; {epochs} epoch(s){' (resuming)' if resume else ''}")
@@ -363,7 +410,7 @@ def run_cell(ctx: Context, shape: str, method: str, budget: int, seed: int) -> d
             log = [json.loads(line) for line in f]
         record = {
             "cell": key, "shape": shape, "method": method, "budget": budget, "seed": seed,
-            "top1_before": before, "top1": log[-1]["val_top1"], "val_curve": [r["val_top1"] for r in log],
+            "top1_before": before, "proxy_kl_before": kl_before, "top1": log[-1]["val_top1"], "val_curve": [r["val_top1"] for r in log],
             "finetune_epochs": epochs, "pre_epochs": pre_epochs, "params": count_params(student),
             "plan": student.upvit_config.extra.get("plan"), "selection": selection,
             "seconds": {"selection": round(t_select, 1), "finetune": round(time.time() - t1, 1),
@@ -381,6 +428,39 @@ def run_cell(ctx: Context, shape: str, method: str, budget: int, seed: int) -> d
     finally:
         if os.path.exists(lock):
             os.unlink(lock)
+
+
+def add_proxy_kl_before(args: argparse.Namespace) -> int:
+    """Finished cells made before the proxy KL was recorded: rebuild each student (deterministic for every
+    method but kl-iterative) and add ``proxy_kl_before``; the top-1 before fine-tuning is checked to match."""
+    from upvit.evaluation import evaluate
+
+    cells = [c for c in load_cells(args.results) if c.get("proxy_kl_before") is None and c["method"] != "kl-iterative"]
+    if not cells:
+        print("every cell has its proxy KL before fine-tuning")
+        return 0
+    first = cells[0]
+    settings = Settings(teacher=os.path.abspath(args.teacher), kl_scores=os.path.abspath(args.kl_scores)
+                        if args.kl_scores else first.get("kl_scores"), **first["settings"])
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ctx = Context(settings, args.results, args.work)
+    memo: dict[tuple, tuple[float, float]] = {}
+    for c in cells:
+        if c["teacher_fingerprint"] != ctx.teacher_fingerprint:
+            raise SystemExit(f"{c['cell']} is of another teacher: give its --teacher")
+        key = (c["shape"], c["method"], c["seed"] if c["method"] in ("random", "scratch") else None)
+        if key not in memo:
+            student, _, _ = ctx.student(c["shape"], c["method"], c["seed"])
+            memo[key] = (ctx.proxy_kl(student), evaluate(student, ctx.val)["top1"])
+        kl, top1 = memo[key]
+        if abs(top1 - c["top1_before"]) > 1e-6:
+            raise SystemExit(f"{c['cell']}: the rebuilt student has top-1 {top1} before fine-tuning, the cell recorded "
+                             f"{c['top1_before']}: not the same student, not patched")
+        c["proxy_kl_before"] = kl
+        c["proxy_kl_before_added"] = time.strftime("%Y-%m-%d %H:%M:%S") + " (benchmarks/quality.py before)"
+        _atomic_json(os.path.join(args.results, "cells", c["cell"] + ".json"), c)
+        _log(f"{c['cell']}: proxy KL before fine-tuning {kl:.2f}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -443,17 +523,22 @@ def summarise(cells: list[dict[str, Any]], shapes=("S", "T")) -> dict[str, Any]:
                 if rows:
                     m, se = mean_se([r["top1"] for r in rows])
                     mb, _ = mean_se([r["top1_before"] for r in rows])
+                    kls = [r["proxy_kl_before"] for r in rows if r.get("proxy_kl_before") is not None]
                     table[f"{shape}-{method}-ep{budget}"] = {
                         "shape": shape, "method": method, "budget": budget, "n": len(rows), "mean": m, "se": se,
                         "seeds": sorted(r["seed"] for r in rows), "top1": [r["top1"] for r in sorted(rows, key=lambda r: r["seed"])],
-                        "top1_before_mean": mb, "finetune_seconds_mean": sum(r["seconds"]["finetune"] for r in rows) / len(rows)}
+                        "top1_before_mean": mb, "proxy_kl_before_mean": sum(kls) / len(kls) if kls else None,
+                        "finetune_seconds_mean": sum(r["seconds"]["finetune"] for r in rows) / len(rows)}
     comparisons: dict[str, Any] = {}
     pick = lambda s, m, b: [c for c in cells if (c["shape"], c["method"], c["budget"]) == (s, m, b)]  # noqa: E731
     for budget in budgets:
         for shape in shapes:
             for a, b in [("kl", "magnitude"), ("kl", "random"), ("kl", "taylor"), ("kl", "scratch"),
                          ("kl-iterative", "kl"), ("kl-greedy", "kl"), ("kl-iterative", "magnitude"),
-                         ("kl-greedy", "magnitude"), ("taylor", "magnitude")]:
+                         ("kl-greedy", "magnitude"), ("taylor", "magnitude"),
+                         ("kl-lsq", "kl"), ("magnitude-lsq", "magnitude"), ("kl-lsq", "magnitude-lsq"),
+                         ("kl-whole", "kl"), ("magnitude-whole", "magnitude"), ("kl-whole", "magnitude-whole"),
+                         ("kl-whole-lsq", "kl-lsq"), ("kl-lsq", "kl-iterative"), ("kl-whole-lsq", "kl-iterative")]:
                 c = compare(pick(shape, a, budget), pick(shape, b, budget))
                 if c is not None:
                     comparisons[f"{shape}-ep{budget}: {a} vs {b}"] = c
@@ -529,22 +614,26 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     status = ("complete: every cell has its 3 seeds" if result["complete"] else
               f"**INCOMPLETE**: {len(result['missing'])} cells missing (listed at the end)")
-    lines = ["# Quality benchmark: UP-ViT vs magnitude, random, Taylor, scratch, and two options", "",
+    lines = ["# Quality benchmark: UP-ViT vs magnitude, random, Taylor, scratch, and the options beyond the paper", "",
              f"Teacher `{_shown_path(result['teacher'])}` (fingerprint {result['teacher_fingerprint']}); KL scores "
              f"`{_shown_path(result['kl_scores'])}` (exact, {result['proxy']['num_images']}-image proxy, seed {result['proxy']['seed']}). "
              f"Fine-tuning: batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}, warm-up "
              f"{s['warmup_epochs']} epoch, distillation alpha {s['alpha']} from the teacher, seeds 0/1/2; top-1 on "
              f"{result['val_images']} validation images. Machine: {result['machine']} (shared). Status: {status}.", "",
-             "Mean ± standard error over fine-tuning seeds (n = seeds finished).", ""]
+             "Mean ± standard error over fine-tuning seeds (n = seeds finished). Proxy KL before FT: sum over the "
+             f"{result['proxy']['num_images']} proxy images of KL(teacher || student) before fine-tuning (kl-iterative: "
+             "not recorded, its student is made by training).", ""]
     for budget in result["budgets"]:
-        lines += [f"## Budget {budget} epochs", "", "| method | S top-1 | T top-1 | S before FT | T before FT |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [f"## Budget {budget} epochs", "", "| method | S top-1 | T top-1 | S before FT | T before FT | "
+                  "S proxy KL before FT | T proxy KL before FT |", "|---|---:|---:|---:|---:|---:|---:|"]
         for method in METHODS:
             c = {sh: result["cells"].get(f"{sh}-{method}-ep{budget}") for sh in ("S", "T")}
             if not any(c.values()):
                 continue
             before = [f"{c[sh]['top1_before_mean']:.2f}" if c[sh] else "-" for sh in ("S", "T")]
-            lines.append(f"| {method} | {_fmt(c['S'])} | {_fmt(c['T'])} | {before[0]} | {before[1]} |")
+            kl = [f"{c[sh]['proxy_kl_before_mean']:.1f}" if c[sh] and c[sh].get("proxy_kl_before_mean") is not None
+                  else "-" for sh in ("S", "T")]
+            lines.append(f"| {method} | {_fmt(c['S'])} | {_fmt(c['T'])} | {before[0]} | {before[1]} | {kl[0]} | {kl[1]} |")
         comps = [(k, v) for k, v in result["comparisons"].items() if k.split(":")[0].endswith(f"ep{budget}")]
         if comps:
             lines += ["", "| comparison | difference ± SE | paired over seeds | verdict (1 SE rule) |", "|---|---:|---:|---|"]
@@ -595,6 +684,12 @@ def main(argv: list[str] | None = None) -> int:
                      "2 steps per epoch, 200 validation images, KL scores computed here")
     run.add_argument("--proxy-size", type=int, default=256)
     run.add_argument("--shapes-json", default=None, help="override the S and T shapes (smoke runs)")
+    before = sub.add_parser("before", help="add the proxy KL before fine-tuning to finished cells that lack it "
+                            "(rebuilds each cell's student; kl-iterative is skipped: its student is trained)")
+    before.add_argument("--teacher", default=os.path.join(ROOT, "upvit", "assets", "teacher"))
+    before.add_argument("--kl-scores", default=None)
+    before.add_argument("--results", default=os.path.join(RESULTS, "quality"))
+    before.add_argument("--work", default=os.path.join(ROOT, "runs", "quality"))
     for name in ("status", "report"):
         p = sub.add_parser(name)
         p.add_argument("--results", default=os.path.join(RESULTS, "quality"))
@@ -609,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in missing:
             print("  missing", key)
         return 0
+    if args.command == "before":
+        return add_proxy_kl_before(args)
     if args.command == "report":
         if args.reading and not os.path.isfile(args.reading):
             raise SystemExit(f"--reading {args.reading}: no such file (the hand-written reading, e.g. "

@@ -24,8 +24,8 @@ SMOKE = {
     "pvtv2.py": (["--smoke"], ["pvtv2/pvtv2.json", "pvtv2/pvtv2.md"]),
     "nlp.py lm": (["lm", "--smoke"], ["nlp/nlp.json", "nlp/nlp.md"]),
     "nlp.py minilm": (["minilm", "--smoke"], ["nlp/nlp.json", "nlp/nlp.md"]),
-    "quality.py": (["run", "--smoke", "--shape", "S", "--method", "kl", "magnitude", "--budget", "2", "--seed", "0"],
-                   ["quality/results/cells/S-kl-ep2-seed0.json", "quality/results/cells/S-magnitude-ep2-seed0.json"]),
+    "quality.py": (["run", "--smoke", "--shape", "S", "--method", "kl", "kl-whole-lsq", "--budget", "2", "--seed", "0"],
+                   ["quality/results/cells/S-kl-ep2-seed0.json", "quality/results/cells/S-kl-whole-lsq-ep2-seed0.json"]),
 }
 
 

@@ -115,8 +115,10 @@ def test_report_statistics(bench):
 def test_priority_order():
     q = _module()
     order = q.priority()
-    assert len(order) == 84 and len(set(order)) == 84
+    assert len(order) == 144 and len(set(order)) == 144  # 12 methods x 2 shapes x 2 budgets x 3 seeds
     first_option = next(i for i, k in enumerate(order) if k[1] in q.OPTIONS)
+    first_26 = next(i for i, k in enumerate(order) if k[1] in q.HEADS_AND_COMPENSATION)
     first_16 = next(i for i, k in enumerate(order) if k[2] == 16)
-    assert first_option == 30 and first_16 == 42  # the paper's comparison at 4 epochs, then the options, then 16
+    # the paper's comparison at 4 epochs, then the two options, then whole heads / compensation, then 16
+    assert (first_option, first_26, first_16) == (30, 42, 72)
     assert order[:5] == [("T", m, 4, 0) for m in q.PAPER]

@@ -502,6 +502,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif args.plan is None and not given and args.ratio is None:
         raise UpvitError("no target given: pass --ratio R, --embed-dim/--num-heads/--mlp-hidden or --budget "
                          "KIND=FRACTION")
+    if args.compensate != "none" and not args.data:
+        raise UpvitError(f"--compensate {args.compensate} refits layers on a proxy set: add --data (the data `upvit "
+                         "score` used, e.g. --data animal-mnist:train)")
+    if args.heads != "merge" and (args.plan is not None or args.budget is not None):
+        raise UpvitError("--heads applies when the plan is made from --scores and targets: drop --heads with "
+                         "--plan or --budget")
     check_output_dir(args.out, force=args.force, inputs=[args.model, args.checkpoint, args.scores, args.plan])
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
@@ -517,9 +523,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if args.budget is not None:
             plan = _budget_plan(args, model, scores, proxy)
         else:
+            head_scores = None
+            if args.heads == "whole" and proxy is not None:
+                from .importance.heads import head_scores as exact_head_scores
+
+                head_scores = exact_head_scores(model, proxy, progress=True)
+            elif args.heads == "whole":
+                warn("--heads whole without --data ranks heads by the sum of their dims' scores; add --data for "
+                     "the exact divergence of removing each head")
             plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
-                             **targets)
-    pruned = prune(model, plan)
+                             heads=args.heads, head_scores=head_scores, **targets)
+    pruned = prune(model, plan, compensate=args.compensate, proxy=proxy)
+    if args.compensate != "none":
+        print(pruned.upvit_config.extra["compensation"]["summary"])
     p0, p1 = count_params(model), count_params(pruned)
     m0, m1 = count_macs(model), count_macs(pruned)
     pruned.upvit_config.extra.update(_run_record(args, _prune_inputs(args, model, scores if args.plan is None else None),
@@ -619,8 +635,17 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-heads", action="store_true", help="with --ratio: keep the head count, shrink the head dim")
     p.add_argument("--head-bias", default="mean", choices=["mean", "best"],
                    help="Swin: a merged head's relative-position bias is the mean of its heads' or the best head's")
+    p.add_argument("--heads", default="merge", choices=["merge", "whole"],
+                   help="merge: each new head takes the best dims of consecutive original heads (the paper); whole: keep "
+                   "the best whole original heads, ranked by the exact divergence of removing each on the --data proxy "
+                   "set (without --data: by the sum of their dims' scores)")
+    p.add_argument("--compensate", default="none", choices=["none", "bias", "lsq"],
+                   help="after pruning, refit the layers that read pruned channels on the --data proxy set so they "
+                   "reproduce the original's outputs: lsq = weights and bias by ridge least squares, bias = bias only "
+                   "(default none, the paper's; see README 'Compensation')")
     p.add_argument("--data", help="proxy data (animal-mnist:train, an ImageFolder, shakespeare:train ...): the report's "
-                   "divergence of the pruned model from the original is measured on --proxy-size samples of it")
+                   "divergence of the pruned model from the original is measured on --proxy-size samples of it; "
+                   "--heads whole and --compensate use the same samples (give the options `upvit score` had)")
     p.add_argument("--proxy-size", type=positive_int, default=256, help="proxy samples drawn from --data (seeded)")
     p.add_argument("--proxy-seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
     p.add_argument("--budget", type=_budget_arg, help="instead of a shape: macs=F, params=F or latency=F (a fraction of "

@@ -20,14 +20,21 @@ scale exactly (the pruned model equals the masked original).
 """
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from .errors import UpvitError
 from .plan import Plan
 
 
-def prune(model: nn.Module, plan: Plan) -> nn.Module:
+def prune(model: nn.Module, plan: Plan, compensate: str = "none", proxy: Any = None) -> nn.Module:
     """A new model of ``model``'s family at ``plan``'s shape, with sliced weights.
+
+    ``compensate`` ("none", the paper's; "bias"; "lsq"): then refit the layers that read pruned channels
+    on ``proxy`` (the scoring proxy: images ``[N, C, H, W]`` or a dict of token tensors) so that they
+    reproduce the original's outputs (:mod:`upvit.compensation`); the report goes to
+    ``upvit_config.extra["compensation"]``.
 
     The result carries ``upvit_config`` (rebuildable by ``upvit.load`` after ``upvit.save``) whose
     ``extra["plan"]`` is the plan as JSON data and whose ``timm_equivalent`` names a registered timm
@@ -36,6 +43,12 @@ def prune(model: nn.Module, plan: Plan) -> nn.Module:
     """
     from .adapters import get_adapter
 
+    from .compensation import check_mode
+
+    check_mode(compensate)
+    if compensate != "none" and proxy is None:
+        raise UpvitError(f"compensate={compensate!r} refits layers on proxy samples: give proxy= (the scoring proxy "
+                         "images), or compensate='none'")
     if not isinstance(plan, Plan):
         raise UpvitError(f"prune needs a upvit.Plan, got {type(plan).__name__}: build one with upvit.make_plan "
                          "or Plan.from_json")
@@ -59,6 +72,11 @@ def prune(model: nn.Module, plan: Plan) -> nn.Module:
         config.extra[SOURCE_KEY] = source
     config.extra["plan"] = plan.to_dict()
     new.upvit_config = config
+    if compensate != "none":
+        from .compensation import compensate as refit
+
+        report = refit(model, new, plan, proxy, mode=compensate)
+        config.extra["compensation"] = {**report.to_dict(), "summary": report.summary()}
     return new
 
 
