@@ -42,7 +42,6 @@ def prune(model: nn.Module, plan: Plan, compensate: str = "none", proxy: Any = N
     moves under ``extra["source"]`` (:mod:`upvit.provenance`): it describes the model pruned, not the result.
     """
     from .adapters import get_adapter
-
     from .compensation import check_mode
 
     check_mode(compensate)
