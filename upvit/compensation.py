@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -201,9 +201,10 @@ def _error(e0: float, R: torch.Tensor, G: torch.Tensor, delta: torch.Tensor) -> 
 
 
 def compensate(source: nn.Module, pruned: nn.Module, plan, proxy: Inputs, mode: str = "lsq",
-               ridge: float = DEFAULT_RIDGE, batch_size: int = 64) -> CompensationReport:
+               ridge: float = DEFAULT_RIDGE, batch_size: int = 64, exclude: Sequence[str] = ()) -> CompensationReport:
     """Refit ``pruned`` (made from ``source`` by ``plan``) in place on ``proxy`` (images ``[N, C, H, W]``
-    or a dict of token tensors); see the module doc. Returns what was refitted and how much the
+    or a dict of token tensors); see the module doc. ``exclude``: module names left as sliced (e.g.
+    ``("head",)``, to measure the head's share). Returns what was refitted and how much the
     reconstruction error fell, layer by layer."""
     from .adapters import get_adapter
 
@@ -222,6 +223,11 @@ def compensate(source: nn.Module, pruned: nn.Module, plan, proxy: Inputs, mode: 
         raise UpvitError(f"ridge must be >= 0, got {ridge}")
     src_adapter, new_adapter = get_adapter(source), get_adapter(pruned)
     layers, report.skipped = _layers(source, plan, src_adapter)
+    unknown = set(exclude) - {layer.name for layer in layers}
+    if unknown:
+        raise UpvitError(f"exclude names {sorted(unknown)[0]}, which is not a layer compensation refits: choose from "
+                         f"{', '.join(layer.name for layer in layers)}")
+    layers = [layer for layer in layers if layer.name not in exclude]
     param = next(source.parameters())
     inputs = batch_to(proxy, param.device, param.dtype)
     batches = [batch_slice(inputs, s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
