@@ -34,6 +34,13 @@ def test_quick_demo_end_to_end(tmp_path):
         expected = 49 * d + d + d + 17 * d + 2 * (4 * d + 3 * d * d + 3 * d + d * d + d + d * h + h + h * d + d) + 2 * d + d * 10 + 10
         assert r["params"] == expected, r
         assert 0 <= r["top1"] <= 100 and r["images_per_second"] > 0
+    # the before-fine-tuning accuracy with and without compensation, for every pruned student
+    for r in report["rows"][1:]:
+        by_mode = r["top1_before_by_compensation"]
+        if r["selection"] == "scratch":
+            assert by_mode is None
+        else:
+            assert set(by_mode) == {"none", "lsq"} and by_mode["none"] == r["top1_before"]
     # every run after the first reuses the teacher's logits for the same batches
     assert report["teacher_cache_hits"] == 7 * 3
     for f in ("demo.md", "demo.json", "demo.png", "scores.safetensors"):

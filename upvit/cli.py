@@ -960,7 +960,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UpvitError(f"teacher {teacher!r} not found: pass a model directory to --teacher, or run `make teacher`")
     check_output_dir(args.out or DemoConfig.out, force=args.force, inputs=[teacher])
     overrides = {k: v for k, v in {"out": args.out, "teacher": args.teacher, "epochs": args.epochs,
-                                   "proxy_size": args.proxy_size, "method": args.method}.items() if v is not None}
+                                   "proxy_size": args.proxy_size, "method": args.method,
+                                   "compensate": args.compensate}.items() if v is not None}
     cfg = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg)
     return 0
@@ -974,6 +975,9 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=positive_int, default=None, help="fine-tuning epochs for every student (default 4)")
     p.add_argument("--proxy-size", type=positive_int, default=None, help="proxy images for scoring (default 32)")
     p.add_argument("--method", default=None, help="scoring method for the UP-ViT students (default hybrid)")
+    p.add_argument("--compensate", default=None, choices=["none", "bias", "lsq"],
+                   help="fine-tune every pruned student after this compensation (default none, the paper's); the "
+                   "report shows the top-1 before fine-tuning without and with lsq either way")
 
 
 PARSERS = {"train": (_train_parser, ("train a model (timm or Hugging Face; images or text): from scratch for a "

@@ -51,6 +51,9 @@ class DemoConfig:
     warmup_epochs: float = 0.5
     alpha: float = 1.0
     seed: int = 0
+    # "none" fine-tunes the students as pruned (the paper); "lsq"/"bias" after compensation (upvit.compensation).
+    # The report shows the top-1 before fine-tuning both without compensation and with lsq either way.
+    compensate: str = "none"
     max_steps_per_epoch: int | None = None
     val_limit: int | None = None  # evaluate on N validation images only, evenly from every class (quick runs)
     bench_batch: int = 256
@@ -101,13 +104,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from .data import dataset_labels, load_data, sample_proxy, stratified_subset
     from .distill import finetune
     from .evaluation import evaluate
-    from .importance.api import score
+    from .compensation import check_mode, compensate
+    from .importance.api import proxy_tensor, score
     from .models import build_model
     from .plan import make_plan
     from .surgery import prune
     from .train import TrainConfig
 
     t_start = time.time()
+    check_mode(cfg.compensate)
     if not os.path.isdir(cfg.teacher):
         raise UpvitError(f"teacher {cfg.teacher!r} not found: reinstall upvit or run `make teacher`")
     teacher = io.load(cfg.teacher)
@@ -134,10 +139,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # 2. students -----------------------------------------------------------------------------
     _log("[2/4] building students: UP-ViT, magnitude, random selections and from-scratch, at the S and T shapes")
     students: dict[str, nn.Module] = {}
+    before_by_mode: dict[str, dict[str, float]] = {}  # student -> top-1 before fine-tuning per compensation mode
+    proxy_images = proxy_tensor(proxy, tuple(data_config["input_size"]))
     for shape_name, shape in cfg.shapes.items():
         for sel_name, scores in selections.items():
+            name = f"{sel_name}-{shape_name}"
             plan = make_plan(teacher, scores, **shape)
-            students[f"{sel_name}-{shape_name}"] = prune(teacher, plan)
+            variants = {}
+            for mode in dict.fromkeys(("none", "lsq", cfg.compensate)):
+                variants[mode] = prune(teacher, plan)
+                compensate(teacher, variants[mode], plan, proxy_images, mode=mode)
+                before_by_mode.setdefault(name, {})[mode] = evaluate(variants[mode], val_ds, desc=f"eval {name}")["top1"]
+            students[name] = variants[cfg.compensate]
         torch.manual_seed(cfg.seed)
         scratch = build_model(copy.deepcopy(students[f"upvit-{shape_name}"].upvit_config))
         scratch.upvit_config.extra = {"init": "random (timm default)", "shape_of": f"upvit-{shape_name}"}
@@ -156,7 +169,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _log(f"[3/4] fine-tuning {len(students)} students for {cfg.epochs} epoch(s) each with distillation (alpha {cfg.alpha})")
     for name, student in students.items():
         sel_name, shape_name = name.rsplit("-", 1)
-        before = evaluate(student, val_ds, desc=f"eval {name}")["top1"]
+        before = (before_by_mode[name][cfg.compensate] if name in before_by_mode
+                  else evaluate(student, val_ds, desc=f"eval {name}")["top1"])
         run_dir = os.path.join(cfg.out, name)
         if os.path.isdir(run_dir):
             shutil.rmtree(run_dir)
@@ -166,7 +180,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         seconds = time.time() - t0
         bench = throughput(student, batch_size=cfg.bench_batch, runs=cfg.bench_runs)
         rows.append({"model": name, "selection": sel_name, "shape": shape_name, "top1_before": before,
-                     "top1": record["val_top1"], "params": count_params(student), "macs": count_macs(student),
+                     "top1_before_by_compensation": before_by_mode.get(name), "top1": record["val_top1"], "params": count_params(student), "macs": count_macs(student),
                      "images_per_second": bench["images_per_second"], "finetune_seconds": round(seconds, 1)})
         _log(f"      {name:14s} top-1 {before:6.2f}% -> {record['val_top1']:6.2f}%  ({seconds:.0f} s)")
 
@@ -190,10 +204,12 @@ def machine_description() -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | selection | shape | top-1 before FT | top-1 after FT | params (M) | MMACs | images/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | selection | shape | top-1 before FT | before FT, lsq compensation | top-1 after FT | params (M) "
+             "| MMACs | images/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['selection']} | {r['shape']} | {r['top1_before']:.2f} | {r['top1']:.2f} | "
+        lsq = (r.get("top1_before_by_compensation") or {}).get("lsq")
+        lsq_text = f"{lsq:.2f}" if lsq is not None else "-"
+        lines.append(f"| {r['model']} | {r['selection']} | {r['shape']} | {r['top1_before']:.2f} | {lsq_text} | {r['top1']:.2f} | "
                      f"{r['params'] / 1e6:.3f} | {r['macs'] / 1e6:.1f} | {r['images_per_second']:.0f} |")
     return "\n".join(lines)
 
@@ -206,7 +222,9 @@ def write_report(report: dict[str, Any], out: str) -> None:
     text = ["# upvit demo", "",
             f"Teacher `{cfg['teacher']}`; scores: `{report['scoring_method']}` on {report['proxy']['num_images']} proxy "
             f"images (seed {report['proxy']['seed']}), {report['scoring_seconds']} s; fine-tuning: {cfg['epochs']} epoch(s), "
-            f"batch {cfg['batch_size']}, lr {cfg['lr']}, alpha {cfg['alpha']}, identical for every student; "
+            f"batch {cfg['batch_size']}, lr {cfg['lr']}, alpha {cfg['alpha']}, identical for every student, from the "
+            f"students {'as pruned' if cfg.get('compensate', 'none') == 'none' else 'after ' + cfg['compensate'] + ' compensation'}"
+            " (the lsq column: the same student after least-squares compensation on the proxy images, not fine-tuned); "
             f"accuracy on {report['val_images']} validation images; throughput at batch {cfg['bench_batch']} "
             f"on {report['machine']}.", "", markdown_table(report["rows"]), ""]
     with open(os.path.join(out, "demo.md"), "w") as f:
