@@ -101,10 +101,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written under ``cfg.out``)."""
     from . import io
     from .bench import count_macs, count_params, throughput
+    from .compensation import check_mode, compensate
     from .data import dataset_labels, load_data, sample_proxy, stratified_subset
     from .distill import finetune
     from .evaluation import evaluate
-    from .compensation import check_mode, compensate
     from .importance.api import proxy_tensor, score
     from .models import build_model
     from .plan import make_plan
