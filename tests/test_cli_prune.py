@@ -66,3 +66,38 @@ def test_prune_ratio_and_clear_errors(tmp_path, capsys):
         assert main(["prune", model_dir, *extra, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("upvit: error:") and message in err and "\n" not in err
+
+
+def test_prune_with_whole_heads_and_compensation(tmp_path, capsys):
+    """--heads whole with --data ranks heads by their exact removal KL; --compensate lsq refits on the same proxy
+    samples: the written model equals upvit.prune(..., compensate="lsq") on those samples."""
+    from helpers import write_image_folder
+    from upvit.data import load_data, sample_proxy
+    from upvit.importance.api import proxy_tensor
+    from upvit.importance.heads import head_scores
+
+    model, model_dir, scores_file = setup_model(tmp_path)
+    folder = str(tmp_path / "images")
+    write_image_folder(folder, classes=("a", "b", "c"), per_class=4, size=16)
+    out = str(tmp_path / "pruned")
+    assert main(["prune", model_dir, "--scores", scores_file, "--embed-dim", "12", "--num-heads", "2",
+                 "--mlp-hidden", "20", "--heads", "whole", "--compensate", "lsq", "--data", folder,
+                 "--proxy-size", "8", "--out", out]) == 0
+    assert "compensation lsq:" in capsys.readouterr().out
+    dataset, _ = load_data(folder, data_config=model.upvit_config.data_config)
+    proxy = proxy_tensor(sample_proxy(dataset, size=8, seed=0)[0], (3, 16, 16))
+    plan = upvit.make_plan(model, upvit.Scores.load(scores_file), embed_dim=12, num_heads=2, mlp_hidden=20,
+                           heads="whole", head_scores=head_scores(model, proxy))
+    assert Plan.load(str(tmp_path / "pruned" / "plan.json")).keep == plan.keep
+    want = upvit.prune(model, plan, compensate="lsq", proxy=proxy)
+    got = upvit.load(out)
+    for key, value in want.state_dict().items():
+        assert torch.allclose(got.state_dict()[key], value, atol=1e-6), key
+    assert got.upvit_config.extra["compensation"]["mode"] == "lsq"
+    for extra, message in [(["--compensate", "lsq"], "--compensate lsq refits layers on a proxy set: add --data"),
+                           (["--plan", str(tmp_path / "pruned" / "plan.json"), "--heads", "whole"],
+                            "--heads applies when the plan is made from --scores")]:
+        args = extra if "--plan" in extra else ["--scores", scores_file, "--ratio", "0.5", *extra]
+        assert main(["prune", model_dir, *args, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
