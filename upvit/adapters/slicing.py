@@ -1,20 +1,23 @@
 """Which tensor slices carry a channel, and surgery's slicing helpers: one set for every family.
 
-**Declared channels.** An adapter may declare, per site, the state-dict slices that carry channel c
-(:class:`ChannelSlice`: tensor, dimension, index map; the "group" of Torch-Pruning, declared rather
-than traced), and the state-dict keys no site touches. From that one declaration come the weights a
-channel carries (magnitude and Taylor importance: :func:`declared_weights`), surgery's slicing
-(:func:`declared_rules`) and, for issue-26-style compensation of consumer layers, the producer and
-consumer slices of a site (:meth:`ChannelSlice.role`). ``tests/adapters/test_declared_channels.py``
-checks that every state-dict key is claimed or declared untouched and that derived slicing equals an
-independent slice-by-hand reference.
+**Declared channels.** Every adapter declares, per site, the state-dict slices that carry channel c
+(:class:`ChannelSlice`: tensor, dimension, index map, role; the "group" of Torch-Pruning, declared
+rather than traced), built layer by layer with :class:`Declaration`, and the state-dict keys no site
+touches. From that one declaration come the weights a channel carries (magnitude and Taylor
+importance: :func:`declared_weights`), surgery's slicing (:func:`declared_rules`) and, for
+issue-26-style compensation, the layers that write (role "out": output rows and biases) and read
+(role "in": input columns) a site's channels (:meth:`~upvit.adapters.base.Adapter.producers`,
+:meth:`~upvit.adapters.base.Adapter.consumers`). ``tests/adapters/test_declared_channels.py`` checks,
+for every family, that every state-dict key is claimed or declared untouched and that derived slicing
+equals an independent slice-by-hand reference.
 
 A *slice rule* says how one state-dict tensor of the source model becomes the pruned model's: a list
-of ``(dim, index)`` applied in order (``index_select``); an empty list copies the tensor whole. An
-adapter's surgery writes one rule per state-dict key (:func:`apply_rules` refuses a key without one,
-so a tensor the adapter does not know about is never silently copied at the wrong width), then moves
-sub-layers for depth pruning (:func:`move_sublayers`) and folds the attention scale
-(:func:`fold_q_scale`).
+of ``(dim, index)`` applied in order (``index_select``); an empty list copies the tensor whole.
+Surgery derives one rule per state-dict key from the declaration (:func:`apply_rules` refuses a key
+without one, so a tensor the adapter does not know about is never silently copied at the wrong
+width); what is not channel slicing stays an explicit step of the family's surgery after it: moving
+sub-layers for depth pruning (:func:`move_sublayers`), folding the attention scale
+(:func:`fold_q_scale`), Swin's relative-position bias columns merged per head.
 """
 from __future__ import annotations
 
@@ -56,11 +59,16 @@ class ChannelSlice:
 
 def declared_weights(state: dict[str, torch.Tensor], slices: list[ChannelSlice]) -> list[tuple[torch.Tensor, int]]:
     """``(tensor, dim)`` pairs, index i along ``dim`` being carried by channel i (views of ``state``'s
-    tensors, so a parameter's gradient can be matched to them): what magnitude and Taylor read."""
-    out = []
+    tensors, so a parameter's gradient can be matched to them): what magnitude and Taylor read. A tensor
+    stored under two keys (a tied LM head, which is the word embedding) counts once."""
+    out, seen = [], set()
     for sl in slices:
         t = state[sl.key].detach()
         dim = sl.dim % t.dim()
+        mark = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), dim, sl.copies)
+        if mark in seen:
+            continue
+        seen.add(mark)
         if sl.copies > 1:
             t, dim = t.unflatten(dim, (sl.copies, sl.stride)), dim + 1
         out.append((t, dim))
@@ -81,6 +89,51 @@ def declared_rules(state: dict[str, torch.Tensor], declared: dict[str, list[Chan
                 idx = sl.index(torch.as_tensor(keep[site], dtype=torch.long, device=device))
                 rules[sl.key].append((sl.dim % state[sl.key].dim(), idx))
     return rules
+
+
+class Declaration:
+    """Builds an adapter's :meth:`~upvit.adapters.base.Adapter.channel_slices` over one model's state dict,
+    layer by layer; a claim on a key the model does not have (an absent bias, token or module) is skipped.
+    ``copies`` splits a tensor's axis into that many equal parts, channel c being index c of each (fused
+    projections: qkv is 3 copies; Swin's patch merging reads 4 neighbours)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], sites: Iterable[str] = ()) -> None:
+        self.shapes = {key: tuple(t.shape) for key, t in state.items()}
+        self.slices: dict[str, list[ChannelSlice]] = {site: [] for site in sites}
+
+    def claim(self, site: str, key: str, dim: int, role: Role, copies: int = 1) -> None:
+        """Index c (of each of ``copies`` equal parts) along ``dim`` of ``key`` carries channel c of ``site``."""
+        if key in self.shapes:
+            stride = self.shapes[key][dim] // copies if copies > 1 else 0
+            self.slices.setdefault(site, []).append(ChannelSlice(key, dim, role, copies, stride))
+
+    def linear(self, prefix: str, out: str | None = None, inp: str | None = None, out_copies: int = 1,
+               in_copies: int = 1) -> None:
+        """nn.Linear or a convolution (weight ``[out, in, ...]``) at ``prefix``: its output rows and bias are
+        the channels of site ``out`` (producer), its input columns those of site ``inp`` (consumer)."""
+        if out is not None:
+            self.claim(out, f"{prefix}.weight", 0, "out", out_copies)
+        if inp is not None:
+            self.claim(inp, f"{prefix}.weight", 1, "in", in_copies)
+        if out is not None:
+            self.claim(out, f"{prefix}.bias", 0, "out", out_copies)
+
+    def conv1d(self, prefix: str, out: str | None = None, inp: str | None = None, out_copies: int = 1) -> None:
+        """transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed, ``[in, out]``."""
+        if out is not None:
+            self.claim(out, f"{prefix}.weight", 1, "out", out_copies)
+        if inp is not None:
+            self.claim(inp, f"{prefix}.weight", 0, "in")
+        if out is not None:
+            self.claim(out, f"{prefix}.bias", 0, "out", out_copies)
+
+    def vector(self, site: str, prefix: str, copies: int = 1, dim: int = 0) -> None:
+        """Every tensor directly under ``prefix`` (a LayerNorm's weight and bias, a LayerScale's gamma, a
+        depthwise conv's kernels and bias) is per-channel along ``dim``: role "param"."""
+        start = prefix + "."
+        for key in self.shapes:
+            if key.startswith(start) and "." not in key[len(start):]:
+                self.claim(site, key, dim, "param", copies)
 
 
 def linear(rules: SliceRules, prefix: str, module: nn.Linear, out_idx: torch.Tensor | None,
@@ -163,5 +216,5 @@ def q_scale(old_head_dim: int, new_head_dim: int) -> float | None:
     return None if old_head_dim == new_head_dim else (new_head_dim / old_head_dim) ** 0.5
 
 
-__all__ = ["ChannelSlice", "Role", "SliceRules", "declared_rules", "declared_weights", "apply_rules", "conv1d", "copy_whole", "fold_q_scale", "linear", "move_sublayers", "q_scale",
-           "vector"]
+__all__ = ["ChannelSlice", "Declaration", "Role", "SliceRules", "apply_rules", "conv1d", "copy_whole", "declared_rules",
+           "declared_weights", "fold_q_scale", "linear", "move_sublayers", "q_scale", "vector"]
