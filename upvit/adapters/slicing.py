@@ -136,41 +136,6 @@ class Declaration:
                 self.claim(site, key, dim, "param", copies)
 
 
-def linear(rules: SliceRules, prefix: str, module: nn.Linear, out_idx: torch.Tensor | None,
-           in_idx: torch.Tensor | None) -> None:
-    """nn.Linear (and convolutions, whose weight is ``[out, in, ...]``): weight rows ``out_idx``,
-    columns ``in_idx`` (None keeps the axis whole), bias ``out_idx``."""
-    rules[f"{prefix}.weight"] = [(d, i) for d, i in ((0, out_idx), (1, in_idx)) if i is not None]
-    if getattr(module, "bias", None) is not None:
-        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
-
-
-def conv1d(rules: SliceRules, prefix: str, module: nn.Module, out_idx: torch.Tensor | None,
-           in_idx: torch.Tensor | None) -> None:
-    """transformers' ``Conv1D`` (GPT-2): the weight is stored transposed, ``[in, out]``."""
-    rules[f"{prefix}.weight"] = [(d, i) for d, i in ((0, in_idx), (1, out_idx)) if i is not None]
-    if getattr(module, "bias", None) is not None:
-        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
-
-
-def vector(rules: SliceRules, prefix: str, module: nn.Module | None, idx: torch.Tensor) -> None:
-    """Every parameter and buffer of a per-channel module (LayerNorm, LayerScale) at ``idx``; nothing
-    for an absent module (None or ``nn.Identity``)."""
-    if module is None or isinstance(module, nn.Identity):
-        return
-    for name, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-        rules[f"{prefix}.{name}"] = [(0, idx)]
-
-
-def copy_whole(rules: SliceRules, keys: Iterable[str], prefixes: Iterable[str]) -> None:
-    """Rules that copy every tensor under one of ``prefixes`` unchanged (e.g. a removed unit's, dropped
-    afterwards by :func:`move_sublayers`). Prefixes end with a dot."""
-    prefixes = tuple(prefixes)
-    for key in keys:
-        if key.startswith(prefixes):
-            rules[key] = []
-
-
 def apply_rules(model: nn.Module, rules: SliceRules, family: str = "timm") -> dict[str, torch.Tensor]:
     """The model's state dict sliced by ``rules`` (new tensors; refuses keys without a rule)."""
     state = model.state_dict()
@@ -216,5 +181,5 @@ def q_scale(old_head_dim: int, new_head_dim: int) -> float | None:
     return None if old_head_dim == new_head_dim else (new_head_dim / old_head_dim) ** 0.5
 
 
-__all__ = ["ChannelSlice", "Declaration", "Role", "SliceRules", "apply_rules", "conv1d", "copy_whole", "declared_rules",
-           "declared_weights", "fold_q_scale", "linear", "move_sublayers", "q_scale", "vector"]
+__all__ = ["ChannelSlice", "Declaration", "Role", "SliceRules", "apply_rules", "declared_rules", "declared_weights",
+           "fold_q_scale", "move_sublayers", "q_scale"]
