@@ -48,7 +48,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook
-from .slicing import ChannelSlice, Declaration, apply_rules, q_scale
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
 
 CLASSES = ("BertModel", "BertForMaskedLM")
 
@@ -226,10 +226,7 @@ class HFBertAdapter(HookMasking, Adapter):
         if factor is not None:
             prefix = "bert." if self.mlm else ""
             for b in range(len(self.bert.encoder.layer)):
-                for suffix in ("weight", "bias"):
-                    key = f"{prefix}encoder.layer.{b}.attention.self.query.{suffix}"
-                    if key in state:
-                        state[key] *= factor
+                fold_q_scale(state, f"{prefix}encoder.layer.{b}.attention.self.query", dim, factor)
         new = rebuild_from_config(self.model, {"hidden_size": dim, "num_attention_heads": heads,
                                                "intermediate_size": plan.ffn_dim(0)}, state)
         if self.mlm and new.cls.predictions.decoder.weight is not new.bert.embeddings.word_embeddings.weight:

@@ -39,7 +39,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
-from .slicing import ChannelSlice, Declaration, apply_rules, q_scale
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
 
 
 def is_hf_gpt2(model: nn.Module) -> bool:
@@ -197,11 +197,8 @@ class HFGPT2Adapter(HookMasking, Adapter):
         state = self._slice(plan)
         factor = q_scale(cfg.n_embd // cfg.n_head, dim // heads) if cfg.scale_attn_weights else None
         if factor is not None:
-            for b in range(len(self.t.h)):
-                for suffix in ("weight", "bias"):
-                    key = f"transformer.h.{b}.attn.c_attn.{suffix}"
-                    if key in state:
-                        state[key][..., :dim] *= factor  # q: the first third of c_attn's outputs
+            for b in range(len(self.t.h)):  # q: the first third of c_attn's outputs (Conv1D: the last axis)
+                fold_q_scale(state, f"transformer.h.{b}.attn.c_attn", dim, factor, dim=-1)
         new = rebuild_from_config(self.model, {"n_embd": dim, "n_head": heads, "n_inner": plan.ffn_dim(0)}, state)
         if new.lm_head.weight is not new.transformer.wte.weight:  # transformers' own tie: check, never patch
             raise AssertionError("the rebuilt GPT-2 lost the tie between its LM head and word embeddings")

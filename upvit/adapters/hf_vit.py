@@ -30,7 +30,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hf_common import eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .slicing import ChannelSlice, Declaration, apply_rules, q_scale
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
 
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
 
@@ -175,10 +175,7 @@ class HFViTAdapter(HookMasking, Adapter):
         factor = q_scale(old_hd, head_dim)
         if factor is not None:
             for b in range(len(self.base.layers)):
-                for suffix in ("weight", "bias"):
-                    key = f"{self.prefix}.layers.{b}.attention.q_proj.{suffix}"
-                    if key in state:
-                        state[key] *= factor
+                fold_q_scale(state, f"{self.prefix}.layers.{b}.attention.q_proj", len(plan.keep[f"attn.{b}"]), factor)
         changes = {"hidden_size": dim, "num_attention_heads": heads, "intermediate_size": plan.ffn_dim(0)}
         drop = ()
         if head_dim * heads != dim:

@@ -167,12 +167,13 @@ def move_sublayers(state: dict[str, torch.Tensor], moves: dict[str, str | None])
     return out
 
 
-def fold_q_scale(state: dict[str, torch.Tensor], prefix: str, rows: int, factor: float) -> None:
-    """Multiply the first ``rows`` output rows (q) of ``prefix``.weight/.bias by ``factor``: with the
-    pruned module's own ``head_dim ** -0.5`` scale, q . k then carries the original model's scale."""
+def fold_q_scale(state: dict[str, torch.Tensor], prefix: str, rows: int, factor: float, dim: int = 0) -> None:
+    """Multiply the first ``rows`` outputs (q) of ``prefix``.weight/.bias by ``factor``: with the pruned
+    module's own ``head_dim ** -0.5`` scale, q . k then carries the original model's scale. ``dim``: the
+    output axis (0 for nn.Linear; -1 for transformers' ``Conv1D``, stored ``[in, out]``)."""
     for suffix in ("weight", "bias"):
         if f"{prefix}.{suffix}" in state:
-            state[f"{prefix}.{suffix}"][:rows] *= factor
+            state[f"{prefix}.{suffix}"].narrow(dim, 0, rows).mul_(factor)
 
 
 def q_scale(old_head_dim: int, new_head_dim: int) -> float | None:
