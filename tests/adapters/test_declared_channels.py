@@ -106,7 +106,8 @@ def _removed_by_hand(model, by_hand, key, channel) -> dict[tuple[str, int], list
     for k, t in state.items():
         code = torch.zeros(t.shape, dtype=torch.float64)
         for d, n in enumerate(t.shape):
-            code += (torch.arange(n, dtype=torch.float64) * BASE ** d).view(*[n if e == d else 1 for e in range(t.dim())])
+            shape = [n if e == d else 1 for e in range(t.dim())]
+            code += (torch.arange(n, dtype=torch.float64) * BASE ** d).view(shape)
         codes[k] = code
     probe.load_state_dict(codes)
     sliced, _ = by_hand(probe, key, channel, dtype=torch.float64)
