@@ -41,8 +41,9 @@ class ChannelSlice:
     """Channel c of a site is index ``c + k * stride`` (k < ``copies``) along ``dim`` of the state-dict
     tensor ``key``. ``role``: "out" where the tensor produces channel c (a layer's output rows and bias:
     the site's producers), "in" where it consumes it (a layer's input columns: the site's consumers),
-    "param" for a per-channel vector or table that is neither (LayerNorm, LayerScale, tokens, position
-    embeddings). ``copies``/``stride``: fused projections (qkv: 3 copies at stride = attention width)."""
+    "param" for a per-channel vector or table that is neither (LayerNorm, LayerScale, tokens, position and
+    word embeddings, a depthwise conv's kernels). ``copies``/``stride``: fused projections (qkv: 3 copies
+    at stride = attention width) and concatenated inputs (Swin's patch merging: 4 copies)."""
 
     key: str
     dim: int
