@@ -251,9 +251,9 @@ class Adapter(ABC):
     # ---------------------------------------------------------------- declared channels
     def channel_slices(self) -> "dict[str, list[ChannelSlice]] | None":
         """Per site key, the state-dict slices that carry its channel c, declared once
-        (:class:`~upvit.adapters.slicing.ChannelSlice`); magnitude/Taylor weights and surgery slicing
-        derive from it. None where a family has not declared them (it then writes
-        :meth:`channel_weights` and its surgery's slicing by hand)."""
+        (:class:`~upvit.adapters.slicing.ChannelSlice`, built with :class:`~upvit.adapters.slicing.Declaration`);
+        magnitude/Taylor weights and surgery slicing derive from it. Every built-in family declares
+        them; None (this default) leaves magnitude, Taylor and :meth:`declared_slice_rules` unavailable."""
         return None
 
     def untouched_keys(self) -> set[str]:
@@ -282,8 +282,7 @@ class Adapter(ABC):
 
     def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
         """``(tensor, dim)`` pairs whose index i along ``dim`` is carried by channel i of the site
-        (magnitude and Taylor importance): derived from :meth:`channel_slices` where the family declares
-        them; families that do not override this."""
+        (magnitude and Taylor importance), derived from :meth:`channel_slices` (a tied tensor counts once)."""
         declared = self.channel_slices()
         if declared is None:
             raise UpvitError(f"the {self.family} adapter does not list its weights per channel: magnitude scoring "

@@ -48,7 +48,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook
-from .slicing import apply_rules, linear, q_scale, vector
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
 
 CLASSES = ("BertModel", "BertForMaskedLM")
 
@@ -115,46 +115,42 @@ class HFBertAdapter(HookMasking, Adapter):
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         return None if mask is None else mask.to(torch.float64)
 
-    # ---------------------------------------------------------------- weights per channel (magnitude baseline)
-    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
-        site = self.topology().site(site_key)
-        out: list[tuple[torch.Tensor, int]] = []
+    # ---------------------------------------------------------------- weights per channel (declared once)
+    def channel_slices(self) -> dict[str, list[ChannelSlice]]:
+        """The state-dict slices that carry channel c of each site (magnitude, Taylor and surgery derive
+        from it). ``res.0``: column c of the three embedding tables, every residual LayerNorm, the
+        q/k/v/intermediate input columns, the attention-output/output rows, the pooler's and the MLM
+        transform's rows and columns (residual to residual) and the MLM decoder's input column (the decoder
+        is the word table, tied: its weight counts once in magnitude and Taylor). ``attn.b``: q, k and v
+        rows d (and biases), the attention output's column d. ``ffn.b``: intermediate row j and bias, the
+        output's column j."""
+        pf, res = ("bert." if self.mlm else ""), "res.0"
+        layers = range(len(self.bert.encoder.layer))
+        d = Declaration(self.model.state_dict(), [site.key for site in self.topology().sites])
+        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
+            d.claim(res, f"{pf}embeddings.{name}.weight", 1, "param")
+        d.vector(res, f"{pf}embeddings.LayerNorm")
+        for b in layers:
+            d.vector(res, f"{pf}encoder.layer.{b}.attention.output.LayerNorm")
+            d.vector(res, f"{pf}encoder.layer.{b}.output.LayerNorm")
+        if self.mlm:
+            d.vector(res, "cls.predictions.transform.LayerNorm")
+        for b in layers:
+            p, attn, ffn = f"{pf}encoder.layer.{b}", f"attn.{b}", f"ffn.{b}"
+            for name in ("query", "key", "value"):
+                d.linear(f"{p}.attention.self.{name}", out=attn, inp=res)
+            d.linear(f"{p}.intermediate.dense", out=ffn, inp=res)
+            d.linear(f"{p}.attention.output.dense", out=res, inp=attn)
+            d.linear(f"{p}.output.dense", out=res, inp=ffn)
+        d.linear(f"{pf}pooler.dense", out=res, inp=res)  # absent without a pooler
+        if self.mlm:
+            d.linear("cls.predictions.transform.dense", out=res, inp=res)
+            d.claim(res, "cls.predictions.decoder.weight", 1, "in")
+        return d.slices
 
-        def add(t, dim):
-            if isinstance(t, torch.Tensor):
-                out.append((t.detach(), dim))
-
-        layers = self.bert.encoder.layer
-        if site.kind == "attn":
-            att = layers[site.block].attention
-            for lin in (att.self.query, att.self.key, att.self.value):
-                add(lin.weight, 0)
-                add(lin.bias, 0)
-            add(att.output.dense.weight, 1)
-        elif site.kind == "ffn":
-            layer = layers[site.block]
-            add(layer.intermediate.dense.weight, 0)
-            add(layer.intermediate.dense.bias, 0)
-            add(layer.output.dense.weight, 1)
-        else:
-            emb = self.bert.embeddings
-            for table in (emb.word_embeddings, emb.position_embeddings, emb.token_type_embeddings):
-                add(table.weight, 1)  # the word table is also the MLM decoder (tied: listed once)
-            for norm in self._residual_norms():
-                add(norm.weight, 0)
-                add(norm.bias, 0)
-            for layer in layers:
-                att = layer.attention
-                for lin in (att.self.query, att.self.key, att.self.value, layer.intermediate.dense):
-                    add(lin.weight, 1)
-                for lin in (att.output.dense, layer.output.dense):
-                    add(lin.weight, 0)
-                    add(lin.bias, 0)
-            for dense in self._square_dense():
-                add(dense.weight, 0)
-                add(dense.weight, 1)
-                add(dense.bias, 0)
-        return out
+    def untouched_keys(self) -> set[str]:
+        """The MLM decoder's bias (one per token, stored under two keys)."""
+        return {"cls.predictions.bias", "cls.predictions.decoder.bias"} & set(self.model.state_dict())
 
     def _residual_norms(self) -> list[nn.LayerNorm]:
         norms = [self.bert.embeddings.LayerNorm]
@@ -163,15 +159,6 @@ class HFBertAdapter(HookMasking, Adapter):
         if self.mlm:
             norms.append(self.model.cls.predictions.transform.LayerNorm)
         return norms
-
-    def _square_dense(self) -> list[nn.Linear]:
-        """Residual-to-residual layers: the pooler, the MLM head's transform."""
-        out = []
-        if self.bert.pooler is not None:
-            out.append(self.bert.pooler.dense)
-        if self.mlm:
-            out.append(self.model.cls.predictions.transform.dense)
-        return out
 
     def explicit_attention(self):
         return eager_attention(self.model)
@@ -239,10 +226,7 @@ class HFBertAdapter(HookMasking, Adapter):
         if factor is not None:
             prefix = "bert." if self.mlm else ""
             for b in range(len(self.bert.encoder.layer)):
-                for suffix in ("weight", "bias"):
-                    key = f"{prefix}encoder.layer.{b}.attention.self.query.{suffix}"
-                    if key in state:
-                        state[key] *= factor
+                fold_q_scale(state, f"{prefix}encoder.layer.{b}.attention.self.query", dim, factor)
         new = rebuild_from_config(self.model, {"hidden_size": dim, "num_attention_heads": heads,
                                                "intermediate_size": plan.ffn_dim(0)}, state)
         if self.mlm and new.cls.predictions.decoder.weight is not new.bert.embeddings.word_embeddings.weight:
@@ -251,33 +235,5 @@ class HFBertAdapter(HookMasking, Adapter):
         return new, hf_config(self.model, new)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
-        dev = next(self.model.parameters()).device
-        idx = lambda key: torch.tensor(plan.keep[key], dtype=torch.long, device=dev)  # noqa: E731
-        E = idx("res.0")
-        p0 = "bert." if self.mlm else ""
-        rules: dict = {}
-        emb = self.bert.embeddings
-        for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
-            rules[f"{p0}embeddings.{name}.weight"] = [(1, E)]
-        vector(rules, f"{p0}embeddings.LayerNorm", emb.LayerNorm, E)
-        for b, layer in enumerate(self.bert.encoder.layer):
-            p = f"{p0}encoder.layer.{b}"
-            A, F = idx(f"attn.{b}"), idx(f"ffn.{b}")
-            att = layer.attention
-            for name in ("query", "key", "value"):
-                linear(rules, f"{p}.attention.self.{name}", getattr(att.self, name), A, E)
-            linear(rules, f"{p}.attention.output.dense", att.output.dense, E, A)
-            vector(rules, f"{p}.attention.output.LayerNorm", att.output.LayerNorm, E)
-            linear(rules, f"{p}.intermediate.dense", layer.intermediate.dense, F, E)
-            linear(rules, f"{p}.output.dense", layer.output.dense, E, F)
-            vector(rules, f"{p}.output.LayerNorm", layer.output.LayerNorm, E)
-        if self.bert.pooler is not None:
-            linear(rules, f"{p0}pooler.dense", self.bert.pooler.dense, E, E)
-        if self.mlm:
-            head = self.model.cls.predictions
-            linear(rules, "cls.predictions.transform.dense", head.transform.dense, E, E)
-            vector(rules, "cls.predictions.transform.LayerNorm", head.transform.LayerNorm, E)
-            rules["cls.predictions.decoder.weight"] = [(1, E)]  # tied to the word embeddings
-            rules["cls.predictions.decoder.bias"] = []
-            rules["cls.predictions.bias"] = []
-        return apply_rules(self.model, rules, "BERT")
+        """The state dict sliced as :meth:`channel_slices` declares."""
+        return apply_rules(self.model, self.declared_slice_rules(plan.keep), "BERT")

@@ -39,7 +39,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
-from .slicing import apply_rules, conv1d, q_scale, vector
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
 
 
 def is_hf_gpt2(model: nn.Module) -> bool:
@@ -94,42 +94,29 @@ class HFGPT2Adapter(HookMasking, Adapter):
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         return None if mask is None else mask.to(torch.float64)
 
-    # ---------------------------------------------------------------- weights per channel (magnitude baseline)
-    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
-        site = self.topology().site(site_key)
-        out: list[tuple[torch.Tensor, int]] = []
-
-        def add(t, dim):
-            if isinstance(t, torch.Tensor):
-                out.append((t.detach(), dim))
-
-        if site.kind == "attn":
-            attn, a = self.t.h[site.block].attn, site.size
-            add(attn.c_attn.weight.view(-1, 3, a), 2)
-            if attn.c_attn.bias is not None:
-                add(attn.c_attn.bias.view(3, a), 1)
-            add(attn.c_proj.weight, 0)
-        elif site.kind == "ffn":
-            mlp = self.t.h[site.block].mlp
-            add(mlp.c_fc.weight, 1)
-            add(mlp.c_fc.bias, 0)
-            add(mlp.c_proj.weight, 0)
-        else:
-            add(self.t.wte.weight, 1)  # also the LM head (tied: listed once)
-            add(self.t.wpe.weight, 1)
-            for blk in self.t.h:
-                for norm in (blk.ln_1, blk.ln_2):
-                    add(norm.weight, 0)
-                    add(norm.bias, 0)
-                add(blk.attn.c_attn.weight, 0)
-                add(blk.attn.c_proj.weight, 1)
-                add(blk.attn.c_proj.bias, 0)
-                add(blk.mlp.c_fc.weight, 0)
-                add(blk.mlp.c_proj.weight, 1)
-                add(blk.mlp.c_proj.bias, 0)
-            add(self.t.ln_f.weight, 0)
-            add(self.t.ln_f.bias, 0)
-        return out
+    # ---------------------------------------------------------------- weights per channel (declared once)
+    def channel_slices(self) -> dict[str, list[ChannelSlice]]:
+        """The state-dict slices that carry channel c of each site (magnitude, Taylor and surgery derive
+        from it; ``Conv1D`` weights are ``[in, out]``). ``res.0``: column c of ``wte`` and ``wpe``, every
+        LayerNorm, the c_attn/c_fc input rows, both c_proj output columns and the LM head's input column
+        (the LM head is ``wte``, tied: its weight counts once in magnitude and Taylor). ``attn.b``: q, k
+        and v columns d of c_attn (and biases), c_proj row d. ``ffn.b``: c_fc column j and bias, c_proj
+        row j."""
+        res = "res.0"
+        d = Declaration(self.model.state_dict(), [site.key for site in self.topology().sites])
+        d.claim(res, "transformer.wte.weight", 1, "param")
+        d.claim(res, "transformer.wpe.weight", 1, "param")
+        for b in range(len(self.t.h)):
+            p, attn, ffn = f"transformer.h.{b}", f"attn.{b}", f"ffn.{b}"
+            d.vector(res, f"{p}.ln_1")
+            d.vector(res, f"{p}.ln_2")
+            d.conv1d(f"{p}.attn.c_attn", out=attn, inp=res, out_copies=3)  # q, k and v columns d
+            d.conv1d(f"{p}.attn.c_proj", out=res, inp=attn)
+            d.conv1d(f"{p}.mlp.c_fc", out=ffn, inp=res)
+            d.conv1d(f"{p}.mlp.c_proj", out=res, inp=ffn)
+        d.vector(res, "transformer.ln_f")
+        d.claim(res, "lm_head.weight", 1, "in")
+        return d.slices
 
     def explicit_attention(self):
         return eager_attention(self.model)
@@ -210,11 +197,8 @@ class HFGPT2Adapter(HookMasking, Adapter):
         state = self._slice(plan)
         factor = q_scale(cfg.n_embd // cfg.n_head, dim // heads) if cfg.scale_attn_weights else None
         if factor is not None:
-            for b in range(len(self.t.h)):
-                for suffix in ("weight", "bias"):
-                    key = f"transformer.h.{b}.attn.c_attn.{suffix}"
-                    if key in state:
-                        state[key][..., :dim] *= factor  # q: the first third of c_attn's outputs
+            for b in range(len(self.t.h)):  # q: the first third of c_attn's outputs (Conv1D: the last axis)
+                fold_q_scale(state, f"transformer.h.{b}.attn.c_attn", dim, factor, dim=-1)
         new = rebuild_from_config(self.model, {"n_embd": dim, "n_head": heads, "n_inner": plan.ffn_dim(0)}, state)
         if new.lm_head.weight is not new.transformer.wte.weight:  # transformers' own tie: check, never patch
             raise AssertionError("the rebuilt GPT-2 lost the tie between its LM head and word embeddings")
@@ -222,20 +206,5 @@ class HFGPT2Adapter(HookMasking, Adapter):
         return new, hf_config(self.model, new)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
-        dev = next(self.model.parameters()).device
-        idx = lambda key: torch.tensor(plan.keep[key], dtype=torch.long, device=dev)  # noqa: E731
-        E = idx("res.0")
-        rules: dict = {"transformer.wte.weight": [(1, E)], "transformer.wpe.weight": [(1, E)],
-                       "lm_head.weight": [(1, E)]}
-        for b, blk in enumerate(self.t.h):
-            p = f"transformer.h.{b}"
-            a_src = blk.attn.c_attn.weight.shape[1] // 3
-            A, F = idx(f"attn.{b}"), idx(f"ffn.{b}")
-            vector(rules, f"{p}.ln_1", blk.ln_1, E)
-            vector(rules, f"{p}.ln_2", blk.ln_2, E)
-            conv1d(rules, f"{p}.attn.c_attn", blk.attn.c_attn, torch.cat([A, A + a_src, A + 2 * a_src]), E)
-            conv1d(rules, f"{p}.attn.c_proj", blk.attn.c_proj, E, A)
-            conv1d(rules, f"{p}.mlp.c_fc", blk.mlp.c_fc, F, E)
-            conv1d(rules, f"{p}.mlp.c_proj", blk.mlp.c_proj, E, F)
-        vector(rules, "transformer.ln_f", self.t.ln_f, E)
-        return apply_rules(self.model, rules, "GPT-2")
+        """The state dict sliced as :meth:`channel_slices` declares."""
+        return apply_rules(self.model, self.declared_slice_rules(plan.keep), "GPT-2")

@@ -30,7 +30,7 @@ from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hf_common import eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .slicing import apply_rules, linear, q_scale, vector
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
 
 CLASSES = ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher")
 
@@ -76,44 +76,35 @@ class HFViTAdapter(HookMasking, Adapter):
         img = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
         return (cfg.num_channels, *img)
 
-    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
-        site = self.topology().site(site_key)
-        out: list[tuple[torch.Tensor, int]] = []
+    def channel_slices(self) -> dict[str, list[ChannelSlice]]:
+        """The state-dict slices that carry channel c of each site (magnitude, Taylor and surgery derive
+        from it). ``res.0``: the patch projection's output, the class/distillation/mask tokens and position
+        embeddings, every LayerNorm, the q/k/v/fc1/classifier input columns, the o_proj/fc2 output rows.
+        ``attn.b``: q, k and v rows d (and biases), o_proj column d. ``ffn.b``: fc1 row j and bias, fc2
+        column j."""
+        p0, res = self.prefix, "res.0"
+        d = Declaration(self.model.state_dict(), [site.key for site in self.topology().sites])
+        d.linear(f"{p0}.embeddings.patch_embeddings.projection", out=res)
+        for name in ("cls_token", "distillation_token", "position_embeddings", "mask_token"):
+            d.claim(res, f"{p0}.embeddings.{name}", -1, "param")
+        for b in range(len(self.base.layers)):
+            d.vector(res, f"{p0}.layers.{b}.layernorm_before")
+            d.vector(res, f"{p0}.layers.{b}.layernorm_after")
+        d.vector(res, f"{p0}.layernorm")
+        for b in range(len(self.base.layers)):
+            p, attn, ffn = f"{p0}.layers.{b}", f"attn.{b}", f"ffn.{b}"
+            for name in ("q_proj", "k_proj", "v_proj"):
+                d.linear(f"{p}.attention.{name}", out=attn, inp=res)
+            d.linear(f"{p}.mlp.fc1", out=ffn, inp=res)
+            d.linear(f"{p}.attention.o_proj", out=res, inp=attn)
+            d.linear(f"{p}.mlp.fc2", out=res, inp=ffn)
+        for h in self.heads:
+            d.linear(h, inp=res)
+        return d.slices
 
-        def add(t, dim):
-            if isinstance(t, torch.Tensor):
-                out.append((t.detach(), dim))
-
-        layers = self.base.layers
-        if site.kind == "attn":
-            att = layers[site.block].attention
-            for lin in (att.q_proj, att.k_proj, att.v_proj):
-                add(lin.weight, 0)
-                add(lin.bias, 0)
-            add(att.o_proj.weight, 1)
-        elif site.kind == "ffn":
-            mlp = layers[site.block].mlp
-            add(mlp.fc1.weight, 0)
-            add(mlp.fc1.bias, 0)
-            add(mlp.fc2.weight, 1)
-        else:
-            emb = self.base.embeddings
-            add(emb.patch_embeddings.projection.weight, 0)
-            add(emb.patch_embeddings.projection.bias, 0)
-            for name in ("cls_token", "distillation_token", "position_embeddings"):
-                add(getattr(emb, name, None), -1)
-            for norm in self._norms():
-                add(norm.weight, 0)
-                add(norm.bias, 0)
-            for layer in layers:
-                for lin in (layer.attention.q_proj, layer.attention.k_proj, layer.attention.v_proj, layer.mlp.fc1):
-                    add(lin.weight, 1)
-                for lin in (layer.attention.o_proj, layer.mlp.fc2):
-                    add(lin.weight, 0)
-                    add(lin.bias, 0)
-            for h in self.heads:
-                add(getattr(self.model, h).weight, 1)
-        return out
+    def untouched_keys(self) -> set[str]:
+        """The classifier biases: one per class, no channel of any site."""
+        return {f"{h}.bias" for h in self.heads} & set(self.model.state_dict())
 
     def _norms(self) -> list[nn.LayerNorm]:
         norms = [n for layer in self.base.layers for n in (layer.layernorm_before, layer.layernorm_after)]
@@ -184,10 +175,7 @@ class HFViTAdapter(HookMasking, Adapter):
         factor = q_scale(old_hd, head_dim)
         if factor is not None:
             for b in range(len(self.base.layers)):
-                for suffix in ("weight", "bias"):
-                    key = f"{self.prefix}.layers.{b}.attention.q_proj.{suffix}"
-                    if key in state:
-                        state[key] *= factor
+                fold_q_scale(state, f"{self.prefix}.layers.{b}.attention.q_proj", len(plan.keep[f"attn.{b}"]), factor)
         changes = {"hidden_size": dim, "num_attention_heads": heads, "intermediate_size": plan.ffn_dim(0)}
         drop = ()
         if head_dim * heads != dim:
@@ -198,28 +186,5 @@ class HFViTAdapter(HookMasking, Adapter):
         return new, hf_config(self.model, new)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
-        dev = next(self.model.parameters()).device
-        idx = lambda key: torch.tensor(plan.keep[key], dtype=torch.long, device=dev)  # noqa: E731
-        E = idx("res.0")
-        p0 = self.prefix
-        emb = self.base.embeddings
-        rules: dict = {f"{p0}.embeddings.cls_token": [(-1, E)], f"{p0}.embeddings.position_embeddings": [(-1, E)]}
-        if getattr(emb, "distillation_token", None) is not None:
-            rules[f"{p0}.embeddings.distillation_token"] = [(-1, E)]
-        if getattr(emb, "mask_token", None) is not None:
-            rules[f"{p0}.embeddings.mask_token"] = [(-1, E)]
-        linear(rules, f"{p0}.embeddings.patch_embeddings.projection", emb.patch_embeddings.projection, E, None)
-        for b, layer in enumerate(self.base.layers):
-            p = f"{p0}.layers.{b}"
-            A, F = idx(f"attn.{b}"), idx(f"ffn.{b}")
-            for name in ("q_proj", "k_proj", "v_proj"):
-                linear(rules, f"{p}.attention.{name}", getattr(layer.attention, name), A, E)
-            linear(rules, f"{p}.attention.o_proj", layer.attention.o_proj, E, A)
-            vector(rules, f"{p}.layernorm_before", layer.layernorm_before, E)
-            vector(rules, f"{p}.layernorm_after", layer.layernorm_after, E)
-            linear(rules, f"{p}.mlp.fc1", layer.mlp.fc1, F, E)
-            linear(rules, f"{p}.mlp.fc2", layer.mlp.fc2, E, F)
-        vector(rules, f"{p0}.layernorm", self.base.layernorm, E)
-        for h in self.heads:
-            linear(rules, h, getattr(self.model, h), None, E)
-        return apply_rules(self.model, rules, type(self.model).__name__)
+        """The state dict sliced as :meth:`channel_slices` declares."""
+        return apply_rules(self.model, self.declared_slice_rules(plan.keep), type(self.model).__name__)

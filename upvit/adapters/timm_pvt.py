@@ -49,7 +49,7 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .slicing import apply_rules, fold_q_scale, linear, move_sublayers, vector
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
 
 EQUIVALENT_CANDIDATES = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
@@ -71,14 +71,6 @@ def is_timm_pvt(model: nn.Module) -> bool:
     except ImportError:
         return False
     return type(model) is PVT
-
-
-def _conv_rule(rules: dict, prefix: str, conv: nn.Conv2d, out_idx: torch.Tensor | None,
-               in_idx: torch.Tensor | None) -> None:
-    """Output channels ``out_idx`` and input channels ``in_idx`` of a conv (None keeps that axis)."""
-    rules[f"{prefix}.weight"] = [(d, i) for d, i in ((0, out_idx), (1, in_idx)) if i is not None]
-    if conv.bias is not None:
-        rules[f"{prefix}.bias"] = [(0, out_idx)] if out_idx is not None else []
 
 
 class TimmPVTv2Adapter(HookMasking, Adapter):
@@ -138,72 +130,45 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
     def explicit_attention(self):
         return explicit_attention(self.model)
 
-    # ---------------------------------------------------------------- weights per channel (magnitude baseline)
-    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
-        """``(tensor, dim)`` pairs: index i along ``dim`` of each tensor is a weight carried by channel i.
+    # ---------------------------------------------------------------- weights per channel (declared once)
+    def channel_slices(self) -> dict[str, list[ChannelSlice]]:
+        """The state-dict slices that carry channel c of each site (magnitude, Taylor and surgery derive
+        from it).
 
-        ``attn.b``: q row d (+ bias), k and v rows d (+ biases), proj column d. ``ffn.b``: fc1 row j
-        (+ bias), depthwise-conv channel j (+ bias), fc2 column j. ``res.s``: the conv patch embedding's
-        output channel and its LayerNorm, every block's norms, q/kv input columns, proj/fc2 output rows,
-        the sr conv's input and output channel with its bias and LayerNorm, the stage norm, and the next
-        stage's patch-embedding input channel (or the head's column)."""
+        ``attn.b``: q row d (+ bias), k and v rows d (``kv`` rows d and A + d, + biases), proj column d.
+        ``ffn.b``: fc1 row j (+ bias), depthwise-conv channel j (kernel + bias: "param"), fc2 column j.
+        ``res.s``: the output channel of the stage's conv patch embedding and its LayerNorm, every block's
+        norms, q/kv input columns, proj/fc2 output rows, the sr conv's input channel ("in") and output
+        channel ("out": tied to the residual index, see the module doc) with its bias and LayerNorm, the
+        stage norm, and the next stage's patch-embedding input channel (or the head's column)."""
         m = self.model
-        site = self.topology().site(site_key)
-        out: list[tuple[torch.Tensor, int]] = []
+        d = Declaration(m.state_dict(), [site.key for site in self.topology().sites])
+        for s in range(len(m.stages)):
+            res = f"res.{s}"
+            embed = "patch_embed" if s == 0 else f"stages.{s}.downsample"
+            d.linear(f"{embed}.proj", out=res, inp=f"res.{s - 1}" if s > 0 else None)
+            d.vector(res, f"{embed}.norm")
+            for b, (stage, i) in enumerate(self._where):
+                if stage != s:
+                    continue
+                p, attn, ffn = f"stages.{s}.blocks.{i}", f"attn.{b}", f"ffn.{b}"
+                d.vector(res, f"{p}.norm1")
+                d.vector(res, f"{p}.norm2")
+                d.linear(f"{p}.attn.q", out=attn, inp=res)
+                d.linear(f"{p}.attn.kv", out=attn, inp=res, out_copies=2)  # k and v rows d
+                d.linear(f"{p}.attn.proj", out=res, inp=attn)
+                d.linear(f"{p}.attn.sr", out=res, inp=res)  # output channels tied to the residual index
+                d.vector(res, f"{p}.attn.norm")
+                d.linear(f"{p}.mlp.fc1", out=ffn, inp=res)
+                d.vector(ffn, f"{p}.mlp.dwconv")  # depthwise: channel j's own kernel and bias
+                d.linear(f"{p}.mlp.fc2", out=res, inp=ffn)
+            d.vector(res, f"stages.{s}.norm")
+        d.linear("head", inp=f"res.{len(m.stages) - 1}")
+        return d.slices
 
-        def add(t, dim):
-            if isinstance(t, torch.Tensor):
-                out.append((t.detach(), dim))
-
-        def add_norm(norm):
-            if norm is not None:
-                add(norm.weight, 0)
-                add(norm.bias, 0)
-
-        if site.kind == "attn":
-            attn = self.block(site.block).attn
-            add(attn.q.weight, 0)
-            add(attn.q.bias, 0)
-            add(attn.kv.weight.view(2, site.size, -1), 1)
-            if attn.kv.bias is not None:
-                add(attn.kv.bias.view(2, site.size), 1)
-            add(attn.proj.weight, 1)
-        elif site.kind == "ffn":
-            mlp = self.block(site.block).mlp
-            add(mlp.fc1.weight, 0)
-            add(mlp.fc1.bias, 0)
-            add(mlp.dwconv.weight, 0)
-            add(mlp.dwconv.bias, 0)
-            add(mlp.fc2.weight, 1)
-        else:
-            s = site.stage
-            stage = m.stages[s]
-            embed = m.patch_embed if s == 0 else stage.downsample
-            add(embed.proj.weight, 0)
-            add(embed.proj.bias, 0)
-            add_norm(embed.norm)
-            for blk in stage.blocks:
-                add_norm(blk.norm1)
-                add_norm(blk.norm2)
-                attn = blk.attn
-                add(attn.q.weight, 1)
-                add(attn.kv.weight, 1)
-                add(attn.proj.weight, 0)
-                add(attn.proj.bias, 0)
-                if attn.sr is not None:
-                    add(attn.sr.weight, 0)
-                    add(attn.sr.weight, 1)
-                    add(attn.sr.bias, 0)
-                    add_norm(attn.norm)
-                add(blk.mlp.fc1.weight, 1)
-                add(blk.mlp.fc2.weight, 0)
-                add(blk.mlp.fc2.bias, 0)
-            add_norm(stage.norm)
-            if s + 1 < len(m.stages):
-                add(m.stages[s + 1].downsample.proj.weight, 1)
-            else:
-                add(m.head.weight, 1)
-        return out
+    def untouched_keys(self) -> set[str]:
+        """The classifier's bias (one per class, no channel of any site)."""
+        return {"head.bias"} & set(self.model.state_dict())
 
     # ---------------------------------------------------------------- masking
     def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
@@ -328,53 +293,17 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
+        """The state dict sliced as :meth:`channel_slices` declares, in source key names (removed units'
+        tensors are dropped by :meth:`rebuild`), with the attention scale folded into ``q`` where a kept
+        attention's head dim differs."""
         m = self.model
-        dev = next(m.parameters()).device
-        idx = lambda key: torch.tensor(plan.keep[key], dtype=torch.long, device=dev)  # noqa: E731
-        rules: dict = {}
-        E = [idx(f"res.{s}") for s in range(len(m.stages))]
-        _conv_rule(rules, "patch_embed.proj", m.patch_embed.proj, E[0], None)
-        vector(rules, "patch_embed.norm", m.patch_embed.norm, E[0])
-        for s, stage in enumerate(m.stages):
-            if s > 0:  # input channels: the previous stage's residual channels
-                _conv_rule(rules, f"stages.{s}.downsample.proj", stage.downsample.proj, E[s], E[s - 1])
-                vector(rules, f"stages.{s}.downsample.norm", stage.downsample.norm, E[s])
-            vector(rules, f"stages.{s}.norm", stage.norm, E[s])
-        scales = {}
+        state = apply_rules(m, self.declared_slice_rules(plan.keep))
         kept = set(plan.kept_units(self.topology()))
         for b, (s, i) in enumerate(self._where):
-            blk, p = m.stages[s].blocks[i], f"stages.{s}.blocks.{i}"
-            attn, mlp = blk.attn, blk.mlp
-            for kind, parts in self.UNIT_PARTS.items():
-                if f"{kind}.{b}" not in kept:  # a removed unit: copied whole here, dropped by rebuild
-                    for part in parts:
-                        for key in blk.get_submodule(part).state_dict():
-                            rules[f"{p}.{part}.{key}"] = []
+            attn = m.stages[s].blocks[i].attn
             if f"attn.{b}" in kept:
-                self._slice_attention(rules, scales, plan, b, p, attn, blk, E[s], idx(f"attn.{b}"))
-            if f"ffn.{b}" in kept:
-                F = idx(f"ffn.{b}")
-                vector(rules, f"{p}.norm2", blk.norm2, E[s])
-                linear(rules, f"{p}.mlp.fc1", mlp.fc1, F, E[s])
-                _conv_rule(rules, f"{p}.mlp.dwconv", mlp.dwconv, F, None)
-                linear(rules, f"{p}.mlp.fc2", mlp.fc2, E[s], F)
-        linear(rules, "head", m.head, None, E[-1])
-        state = apply_rules(m, rules)
-        for prefix, (rows, factor) in scales.items():
-            fold_q_scale(state, prefix, rows, factor)
+                old_hd, new_hd = attn.q.out_features // attn.num_heads, plan.head_dim_of(f"attn.{b}")
+                if old_hd != new_hd:
+                    fold_q_scale(state, f"stages.{s}.blocks.{i}.attn.q", len(plan.keep[f"attn.{b}"]),
+                                 (new_hd / old_hd) ** 0.5)
         return state
-
-    @staticmethod
-    def _slice_attention(rules, scales, plan, b, p, attn, blk, E, A) -> None:
-        """Slice rules of one kept attention unit: norm1, q, kv, proj and the sr conv + its norm."""
-        a_src = attn.q.out_features
-        vector(rules, f"{p}.norm1", blk.norm1, E)
-        linear(rules, f"{p}.attn.q", attn.q, A, E)
-        linear(rules, f"{p}.attn.kv", attn.kv, torch.cat([A, A + a_src]), E)
-        linear(rules, f"{p}.attn.proj", attn.proj, E, A)
-        if attn.sr is not None:  # output channels tied to the residual index (module doc)
-            _conv_rule(rules, f"{p}.attn.sr", attn.sr, E, E)
-            vector(rules, f"{p}.attn.norm", attn.norm, E)
-        old_hd, new_hd = a_src // attn.num_heads, plan.head_dim_of(f"attn.{b}")
-        if old_hd != new_hd:
-            scales[f"{p}.attn.q"] = (len(A), (new_hd / old_hd) ** 0.5)

@@ -37,7 +37,7 @@ from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream, per_window
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
-from .slicing import apply_rules, fold_q_scale, linear, move_sublayers, vector
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
 
 EQUIVALENT_CANDIDATES = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
@@ -118,57 +118,40 @@ class TimmSwinAdapter(HookMasking, Adapter):
     def explicit_attention(self):
         return explicit_attention(self.model)
 
-    # ---------------------------------------------------------------- weights per channel (magnitude baseline)
-    def channel_weights(self, site_key: str) -> list[tuple[torch.Tensor, int]]:
-        """``(tensor, dim)`` pairs: index i along ``dim`` of each tensor is a weight carried by channel i."""
+    # ---------------------------------------------------------------- weights per channel (declared once)
+    def channel_slices(self) -> dict[str, list[ChannelSlice]]:
+        """The state-dict slices that carry channel c of each site (magnitude, Taylor and surgery derive
+        from it). ``res.s``: the patch embedding's output and its LayerNorm (s = 0) or the patch-merging
+        reduction's output row (s > 0), every block's norm1/norm2, the qkv/fc1 input columns, the
+        proj/fc2 output rows, and the four copies of c entering the next stage's merging LayerNorm and
+        reduction (or the final norm and the head's column). ``attn.b``: q, k and v rows d (and biases),
+        proj column d. ``ffn.b``: fc1 row j and bias, fc2 column j."""
         m = self.model
-        site = self.topology().site(site_key)
-        out: list[tuple[torch.Tensor, int]] = []
+        d = Declaration(m.state_dict(), [site.key for site in self.topology().sites])
+        d.linear("patch_embed.proj", out="res.0")
+        d.vector("res.0", "patch_embed.norm")
+        for b, (s, i) in enumerate(self._where):
+            res, p = f"res.{s}", f"layers.{s}.blocks.{i}"
+            if i == 0 and s > 0:  # patch merging: LayerNorm over the 2x2 neighbours (4 copies), reduction 4C -> C
+                prev, merge = f"res.{s - 1}", f"layers.{s}.downsample"
+                d.vector(prev, f"{merge}.norm", copies=4)
+                d.linear(f"{merge}.reduction", out=res, inp=prev, in_copies=4)
+            d.vector(res, f"{p}.norm1")
+            d.vector(res, f"{p}.norm2")
+            d.linear(f"{p}.attn.qkv", out=f"attn.{b}", inp=res, out_copies=3)
+            d.linear(f"{p}.attn.proj", out=res, inp=f"attn.{b}")
+            d.linear(f"{p}.mlp.fc1", out=f"ffn.{b}", inp=res)
+            d.linear(f"{p}.mlp.fc2", out=res, inp=f"ffn.{b}")
+        last = f"res.{len(m.layers) - 1}"
+        d.vector(last, "norm")
+        d.linear("head.fc", inp=last)
+        return d.slices
 
-        def add(t, dim):
-            if isinstance(t, torch.Tensor):
-                out.append((t.detach(), dim))
-
-        if site.kind == "attn":
-            attn = self.block(site.block).attn
-            add(attn.qkv.weight.view(3, site.size, -1), 1)
-            if attn.qkv.bias is not None:
-                add(attn.qkv.bias.view(3, site.size), 1)
-            add(attn.proj.weight, 1)
-        elif site.kind == "ffn":
-            mlp = self.block(site.block).mlp
-            add(mlp.fc1.weight, 0)
-            add(mlp.fc1.bias, 0)
-            add(mlp.fc2.weight, 1)
-        else:
-            s, C = site.stage, site.size
-            if s == 0:
-                add(m.patch_embed.proj.weight, 0)
-                add(m.patch_embed.proj.bias, 0)
-                add(m.patch_embed.norm.weight, 0)
-                add(m.patch_embed.norm.bias, 0)
-            else:
-                add(m.layers[s].downsample.reduction.weight, 0)
-            for blk in m.layers[s].blocks:
-                for norm in (blk.norm1, blk.norm2):
-                    add(norm.weight, 0)
-                    add(norm.bias, 0)
-                add(blk.attn.qkv.weight, 1)
-                add(blk.attn.proj.weight, 0)
-                add(blk.attn.proj.bias, 0)
-                add(blk.mlp.fc1.weight, 1)
-                add(blk.mlp.fc2.weight, 0)
-                add(blk.mlp.fc2.bias, 0)
-            if s + 1 < len(m.layers):
-                merge = m.layers[s + 1].downsample
-                add(merge.norm.weight.view(4, C), 1)
-                add(merge.norm.bias.view(4, C), 1)
-                add(merge.reduction.weight.view(-1, 4, C), 2)
-            else:
-                add(m.norm.weight, 0)
-                add(m.norm.bias, 0)
-                add(m.head.fc.weight, 1)
-        return out
+    def untouched_keys(self) -> set[str]:
+        """The classifier's bias, and each attention's relative-position bias table (one column per head, no
+        channel: surgery merges its columns per new head after slicing, :meth:`_slice`)."""
+        state = self.model.state_dict()
+        return {key for key in state if key == "head.fc.bias" or key.endswith(".attn.relative_position_bias_table")}
 
     # ---------------------------------------------------------------- masking
     def install_hooks(self, masks: Masks, skip: frozenset[str]) -> list:
@@ -299,60 +282,22 @@ class TimmSwinAdapter(HookMasking, Adapter):
         return new, new_config(base, kwargs, new, EQUIVALENT_CANDIDATES)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
-        """The state dict with every kept site sliced, in source key names (removed units' tensors are
-        copied whole and dropped by :meth:`rebuild`)."""
+        """The state dict sliced as :meth:`channel_slices` declares, in source key names (removed units'
+        tensors are dropped by :meth:`rebuild`), then the two steps that are not channel slicing, for each
+        kept attention: its relative-position bias table gets one column per new head (the mean of the
+        merged heads' columns, or those ``plan.bias_heads`` names), and the attention scale is folded into
+        q where the kept head dim differs."""
         m = self.model
-        dev = next(m.parameters()).device
+        state = apply_rules(m, self.declared_slice_rules(plan.keep))
         kept = set(plan.kept_units(self.topology()))
-        idx = lambda key: torch.tensor(plan.keep[key], dtype=torch.long, device=dev)  # noqa: E731
-        rules: dict = {}
-        E = [idx(f"res.{s}") for s in range(len(m.layers))]
-        widths = [layer.blocks[0].norm1.normalized_shape[0] for layer in m.layers]
-        rules["patch_embed.proj.weight"] = [(0, E[0])]
-        if m.patch_embed.proj.bias is not None:
-            rules["patch_embed.proj.bias"] = [(0, E[0])]
-        vector(rules, "patch_embed.norm", m.patch_embed.norm, E[0])
-        scales, biases = {}, {}
         for b, (s, i) in enumerate(self._where):
-            layer = m.layers[s]
-            if i == 0 and s > 0:
-                four = torch.cat([E[s - 1] + k * widths[s - 1] for k in range(4)])
-                vector(rules, f"layers.{s}.downsample.norm", layer.downsample.norm, four)
-                linear(rules, f"layers.{s}.downsample.reduction", layer.downsample.reduction, E[s], four)
-            blk, p = layer.blocks[i], f"layers.{s}.blocks.{i}"
-            if f"attn.{b}" in kept:
-                a_src = blk.attn.qkv.out_features // 3
-                A = idx(f"attn.{b}")
-                vector(rules, f"{p}.norm1", blk.norm1, E[s])
-                linear(rules, f"{p}.attn.qkv", blk.attn.qkv, torch.cat([A, A + a_src, A + 2 * a_src]), E[s])
-                linear(rules, f"{p}.attn.proj", blk.attn.proj, E[s], A)
-                table = f"{p}.attn.relative_position_bias_table"
-                rules[table] = []
-                groups = (plan.bias_heads or {}).get(f"attn.{b}") or plan.heads[f"attn.{b}"]
-                src = blk.attn.relative_position_bias_table.detach()
-                biases[table] = torch.stack([src[:, g].mean(1) for g in groups], dim=1)
-                old_hd, new_hd = a_src // blk.attn.num_heads, plan.head_dim_of(f"attn.{b}")
-                if old_hd != new_hd:
-                    scales[f"{p}.attn.qkv"] = (len(A), (new_hd / old_hd) ** 0.5)
-            else:
-                for key, _ in [*blk.norm1.state_dict().items()]:
-                    rules[f"{p}.norm1.{key}"] = []
-                for key in blk.attn.state_dict():
-                    rules[f"{p}.attn.{key}"] = []
-            if f"ffn.{b}" in kept:
-                F = idx(f"ffn.{b}")
-                vector(rules, f"{p}.norm2", blk.norm2, E[s])
-                linear(rules, f"{p}.mlp.fc1", blk.mlp.fc1, F, E[s])
-                linear(rules, f"{p}.mlp.fc2", blk.mlp.fc2, E[s], F)
-            else:
-                for key in blk.norm2.state_dict():
-                    rules[f"{p}.norm2.{key}"] = []
-                for key in blk.mlp.state_dict():
-                    rules[f"{p}.mlp.{key}"] = []
-        vector(rules, "norm", m.norm, E[-1])
-        linear(rules, "head.fc", m.head.fc, None, E[-1])
-        state = apply_rules(m, rules)
-        state.update(biases)
-        for prefix, (rows, factor) in scales.items():
-            fold_q_scale(state, prefix, rows, factor)
+            if f"attn.{b}" not in kept:
+                continue
+            attn, p = m.layers[s].blocks[i].attn, f"layers.{s}.blocks.{i}.attn"
+            groups = (plan.bias_heads or {}).get(f"attn.{b}") or plan.heads[f"attn.{b}"]
+            src = attn.relative_position_bias_table.detach()
+            state[f"{p}.relative_position_bias_table"] = torch.stack([src[:, g].mean(1) for g in groups], dim=1)
+            old_hd, new_hd = attn.qkv.out_features // 3 // attn.num_heads, plan.head_dim_of(f"attn.{b}")
+            if old_hd != new_hd:
+                fold_q_scale(state, f"{p}.qkv", len(plan.keep[f"attn.{b}"]), (new_hd / old_hd) ** 0.5)
         return state

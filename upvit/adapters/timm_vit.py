@@ -32,7 +32,7 @@ from ..errors import UpvitError
 from ..topology import Topology
 from .base import Adapter, MaskProbe, Masks, Stream, masked_layer_norm
 from .hooks import HookMasking, grouped_scale_hook, scale_hook, zero_hook
-from .slicing import ChannelSlice, apply_rules, fold_q_scale, move_sublayers
+from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state
 
 
@@ -149,45 +149,25 @@ class TimmViTAdapter(HookMasking, Adapter):
         inputs, the proj/fc2 outputs. ``attn.b``: q, k and v rows d (and biases), proj column d.
         ``ffn.b``: fc1 row j and bias, fc2 column j."""
         m = self.model
-        keys = set(m.state_dict())
-        out: dict[str, list[ChannelSlice]] = {}
-
-        def claim(site: str, key: str, dim: int, role: str, copies: int = 1, stride: int = 0) -> None:
-            if key in keys:
-                out.setdefault(site, []).append(ChannelSlice(key, dim, role, copies, stride))  # type: ignore[arg-type]
-
-        def vector(site: str, prefix: str) -> None:  # every tensor of a per-channel module
-            for key in keys:
-                if key.startswith(prefix + ".") and "." not in key[len(prefix) + 1:]:
-                    claim(site, key, 0, "param")
-
+        d = Declaration(m.state_dict(), [site.key for site in self.topology().sites])
         res = "res.0"
-        claim(res, "patch_embed.proj.weight", 0, "out")
-        claim(res, "patch_embed.proj.bias", 0, "out")
+        d.linear("patch_embed.proj", out=res)
         for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
-            claim(res, name, -1, "param")
+            d.claim(res, name, -1, "param")
         for name in ("patch_embed.norm", "norm_pre", "norm", "fc_norm"):
-            vector(res, name)
-        for b, blk in enumerate(m.blocks):
-            p, a = f"blocks.{b}", blk.attn.attn_dim
+            d.vector(res, name)
+        for b in range(len(m.blocks)):
+            p, attn, ffn = f"blocks.{b}", f"attn.{b}", f"ffn.{b}"
             for part in ("norm1", "ls1", "norm2", "ls2"):
-                vector(res, f"{p}.{part}")
-            for key, dim, role in (("attn.qkv.weight", 1, "in"), ("attn.proj.weight", 0, "out"),
-                                   ("attn.proj.bias", 0, "out"), ("mlp.fc1.weight", 1, "in"),
-                                   ("mlp.fc2.weight", 0, "out"), ("mlp.fc2.bias", 0, "out")):
-                claim(res, f"{p}.{key}", dim, role)
-            out[f"attn.{b}"] = []
-            claim(f"attn.{b}", f"{p}.attn.qkv.weight", 0, "out", 3, a)
-            claim(f"attn.{b}", f"{p}.attn.qkv.bias", 0, "out", 3, a)
-            claim(f"attn.{b}", f"{p}.attn.proj.weight", 1, "in")
-            out[f"ffn.{b}"] = []
-            claim(f"ffn.{b}", f"{p}.mlp.fc1.weight", 0, "out")
-            claim(f"ffn.{b}", f"{p}.mlp.fc1.bias", 0, "out")
-            claim(f"ffn.{b}", f"{p}.mlp.fc2.weight", 1, "in")
+                d.vector(res, f"{p}.{part}")
+            d.linear(f"{p}.attn.qkv", out=attn, inp=res, out_copies=3)  # q, k and v rows d
+            d.linear(f"{p}.attn.proj", out=res, inp=attn)
+            d.linear(f"{p}.mlp.fc1", out=ffn, inp=res)
+            d.linear(f"{p}.mlp.fc2", out=res, inp=ffn)
         for head in ("head", "head_dist"):
             if isinstance(getattr(m, head, None), nn.Linear):
-                claim(res, f"{head}.weight", 1, "in")
-        return out
+                d.linear(head, inp=res)
+        return d.slices
 
     def untouched_keys(self) -> set[str]:
         """The classifier biases: one per class, no channel of any site."""
