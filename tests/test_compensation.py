@@ -115,3 +115,61 @@ def test_refusals_are_one_clear_line():
     with pytest.raises(UpvitError, match="remove whole blocks"):
         compensate(model, upvit.prune(model, depth), depth, images, mode="lsq")
     assert compensate(model, pruned, plan, None, mode="none").layers == []
+
+
+# ------------------------------------------------------------------------------- every family
+def _families():
+    from helpers import tiny_swin
+    from hf_helpers import hf_images, tiny_bert, tiny_gpt2, tiny_hf_vit, token_inputs
+    from pvt_helpers import PVT_IMG, tiny_pvt
+
+    return {"vit": (tiny_vit, lambda: tiny_images(8)), "swin": (tiny_swin, lambda: tiny_images(8, img_size=32)),
+            "pvt": (tiny_pvt, lambda: tiny_images(8, img_size=PVT_IMG)), "hf-vit": (tiny_hf_vit, lambda: hf_images(8)),
+            "bert": (tiny_bert, lambda: token_inputs(8)), "gpt2": (tiny_gpt2, lambda: token_inputs(8))}
+
+
+# what each family leaves as sliced, in one line each (the step does not apply there)
+SKIPPED = {"pvt": "not a linear layer (Conv2d)", "bert": "pooler.dense: not used by the model's output",
+           "gpt2": "lm_head: its weight is tied to another parameter"}
+
+
+def _first_layer_error(model, plain, inputs, name, rows):
+    """sum over the proxy rows (padding excluded) of ||original output[kept rows] - sliced layer's output||^2,
+    measured with forward hooks on the two models' own forwards."""
+    def out_of(m):
+        got = {}
+        h = dict(m.named_modules())[name].register_forward_hook(lambda mod, a, o: got.setdefault("o", o))
+        with torch.no_grad():
+            m(**inputs) if isinstance(inputs, dict) else m(inputs)
+        h.remove()
+        return got["o"].reshape(-1, got["o"].shape[-1]).double()
+
+    diff = out_of(model)[:, rows] - out_of(plain)
+    weight = inputs["attention_mask"].reshape(-1, 1).double() if isinstance(inputs, dict) else 1.0
+    return float((diff * diff * weight).sum())
+
+
+@pytest.mark.parametrize("family", ["vit", "swin", "pvt", "hf-vit", "bert", "gpt2"])
+def test_every_family_lsq_lowers_each_layer_and_keep_all_is_the_identity(family):
+    build, inputs_of = _families()[family]
+    model, inputs = build(), inputs_of()
+    plan = upvit.make_plan(model, random_scores(model, seed=2), ratio=0.5)
+    plain = upvit.prune(model, plan)
+    fixed = upvit.prune(model, plan)
+    report = compensate(model, fixed, plan, inputs, mode="lsq")
+    topo = upvit.get_adapter(model).topology()
+    blocks = [s for s in topo.sites if s.kind == "ffn"]
+    assert len(report.layers) >= 2 * len(blocks)  # at least every attention output and every second FFN linear
+    assert all(layer.error_after <= layer.error_before for layer in report.layers)
+    assert sum(layer.changed for layer in report.layers) >= len(blocks)
+    first = report.layers[0]
+    assert first.site == "attn.0"
+    measured = _first_layer_error(model, plain, inputs, first.name, torch.tensor(plan.keep["res.0"]))
+    assert measured == pytest.approx(first.error_before, rel=1e-4)
+    assert first.error_after < first.error_before
+    if family in SKIPPED:
+        assert any(SKIPPED[family] in line for line in report.skipped)
+    keep_all = upvit.make_plan(model, random_scores(model, seed=2), ratio=1.0)
+    same = upvit.prune(model, keep_all)
+    assert not any(layer.changed for layer in compensate(model, same, keep_all, inputs, mode="lsq").layers)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))

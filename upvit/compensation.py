@@ -143,7 +143,7 @@ def _shares_weight(model: nn.Module, weight: torch.Tensor) -> bool:
 
 
 def _forward_order(adapter, x: Inputs, names: list[str]) -> list[str]:
-    """``names`` in the order the model first calls them."""
+    """Those of ``names`` that the model's forward calls, in the order it first calls them."""
     modules = dict(adapter.model.named_modules())
     order: list[str] = []
     handles = [modules[n].register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
@@ -154,8 +154,7 @@ def _forward_order(adapter, x: Inputs, names: list[str]) -> list[str]:
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in names if n not in order]
-    return order + missing
+    return order
 
 
 def _capture(adapter, x: Inputs, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +236,10 @@ def compensate(source: nn.Module, pruned: nn.Module, plan, proxy: Inputs, mode: 
     pruned.eval()
     new_modules = dict(pruned.named_modules())
     try:
-        for name in _forward_order(src_adapter, batches[0], list(by_name)):
+        order = _forward_order(src_adapter, batches[0], list(by_name))
+        report.skipped += [f"{name}: not used by the model's output, left as sliced" for name in by_name
+                           if name not in order]
+        for name in order:
             layer = by_name[name]
             report.layers.append(_refit(layer, new_modules[name], src_adapter, new_adapter, batches, mode, ridge))
     finally:
