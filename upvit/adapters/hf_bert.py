@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 from ..errors import UpvitError
-from ..evaluation import mean_pooled
+from ..tasks import Task, mean_pooled
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
-from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
+from .family import Family
+from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config, text_data_config
 from .hooks import HookMasking, norm_hook, scale_hook
 from .slicing import apply_rules, linear, q_scale, vector
 
@@ -248,7 +249,7 @@ class HFBertAdapter(HookMasking, Adapter):
         if self.mlm and new.cls.predictions.decoder.weight is not new.bert.embeddings.word_embeddings.weight:
             raise AssertionError("the rebuilt BertForMaskedLM lost the tie between its decoder and word embeddings")
         new.upvit_tokenizer = getattr(self.model, "upvit_tokenizer", None)
-        return new, hf_config(self.model, new)
+        return new, hf_config(self.model, new, FAMILY)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
         dev = next(self.model.parameters()).device
@@ -281,3 +282,9 @@ class HFBertAdapter(HookMasking, Adapter):
             rules["cls.predictions.decoder.bias"] = []
             rules["cls.predictions.bias"] = []
         return apply_rules(self.model, rules, "BERT")
+
+
+# ------------------------------------------------------------------------------------- family record
+_TASKS = {"BertForMaskedLM": Task.MASKED_LM, "BertModel": Task.SENTENCE_EMBEDDING}
+FAMILY = Family("hf_bert", "hf", classes=_TASKS, model_types={"bert": "BertForMaskedLM"},
+                data_config=lambda model: text_data_config(model, _TASKS[type(model).__name__]))

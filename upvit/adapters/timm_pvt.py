@@ -48,6 +48,7 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .family import Family
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .slicing import apply_rules, fold_q_scale, linear, move_sublayers, vector
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
@@ -378,3 +379,7 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         old_hd, new_hd = a_src // attn.num_heads, plan.head_dim_of(f"attn.{b}")
         if old_hd != new_hd:
             scales[f"{p}.attn.q"] = (len(A), (new_hd / old_hd) ** 0.5)
+
+
+# ------------------------------------------------------------------------------------- family record
+FAMILY = Family("timm_pvt_v2", "timm")  # built, saved and loaded as every timm model (upvit.models)

@@ -36,6 +36,7 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream, per_window
+from .family import Family
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .slicing import apply_rules, fold_q_scale, linear, move_sublayers, vector
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
@@ -356,3 +357,7 @@ class TimmSwinAdapter(HookMasking, Adapter):
         for prefix, (rows, factor) in scales.items():
             fold_q_scale(state, prefix, rows, factor)
         return state
+
+
+# ------------------------------------------------------------------------------------- family record
+FAMILY = Family("timm_swin", "timm")  # built, saved and loaded as every timm model (upvit.models)
