@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -109,7 +109,8 @@ class Library:
     owns_dir: Callable[[str], bool]  # whether a directory is one of this library's model directories
     load_dir: Callable[[str], nn.Module]  # the model of such a directory, in eval mode
     num_classes: Callable[[nn.Module], int | None] = lambda model: None  # a classifier's class count
-    extra: dict[str, Any] = field(default_factory=dict)
+    class_count_key: str = "num_classes"  # the spec key that sets the class count
+    stock_loader: Callable[[str], str] = lambda directory: "?"  # how a directory reloads without upvit, in words
 
     @property
     def prefix(self) -> str:

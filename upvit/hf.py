@@ -289,8 +289,13 @@ def build_from_config(config: ModelConfig) -> nn.Module:
 
 
 # how the loaders (upvit.models, upvit.io) name, build, save and load transformers models
+def stock_loader(directory: str) -> str:
+    """How :mod:`upvit.certificate` reloads the directory without upvit, in words."""
+    return f"transformers.{read_json(os.path.join(directory, HF_CONFIG))['architectures'][0]}.from_pretrained"
+
+
 HF = Library("hf", from_spec=load_hf_spec, build=build_from_config, save=save_hf_dir, owns_dir=is_hf_dir,
-             load_dir=load_hf_dir, num_classes=num_classes)
+             load_dir=load_hf_dir, num_classes=num_classes, class_count_key="num_labels", stock_loader=stock_loader)
 
 __all__ = ["HF", "SIDECAR", "base_config", "build_hf_model", "default_classes", "default_data_config", "is_hf_dir",
            "is_hf_model", "load_hf_dir", "load_hf_spec", "load_tokenizer", "parse_hf_spec", "save_hf_dir",

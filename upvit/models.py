@@ -127,7 +127,8 @@ def load_dir(directory: str) -> nn.Module:
 # format is also the answer for any directory no other library claims (its errors say what is missing)
 TIMM = Library("timm", from_spec=lambda spec, checkpoint=None, init_seed=None: model_from_timm_spec(
     spec, checkpoint, init_seed=init_seed), build=build_timm_model, save=save_dir, owns_dir=lambda directory: True,
-    load_dir=load_dir, num_classes=lambda model: getattr(model, "num_classes", None))
+    load_dir=load_dir, num_classes=lambda model: getattr(model, "num_classes", None),
+    stock_loader=lambda directory: f"timm.create_model({read_config(directory).name!r}, ...) + strict load_state_dict")
 # in the order a directory is offered to them: the catch-all upvit directory last
 LIBRARIES = (HF, TIMM)
 
