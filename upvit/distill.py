@@ -381,7 +381,7 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
         criterion = kind(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp, cache=cache)
     t_cfg = getattr(teacher, "upvit_config", None)
     # the cache stays out of describe() (the resume fingerprint): the loss is the same with or without it
-    provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.timm_name if t_cfg else type(teacher).__name__),
+    provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.name if t_cfg else type(teacher).__name__),
                   "teacher_cache": cache is not None}
     extra = {**(extra_config or {}), "distillation": provenance}
     try:

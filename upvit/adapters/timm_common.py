@@ -134,15 +134,15 @@ def base_config(model: nn.Module, default_kwargs: dict[str, Any]):
     if not arch:
         raise UpvitError("this timm model carries neither an upvit config nor a timm architecture name: "
                          "load it with upvit.load_model('timm:NAME,...') so it can be rebuilt")
-    return ModelConfig(timm_name=arch, timm_kwargs=dict(default_kwargs), data_config=default_data_config(model))
+    return ModelConfig(name=arch, kwargs=dict(default_kwargs), data_config=default_data_config(model))
 
 
 def new_config(base, kwargs: dict[str, Any], new: nn.Module, candidates: list[str]):
     """A copy of ``base`` for the rebuilt model: new kwargs and the registered timm architecture with
     exactly this shape, if any (``timm_equivalent`` and, where needed, ``extra['timm_equivalent_kwargs']``)."""
     config = copy.deepcopy(base)
-    config.timm_kwargs = kwargs
-    config.timm_equivalent, equivalent_kwargs = timm_equivalent(new, kwargs, base.timm_name, candidates)
+    config.kwargs = kwargs
+    config.timm_equivalent, equivalent_kwargs = timm_equivalent(new, kwargs, base.name, candidates)
     config.extra = dict(config.extra)
     config.extra.pop("plan", None)
     if equivalent_kwargs:
