@@ -17,7 +17,6 @@ adapter module (:mod:`upvit.adapters.family`).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -28,7 +27,7 @@ from .adapters import get_adapter, task_of
 from .adapters.timm_common import create_timm_model, default_data_config
 from .config import CONFIG_FORMAT, CONFIG_VERSION, Library, ModelConfig, load_into, parse_pairs, split_top_level
 from .errors import UpvitError
-from .files import atomic_write_json, load_state_dict_file, load_tensors, save_tensors
+from .files import atomic_write_json, load_state_dict_file, load_tensors, read_json, save_tensors
 from .hf import HF, is_hf_model
 
 CONFIG_FILE = "config.json"
@@ -106,12 +105,7 @@ def read_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise UpvitError(f"{directory} has no {CONFIG_FILE}: it is not an upvit model directory")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UpvitError(f"{path} is not valid JSON ({e}): restore it") from None
-    return ModelConfig.from_dict(raw)
+    return ModelConfig.from_dict(read_json(path))
 
 
 def load_dir(directory: str) -> nn.Module:
