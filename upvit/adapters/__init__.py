@@ -56,15 +56,6 @@ def families() -> list[Family]:
     return records + [_RECORDS[n] for n, _, _ in _REGISTERED if n not in builtin]
 
 
-def family_of(model: nn.Module) -> Family | None:
-    """The record of ``model``'s family, or None for a model no adapter supports."""
-    records = {f.name: f for f in families()}
-    for name, predicate, _ in _families():
-        if predicate(model):
-            return records.get(name)
-    return None
-
-
 def family_of_class(class_name: str) -> Family | None:
     """The record of the family covering a transformers class (``Family.classes``), or None."""
     return next((f for f in families() if class_name in f.classes), None)
@@ -92,5 +83,5 @@ def get_adapter(model: nn.Module) -> Adapter:
     raise UpvitError(f"no adapter for model class {type(model).__name__}: supported families are {names}")
 
 
-__all__ = ["Adapter", "Family", "Masks", "Stream", "families", "family_of", "family_of_class", "forward_from",
+__all__ = ["Adapter", "Family", "Masks", "Stream", "families", "family_of_class", "forward_from",
            "get_adapter", "register", "task_of"]

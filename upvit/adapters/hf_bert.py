@@ -47,7 +47,7 @@ from ..tasks import Task, mean_pooled
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
 from .family import Family
-from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config, text_data_config
+from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook
 from .slicing import apply_rules, linear, q_scale, vector
 
@@ -286,5 +286,14 @@ class HFBertAdapter(HookMasking, Adapter):
 
 # ------------------------------------------------------------------------------------- family record
 _TASKS = {"BertForMaskedLM": Task.MASKED_LM, "BertModel": Task.SENTENCE_EMBEDDING}
-FAMILY = Family("hf_bert", "hf", classes=_TASKS, model_types={"bert": "BertForMaskedLM"},
-                data_config=lambda model: text_data_config(model, _TASKS[type(model).__name__]))
+
+
+def _data_config(model: nn.Module) -> dict:
+    """The task of the class and a max length of 64 tokens (fewer where the model has fewer positions); a
+    sentence encoder adds its mean pooling and normalisation."""
+    task = _TASKS[type(model).__name__]
+    extra = {"pooling": "mean", "normalize": True} if task == Task.SENTENCE_EMBEDDING else {}
+    return {"task": str(task), "max_length": min(64, int(model.config.max_position_embeddings)), **extra}
+
+
+FAMILY = Family("hf_bert", "hf", classes=_TASKS, model_types={"bert": "BertForMaskedLM"}, data_config=_data_config)

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UpvitError
-from ..tasks import Task
 
 # transformers 5.x removed ``pruned_heads``; BERT and GPT-2 derive the head size as hidden / heads and
 # project attention back with a hidden x hidden layer, so the attention width must equal the hidden size
@@ -35,13 +34,6 @@ def import_transformers():
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return transformers
-
-
-def text_data_config(model: nn.Module, task: str) -> dict[str, Any]:
-    """The data config of a BERT-style text model: its task and a max length of 64 tokens (fewer where
-    the model has fewer positions); a sentence encoder adds its mean pooling and normalisation."""
-    extra = {"pooling": "mean", "normalize": True} if task == Task.SENTENCE_EMBEDDING else {}
-    return {"task": str(task), "max_length": min(64, int(model.config.max_position_embeddings)), **extra}
 
 
 def base_config(model: nn.Module, family) -> ModelConfig:
@@ -102,5 +94,4 @@ def hf_config(model: nn.Module, new: nn.Module, family) -> ModelConfig:
     return base_config(model, family).derived()
 
 
-__all__ = ["TIED_NOTE", "base_config", "eager_attention", "hf_config", "import_transformers", "rebuild_from_config",
-           "text_data_config"]
+__all__ = ["TIED_NOTE", "base_config", "eager_attention", "hf_config", "import_transformers", "rebuild_from_config"]
