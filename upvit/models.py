@@ -119,10 +119,10 @@ def load_dir(directory: str) -> nn.Module:
 
 # timm: ``timm:`` specs and upvit model directories (config.json + model.safetensors); that directory
 # format is also the answer for any directory no other library claims (its errors say what is missing)
-TIMM = Library("timm", from_spec=lambda spec, checkpoint=None, init_seed=None: model_from_timm_spec(
-    spec, checkpoint, init_seed=init_seed), build=build_timm_model, save=save_dir, owns_dir=lambda directory: True,
-    load_dir=load_dir, num_classes=lambda model: getattr(model, "num_classes", None),
-    stock_loader=lambda directory: f"timm.create_model({read_config(directory).name!r}, ...) + strict load_state_dict")
+TIMM = Library("timm", from_spec=model_from_timm_spec, build=build_timm_model, save=save_dir,
+               owns_dir=lambda directory: True, load_dir=load_dir,
+               num_classes=lambda model: getattr(model, "num_classes", None),
+               stock_loader=lambda d: f"timm.create_model({read_config(d).name!r}, ...) + strict load_state_dict")
 # in the order a directory is offered to them: the catch-all upvit directory last
 LIBRARIES = (HF, TIMM)
 
@@ -132,8 +132,8 @@ def library(name: str) -> Library:
     for lib in LIBRARIES:
         if lib.name == name:
             return lib
-    raise UpvitError(f"model config family {name!r} is unknown: this upvit builds {', '.join(lib.name for lib in LIBRARIES)}"
-                     " models")
+    known = ", ".join(lib.name for lib in LIBRARIES)
+    raise UpvitError(f"model config family {name!r} is unknown: this upvit builds {known} models")
 
 
 def library_of(model: nn.Module) -> Library:
