@@ -162,7 +162,7 @@ def load_hf_spec(spec: str, checkpoint: str | None = None, init_seed: int | None
 
 def build_hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """A randomly initialised (seeded) model of class or type ``name`` with config keys ``kwargs``."""
-    cls, model_type = resolve_class(name)
+    cls, _ = resolve_class(name)
     kwargs = dict(kwargs)
     tok_dir = kwargs.pop("tokenizer", None)
     seed = kwargs.pop("init_seed", 0)
