@@ -250,7 +250,7 @@ def test_a_write_error_without_a_file_name_names_the_output(tmp_path, monkeypatc
     import errno
     import os
 
-    import upvit.io
+    import upvit.models
     from upvit.cli import main
 
     scores = _magnitude_scores(tmp_path)
@@ -258,7 +258,8 @@ def test_a_write_error_without_a_file_name_names_the_output(tmp_path, monkeypatc
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(upvit.io, "save_tensors", full)  # not through the atomic writer: no file name at all
+    # the upvit model directory writer (upvit.models.save_dir) calls save_tensors
+    monkeypatch.setattr(upvit.models, "save_tensors", full)  # not through the atomic writer: no file name at all
     out = tmp_path / "p"
     assert main(["prune", MNIST_TINY, "--scores", str(scores), "--ratio", "0.5", "--out", str(out)]) == 1
     line = capsys.readouterr().err.strip()

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "UpvitError": "upvit.errors",
-    "ModelConfig": "upvit.models",
+    "ModelConfig": "upvit.config",
     "load_model": "upvit.models",
     "save": "upvit.io",
     "load": "upvit.io",

@@ -50,9 +50,10 @@ def input_size_of(model: nn.Module) -> tuple[int, ...]:
 
 def example_batch(model: nn.Module, batch_size: int, input_size: tuple[int, ...] | None, device, random: bool = False):
     """A batch of model inputs: images, or (text models) token ids of the block length."""
-    from .hf import task_of
+    from .adapters import task_of
+    from .tasks import is_text
 
-    if task_of(model) in ("causal-lm", "masked-lm", "sentence-embedding"):
+    if is_text(task_of(model)):
         adapter = _adapter(model)
         return adapter.example_inputs(batch_size, device)
     input_size = input_size or input_size_of(model)

@@ -12,7 +12,6 @@ A failed reload is an error (:class:`UpvitError`), never a warning: the director
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -137,13 +136,9 @@ def reload_check(directory: str, model: nn.Module, timeout: float = 600) -> dict
 
 
 def _loader_name(directory: str) -> str:
-    from .hf import is_hf_dir
+    from .models import LIBRARIES
 
-    if is_hf_dir(directory):
-        with open(os.path.join(directory, "config.json")) as f:
-            return f"transformers.{json.load(f)['architectures'][0]}.from_pretrained"
-    with open(os.path.join(directory, "config.json")) as f:
-        return f"timm.create_model({json.load(f)['timm_name']!r}, ...) + strict load_state_dict"
+    return next(lib for lib in LIBRARIES if lib.owns_dir(directory)).stock_loader(directory)
 
 
 @torch.no_grad()

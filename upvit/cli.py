@@ -167,10 +167,11 @@ def _train_image_data(args: argparse.Namespace, model):
     if config.class_names or args.class_map:  # a model that already knows its classes, or an explicit map
         train_ds = align_classes(train_ds, info, config.class_names, outputs, args.class_map, repr(args.data))
     elif outputs is not None and outputs != info.num_classes:
-        key = "num_classes" if getattr(model, "num_classes", None) is not None else "num_labels"
-        spec = "timm" if key == "num_classes" else "hf"
+        from .models import library_of
+
+        lib = library_of(model)
         raise UpvitError(f"the model has {outputs} classes but the data has {info.num_classes}: "
-                         f"add {key}={info.num_classes} to the {spec} spec")
+                         f"add {lib.class_count_key}={info.num_classes} to the {lib.name} spec")
     else:
         config.class_names = info.class_names
     config.data_config = info.data_config()
@@ -250,21 +251,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _num_classes(model, default):
     """A classifier's class count: timm's ``num_classes``, transformers' ``config.num_labels`` (image
     classifiers); ``default`` for models without classes (text)."""
-    if getattr(model, "num_classes", None) is not None:
-        return model.num_classes
-    from .hf import task_of
+    from .models import num_classes
 
-    if task_of(model) == "image-classification":
-        return model.config.num_labels
-    return default
+    found = num_classes(model)
+    return default if found is None else found
 
 
 def _text_kwargs(model) -> dict:
     """``load_data`` arguments of a text model (its task and tokenizer); {} for an image model."""
-    from .hf import task_of
+    from .adapters import task_of
+    from .tasks import is_text
 
-    task = task_of(model)
-    if task in ("causal-lm", "masked-lm", "sentence-embedding"):
+    if is_text(task_of(model)):
         return {"data_config": model.upvit_config.data_config, "tokenizer": getattr(model, "upvit_tokenizer", None)}
     return {}
 
@@ -386,7 +384,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_json_path(args.json)
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
-    from .hf import task_of
+    from .adapters import task_of
+    from .tasks import Task
 
     if _text_kwargs(model):
         dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config,
@@ -396,12 +395,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   skip_bad_images=args.skip_bad_images)
         dataset = align_classes(dataset, info, model.upvit_config.class_names, _num_classes(model, None),
                                 args.class_map, repr(args.data))
-    if args.teacher and task_of(model) != "sentence-embedding":
+    if args.teacher and task_of(model) != Task.SENTENCE_EMBEDDING:
         raise UpvitError("--teacher applies to sentence encoders only")
-    if task_of(model) == "sentence-embedding" and not args.teacher:
+    if task_of(model) == Task.SENTENCE_EMBEDDING and not args.teacher:
         raise UpvitError("a sentence encoder is evaluated against its teacher: add --teacher MODEL")
     flush_warnings()
-    if task_of(model) == "sentence-embedding":  # no labels: how well the teacher's similarities are kept
+    if task_of(model) == Task.SENTENCE_EMBEDDING:  # no labels: how well the teacher's similarities are kept
         from .text import embedding_agreement
 
         metrics = embedding_agreement(model, load_model(args.teacher), dataset, max_sentences=args.max_sentences,

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, default_collate
 
 from .errors import BadImageError, UpvitError
+from .tasks import is_text
 
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 ANIMAL_MNIST_SPLIT_SEED = 0
@@ -556,7 +557,7 @@ def load_data(spec: str, data_config: dict[str, Any] | None = None, train: bool 
 
     if is_text_spec(spec):
         return text_dataset(spec, tokenizer, data_config)
-    if (data_config or {}).get("task") in ("causal-lm", "masked-lm", "sentence-embedding"):
+    if is_text((data_config or {}).get("task")):
         fix = f"write text:{spec}" if os.path.exists(spec) else "use shakespeare:SPLIT or text:FILE_OR_DIR"
         raise UpvitError(f"this is a text model, but {spec!r} is image data: {fix}")
     if spec.startswith(("emoji:", "animal-mnist-rgb:")):  # read at the model's input size (issue 23)

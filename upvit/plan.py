@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
+from .adapters.timm_vit import vit_rules  # the timm ViT family's rules; re-exported for old imports
 from .errors import UpvitError
 from .selection import HEAD_MODES, problems, top_k, whole_head_problems
 from .targets import Targets, resolve_targets
-from .topology import Rules, StageShape, Topology
+from .topology import StageShape, Topology
 
 if TYPE_CHECKING:
     from .importance.scores import Scores
@@ -332,12 +333,6 @@ class Plan:
         except OSError as e:
             raise UpvitError(f"cannot read plan {path}: {e.strerror}") from None
         return cls.from_json(text)
-
-
-def vit_rules() -> Rules:
-    """The rules of timm's VisionTransformer (one stage; attention width tied to embed_dim)."""
-    return Rules("timm VisionTransformer", attn_tied_to_residual=True,
-                 uniform_across_stages=frozenset({"heads", "attn", "ffn"}))
 
 
 # ---------------------------------------------------------------------------------- make_plan

@@ -72,7 +72,7 @@ def with_head(backbone: nn.Module, head: nn.Linear, class_names: list[str]) -> n
     model.reset_classifier(head.out_features)
     model.head.load_state_dict(head.state_dict())
     config = copy.deepcopy(backbone.upvit_config)
-    config.timm_kwargs["num_classes"] = head.out_features
+    config.kwargs["num_classes"] = head.out_features
     config.class_names = list(class_names)
     model.upvit_config = config
     return model.eval()

@@ -11,7 +11,7 @@ Data specs (wherever the CLI takes ``--data``), read with the model's own tokeni
   in both).
 * ``text:FILE_OR_DIR``: one UTF-8 text file, or every ``*.txt`` file under a directory (sorted).
 
-How the text becomes samples depends on the model's task (:func:`upvit.hf.task_of`):
+How the text becomes samples depends on the model's task (:class:`upvit.tasks.Task`, :func:`upvit.adapters.task_of`):
 
 * ``causal-lm``: every work is tokenised separately and ends with the tokenizer's end-of-text
   token; the concatenation is cut into non-overlapping windows of ``block_size + 1`` tokens
@@ -35,10 +35,10 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import UpvitError
+from .tasks import TEXT_TASKS, Task
 
 SHAKESPEARE_TRAIN_FRACTION = 0.9
 IGNORE = -100
-TEXT_TASKS = ("causal-lm", "masked-lm", "sentence-embedding")
 ASSET_TOKENIZER = os.path.join(os.path.dirname(__file__), "assets", "shakespeare_bpe")
 
 
@@ -199,7 +199,7 @@ def text_dataset(spec: str, tokenizer, data_config: dict[str, Any] | None) -> tu
         raise UpvitError(f"text data {spec!r} needs the model's tokenizer: load the model from a directory holding "
                          "tokenizer files, or build it with hf:...,tokenizer=DIR")
     documents, record = read_text_spec(spec)
-    if task == "causal-lm":
+    if task == Task.CAUSAL_LM:
         block = int(cfg.get("block_size") or 128)
         ids = token_stream(documents, tokenizer)
         ds: Dataset = TokenBlocks(ids, block)
@@ -227,7 +227,7 @@ def build_bpe_tokenizer(out_dir: str, documents: list[tuple[str, str]] | None = 
     ``<|endoftext|>`` (id 0) is bos, eos and pad. Deterministic for the same input and vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from .hf import import_transformers
+    from .adapters.hf_common import import_transformers
 
     import_transformers()
     from transformers import PreTrainedTokenizerFast

@@ -39,9 +39,12 @@ from ..errors import UpvitError
 from ..topology import PairedBlock, Topology
 
 if TYPE_CHECKING:
-    from ..models import ModelConfig
-    from ..plan import Plan
+    from ..config import ModelConfig
     from .slicing import ChannelSlice, SliceRules
+
+# what ``rebuild``/``check_plan`` receive is an upvit.plan.Plan, checked by surgery; the adapters sit below
+# the planning layer and do not import it
+Plan = Any
 
 Inputs = Union[torch.Tensor, dict]
 

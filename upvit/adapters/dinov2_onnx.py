@@ -234,7 +234,8 @@ def timm_state_dict(tensors: dict[str, np.ndarray], info: dict[str, Any], img_si
 def build_model(tensors: dict[str, np.ndarray], info: dict[str, Any], img_size: int = 224,
                 num_heads: int | None = None, provenance: dict[str, Any] | None = None) -> nn.Module:
     """The timm model (strict load: nothing missing, nothing unexpected), carrying its upvit config."""
-    from ..models import ModelConfig, create_timm_model, load_into
+    from ..config import ModelConfig, load_into
+    from .timm_common import create_timm_model
 
     kwargs = timm_kwargs(info, img_size, num_heads)
     model = create_timm_model(TIMM_NAME, kwargs)

@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from ..errors import UpvitError
-from ..evaluation import mean_pooled
+from ..tasks import Task, mean_pooled
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .family import Family
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
@@ -232,8 +233,23 @@ class HFBertAdapter(HookMasking, Adapter):
         if self.mlm and new.cls.predictions.decoder.weight is not new.bert.embeddings.word_embeddings.weight:
             raise AssertionError("the rebuilt BertForMaskedLM lost the tie between its decoder and word embeddings")
         new.upvit_tokenizer = getattr(self.model, "upvit_tokenizer", None)
-        return new, hf_config(self.model, new)
+        return new, hf_config(self.model, new, FAMILY)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
         """The state dict sliced as :meth:`channel_slices` declares."""
         return apply_rules(self.model, self.declared_slice_rules(plan.keep), "BERT")
+
+
+# ------------------------------------------------------------------------------------- family record
+_TASKS = {"BertForMaskedLM": Task.MASKED_LM, "BertModel": Task.SENTENCE_EMBEDDING}
+
+
+def _data_config(model: nn.Module) -> dict:
+    """The task of the class and a max length of 64 tokens (fewer where the model has fewer positions); a
+    sentence encoder adds its mean pooling and normalisation."""
+    task = _TASKS[type(model).__name__]
+    extra = {"pooling": "mean", "normalize": True} if task == Task.SENTENCE_EMBEDDING else {}
+    return {"task": str(task), "max_length": min(64, int(model.config.max_position_embeddings)), **extra}
+
+
+FAMILY = Family("hf_bert", "hf", classes=_TASKS, model_types={"bert": "BertForMaskedLM"}, data_config=_data_config)

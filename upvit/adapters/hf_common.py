@@ -16,11 +16,33 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import UpvitError
 
 # transformers 5.x removed ``pruned_heads``; BERT and GPT-2 derive the head size as hidden / heads and
 # project attention back with a hidden x hidden layer, so the attention width must equal the hidden size
 TIED_NOTE = "5.x derives the head size as hidden_size / num_heads and has no pruned_heads"
+
+
+def import_transformers():
+    """``transformers``, quiet (no progress bars or advisory warnings), or one clear error."""
+    try:
+        import transformers
+    except ImportError:
+        raise UpvitError("hf: models need the 'transformers' package: pip install transformers==5.23.0 "
+                         "(or run `make test` once)") from None
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def base_config(model: nn.Module, family) -> ModelConfig:
+    """The model's upvit config, or a default one (data config from its ``family`` record) for an HF
+    model built outside upvit."""
+    config = getattr(model, "upvit_config", None)
+    if config is not None:
+        return config
+    return ModelConfig(name=type(model).__name__, family="hf", data_config=family.data_config(model))
 
 
 @contextlib.contextmanager
@@ -40,8 +62,6 @@ def rebuild_from_config(model: nn.Module, changes: dict[str, Any], state: dict[s
     """``type(model)(config)`` with the source config deep-copied, ``changes`` applied and ``drop_keys``
     removed, then ``state`` loaded strictly; the attention backend, dtype, device and train/eval
     mode of the source are kept. Seeded, so the throw-away initialisation disturbs no global RNG."""
-    from ..hf import import_transformers
-
     import_transformers()
     config = copy.deepcopy(model.config)
     for key in drop_keys:
@@ -68,11 +88,10 @@ def rebuild_from_config(model: nn.Module, changes: dict[str, Any], state: dict[s
     return new
 
 
-def hf_config(model: nn.Module, new: nn.Module):
-    """The rebuilt model's upvit config: the source's (or a default one), without its plan."""
-    from ..hf import base_config, clone_config
+def hf_config(model: nn.Module, new: nn.Module, family) -> ModelConfig:
+    """The rebuilt model's upvit config: the source's (or a default one from its ``family`` record),
+    without its plan."""
+    return base_config(model, family).derived()
 
-    return clone_config(base_config(model))
 
-
-__all__ = ["TIED_NOTE", "eager_attention", "hf_config", "rebuild_from_config"]
+__all__ = ["TIED_NOTE", "base_config", "eager_attention", "hf_config", "import_transformers", "rebuild_from_config"]

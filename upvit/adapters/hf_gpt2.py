@@ -35,8 +35,10 @@ import torch
 from torch import nn
 
 from ..errors import UpvitError
+from ..tasks import Task
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .family import Family
 from .hf_common import TIED_NOTE, eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, grouped_scale_hook, norm_hook, scale_hook, zero_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
@@ -203,8 +205,18 @@ class HFGPT2Adapter(HookMasking, Adapter):
         if new.lm_head.weight is not new.transformer.wte.weight:  # transformers' own tie: check, never patch
             raise AssertionError("the rebuilt GPT-2 lost the tie between its LM head and word embeddings")
         new.upvit_tokenizer = getattr(self.model, "upvit_tokenizer", None)
-        return new, hf_config(self.model, new)
+        return new, hf_config(self.model, new, FAMILY)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
         """The state dict sliced as :meth:`channel_slices` declares."""
         return apply_rules(self.model, self.declared_slice_rules(plan.keep), "GPT-2")
+
+
+# ------------------------------------------------------------------------------------- family record
+def _data_config(model: nn.Module) -> dict:
+    """A causal LM reads blocks of its context length."""
+    return {"task": str(Task.CAUSAL_LM), "block_size": int(model.config.n_positions)}
+
+
+FAMILY = Family("hf_gpt2", "hf", classes={"GPT2LMHeadModel": Task.CAUSAL_LM},
+                model_types={"gpt2": "GPT2LMHeadModel"}, data_config=_data_config)

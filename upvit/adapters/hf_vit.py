@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from ..errors import UpvitError
+from ..tasks import Task
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .family import Family
 from .hf_common import eager_attention, hf_config, rebuild_from_config
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, q_scale
@@ -183,8 +185,24 @@ class HFViTAdapter(HookMasking, Adapter):
         else:
             drop = ("head_dim",)
         new = rebuild_from_config(self.model, changes, state, drop_keys=drop)
-        return new, hf_config(self.model, new)
+        return new, hf_config(self.model, new, FAMILY)
 
     def _slice(self, plan) -> dict[str, torch.Tensor]:
         """The state dict sliced as :meth:`channel_slices` declares."""
         return apply_rules(self.model, self.declared_slice_rules(plan.keep), type(self.model).__name__)
+
+
+# ------------------------------------------------------------------------------------- family record
+def _data_config(model: nn.Module) -> dict:
+    """The image size and channels of the config; HF ViT image processors default to mean = std = 0.5."""
+    cfg = model.config
+    size = cfg.image_size if isinstance(cfg.image_size, (list, tuple)) else (cfg.image_size, cfg.image_size)
+    c = int(cfg.num_channels)
+    return {"task": str(Task.IMAGE_CLASSIFICATION), "input_size": [c, int(size[0]), int(size[1])],
+            "mean": [0.5] * c, "std": [0.5] * c, "crop_pct": 1.0, "interpolation": "bilinear"}
+
+
+# ``head_dim``: read by ViT/DeiT although their configs do not declare it (the free attention width)
+FAMILY = Family("hf_vit", "hf", classes=dict.fromkeys(CLASSES, Task.IMAGE_CLASSIFICATION),
+                model_types={"vit": "ViTForImageClassification", "deit": "DeiTForImageClassification"},
+                config_keys=("head_dim",), data_config=_data_config)

@@ -1,6 +1,7 @@
-"""What the timm adapters share: rebuilding through ``timm.create_model``, the attention-backend switch,
-and the search for a registered timm architecture of the same shape (the slicing helpers, shared with the
-Hugging Face adapters, are in :mod:`upvit.adapters.slicing`)."""
+"""What the timm adapters share: building through ``timm.create_model`` (with one-line errors) and
+timm's default data config, rebuilding, the attention-backend switch, and the search for a registered
+timm architecture of the same shape (the slicing helpers, shared with the Hugging Face adapters, are in
+:mod:`upvit.adapters.slicing`; loading and saving timm models is :mod:`upvit.models`)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import UpvitError
 
 
@@ -20,6 +22,31 @@ def import_timm():
     from .._compat import import_timm as _import
 
     return _import()
+
+
+def create_timm_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` with one-line errors."""
+    timm = import_timm()
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UpvitError(f"unknown timm model {name!r}{hint}: see timm.list_models()")
+    try:
+        return timm.create_model(name, pretrained=False, **(kwargs or {}))
+    except TypeError as e:
+        raise UpvitError(f"timm model {name!r} rejected its arguments {kwargs}: {e}") from None
+
+
+def default_data_config(model: nn.Module) -> dict[str, Any]:
+    """The data config of a timm model, from its ``pretrained_cfg`` (ImageNet defaults where it has none)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "input_size": list(cfg.get("input_size", (3, 224, 224))),
+        "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
+        "crop_pct": cfg.get("crop_pct", 0.875),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+    }
 
 
 def staged_unit_moves(blocks, where: list[tuple[int, int]], unit_parts: dict[str, tuple[str, ...]],
@@ -62,8 +89,6 @@ def rebuild_from_state(model: nn.Module, base_name: str, kwargs: dict[str, Any],
     ``init_kwargs`` (default ``weight_init='skip'``) are passed to the constructor only for building:
     families whose constructor has no ``weight_init`` (PVTv2) pass ``{}`` (on the meta device their
     initialisation costs nothing anyway)."""
-    from ..models import create_timm_model
-
     init = SKIP_INIT if init_kwargs is None else init_kwargs
     new = create_timm_model(base_name, {**kwargs, "device": "meta", **init})
     expected = new.state_dict()
@@ -102,8 +127,6 @@ def rebuild_from_state(model: nn.Module, base_name: str, kwargs: dict[str, Any],
 
 def base_config(model: nn.Module, default_kwargs: dict[str, Any]):
     """The model's ModelConfig, or one reconstructed from timm's pretrained_cfg."""
-    from ..models import ModelConfig, default_data_config
-
     config = getattr(model, "upvit_config", None)
     if config is not None:
         return config
@@ -111,15 +134,15 @@ def base_config(model: nn.Module, default_kwargs: dict[str, Any]):
     if not arch:
         raise UpvitError("this timm model carries neither an upvit config nor a timm architecture name: "
                          "load it with upvit.load_model('timm:NAME,...') so it can be rebuilt")
-    return ModelConfig(timm_name=arch, timm_kwargs=dict(default_kwargs), data_config=default_data_config(model))
+    return ModelConfig(name=arch, kwargs=dict(default_kwargs), data_config=default_data_config(model))
 
 
 def new_config(base, kwargs: dict[str, Any], new: nn.Module, candidates: list[str]):
     """A copy of ``base`` for the rebuilt model: new kwargs and the registered timm architecture with
     exactly this shape, if any (``timm_equivalent`` and, where needed, ``extra['timm_equivalent_kwargs']``)."""
     config = copy.deepcopy(base)
-    config.timm_kwargs = kwargs
-    config.timm_equivalent, equivalent_kwargs = timm_equivalent(new, kwargs, base.timm_name, candidates)
+    config.kwargs = kwargs
+    config.timm_equivalent, equivalent_kwargs = timm_equivalent(new, kwargs, base.name, candidates)
     config.extra = dict(config.extra)
     config.extra.pop("plan", None)
     if equivalent_kwargs:
@@ -166,8 +189,6 @@ _SIGNATURES: dict[tuple[str, str], tuple | None] = {}  # (name, kwargs as JSON) 
 
 def _candidate_signature(name: str, passed_json: str) -> tuple | None:
     """Signature of ``create_model(name, **passed)`` built on the meta device; None if it cannot be built."""
-    from ..models import create_timm_model
-
     if (name, passed_json) not in _SIGNATURES:
         _SIGNATURES[name, passed_json] = None  # an unknown or incompatible candidate is simply not equivalent
         for init in (SKIP_INIT, {}):  # not every timm family takes weight_init (PVTv2 does not)

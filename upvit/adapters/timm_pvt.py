@@ -48,12 +48,13 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream
+from .family import Family
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
 
 EQUIVALENT_CANDIDATES = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5"]
-FAMILY = "timm PyramidVisionTransformerV2"
+TITLE = "timm PyramidVisionTransformerV2"  # how messages name the family
 
 
 def _pvt_classes():
@@ -97,7 +98,7 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
                         blk.attn.norm is not None and not isinstance(blk.attn.norm, nn.LayerNorm)):
                     problems.append(f"stage {s} norms are not LayerNorm")
         if problems:
-            raise UpvitError(f"this {FAMILY} variant is not supported yet: " + "; ".join(problems[:3]))
+            raise UpvitError(f"this {TITLE} variant is not supported yet: " + "; ".join(problems[:3]))
         self._where: list[tuple[int, int]] = [(s, i) for s, stage in enumerate(model.stages)
                                               for i in range(len(stage.blocks))]
 
@@ -106,7 +107,7 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         m = self.model
         widths = [stage.norm.normalized_shape[0] for stage in m.stages]
         blocks = [self.block(b) for b in range(len(self._where))]
-        rules = Rules(FAMILY, attn_tied_to_residual=True, notes=(
+        rules = Rules(TITLE, attn_tied_to_residual=True, notes=(
             "timm 1.0.31 has no head_dim argument: a stage's attention width equals its residual width, so the "
             "count of kept attention dims follows the residual width (which dims are kept is chosen by their scores)",
             "sr conv output channels (and their LayerNorm, and kv's input columns) follow the stage's residual channels",
@@ -259,7 +260,7 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
                 continue
             a, r = len(plan.keep[site.key]), len(plan.keep[f"res.{site.stage}"])
             if a != r:
-                raise UpvitError(f"{FAMILY} (timm 1.0.31, no head_dim argument) makes a stage's attention width its "
+                raise UpvitError(f"{TITLE} (timm 1.0.31, no head_dim argument) makes a stage's attention width its "
                                  f"residual width, so the count of kept attention dims follows the residual width: "
                                  f"plan keeps {a} dims of {site.key} but {r} channels of res.{site.stage}; keep {r} "
                                  "(which dims is still chosen by their own scores)")
@@ -307,3 +308,7 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
                     fold_q_scale(state, f"stages.{s}.blocks.{i}.attn.q", len(plan.keep[f"attn.{b}"]),
                                  (new_hd / old_hd) ** 0.5)
         return state
+
+
+# ------------------------------------------------------------------------------------- family record
+FAMILY = Family("timm_pvt_v2", "timm")  # built, saved and loaded as every timm model (upvit.models)

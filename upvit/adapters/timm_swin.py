@@ -36,6 +36,7 @@ from torch import nn
 from ..errors import UpvitError
 from ..topology import Rules, Topology
 from .base import Adapter, Masks, Stream, per_window
+from .family import Family
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
@@ -301,3 +302,7 @@ class TimmSwinAdapter(HookMasking, Adapter):
             if old_hd != new_hd:
                 fold_q_scale(state, f"{p}.qkv", len(plan.keep[f"attn.{b}"]), (new_hd / old_hd) ** 0.5)
         return state
+
+
+# ------------------------------------------------------------------------------------- family record
+FAMILY = Family("timm_swin", "timm")  # built, saved and loaded as every timm model (upvit.models)

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ..errors import UpvitError
-from ..topology import Topology
+from ..topology import Rules, Topology
 from .base import Adapter, MaskProbe, Masks, Stream, masked_layer_norm
+from .family import Family
 from .hooks import HookMasking, grouped_scale_hook, scale_hook, zero_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
 from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state
@@ -90,8 +91,6 @@ class TimmViTAdapter(HookMasking, Adapter):
 
     # ---------------------------------------------------------------- structure
     def build_topology(self) -> Topology:
-        from ..plan import vit_rules
-
         m = self.model
         blocks = list(m.blocks)
         return Topology.single_stage(
@@ -362,3 +361,13 @@ class TimmViTAdapter(HookMasking, Adapter):
                 fold_q_scale(state, f"blocks.{b}.attn.qkv", len(plan.keep[f"attn.{b}"]),
                              (plan.head_dim(b) / blk.attn.head_dim) ** 0.5)
         return state
+
+
+# ------------------------------------------------------------------------------------- family record
+def vit_rules() -> Rules:
+    """The rules of timm's VisionTransformer (one stage; attention width tied to embed_dim)."""
+    return Rules("timm VisionTransformer", attn_tied_to_residual=True,
+                 uniform_across_stages=frozenset({"heads", "attn", "ffn"}))
+
+
+FAMILY = Family("timm_vit", "timm")  # built, saved and loaded as every timm model (upvit.models)
