@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default=os.path.join(ROOT, "upvit", "assets", "teacher"))
     ap.add_argument("--kl-scores", default=KL_SCORES)
+    ap.add_argument("--selections", nargs="+", default=["kl", "magnitude", "taylor", "random"],
+                    choices=["kl", "magnitude", "taylor", "random"])
     ap.add_argument("--smoke", action="store_true", help="a tiny random ViT, 16 proxy images: checks the script runs")
     args = ap.parse_args(argv)
     from upvit.data import load_data, sample_proxy
@@ -94,9 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     exact_heads = head_scores(teacher, images)
     head_seconds = time.time() - t0
+    partial = os.path.join(out_dir, "compensation.partial.json")  # rows so far: a rerun continues from them
     rows = []
+    if os.path.isfile(partial) and not args.smoke:
+        with open(partial) as f:
+            rows = json.load(f)
+    done = {(r["selection"], r["shape"], r["heads"], r["compensation"], r["ridge"], tuple(r["exclude"])) for r in rows}
 
     def measure(selection, shape, heads, mode, ridge=comp.DEFAULT_RIDGE, exclude=()):
+        if (selection, shape, heads, mode, ridge, tuple(exclude)) in done:
+            return
         scores = selections[selection]
         ranking = exact_heads if heads == "whole" and selection == "kl" else None
         plan = upvit.make_plan(teacher, scores, heads=heads, head_scores=ranking, **shapes[shape])
@@ -110,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                "layers_refitted": sum(layer.changed for layer in report.layers)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        with open(partial + ".tmp", "w") as f:
+            json.dump(rows, f)
+        os.replace(partial + ".tmp", partial)
 
     for shape in shapes:
-        for selection in selections:
+        for selection in args.selections:
             for heads in ("merge", "whole"):
                 for mode in comp.MODES:
                     measure(selection, shape, heads, mode)
@@ -126,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     with open(os.path.join(out_dir, "compensation.md"), "w") as f:
         f.write(markdown(result))
+    if os.path.isfile(partial):
+        os.unlink(partial)  # everything is in compensation.json now
     print(f"wrote {out_dir}/compensation.md")
     return 0
 
@@ -139,7 +153,9 @@ def markdown(result: dict) -> str:
              "(shared). Written by `python benchmarks/compensation.py`.", "",
              "| shape | selection | heads | compensation | top-1 before FT | proxy KL | held-out KL | seconds |",
              "|---|---|---|---|---:|---:|---:|---:|"]
-    main_rows = [r for r in result["rows"] if r["ridge"] == comp.DEFAULT_RIDGE and not r["exclude"]]
+    main_rows = sorted((r for r in result["rows"] if r["ridge"] == comp.DEFAULT_RIDGE and not r["exclude"]),
+                       key=lambda r: (r["shape"], ["kl", "magnitude", "taylor", "random"].index(r["selection"]),
+                                      r["heads"] != "merge", comp.MODES.index(r["compensation"])))
     for r in main_rows:
         lines.append(f"| {r['shape']} | {r['selection']} | {r['heads']} | {r['compensation']} | {r['top1_before_ft']:.2f} "
                      f"| {r['proxy_kl']:.1f} | {r['held_out_kl']:.1f} | {r['seconds']:.1f} |")
