@@ -74,7 +74,8 @@ def _load_onnx(path: str) -> Any:
     try:
         return onnx.load(path)
     except Exception as e:  # noqa: BLE001 -- onnx raises DecodeError and others for damaged files
-        raise UpvitError(f"{path} is not a readable ONNX model ({type(e).__name__}): re-create or reinstall it") from None
+        raise UpvitError(f"{path} is not a readable ONNX model ({type(e).__name__}): "
+                         "re-create or reinstall it") from None
 
 
 def read_backbone(model_or_path: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -365,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     line = f"wrote {args.out} ({report['parameters']:,} backbone parameters, {args.img_size} px)"
     if par:
         line += (f"; parity vs ONNX Runtime at {par['img_size']} px on {par['images']} images: max abs "
-                 f"{par['max_abs']:.2e} (largest output {par['max_abs_output']:.1f}, tolerance {par['tolerance']:.0e}), "
+                 f"{par['max_abs']:.2e} (largest output {par['max_abs_output']:.1f}, "
+                 f"tolerance {par['tolerance']:.0e}), "
                  f"class-token cosine >= {par['cls_cosine_min']:.7f}")
     print(line)
     return 0

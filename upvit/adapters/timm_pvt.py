@@ -87,7 +87,8 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
             problems.append("a patch embedding that is not OverlapPatchEmbed with LayerNorm")
         for s, stage in enumerate(model.stages):
             if (s == 0) != (stage.downsample is None) or (
-                    s > 0 and (type(stage.downsample) is not PatchEmbed or not isinstance(stage.downsample.norm, nn.LayerNorm))):
+                    s > 0 and (type(stage.downsample) is not PatchEmbed
+                               or not isinstance(stage.downsample.norm, nn.LayerNorm))):
                 problems.append(f"stage {s} downsampling is {type(stage.downsample).__name__}")
             if not isinstance(stage.norm, nn.LayerNorm):
                 problems.append(f"stage {s} final norm is not LayerNorm")
@@ -110,7 +111,8 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
         rules = Rules(TITLE, attn_tied_to_residual=True, notes=(
             "timm 1.0.31 has no head_dim argument: a stage's attention width equals its residual width, so the "
             "count of kept attention dims follows the residual width (which dims are kept is chosen by their scores)",
-            "sr conv output channels (and their LayerNorm, and kv's input columns) follow the stage's residual channels",
+            "sr conv output channels (and their LayerNorm, and kv's input columns) follow the stage's residual "
+            "channels",
         ))
         return Topology.staged(self.family, widths, [len(stage.blocks) for stage in m.stages],
                                [b.attn.num_heads for b in blocks], [b.attn.q.out_features for b in blocks],
@@ -206,7 +208,7 @@ class TimmPVTv2Adapter(HookMasking, Adapter):
                 handles.append(blk.drop_path2.register_forward_hook(zero_hook))
         return handles
 
-    # ---------------------------------------------------------------- unit-by-unit forward (timm's stage split per branch)
+    # -------------------------------------------------------- unit-by-unit forward (timm's stage split per branch)
     def begin(self, inputs: torch.Tensor) -> Stream:
         x = self.model.patch_embed(inputs)  # [B, H, W, C]
         B, H, W, C = x.shape

@@ -181,7 +181,8 @@ class TimmViTAdapter(HookMasking, Adapter):
             handles.append(m.patch_drop.register_forward_hook(scale_hook(embed)))
             for norm in self.residual_norms():
                 handles.append(norm.register_forward_hook(
-                    lambda mod, inputs, out, mask=embed: masked_layer_norm(inputs[0], mask, mod.weight, mod.bias, mod.eps)))
+                    lambda mod, inputs, out, mask=embed:
+                    masked_layer_norm(inputs[0], mask, mod.weight, mod.bias, mod.eps)))
             for blk in m.blocks:
                 handles.append(blk.attn.register_forward_hook(scale_hook(embed)))
                 handles.append(blk.mlp.register_forward_hook(scale_hook(embed)))
@@ -228,7 +229,8 @@ class TimmViTAdapter(HookMasking, Adapter):
             return hook
 
         def norm_hook(module, inputs, out):
-            probes.append(MaskProbe("res.0", "layer_norm", out, norm_input=inputs[0], weight=module.weight, eps=module.eps))
+            probes.append(MaskProbe("res.0", "layer_norm", out, norm_input=inputs[0], weight=module.weight,
+                                    eps=module.eps))
 
         try:
             handles.append(m.patch_drop.register_forward_hook(scale("res.0", leaf=True)))
@@ -244,7 +246,7 @@ class TimmViTAdapter(HookMasking, Adapter):
             for h in handles:
                 h.remove()
 
-    # ---------------------------------------------------------------- unit-by-unit forward (timm Block.forward split in two)
+    # ------------------------------------------------------- unit-by-unit forward (timm Block.forward split in two)
     def begin(self, inputs: torch.Tensor) -> Stream:
         m = self.model
         x = m.patch_embed(inputs)
@@ -288,7 +290,8 @@ class TimmViTAdapter(HookMasking, Adapter):
         Falls back to the masked forward for attention variants this does not model."""
         blk = self.model.blocks[self._block_of(unit)]
         attn = blk.attn
-        plain = all(isinstance(getattr(attn, name, nn.Identity()), nn.Identity) for name in ("q_norm", "k_norm", "norm"))
+        plain = all(isinstance(getattr(attn, name, nn.Identity()), nn.Identity)
+                    for name in ("q_norm", "k_norm", "norm"))
         gamma = getattr(blk.ls1, "gamma", None)
         if (self.model.training or not plain or getattr(attn, "gate", None) is not None
                 or (gamma is None and not isinstance(blk.ls1, nn.Identity))):

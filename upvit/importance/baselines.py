@@ -41,7 +41,8 @@ def channel_l2_norm(weights: list[tuple[torch.Tensor, int]], size: int) -> torch
 def magnitude_scores(adapter, images: torch.Tensor | None = None, batch_size: int | None = None,
                      device: str | None = None, **meta: Any) -> Scores:
     """L2 norm of the weights carried by each channel (the images are not used)."""
-    per_site = {site.key: channel_l2_norm(adapter.channel_weights(site.key), site.size) for site in adapter.topology().sites}
+    per_site = {site.key: channel_l2_norm(adapter.channel_weights(site.key), site.size)
+                for site in adapter.topology().sites}
     return _scores_from(adapter, per_site, {**meta, "criterion": "magnitude", "norm": "l2"})
 
 

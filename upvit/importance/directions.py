@@ -42,7 +42,8 @@ def sampled_picks(q: torch.Tensor, num_samples: int, generator: torch.Generator,
     image's j-th distinct drawn class with weight count/num_samples (0 where an image has fewer),
     so the number of backward passes is the largest number of distinct classes drawn for an image."""
     drawn = torch.multinomial(q.to(torch.float64), num_samples, replacement=True, generator=generator)
-    counts = torch.zeros_like(q, dtype=torch.float64).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.float64))
+    counts = torch.zeros_like(q, dtype=torch.float64).scatter_add_(1, drawn,
+                                                                   torch.ones_like(drawn, dtype=torch.float64))
     order = counts.argsort(dim=1, descending=True, stable=True)
     slots = int((counts > 0).sum(1).max())
     picks = []

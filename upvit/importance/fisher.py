@@ -92,7 +92,8 @@ def fisher_sums(adapter: Adapter, images: torch.Tensor, batch_size: int = 64, cl
             with torch.enable_grad():
                 logits, per_sample_grads = forward(x)
                 if not torch.isfinite(logits).all():
-                    raise UpvitError("the model produced NaN or inf logits on the proxy set: check the weights and inputs")
+                    raise UpvitError("the model produced NaN or inf logits on the proxy set: "
+                                     "check the weights and inputs")
                 picks, weights, mode, cap, tot = class_directions(logits, classes, max_exact_classes, rank,
                                                                    num_samples, generator)
                 captured += cap
@@ -170,7 +171,8 @@ def _probes_forward(adapter: Adapter, x: torch.Tensor) -> tuple[torch.Tensor, Gr
     sizes = {s.key: s.size for s in adapter.topology().sites}
     missing = sorted(set(sizes) - {p.site for p in probes})
     if missing:
-        raise UpvitError(f"the {adapter.family} adapter recorded no mask probe for site {missing[0]}: use engine='masks'")
+        raise UpvitError(f"the {adapter.family} adapter recorded no mask probe for site {missing[0]}: "
+                         "use engine='masks'")
     tensors = [p.tensor for p in probes]
 
     def grads(target: torch.Tensor, retain: bool) -> dict[str, torch.Tensor]:

@@ -312,7 +312,8 @@ def greedy_scores(adapter: Adapter, images: Inputs, targets: Any = None, ratios:
     line with the plan (rounds per residual site, evaluations).
 
     >>> s = upvit.score(teacher, proxy, method="greedy", initial=one_shot,              # doctest: +SKIP
-    ...                 targets=[dict(embed_dim=96, num_heads=6, mlp_hidden=384), dict(embed_dim=48, num_heads=3, mlp_hidden=192)])
+    ...                 targets=[dict(embed_dim=96, num_heads=6, mlp_hidden=384),
+    ...                          dict(embed_dim=48, num_heads=3, mlp_hidden=192)])
     >>> plan = upvit.make_plan(teacher, s, embed_dim=48, num_heads=3, mlp_hidden=192)  # doctest: +SKIP
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -356,7 +357,8 @@ def _greedy(adapter: Adapter, images: Inputs, targets: Any, ratios: Any, initial
         bar.phase("exact one-shot scores")
         initial = kl_scores(adapter, images, batch_size=batch_size, progress=progress)
     elif not isinstance(initial, Scores):
-        raise UpvitError(f"initial must be upvit Scores (e.g. the exact one-shot KL scores), got {type(initial).__name__}")
+        raise UpvitError("initial must be upvit Scores (e.g. the exact one-shot KL scores), "
+                         f"got {type(initial).__name__}")
     initial.check_matches(topology)
     bar.arm()
     values = {k: v.detach().to(torch.float64).cpu().clone() for k, v in initial.items()}

@@ -30,7 +30,8 @@ def head_masks(size: int, heads: int, rows: int, like: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def head_scores(model: nn.Module, proxy: Inputs, batch_size: int = 32, progress: bool = False) -> dict[str, torch.Tensor]:
+def head_scores(model: nn.Module, proxy: Inputs, batch_size: int = 32,
+                progress: bool = False) -> dict[str, torch.Tensor]:
     """Per attention site, ``[heads]`` float64: the divergence of removing each whole head (the adapter's
     divergence: KL for classifiers and language models, 1 - cos for sentence encoders)."""
     from ..adapters import get_adapter

@@ -221,7 +221,8 @@ def _hybrid(adapter: Adapter, images: torch.Tensor, targets: Any, ratios: Any, b
     while True:
         rounds += 1
         if rounds > max_rounds:
-            raise UpvitError(f"hybrid scoring did not settle in {max_rounds} rounds: raise max_rounds or use method='kl'")
+            raise UpvitError(f"hybrid scoring did not settle in {max_rounds} rounds: "
+                             "raise max_rounds or use method='kl'")
         need: dict[str, set[int]] = {k: set(extra[k]) for k in sizes}
         for p in problems:
             lo, hi = p.band
@@ -260,11 +261,14 @@ def _hybrid(adapter: Adapter, images: torch.Tensor, targets: Any, ratios: Any, b
             extra[k].update(idx)
 
     scored = {k: int(v.sum()) for k, v in known.items()}
-    info = {"criterion": "kl", "method": "hybrid", "targets": [t.to_dict() for t in target_list], "num_images": int(images.shape[0]),
-            "band": band, "min_band": min_band, "z": z, "tail": tail, "screen": estimate.meta.get("attention"), "rounds": rounds, "exact_calls": exact_calls,
+    info = {"criterion": "kl", "method": "hybrid", "targets": [t.to_dict() for t in target_list],
+            "num_images": int(images.shape[0]),
+            "band": band, "min_band": min_band, "z": z, "tail": tail, "screen": estimate.meta.get("attention"),
+            "rounds": rounds, "exact_calls": exact_calls,
             "exact_channels": {k: torch.nonzero(v).view(-1).tolist() for k, v in known.items()},
             "exact_counts": scored, "exact_fraction": sum(scored.values()) / sum(sizes.values()),
-            "final_bands": {f"{p.site}[{int(p.channels[0])}:{int(p.channels[-1]) + 1}]k{p.k}": list(p.band) for p in problems},
+            "final_bands": {f"{p.site}[{int(p.channels[0])}:{int(p.channels[-1]) + 1}]k{p.k}": list(p.band)
+                            for p in problems},
             "fisher": {k: v for k, v in estimate.meta.items() if k in ("classes", "num_samples", "seed")},
             "fisher_time_s": t_fisher, "exact_time_s": t_exact, "wall_time_s": time.perf_counter() - t0,
             "model": adapter.describe(), **meta}

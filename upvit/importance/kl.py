@@ -368,7 +368,8 @@ class _Engine:
                               for c, m in zip(self.chunks[s.key], self.mine[s.key]) if m) * batch_len(self.inputs)
 
     # ---------------------------------------------------------------- the run
-    def run(self, done: dict[str, torch.Tensor], persist: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
+    def run(self, done: dict[str, torch.Tensor],
+            persist: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, torch.Tensor]:
         unit = "seq-fwd" if isinstance(self.inputs, dict) else "img-fwd"
         with job(f"{criterion_name(self.adapter.divergence)} exact", unit=unit, show=self.show_progress) as bar:
             self.bar = bar

@@ -58,10 +58,12 @@ def local_attention_sums(adapter: Adapter, images: torch.Tensor, batch_size: int
             with torch.no_grad():
                 events = adapter.events(x)
                 if events.shape[1] != 1:
-                    raise UpvitError("the local attention estimate needs one output distribution per input: use method 'kl'")
+                    raise UpvitError("the local attention estimate needs one output distribution per input: "
+                                     "use method 'kl'")
                 logits = events[:, 0]
                 if not torch.isfinite(logits).all():
-                    raise UpvitError("the model produced NaN or inf logits on the proxy set: check the weights and inputs")
+                    raise UpvitError("the model produced NaN or inf logits on the proxy set: "
+                                     "check the weights and inputs")
                 directions, weights, *_ = class_directions(logits, classes, max_exact_classes, rank, num_samples,
                                                            generator)
                 stream = adapter.begin(x)
@@ -105,7 +107,8 @@ def _accumulate(adapter: Adapter, unit: str, before: Stream, after: Stream, grad
             out[idx] += proj.sum((0, 2))
 
 
-def _stream_gradients_all_units(adapter: Adapter, stream: Stream, directions: list[torch.Tensor]) -> list[torch.Tensor | None]:
+def _stream_gradients_all_units(adapter: Adapter, stream: Stream,
+                                directions: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Per unit, for attention units, ``[J, *x.shape]``: d(v_j . logits) / d(stream after the unit),
     from one forward from ``stream`` (the first unit's input) and one backward per direction."""
     topo = adapter.topology()
@@ -121,7 +124,8 @@ def _stream_gradients_all_units(adapter: Adapter, stream: Stream, directions: li
                 mids[i] = st.x
         logits = adapter.end(st)[:, 0]
         keys = sorted(mids)
-        per_direction = [torch.autograd.grad((logits * v).sum(), [mids[i] for i in keys], retain_graph=j < len(directions) - 1)
+        per_direction = [torch.autograd.grad((logits * v).sum(), [mids[i] for i in keys],
+                                             retain_graph=j < len(directions) - 1)
                          for j, v in enumerate(directions)]
     out: list[torch.Tensor | None] = [None] * len(units)
     for n, i in enumerate(keys):

@@ -44,7 +44,8 @@ class Scores:
             self.values = {("res.0" if k == "embed" else k): v for k, v in self.values.items()}
 
     @classmethod
-    def from_sites(cls, topology: Topology, values: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> "Scores":
+    def from_sites(cls, topology: Topology, values: dict[str, torch.Tensor],
+                   meta: dict[str, Any] | None = None) -> "Scores":
         """Scores in the topology's site order, with the topology recorded in the metadata."""
         missing = [s.key for s in topology.sites if s.key not in values]
         if missing:

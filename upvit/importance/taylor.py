@@ -51,7 +51,8 @@ def check_labels(labels: Any, n: int, num_classes: int | None = None) -> torch.T
                          "image) or a labelled proxy dataset yielding (image, label)")
     t = torch.as_tensor(labels)
     if t.is_floating_point() or t.dim() != 1:
-        raise UpvitError(f"labels must be a 1-D sequence of integer class indices, got {t.dtype} of shape {list(t.shape)}")
+        raise UpvitError("labels must be a 1-D sequence of integer class indices, "
+                         f"got {t.dtype} of shape {list(t.shape)}")
     if t.numel() != n:
         raise UpvitError(f"got {t.numel()} labels for {n} proxy images: give one label per image")
     t = t.long()
@@ -88,7 +89,8 @@ def loss_gradients(adapter: Adapter, images: torch.Tensor, labels: torch.Tensor,
                 logits = events[:, 0]
                 logits = logits if logits.dtype == torch.float64 else logits.float()
                 if not torch.isfinite(logits).all():
-                    raise UpvitError("the model produced NaN or inf logits on the proxy set: check the weights and inputs")
+                    raise UpvitError("the model produced NaN or inf logits on the proxy set: "
+                                     "check the weights and inputs")
                 loss = F.cross_entropy(logits, y, reduction="sum")
                 got = torch.autograd.grad(loss, params, allow_unused=True)
                 for p, g in zip(params, got):
@@ -137,7 +139,8 @@ def taylor_scores(adapter: Adapter, images: torch.Tensor, labels: Any = None, ba
     y = check_labels(labels, images.shape[0], getattr(adapter.model, "num_classes", None))
     n = int(images.shape[0])
     if not running():
-        note(f"Taylor importance of {sum(s.size for s in adapter.topology().sites):,} channels: one forward and backward "
+        note(f"Taylor importance of {sum(s.size for s in adapter.topology().sites):,} channels: "
+             "one forward and backward "
              f"pass over {n:,} labelled proxy images", progress)
     with job("taylor", 3 * n, unit="img-fwd", show=progress) as bar:  # a backward costs about two forwards
         products = _products(loss_gradients(adapter, images, y, batch_size, bar=Scaled(bar, 3.0)))
@@ -150,7 +153,8 @@ def taylor_scores(adapter: Adapter, images: torch.Tensor, labels: Any = None, ba
                 continue
             wg = wg.movedim(dim, 0)
             if wg.shape[0] != site.size:
-                raise UpvitError(f"a weight listed for {site.key} ({site.size} channels) has {wg.shape[0]} along its channel axis")
+                raise UpvitError(f"a weight listed for {site.key} ({site.size} channels) has {wg.shape[0]} along its "
+                                 "channel axis")
             wg = wg.reshape(site.size, -1).cpu()
             total += (wg.abs() if reduction == "weight" else wg).sum(1)
         per_site[site.key] = total.abs() if reduction == "channel" else total
