@@ -46,7 +46,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 WEIGHT_DECAY = 1e-3
 WEIGHT_DECAY_HELP = ("AdamW weight decay (the fine-tuning recipe of docs/method.md section 4; the teacher recipes in "
                      "the Makefile pass 0.05)")
-DATA_HELP = "training data: animal-mnist:train, an ImageFolder directory, shakespeare:train or text:FILE_OR_DIR (text models)"
+DATA_HELP = ("training data: animal-mnist:train, an ImageFolder directory, shakespeare:train or text:FILE_OR_DIR "
+             "(text models)")
 
 
 def command(name: str):
@@ -58,7 +59,8 @@ def command(name: str):
 
 
 def _add_model_args(p: argparse.ArgumentParser, name: str = "model", nargs=None) -> None:
-    p.add_argument(name, nargs=nargs, help="model directory (upvit or Hugging Face save_pretrained), timm:NAME[,key=value,...] "
+    p.add_argument(name, nargs=nargs,
+                   help="model directory (upvit or Hugging Face save_pretrained), timm:NAME[,key=value,...] "
                    "or hf:PATH_OR_NAME[,key=value,...]")
     p.add_argument("--checkpoint", help="state dict (.safetensors or .pth) to load into the model")
 
@@ -69,7 +71,8 @@ def _add_data_args(p: argparse.ArgumentParser, class_map: bool = True) -> None:
                    help="skip image files that cannot be decoded (counted at the end) instead of stopping at the first")
     if class_map:
         p.add_argument("--class-map", help="when the data's class folders differ from the model's classes: by-name "
-                                           "(match folders to the model's class names), FOLDER=CLASS,... or a JSON file")
+                                           "(match folders to the model's class names), "
+                                           "FOLDER=CLASS,... or a JSON file")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -125,7 +128,8 @@ def _fit_or_explain(run, out: str):
                     f"from the checkpoint in {out}")
         else:
             then = "then rerun the command (no epoch had finished, so there is nothing to resume)"
-        raise UpvitError(f"{message}: replace the file with a readable image or add --skip-bad-images, {then}") from None
+        raise UpvitError(f"{message}: replace the file with a readable image or add --skip-bad-images, "
+                         f"{then}") from None
 
 
 def _distillation_image_data(args: argparse.Namespace, model, data_config: dict | None):
@@ -177,7 +181,8 @@ def _train_image_data(args: argparse.Namespace, model):
     config.data_config = info.data_config()
     val_ds = None
     if args.val_data:
-        val_ds, val_info = load_data(args.val_data, data_config=config.data_config, skip_bad_images=args.skip_bad_images)
+        val_ds, val_info = load_data(args.val_data, data_config=config.data_config,
+                                     skip_bad_images=args.skip_bad_images)
         val_ds = align_classes(val_ds, val_info, config.class_names, outputs, args.class_map, repr(args.val_data))
     _check_images(args, train_ds, val_ds)
     return train_ds, val_ds
@@ -238,12 +243,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.force and not args.resume:
         discard_stale_checkpoint(args.out)
     record_ = _run_record(args, {"model": _model_input(args.model, model, args.checkpoint),
-                                 "data": _data_input(args.data, train_ds), "val_data": _data_input(args.val_data, val_ds)})
+                                 "data": _data_input(args.data, train_ds),
+                                 "val_data": _data_input(args.val_data, val_ds)})
     flush_warnings()
     record = _fit_or_explain(lambda: fit(model, train_ds, cfg, args.out, val_data=val_ds, resume=args.resume,
                                          extra_config=record_), args.out)
     _report_unreadable(train_ds, val_ds)
-    print(f"wrote {args.out}: " + json.dumps({k: record.get(k) for k in ("epoch", "val_top1", "val_loss", "val_perplexity")
+    print(f"wrote {args.out}: " + json.dumps({k: record.get(k)
+                                              for k in ("epoch", "val_top1", "val_loss", "val_perplexity")
                                               if k in record or k != "val_perplexity"}))
     return 0
 
@@ -304,7 +311,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .train import TrainConfig
 
     check_output_dir(args.out, force=args.force, resume=args.resume,
-                     inputs=[args.model, args.checkpoint, args.teacher, args.teacher_checkpoint, args.data, args.val_data])
+                     inputs=[args.model, args.checkpoint, args.teacher, args.teacher_checkpoint, args.data,
+                             args.val_data])
     student = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
     teacher = load_model(args.teacher, args.teacher_checkpoint)
@@ -355,7 +363,8 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", help="validation data evaluated after every epoch")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint, log.jsonl)")
     p.add_argument("--epochs", type=positive_int, default=30, help="fine-tuning epochs")
-    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the distillation term (batch-mean KL, or the "
+    p.add_argument("--alpha", type=nonneg_float, default=1.0,
+                   help="weight of the distillation term (batch-mean KL, or the "
                    "MSE with --distill features)")
     p.add_argument("--distill", default="logits", choices=["logits", "features"],
                    help="logits: KL(teacher || student) (default); features: --alpha x MSE on the pooled penultimate "
@@ -366,9 +375,11 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")
     p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of the cosine")
     p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
-    p.add_argument("--warmup-epochs", type=nonneg_float, default=None, help="linear warm-up (default min(2, epochs / 10))")
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=None,
+                   help="linear warm-up (default min(2, epochs / 10))")
     p.add_argument("--grad-clip", type=positive_float, default=None, help="clip the gradient norm to this value")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for ONNX Runtime parity (report)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx, checked for ONNX Runtime parity (report)")
     _add_run_args(p)
 
 
@@ -422,10 +433,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="animal-mnist:val, an ImageFolder directory, shakespeare:val or text:FILE")
+    p.add_argument("--data", required=True,
+                   help="animal-mnist:val, an ImageFolder directory, shakespeare:val or text:FILE")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images (or text blocks) per forward")
     p.add_argument("--teacher", help="sentence encoders: the model whose sentence similarities should be kept")
-    p.add_argument("--max-sentences", type=positive_int, default=1000, help="sentence encoders: sentences compared (first N)")
+    p.add_argument("--max-sentences", type=positive_int, default=1000,
+                   help="sentence encoders: sentences compared (first N)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", help="also write the metrics to this JSON file (its folder is created)")
     _add_data_args(p)
@@ -488,7 +501,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if (args.scores is None) == (args.plan is None):
         raise UpvitError("give exactly one of --scores FILE (with targets) or --plan FILE")
     if args.ratio is not None and given:
-        raise UpvitError("give either --ratio or explicit targets (--embed-dim/--num-heads/--mlp-hidden/--attn-dim), not both")
+        raise UpvitError("give either --ratio or explicit targets (--embed-dim/--num-heads/--mlp-hidden/--attn-dim), "
+                         "not both")
     if args.plan is not None and (given or args.ratio is not None):
         raise UpvitError("--plan already fixes the shape: drop the target options, or use --scores with them")
     if args.budget is not None:
@@ -537,7 +551,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(pruned.upvit_config.extra["compensation"]["summary"])
     p0, p1 = count_params(model), count_params(pruned)
     m0, m1 = count_macs(model), count_macs(pruned)
-    pruned.upvit_config.extra.update(_run_record(args, _prune_inputs(args, model, scores if args.plan is None else None),
+    pruned.upvit_config.extra.update(_run_record(args, _prune_inputs(args, model,
+                                                                     scores if args.plan is None else None),
                                                  results={"params": p1, "params_before": p0, "macs": m1,
                                                           "macs_before": m0}))
     save(pruned, args.out)
@@ -628,26 +643,30 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embed-dim", type=_int_or_list, help="residual width to keep (N, or N1,N2,... one per stage)")
     p.add_argument("--num-heads", type=_int_or_list, help="heads to keep per block (must divide the model's heads; "
                    "one value, or one per stage)")
-    p.add_argument("--mlp-hidden", type=_int_or_list, help="FFN hidden units to keep per block (one value, or one per stage)")
-    p.add_argument("--attn-dim", type=_int_or_list, help="attention width (default: the embed dim; timm ViT requires that)")
+    p.add_argument("--mlp-hidden", type=_int_or_list,
+                   help="FFN hidden units to keep per block (one value, or one per stage)")
+    p.add_argument("--attn-dim", type=_int_or_list,
+                   help="attention width (default: the embed dim; timm ViT requires that)")
     p.add_argument("--ratio", type=fraction, help="keep this fraction of embed dims, heads and FFN units")
     p.add_argument("--keep-heads", action="store_true", help="with --ratio: keep the head count, shrink the head dim")
     p.add_argument("--head-bias", default="mean", choices=["mean", "best"],
                    help="Swin: a merged head's relative-position bias is the mean of its heads' or the best head's")
     p.add_argument("--heads", default="merge", choices=["merge", "whole"],
-                   help="merge: each new head takes the best dims of consecutive original heads (the paper); whole: keep "
-                   "the best whole original heads, ranked by the exact divergence of removing each on the --data proxy "
-                   "set (without --data: by the sum of their dims' scores)")
+                   help="merge: each new head takes the best dims of consecutive original heads (the paper); "
+                   "whole: keep the best whole original heads, ranked by the exact divergence of removing each on the "
+                   "--data proxy set (without --data: by the sum of their dims' scores)")
     p.add_argument("--compensate", default="none", choices=["none", "bias", "lsq"],
                    help="after pruning, refit the layers that read pruned channels on the --data proxy set so they "
                    "reproduce the original's outputs: lsq = weights and bias by ridge least squares, bias = bias only "
                    "(default none, the paper's; see README 'Compensation')")
-    p.add_argument("--data", help="proxy data (animal-mnist:train, an ImageFolder, shakespeare:train ...): the report's "
+    p.add_argument("--data",
+                   help="proxy data (animal-mnist:train, an ImageFolder, shakespeare:train ...): the report's "
                    "divergence of the pruned model from the original is measured on --proxy-size samples of it; "
                    "--heads whole and --compensate use the same samples (give the options `upvit score` had)")
     p.add_argument("--proxy-size", type=positive_int, default=256, help="proxy samples drawn from --data (seeded)")
     p.add_argument("--proxy-seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
-    p.add_argument("--budget", type=_budget_arg, help="instead of a shape: macs=F, params=F or latency=F (a fraction of "
+    p.add_argument("--budget", type=_budget_arg,
+                   help="instead of a shape: macs=F, params=F or latency=F (a fraction of "
                    "the original's); the shapes within it are compared by their joint divergence on the --data proxy "
                    "set and the lowest is kept")
     p.add_argument("--budget-grid", type=positive_int, default=8,
@@ -655,7 +674,8 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-batch", type=positive_int, default=64, help="--budget latency=: the batch size timed")
     p.add_argument("--budget-runtime", default="torch", choices=["torch", "onnxruntime"],
                    help="--budget latency=: the runtime timed (see upvit bench --runtime)")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx, checked for ONNX Runtime parity (report)")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx, checked for ONNX Runtime parity (report)")
     p.add_argument("--out", required=True, help="output model directory (config.json, model.safetensors, plan.json, "
                    "report.json, report.md)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out")
@@ -772,9 +792,11 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many images of every class")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
     p.add_argument("--method", default="kl", help="kl (exact, the paper's: one partial forward per channel per proxy "
-                   "image), fisher (an estimate from a few backward passes per image: seconds), hybrid (exact keep sets "
+                   "image), fisher (an estimate from a few backward passes per image: seconds), "
+                   "hybrid (exact keep sets "
                    "at --target for a fraction of kl's time), magnitude, random (no data), taylor, greedy")
-    p.add_argument("--target", action="append", help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's; "
+    p.add_argument("--target", action="append",
+                   help="hybrid: a shape EMBED,HEADS,MLP whose keep sets must equal exact's; "
                    "greedy: a shape whose residual width the greedy path passes (repeatable; per-stage values "
                    "separated by '/')")
     p.add_argument("--ratios", type=fraction, nargs="+", help="hybrid/greedy: instead of --target, keep ratios such as "
@@ -925,7 +947,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     flush_warnings()
     result = export_onnx(model, args.out, exporter=args.exporter, opset=args.opset, check=not args.no_check,
                          rtol=args.rtol)
-    axes = ", ".join(f"{name}[{','.join(f'{a}:{n}' for a, n in ax.items())}]" for name, ax in result.dynamic_axes.items())
+    axes = ", ".join(f"{name}[{','.join(f'{a}:{n}' for a, n in ax.items())}]"
+                     for name, ax in result.dynamic_axes.items())
     print(f"exported with the {result.exporter} exporter, opset {result.opset}; dynamic axes {axes}")
     for p in result.parity:
         at = f"batch {p.batch_size}" + (f", sequence {p.seq_len}" if p.seq_len else "")
@@ -967,7 +990,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a tiny version (seconds to minutes) for tests and smoke checks")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny version (seconds to minutes) for tests and smoke checks")
     p.add_argument("--out", default=None, help="output directory (default demo_out)")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out (earlier results are replaced)")
     p.add_argument("--teacher", default=None, help="teacher model directory (default: the shipped teacher)")
