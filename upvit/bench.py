@@ -2,8 +2,8 @@
 
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one image while every
 attention module runs its explicit (unfused) path (the model's adapter switches it), so the two
-attention matmuls (q k^T and attn v) are counted as ordinary matmuls. We report multiply-accumulates ("MACs"), the unit the ViT papers
-call FLOPs (timm DeiT-S: 4.6 G). Text models are measured on one sequence of their block length
+attention matmuls (q k^T and attn v) are counted as ordinary matmuls. We report multiply-accumulates ("MACs"),
+the unit the ViT papers call FLOPs (timm DeiT-S: 4.6 G). Text models are measured on one sequence of their block length
 (``input_size`` is ``[T]``; throughput is sequences/s, ``tokens_per_second`` is added).
 """
 from __future__ import annotations
@@ -200,7 +200,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e9:.4f} | "
-                     f"{r['images_per_second']:.1f} | {r['images_per_second_q1']:.1f}-{r['images_per_second_q3']:.1f} | "
+                     f"{r['images_per_second']:.1f} | "
+                     f"{r['images_per_second_q1']:.1f}-{r['images_per_second_q3']:.1f} | "
                      f"{r['images_per_second_min']:.1f}-{r['images_per_second_max']:.1f} | "
                      f"{100 * r['spread']:.0f}% | {r['batch_size']} |")
     return "\n".join(lines)

@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 
 directory, inputs_path, out_path = sys.argv[1:4]
 inputs = load_file(inputs_path)
-if os.path.isfile(os.path.join(directory, "upvit.json")) or "architectures" in json.load(open(os.path.join(directory, "config.json"))):
+if os.path.isfile(os.path.join(directory, "upvit.json")) or (
+        "architectures" in json.load(open(os.path.join(directory, "config.json")))):
     import transformers
     arch = json.load(open(os.path.join(directory, "config.json")))["architectures"][0]
     model, info = getattr(transformers, arch).from_pretrained(directory, output_loading_info=True)
@@ -112,7 +113,8 @@ class ReloadCheck:
             self.tmp.cleanup()
         want = self.want
         if got.shape != want.shape:
-            raise UpvitError(f"reload check failed: {self.directory} reloaded gives outputs of shape {list(got.shape)}, "
+            raise UpvitError(f"reload check failed: {self.directory} reloaded gives outputs of shape "
+                             f"{list(got.shape)}, "
                              f"the pruned model {list(want.shape)}")
         diff = float((got - want).abs().max())
         scale = float(want.abs().max())
@@ -192,13 +194,15 @@ def _measure(report: dict[str, Any], directory: str, model: nn.Module, source: n
         m.eval()
         tp = throughput(m, batch_size=bench_batch, runs=bench_runs, warmup=1)
         report[role] = {"shape": get_adapter(m).describe(), "params": count_params(m), "macs": count_macs(m),
-                        "throughput": {"per_second": tp["images_per_second"], "batch_size": bench_batch, "runs": bench_runs,
-                                       "runtime": "torch", "threads": torch.get_num_threads()}}
+                        "throughput": {"per_second": tp["images_per_second"], "batch_size": bench_batch,
+                                       "runs": bench_runs, "runtime": "torch", "threads": torch.get_num_threads()}}
     if source is not None:
         report["ratios"] = {"params": report["target"]["params"] / report["source"]["params"],
                             "macs": report["target"]["macs"] / report["source"]["macs"],
-                            "speedup": report["target"]["throughput"]["per_second"] / report["source"]["throughput"]["per_second"]}
-    report["proxy_divergence"] = proxy_divergence(source, model, proxy) if source is not None and proxy is not None else None
+                            "speedup": (report["target"]["throughput"]["per_second"]
+                                        / report["source"]["throughput"]["per_second"])}
+    report["proxy_divergence"] = (proxy_divergence(source, model, proxy)
+                                  if source is not None and proxy is not None else None)
     if onnx:
         from .export import export_onnx
 
@@ -238,7 +242,8 @@ def report_markdown(r: dict[str, Any]) -> str:
                          f"{m['throughput']['per_second']:.1f} ({m['throughput']['batch_size']}) |")
     if "ratios" in r:
         q = r["ratios"]
-        lines += ["", f"Params {q['params']:.1%} of the source, MACs {q['macs']:.1%}, measured speed-up {q['speedup']:.2f}x "
+        lines += ["", f"Params {q['params']:.1%} of the source, MACs {q['macs']:.1%}, "
+                      f"measured speed-up {q['speedup']:.2f}x "
                   f"(PyTorch eager, {r['target']['throughput']['threads']} thread(s), median of "
                   f"{r['target']['throughput']['runs']} runs; a quick reading, see `upvit bench` for a careful one)."]
     return "\n".join(lines)

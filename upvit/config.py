@@ -84,7 +84,8 @@ class ModelConfig:
         if d.get("format") != CONFIG_FORMAT:
             raise UpvitError("config.json is not an upvit model config (missing format 'upvit-model')")
         if d.get("version", 0) > CONFIG_VERSION:
-            raise UpvitError(f"config.json has version {d['version']}, newer than this upvit ({CONFIG_VERSION}): upgrade upvit")
+            raise UpvitError(f"config.json has version {d['version']}, newer than this upvit ({CONFIG_VERSION}): "
+                             "upgrade upvit")
         known = {"name", "kwargs", "family", "data_config", "class_names", "timm_equivalent", "extra", "timm_name",
                  "timm_kwargs"}
         return cls(**{k: v for k, v in d.items() if k in known})

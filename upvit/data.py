@@ -101,7 +101,8 @@ def animal_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
         with gzip.open(os.path.join(folder, "animal_label_version_3.gz"), "rb") as f:
             labels = np.asarray(pickle.load(f), dtype=np.int64)
         if images.shape != (10000, 28, 28) or labels.shape != (10000,):
-            raise UpvitError(f"unexpected animal-mnist contents {images.shape}/{labels.shape}: reinstall animal-mnist==0.4")
+            raise UpvitError(f"unexpected animal-mnist contents {images.shape}/{labels.shape}: "
+                             "reinstall animal-mnist==0.4")
         _ARRAYS = (images, labels)
     return _ARRAYS
 
@@ -219,7 +220,8 @@ def resize_images(images: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def _model_input(data_config: dict[str, Any] | None, default: tuple[int, int, int]) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
+def _model_input(data_config: dict[str, Any] | None, default: tuple[int, int, int]
+                 ) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
     """(input size, mean, std) from a model's data config, or ``default`` with ImageNet statistics."""
     cfg = data_config or {}
     size = tuple(int(v) for v in cfg.get("input_size", default))
@@ -316,7 +318,8 @@ def read_emoji_images(root: str, files: Sequence[str]) -> np.ndarray:
             with Image.open(path) as im:
                 rgba = im.convert("RGBA")
         except (OSError, ValueError) as e:
-            raise BadImageError(f"cannot read emoji image {path} ({type(e).__name__}): run `make emoji` again") from None
+            raise BadImageError(f"cannot read emoji image {path} ({type(e).__name__}): "
+                                "run `make emoji` again") from None
         if rgba.size != (64, 64):
             rgba = rgba.resize((64, 64), Image.BICUBIC)
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -518,7 +521,8 @@ def image_folder(root: str, data_config: dict[str, Any] | None, train: bool = Fa
         raise UpvitError(f"cannot read {root!r} as an ImageFolder (one sub-folder of images per class): {e}") from None
     ds = CheckedImageFolder(folder, on_bad=("substitute" if train else "drop") if skip_bad_images else "raise")
     info = DataInfo(len(ds.classes), list(ds.classes), tuple(cfg["input_size"]), tuple(cfg["mean"]), tuple(cfg["std"]),
-                    cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"), extra={"dataset": os.path.abspath(root)})
+                    cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"),
+                    extra={"dataset": os.path.abspath(root)})
     return ds, info
 
 
@@ -590,7 +594,8 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
 
 
-def sample_proxy(dataset: Dataset, size: int | None = None, per_class: int | None = None, seed: int = 0) -> tuple[Subset, dict[str, Any]]:
+def sample_proxy(dataset: Dataset, size: int | None = None, per_class: int | None = None,
+                 seed: int = 0) -> tuple[Subset, dict[str, Any]]:
     """A seeded proxy subset: ``size`` random images, or ``per_class`` images of every class.
 
     Returns the subset and a record of the choice (for the scores' metadata).
@@ -699,7 +704,8 @@ def parse_class_map(text: str, data_classes: Sequence[str], model_classes: Seque
             pairs[key.strip()] = value.strip()
     unknown = sorted(set(pairs) - set(data_classes))
     if unknown:
-        raise UpvitError(f"--class-map names {unknown[0]!r}, which is not a class of the data ({_preview(data_classes)})")
+        raise UpvitError(f"--class-map names {unknown[0]!r}, which is not a class of the data "
+                         f"({_preview(data_classes)})")
     mapping = []
     for name in data_classes:
         if name not in pairs:

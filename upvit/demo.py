@@ -127,7 +127,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     proxy, proxy_record = sample_proxy(train_eval_ds, size=cfg.proxy_size, seed=cfg.proxy_seed)
     targets = [cfg.shapes[k] for k in cfg.shapes]
     method_options: dict[str, Any] = {"targets": targets} if cfg.method == "hybrid" else {}
-    _log(f"[1/4] scoring the teacher's channels: method={cfg.method}, proxy={len(proxy)} training images (seed {cfg.proxy_seed})")
+    _log(f"[1/4] scoring the teacher's channels: method={cfg.method}, proxy={len(proxy)} training images (seed "
+         f"{cfg.proxy_seed})")
     t0 = time.time()
     selections = {"upvit": score(teacher, proxy, method=cfg.method, **method_options)}
     scoring_seconds = time.time() - t0
@@ -149,7 +150,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             for mode in dict.fromkeys(("none", "lsq", cfg.compensate)):
                 variants[mode] = prune(teacher, plan)
                 compensate(teacher, variants[mode], plan, proxy_images, mode=mode)
-                before_by_mode.setdefault(name, {})[mode] = evaluate(variants[mode], val_ds, desc=f"eval {name}")["top1"]
+                before_by_mode.setdefault(name, {})[mode] = evaluate(variants[mode], val_ds,
+                                                                     desc=f"eval {name}")["top1"]
             students[name] = variants[cfg.compensate]
         torch.manual_seed(cfg.seed)
         scratch = build_model(copy.deepcopy(students[f"upvit-{shape_name}"].upvit_config))
@@ -166,7 +168,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     rows.append({"model": "teacher", "selection": "-", "shape": "B", "top1_before": teacher_metrics["top1"],
                  "top1": teacher_metrics["top1"], "params": count_params(teacher), "macs": count_macs(teacher),
                  "images_per_second": teacher_bench["images_per_second"], "finetune_seconds": 0.0})
-    _log(f"[3/4] fine-tuning {len(students)} students for {cfg.epochs} epoch(s) each with distillation (alpha {cfg.alpha})")
+    _log(f"[3/4] fine-tuning {len(students)} students for {cfg.epochs} epoch(s) each with distillation (alpha "
+         f"{cfg.alpha})")
     for name, student in students.items():
         sel_name, shape_name = name.rsplit("-", 1)
         before = (before_by_mode[name][cfg.compensate] if name in before_by_mode
@@ -180,7 +183,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         seconds = time.time() - t0
         bench = throughput(student, batch_size=cfg.bench_batch, runs=cfg.bench_runs)
         rows.append({"model": name, "selection": sel_name, "shape": shape_name, "top1_before": before,
-                     "top1_before_by_compensation": before_by_mode.get(name), "top1": record["val_top1"], "params": count_params(student), "macs": count_macs(student),
+                     "top1_before_by_compensation": before_by_mode.get(name), "top1": record["val_top1"],
+                     "params": count_params(student), "macs": count_macs(student),
                      "images_per_second": bench["images_per_second"], "finetune_seconds": round(seconds, 1)})
         _log(f"      {name:14s} top-1 {before:6.2f}% -> {record['val_top1']:6.2f}%  ({seconds:.0f} s)")
 
@@ -204,12 +208,13 @@ def machine_description() -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | selection | shape | top-1 before FT | before FT, lsq compensation | top-1 after FT | params (M) "
-             "| MMACs | images/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | selection | shape | top-1 before FT | before FT, lsq compensation | top-1 after FT | "
+             "params (M) | MMACs | images/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lsq = (r.get("top1_before_by_compensation") or {}).get("lsq")
         lsq_text = f"{lsq:.2f}" if lsq is not None else "-"
-        lines.append(f"| {r['model']} | {r['selection']} | {r['shape']} | {r['top1_before']:.2f} | {lsq_text} | {r['top1']:.2f} | "
+        lines.append(f"| {r['model']} | {r['selection']} | {r['shape']} | {r['top1_before']:.2f} | {lsq_text} | "
+                     f"{r['top1']:.2f} | "
                      f"{r['params'] / 1e6:.3f} | {r['macs'] / 1e6:.1f} | {r['images_per_second']:.0f} |")
     return "\n".join(lines)
 
@@ -220,10 +225,13 @@ def write_report(report: dict[str, Any], out: str) -> None:
     atomic_write_json(os.path.join(out, "demo.json"), report)
     cfg = report["config"]
     text = ["# upvit demo", "",
-            f"Teacher `{cfg['teacher']}`; scores: `{report['scoring_method']}` on {report['proxy']['num_images']} proxy "
-            f"images (seed {report['proxy']['seed']}), {report['scoring_seconds']} s; fine-tuning: {cfg['epochs']} epoch(s), "
+            f"Teacher `{cfg['teacher']}`; scores: `{report['scoring_method']}` on "
+            f"{report['proxy']['num_images']} proxy images (seed {report['proxy']['seed']}), "
+            f"{report['scoring_seconds']} s; fine-tuning: {cfg['epochs']} epoch(s), "
             f"batch {cfg['batch_size']}, lr {cfg['lr']}, alpha {cfg['alpha']}, identical for every student, from the "
-            f"students {'as pruned' if cfg.get('compensate', 'none') == 'none' else 'after ' + cfg['compensate'] + ' compensation'}"
+            "students "
+            f"{'as pruned' if cfg.get('compensate', 'none') == 'none' else 'after ' + cfg['compensate']}"
+            f"{'' if cfg.get('compensate', 'none') == 'none' else ' compensation'}"
             " (the lsq column: the same student after least-squares compensation on the proxy images, not fine-tuned); "
             f"accuracy on {report['val_images']} validation images; throughput at batch {cfg['bench_batch']} "
             f"on {report['machine']}.", "", markdown_table(report["rows"]), ""]

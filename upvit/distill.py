@@ -169,7 +169,8 @@ class DistillationLoss:
             out = model_output(self.teacher, images)
         return out.float()
 
-    def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, logits: torch.Tensor, images: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         teacher = self.cache(images, self.teacher_logits) if self.cache is not None else self.teacher_logits(images)
         if teacher.shape != logits.shape:
             raise UpvitError(f"the teacher gives {list(teacher.shape[1:])} outputs per image but the student "
@@ -283,7 +284,8 @@ class FeatureDistillationLoss:
             handle.remove()
         return got[-1].float()
 
-    def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, logits: torch.Tensor, images: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         student = self._store.pop("student", None)
         if student is None or student.shape[0] != logits.shape[0]:
             raise UpvitError("the student's forward did not pass through its classifier: feature distillation "
@@ -349,15 +351,16 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
     or "features" (MSE on the pooled penultimate features, the teacher's read at the channels the
     student's plan kept; ``temperature`` does not apply). The model directory written to ``out_dir``
     records the teacher (``teacher_name`` or its timm name, plus a weight fingerprint) and the
-    criterion under ``config.extra["distillation"]``. ``cache_teacher``: keep the teacher's outputs per distinct training image
-    (:class:`TeacherCache`) so it runs once per image instead of once per epoch; "auto" (default) does so
+    criterion under ``config.extra["distillation"]``. ``cache_teacher``: keep the teacher's outputs per distinct
+    training image (:class:`TeacherCache`) so it runs once per image instead of once per epoch; "auto" (default) does so
     when the training set declares a deterministic transform (``augment`` False, as ``emoji:``,
     ``animal-mnist-rgb:`` and an un-augmented ``animal-mnist:`` dataset do). The loss is the same either way.
     Returns the last epoch's log record.
 
     >>> import upvit                                                     # doctest: +SKIP
     >>> record = upvit.finetune(pruned, teacher, train_ds, upvit.TrainConfig(epochs=10), "out/ft")  # doctest: +SKIP
-    >>> record = upvit.finetune(pruned, teacher, train_ds, cfg, "out/ft-f", alpha=20, distill="features")  # doctest: +SKIP
+    >>> record = upvit.finetune(pruned, teacher, train_ds, cfg, "out/ft-f",  # doctest: +SKIP
+    ...                         alpha=20, distill="features")
     """
     from .adapters import task_of
     from .tasks import Task, is_text
@@ -372,7 +375,8 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
     cache = TeacherCache() if cache_teacher is True or (cache_teacher == "auto" and deterministic) else None
     if distill == "features":
         if is_text(task_of(student)):
-            raise UpvitError("distill='features' reads an image classifier's penultimate features: use distill='logits' "
+            raise UpvitError("distill='features' reads an image classifier's penultimate features: "
+                             "use distill='logits' "
                              "for text models")
         criterion: Any = FeatureDistillationLoss(teacher, student, feature_channels_from_plan(student, teacher),
                                                  alpha=alpha, amp=cfg.amp, cache=cache)

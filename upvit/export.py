@@ -87,7 +87,8 @@ def sequence_length(model: nn.Module) -> int:
     return int(input_size_of(model)[0])
 
 
-def sample_inputs(model: nn.Module, batch_size: int, seq_len: int | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+def sample_inputs(model: nn.Module, batch_size: int, seq_len: int | None = None,
+                  seed: int = 0) -> dict[str, torch.Tensor]:
     """Inputs as the model's data pipeline would give them, seeded.
 
     Images: uniform pixels in [0, 1] normalised with the data config's mean and std. Text: token ids
@@ -196,7 +197,8 @@ def export_onnx(model: nn.Module, path: str, exporter: str = "legacy", opset: in
     try:
         with torch.no_grad(), _quiet():
             if exporter == "legacy":
-                torch.onnx.export(module, args, path, dynamo=False, input_names=names, output_names=[output_name(model)],
+                torch.onnx.export(module, args, path, dynamo=False, input_names=names,
+                                  output_names=[output_name(model)],
                                   dynamic_axes=dynamic_axes_of(model), opset_version=opset, do_constant_folding=True)
             else:
                 torch.onnx.export(module, args, path, dynamo=True, input_names=names, output_names=[output_name(model)],
@@ -267,13 +269,15 @@ def check_parity(model: nn.Module, path: str, rtol: float = DEFAULT_RTOL, seed: 
         p = Parity(b, length, diff, scale, rtol * max(scale, 1.0))
         if not p.ok or not np.isfinite(diff):
             at = f"batch {b}" + (f", sequence {length}" if length else "")
-            raise UpvitError(f"ONNX parity failed: max |onnxruntime - torch| = {diff:.3g} at {at} exceeds the tolerance "
-                             f"{p.tolerance:.3g} ({rtol:g} x output scale {scale:.3g}); the exported graph is not the model")
+            raise UpvitError(f"ONNX parity failed: max |onnxruntime - torch| = {diff:.3g} at {at} exceeds "
+                             f"the tolerance {p.tolerance:.3g} ({rtol:g} x output scale {scale:.3g}); "
+                             "the exported graph is not the model")
         out.append(p)
     return out
 
 
-def onnx_runner(model: nn.Module, inputs: dict[str, torch.Tensor], threads: int | None = None) -> Callable[[], np.ndarray]:
+def onnx_runner(model: nn.Module, inputs: dict[str, torch.Tensor],
+                threads: int | None = None) -> Callable[[], np.ndarray]:
     """Export ``model`` (unchecked, to a temporary file removed once loaded) and return a callable that
     runs ``inputs`` through ONNX Runtime once: the runtime side of :func:`upvit.bench.make_runner`."""
     import tempfile

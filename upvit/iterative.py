@@ -20,8 +20,9 @@ With ``steps=1`` this is the paper's one-shot pruning. Without fine-tuning in be
 equals ``upvit.prune(model, result.plan)``: ``result.plan`` composes the steps' plans into one plan
 of the original model (also recorded as the pruned model's ``extra["plan"]``).
 
->>> result = upvit.prune_iteratively(teacher, proxy, dict(embed_dim=48, num_heads=3, mlp_hidden=192), steps=2)  # doctest: +SKIP
->>> [s.targets.stages[0] for s in result.steps]                                                               # doctest: +SKIP
+>>> result = upvit.prune_iteratively(teacher, proxy, dict(embed_dim=48, num_heads=3, mlp_hidden=192),  # doctest: +SKIP
+...                                  steps=2)
+>>> [s.targets.stages[0] for s in result.steps]                                                        # doctest: +SKIP
 [StageTarget(residual=96, heads=6, attn=96, ffn=384), StageTarget(residual=48, heads=3, attn=48, ffn=192)]
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ def schedule(topology: Topology, targets: Targets, steps: int) -> list[Targets]:
             src, tgt, prev = source[s], targets.stages[s], current[s]
             heads_options = [d for d in range(tgt.heads, prev.heads + 1) if prev.heads % d == 0 and d % tgt.heads == 0]
             # the preferred head count first; fall back when no attention width fits it
-            for heads in sorted(heads_options, key=lambda d: (abs(math.log(d) - math.log(geo(src.heads, tgt.heads))), -d)):
+            for heads in sorted(heads_options,
+                                key=lambda d: (abs(math.log(d) - math.log(geo(src.heads, tgt.heads))), -d)):
                 if rules.residual_ratios and s > 0:
                     res = stages[0].residual * rules.residual_ratios[s] / rules.residual_ratios[0]
                     if res != int(res) or not tgt.residual <= res <= prev.residual:
@@ -185,8 +187,9 @@ def prune_iteratively(model: nn.Module, proxy: Any, targets: Targets | dict[str,
         labels: the proxy labels, for scorers that need them (``taylor``).
         callback: called as ``callback(step, model, record)`` after each step's pruning.
 
-    >>> result = prune_iteratively(teacher, proxy, dict(embed_dim=48, num_heads=3, mlp_hidden=192), steps=2)  # doctest: +SKIP
-    >>> result.model, result.plan.summary()                                                                    # doctest: +SKIP
+    >>> result = prune_iteratively(teacher, proxy, dict(embed_dim=48, num_heads=3, mlp_hidden=192),  # doctest: +SKIP
+    ...                            steps=2)
+    >>> result.model, result.plan.summary()                                                          # doctest: +SKIP
     """
     from .adapters import get_adapter
 

@@ -80,7 +80,8 @@ def check_output_file(out: str, force: bool = False, resume: bool = False,
     """
     check_no_overlap(out, inputs)
     if os.path.isdir(out):
-        raise UpvitError(f"--out {out} is a directory: give a file name such as {os.path.join(out, 'scores.safetensors')}")
+        raise UpvitError(f"--out {out} is a directory: give a file name such as "
+                         f"{os.path.join(out, 'scores.safetensors')}")
     if resume or force:
         return
     if os.path.exists(out):

@@ -207,7 +207,8 @@ class Plan:
                 src = sizes[key].heads or 1
                 bad = [h for g in groups for h in g if not 0 <= h < src]
                 if bad:
-                    raise UpvitError(f"plan heads[{key}] names source head {bad[0]}, but the model has {src} heads there")
+                    raise UpvitError(f"plan heads[{key}] names source head {bad[0]}, "
+                                     f"but the model has {src} heads there")
         for key, groups in (self.bias_heads or {}).items():
             if key not in self.heads or len(groups) != len(self.heads[key]):
                 raise UpvitError(f"plan bias_heads[{key}] must give one list of source heads per new head")
@@ -216,7 +217,8 @@ class Plan:
             if missing:
                 n_plan, n_model = self.depth, topology.num_blocks
                 if n_plan != n_model and all(k.startswith(("attn.", "ffn.")) for k in missing):
-                    raise UpvitError(f"plan has {n_plan} blocks but the model has {n_model}: make the plan for this model")
+                    raise UpvitError(f"plan has {n_plan} blocks but the model has {n_model}: "
+                                     "make the plan for this model")
                 raise UpvitError(f"plan has no kept channels for {missing[0]}: make the plan for this model")
             if self.units is not None:
                 names = {u.key for u in topology.units}
@@ -286,7 +288,8 @@ class Plan:
         if not attn:
             raise UpvitError("plan has no blocks: keep_attn and keep_ffn need one list per block")
         if source is not None and source.get("depth") is not None and source["depth"] != len(attn):
-            raise UpvitError(f"plan has {len(attn)} blocks but the model has {source['depth']}: make the plan for this model")
+            raise UpvitError(f"plan has {len(attn)} blocks but the model has {source['depth']}: "
+                             "make the plan for this model")
         _check_indices("keep_embed", d["keep_embed"], source and source.get("embed_dim"))
         for b, (a, f) in enumerate(zip(attn, ffn)):
             _check_indices(f"keep_attn[{b}]", a, source and source["attn_dim"][b])

@@ -133,7 +133,8 @@ class TextInfo:
     class_names: list[str] | None = None
 
     def data_config(self) -> dict[str, Any]:
-        return {k: v for k, v in self.extra.items() if k in ("task", "block_size", "max_length", "pooling", "normalize")}
+        return {k: v for k, v in self.extra.items()
+                if k in ("task", "block_size", "max_length", "pooling", "normalize")}
 
 
 class TokenBlocks(Dataset):

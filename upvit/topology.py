@@ -138,8 +138,10 @@ class Rules:
                                      f"in every block (got {seen})")
             bad = next((a for a in st.attn if a != st.residual), None)
             if self.attn_tied_to_residual and bad is not None:
-                raise UpvitError(f"{self.family} ties the attention width to embed_dim, so {width_name('attn', s, multi)} "
-                                 f"({bad}) must equal {width_name('residual', s, multi)} ({st.residual}): leave attn_dim "
+                raise UpvitError(f"{self.family} ties the attention width to embed_dim, "
+                                 f"so {width_name('attn', s, multi)} "
+                                 f"({bad}) must equal {width_name('residual', s, multi)} ({st.residual}): "
+                                 "leave attn_dim "
                                  "unset")
         for name in sorted(self.uniform_across_stages):
             seen = [getattr(st, name)[0] for st in stages if getattr(st, name)]

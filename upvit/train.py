@@ -65,7 +65,8 @@ def epoch_line(record: dict[str, Any], epochs: int, elapsed: float, epochs_run: 
     per_epoch = elapsed / max(1, epochs_run)
     parts.append(f"{per_epoch:.1f} s/epoch")
     left = epochs - record["epoch"]
-    parts.append(f"elapsed {format_seconds(elapsed)}" + (f", ETA {format_seconds(left * per_epoch)}" if left else ", done"))
+    parts.append(f"elapsed {format_seconds(elapsed)}"
+                 + (f", ETA {format_seconds(left * per_epoch)}" if left else ", done"))
     return "  ".join(parts)
 
 
@@ -188,7 +189,8 @@ def fit(
     device = torch.device(device) if device is not None else dist_utils.default_device()
     world, rank = dist_utils.world_size(), dist_utils.rank()
     if cfg.batch_size % world:
-        raise UpvitError(f"batch size {cfg.batch_size} does not split over {world} processes: use a multiple of {world}")
+        raise UpvitError(f"batch size {cfg.batch_size} does not split over {world} processes: "
+                         f"use a multiple of {world}")
     criterion = criterion or CrossEntropy(cfg.label_smoothing)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -207,7 +209,8 @@ def fit(
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
+    device_ids = [device.index] if device.type == "cuda" else None
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if distributed else model
 
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path, log_path = os.path.join(out_dir, CHECKPOINT_FILE), os.path.join(out_dir, LOG_FILE)
@@ -228,7 +231,8 @@ def fit(
         random.setstate(state["python_rng"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
     elif os.path.isfile(ckpt_path):
-        raise UpvitError(f"{out_dir} already holds a training checkpoint: add --resume to continue it or choose a new --out")
+        raise UpvitError(f"{out_dir} already holds a training checkpoint: "
+                         "add --resume to continue it or choose a new --out")
 
     record: dict[str, Any] = history[-1] if history else {}
     t_run = time.time()
@@ -248,7 +252,8 @@ def fit(
                 logits = model_output(train_model, images)
             loss, parts = criterion(logits.float(), images, labels)
             if not torch.isfinite(loss):
-                raise UpvitError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}: lower --lr or check the data")
+                raise UpvitError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
+                                 "lower --lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -279,7 +284,8 @@ def fit(
                   **{f"train_{k}": v / steps_per_epoch for k, v in sums.items()},
                   "epoch_seconds": round(time.time() - t0, 2), rate_key: round(seen * world / (time.time() - t0), 1)}
         if val_data is not None:
-            metrics = evaluate(ema if ema is not None else model, val_data, batch_size=cfg.eval_batch_size, device=device)
+            metrics = evaluate(ema if ema is not None else model, val_data, batch_size=cfg.eval_batch_size,
+                               device=device)
             record.update({"val_top1": metrics["top1"], "val_loss": metrics["loss"]})
             if "perplexity" in metrics:
                 record["val_perplexity"] = metrics["perplexity"]
