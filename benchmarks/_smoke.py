@@ -21,7 +21,8 @@ TINY = {
             "embed_dim=8,depths=[2,2,2,2],num_heads=[2,2,4,8]",
     "pvt": "timm:pvt_v2_b0,in_chans=1,num_classes=10,sr_ratios=[4,2,1,1],embed_dims=[8,16,24,32],num_heads=[1,2,2,4],"
            "depths=[1,1,1,1],mlp_ratios=[2,2,2,2],input_size=[1,28,28]",
-    "gpt2": "hf:gpt2,n_layer=2,n_embd=16,n_head=2,n_inner=32,n_positions=128,tokenizer={root}/upvit/assets/shakespeare_bpe",
+    "gpt2": "hf:gpt2,n_layer=2,n_embd=16,n_head=2,n_inner=32,n_positions=128,"
+            "tokenizer={root}/upvit/assets/shakespeare_bpe",
     "bert": "hf:BertModel,num_hidden_layers=2,hidden_size=16,num_attention_heads=4,intermediate_size=32,"
             "max_position_embeddings=64,tokenizer={minilm}",
 }

@@ -99,8 +99,8 @@ def main() -> None:
             with open(os.path.join(out, "log.jsonl")) as f:
                 history = [json.loads(line) for line in f]
             runs[str(seed)] = {"top1": history[-1]["val_top1"], "curve": [r["val_top1"] for r in history],
-                               "seconds": round(time.time() - t0, 1), "loadavg_start_end": [round(load0, 2),
-                                                                                            round(os.getloadavg()[0], 2)]}
+                               "seconds": round(time.time() - t0, 1),
+                               "loadavg_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)]}
             atomic_write_json(STATE, state)
             log(f"{shape}: seed {seed} top-1 {runs[str(seed)]['top1']:.2f}")
 

@@ -18,11 +18,11 @@ two warm-up calls each. The CPU is shared with other jobs (load averages of 10-1
 this ran), so wall-clock time would measure the scheduler: with one thread for torch (``OMP_NUM_THREADS=1``)
 and for ONNX Runtime (intra-op threads = torch's), a call's *process CPU time* (``time.process_time``) is its
 compute, and that is what is timed; the minimum over the calls is reported (contention still adds cache misses,
-never removes work), the median is kept in deploy.json. Speed-up = teacher time / student time. ``why``: each group also times a *floor* model, the
-teacher's architecture at width 1 (same operator graph, almost no MACs): its time is what width pruning cannot
-remove at this depth, so teacher / floor is the ceiling of any student's speed-up; the achieved GMAC/s at batch
-64 shows where a student's kernels run less efficiently than the teacher's (odd widths such as Swin's head dim
-11); a PyTorch profile counts the operator calls per forward (the same in a teacher and its width-pruned
+never removes work), the median is kept in deploy.json. Speed-up = teacher time / student time. ``why``: each group
+also times a *floor* model, the teacher's architecture at width 1 (same operator graph, almost no MACs): its time is
+what width pruning cannot remove at this depth, so teacher / floor is the ceiling of any student's speed-up; the
+achieved GMAC/s at batch 64 shows where a student's kernels run less efficiently than the teacher's (odd widths
+such as Swin's head dim 11); a PyTorch profile counts the operator calls per forward (the same in a teacher and its width-pruned
 students).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python benchmarks/deploy.py [--groups vit swin ...]
@@ -54,8 +54,10 @@ STATE = os.path.join(RESULTS, "deploy.json")
 ASSETS = os.path.join(ROOT, "upvit", "assets")
 BATCHES = (1, 64)
 RUNTIMES = ("torch", "onnxruntime")
-MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
-              "aten::mkldnn_convolution", "aten::_convolution", "aten::convolution", "aten::_scaled_dot_product_attention_math",
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::mkldnn_convolution", "aten::_convolution", "aten::convolution",
+              "aten::_scaled_dot_product_attention_math",
               "aten::matmul", "aten::linear")
 SWIN_SHAPES = {
     "half": dict(embed_dim=[22, 44, 88, 176], num_heads=[2, 4, 8, 16], mlp_hidden=[88, 176, 352, 704]),
@@ -109,30 +111,37 @@ def _group_models(name: str) -> dict[str, torch.nn.Module]:
         teacher = upvit.load(os.path.join(ASSETS, "teacher"))
         scores = Scores.load(os.path.join(RESULTS, "teacher60_scores_p256_seed0.safetensors"))
         return {"teacher": teacher,
-                "S 96/6/384": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=96, num_heads=6, mlp_hidden=384)),
-                "T 48/3/192": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=48, num_heads=3, mlp_hidden=192))}
+                "S 96/6/384": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=96, num_heads=6,
+                                                                   mlp_hidden=384)),
+                "T 48/3/192": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=48, num_heads=3,
+                                                                   mlp_hidden=192))}
     if name == "swin":
         teacher = upvit.load(os.path.join(ASSETS, "swin_teacher"))
         scores = magnitude(teacher)
-        return {"teacher": teacher, **{f"{k} {'/'.join(map(str, v['embed_dim']))}": upvit.prune(teacher, upvit.make_plan(teacher, scores, **v))
-                                       for k, v in SWIN_SHAPES.items()}}
+        return {"teacher": teacher,
+                **{f"{k} {'/'.join(map(str, v['embed_dim']))}": upvit.prune(teacher,
+                                                                             upvit.make_plan(teacher, scores, **v))
+                   for k, v in SWIN_SHAPES.items()}}
     if name == "pvt":
         from upvit.adapters import get_adapter
         from upvit.targets import Targets
 
         teacher = upvit.load(os.path.join(ASSETS, "pvt_teacher"))
         target = Targets.from_ratio(get_adapter(teacher).topology(), 0.5, keep_heads=True)
-        return {"teacher": teacher, "B0 shape": upvit.prune(teacher, upvit.make_plan(teacher, magnitude(teacher), targets=target))}
+        return {"teacher": teacher,
+                "B0 shape": upvit.prune(teacher, upvit.make_plan(teacher, magnitude(teacher), targets=target))}
     if name == "lm":
         teacher = upvit.load(os.path.join(ASSETS, "lm_teacher"))
         scores = Scores.load(os.path.join(RESULTS, "lm_teacher_scores_p64_seed0.safetensors"))
         return {"teacher": teacher,
-                "64/2/256": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=64, num_heads=2, mlp_hidden=256))}
+                "64/2/256": upvit.prune(teacher,
+                                        upvit.make_plan(teacher, scores, embed_dim=64, num_heads=2, mlp_hidden=256))}
     if name == "minilm":
         teacher = upvit.load_model("hf:all-MiniLM-L6-v2")
         scores = Scores.load(os.path.join(RESULTS, "minilm_scores_p16_seed0.safetensors"))
         return {"teacher": teacher,
-                "192/6/768": upvit.prune(teacher, upvit.make_plan(teacher, scores, embed_dim=192, num_heads=6, mlp_hidden=768))}
+                "192/6/768": upvit.prune(teacher,
+                                         upvit.make_plan(teacher, scores, embed_dim=192, num_heads=6, mlp_hidden=768))}
     raise SystemExit(f"unknown group {name}")
 
 
@@ -217,21 +226,24 @@ def machine() -> dict:
     load = os.getloadavg()
     import onnxruntime
 
-    return {"description": machine_description() + " (shared with other jobs)", "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "loadavg_at_start": [round(v, 2) for v in load]}
+    return {"description": machine_description() + " (shared with other jobs)",
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "loadavg_at_start": [round(v, 2) for v in load]}
 
 
 def report(state: dict) -> str:
     lines = ["# Deploying pruned models: MACs ratio vs measured speed-up", "",
-             "Written by `benchmarks/deploy.py` (see its docstring for the method). Students are pruned, not fine-tuned "
-             "(time depends on the shape only). Speed-up = teacher time / student time, the models called in turns in "
-             "the same sitting; times are process CPU time with one thread, the minimum over the calls (the 2-core "
-             "machine was shared with other jobs at load 10-18, which makes wall-clock time meaningless; medians are in "
-             "deploy.json). ONNX Runtime runs the `upvit export` graph "
+             "Written by `benchmarks/deploy.py` (see its docstring for the method). Students are pruned, "
+             "not fine-tuned (time depends on the shape only). Speed-up = teacher time / student time, the models "
+             "called in turns in the same sitting; times are process CPU time with one thread, the minimum over the "
+             "calls (the 2-core machine was shared with other jobs at load 10-18, which makes wall-clock time "
+             "meaningless; medians are in deploy.json). ONNX Runtime runs the `upvit export` graph "
              "(TorchScript exporter, opset 17) on the CPU provider with as many threads as torch.", ""]
     for group, g in state.get("groups", {}).items():
         m = g["machine"]
-        lines += [f"## {group}", "", f"Machine: {m['description']}; torch {m['torch']} with {m['torch_threads']} thread(s), "
+        lines += [f"## {group}", "",
+                  f"Machine: {m['description']}; torch {m['torch']} with {m['torch_threads']} thread(s), "
                   f"onnxruntime {m['onnxruntime']}; load average at start {m['loadavg_at_start']}; "
                   f"finished {g['finished']}.", "",
                   "| model | params (M) | MMACs | MACs ratio | eager b1 ms | eager b64 ms | ORT b1 ms | ORT b64 ms | "
@@ -244,8 +256,10 @@ def report(state: dict) -> str:
                          f"{s['onnxruntime']['1']['min'] * 1e3:.2f} | {s['onnxruntime']['64']['min'] * 1e3:.1f} | "
                          f"{sp['torch']['1']:.2f}x | {sp['torch']['64']:.2f}x | {sp['onnxruntime']['1']:.2f}x | "
                          f"{sp['onnxruntime']['64']:.2f}x |")
-        lines += ["", "Achieved multiply-accumulate rate at batch 64 (MACs x 64 / time) and operator calls per forward:", "",
-                  "| model | eager GMAC/s | ORT GMAC/s | eager b1 time / floor's | aten calls |", "|---|---:|---:|---:|---:|"]
+        lines += ["", "Achieved multiply-accumulate rate at batch 64 (MACs x 64 / time) and operator calls per "
+                      "forward:", "",
+                  "| model | eager GMAC/s | ORT GMAC/s | eager b1 time / floor's | aten calls |",
+                  "|---|---:|---:|---:|---:|"]
         floor = g["models"].get("floor (width 1)")
         for label, r in g["models"].items():
             s_ = r["seconds"]
@@ -278,13 +292,14 @@ def budget_report() -> list[str]:
     if not state:
         return []
     lines = ["## Budget experiment: the budget-chosen shape vs the paper's", "",
-             "`benchmarks/budget_quality.py`: budgets equal to the MACs fractions of the paper's S and T students of the "
-             "shipped ViT teacher; channels from the teacher's exact KL scores (256-image proxy); the budget search "
-             "(grid 8) compares candidates by their joint KL on that proxy; each chosen shape fine-tuned with the quality "
-             "benchmark's recipe (4 epochs, distillation from the teacher; seed 0 only, the CPU time for seeds 1-2 was not "
-             "there); the paper shapes' numbers are the "
+             "`benchmarks/budget_quality.py`: budgets equal to the MACs fractions of the paper's S and T students "
+             "of the shipped ViT teacher; channels from the teacher's exact KL scores (256-image proxy); the budget "
+             "search (grid 8) compares candidates by their joint KL on that proxy; each chosen shape fine-tuned with "
+             "the quality benchmark's recipe (4 epochs, distillation from the teacher; seed 0 only, the CPU time for "
+             "seeds 1-2 was not there); the paper shapes' numbers are the "
              "quality benchmark's KL cells at 4 epochs (same recipe and seeds). Top-1 on animal-mnist:val.", "",
-             "| budget (MACs) | shape | candidates | joint KL on the proxy | top-1 after 4 epochs (mean +- SE, seeds) |",
+             "| budget (MACs) | shape | candidates | joint KL on the proxy | top-1 after 4 epochs (mean +- SE, "
+             "seeds) |",
              "|---|---|---:|---:|---|"]
 
     def mean_se(v):
@@ -300,12 +315,15 @@ def budget_report() -> list[str]:
         p = e["paper"]
         cell = p.get("quality_cell") or {}
         ps = p["shape"]
-        lines.append(f"| {p['macs_fraction']:.4f} | paper {shape}: {ps['embed_dim']}/{ps['num_heads']}/{ps['embed_dim']}/"
-                     f"{ps['mlp_hidden']} | - | {p.get('joint_kl', float('nan')):.2f} | {mean_se(cell.get('top1', []))} |")
+        lines.append(f"| {p['macs_fraction']:.4f} | paper {shape}: "
+                     f"{ps['embed_dim']}/{ps['num_heads']}/{ps['embed_dim']}/"
+                     f"{ps['mlp_hidden']} | - | {p.get('joint_kl', float('nan')):.2f} | "
+                     f"{mean_se(cell.get('top1', []))} |")
         if "chosen" in e:
             runs = [r["top1"] for _, r in sorted(e.get("runs", {}).items())]
-            lines.append(f"| {p['macs_fraction']:.4f} | budget: {e['chosen']['shape']} ({e['chosen']['use']:.1%} of the "
-                         f"MACs) | {len(e['candidates'])} | {e['chosen']['joint_kl']:.2f} | "
+            lines.append(f"| {p['macs_fraction']:.4f} | budget: {e['chosen']['shape']} "
+                         f"({e['chosen']['use']:.1%} of the MACs) | {len(e['candidates'])} | "
+                         f"{e['chosen']['joint_kl']:.2f} | "
                          f"{e.get('note') or mean_se(runs)} |")
     lines += ["", "Top-1 after each of the 4 epochs, seed 0 (paper shapes: the quality benchmark's cell records):", ""]
     for shape, e in state.items():

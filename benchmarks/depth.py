@@ -310,7 +310,8 @@ def markdown(rep: dict) -> str:
              f"distillation from the teacher (batch {cfg['batch_size']}, lr {cfg['lr']}, weight decay "
              f"{cfg['weight_decay']}, warm-up {cfg['warmup_epochs']} epoch per fine-tuning run, alpha 1, seed 0); "
              f"scores on {rep['proxy']['num_images']} training images (seed {rep['proxy']['seed']}); top-1 on the "
-             f"2,000 validation images; throughput at batch 128, median of 3 interleaved passes of 5 timed runs; {rep['machine']}, "
+             "2,000 validation images; throughput at batch 128, median of 3 interleaved passes of 5 timed runs; "
+             f"{rep['machine']}, "
              "shared with other jobs.", "",
              "| method | removed (original units, in order) | hybrids | params (M) | MMACs | images/s | "
              "top-1 zero-shot | top-1 after FT |", "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -335,8 +336,9 @@ def markdown(rep: dict) -> str:
             lines.append(f"| {r['method']} | {s['step']} | {describe_removed(s['removed'])} | {s['depth']} | "
                          f"{s['top1_before_ft']:.2f} | {s['top1']:.2f} | {s['step_seconds']:.0f} |")
     sp = rep["spearman_kl_vs_block_influence"]
-    lines += ["", f"The teacher's candidates (KL: summed over the proxy images, {rep['kl_seconds']} s for all 11; Block "
-              f"Influence: {rep['block_influence_seconds']} s). Spearman KL vs Block Influence: {sp['all']:.3f} over "
+    lines += ["", f"The teacher's candidates (KL: summed over the proxy images, {rep['kl_seconds']} s for all 11; "
+              f"Block Influence: {rep['block_influence_seconds']} s). Spearman KL vs Block Influence: "
+              f"{sp['all']:.3f} over "
               f"all candidates, {sp['blocks']:.3f} over whole blocks.", "",
               "| candidate | kind | KL | rank | Block Influence | rank |", "|---|---|---:|---:|---:|---:|"]
     kl_rank = {i: n + 1 for n, i in enumerate(sorted(range(len(rep["candidates"])),

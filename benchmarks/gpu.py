@@ -41,7 +41,8 @@ from upvit.models import load_model  # noqa: E402
 FORMAT = "upvit-gpu-bench/1"
 VIT = "timm:vit_base_patch16_224,img_size={px},patch_size={patch},num_classes={classes},embed_dim={e},depth={d}," \
       "num_heads={h},mlp_ratio=4.0"
-FULL = dict(px=224, patch=16, classes=1000, B=dict(e=768, d=12, h=12), S=dict(e=384, d=12, h=6), T=dict(e=192, d=12, h=3),
+FULL = dict(px=224, patch=16, classes=1000, B=dict(e=768, d=12, h=12), S=dict(e=384, d=12, h=6),
+            T=dict(e=192, d=12, h=3),
             exact_images=4, exact_k=32, proxy=64, ft_batch=128, ft_steps=20, inf_batch=256, inf_reps=10, mm_rows=16384,
             mm_seconds=1.0)
 SMOKE = dict(px=16, patch=4, classes=10, B=dict(e=48, d=4, h=4), S=dict(e=24, d=4, h=2), T=dict(e=12, d=4, h=1),
@@ -221,7 +222,8 @@ def markdown(r: dict) -> str:
     e = r["parts"].get("exact")
     if e and "sites" in e:
         ds = [d for d in ("fp32", "bf16", "fp16") if d in next(iter(e["sites"].values()))]
-        L += ["## Exact KL, DeiT-B shape at 224 px (candidate-images/s)", "", "| kind | site | " + " | ".join(ds) + " |",
+        L += ["## Exact KL, DeiT-B shape at 224 px (candidate-images/s)", "",
+              "| kind | site | " + " | ".join(ds) + " |",
               "|---|---|" + "---|" * len(ds)]
         for kind, s in e["sites"].items():
             L.append(f"| {kind} | {s['site']} | " + " | ".join(fmt(s[d]["candidate_images_per_s"]) for d in ds) + " |")
@@ -239,7 +241,8 @@ def markdown(r: dict) -> str:
               f"batch {ft['batch']}, autocast {ft['autocast']})"]
     inf = r["parts"].get("inference")
     if inf and "models" in inf:
-        L += ["", f"## Inference ({inf['dtype']}, batch {inf['batch']})", "", "| model | images/s | vs DeiT-B |", "|---|---|---|"]
+        L += ["", f"## Inference ({inf['dtype']}, batch {inf['batch']})", "", "| model | images/s | vs DeiT-B |",
+              "|---|---|---|"]
         for n, v in inf["models"].items():
             L.append(f"| {n} | {v['images_per_s']:.0f} | {v['speedup_vs_B']:.2f}x |")
     for n, p in r["parts"].items():

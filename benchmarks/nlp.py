@@ -192,7 +192,8 @@ def run_minilm(state: dict[str, Any]) -> None:
     os.makedirs(WORK, exist_ok=True)
     state.setdefault("minilm", {})["settings"] = {**cfg, "train_sentences": len(train), "machine": machine(),
                                                   "eval": f"{len(eval_idx)} random shakespeare:val lines (seed "
-                                                          f"{cfg['eval_seed']}), {len(eval_idx) * (len(eval_idx) - 1) // 2} pairs"}
+                                                          f"{cfg['eval_seed']}), "
+                                                          f"{len(eval_idx) * (len(eval_idx) - 1) // 2} pairs"}
     save_state(state, "minilm")
     ref = embed(teacher, held_out, batch_size=128)
 
@@ -213,7 +214,8 @@ def run_minilm(state: dict[str, Any]) -> None:
         s = upvit.score(teacher, proxy, method="kl", out=scores_path, resume=os.path.exists(scores_path + ".partial"),
                         proxy_meta=record, batch_size=16, progress=False)
         return {"file": os.path.relpath(scores_path, ROOT), "divergence": s.meta.get("divergence"),
-                "proxy_tokens": int(proxy["attention_mask"].sum()), "wall_time_total_s": s.meta.get("wall_time_total_s")}
+                "proxy_tokens": int(proxy["attention_mask"].sum()),
+                "wall_time_total_s": s.meta.get("wall_time_total_s")}
 
     stage(state, "minilm", "scores", score)
     kl = Scores.load(scores_path)
@@ -252,35 +254,40 @@ def report(state: dict[str, Any]) -> str:
             r = lm.get(name)
             if r:
                 lines.append(f"| {name} | {r['params']:,} | {r['params'] / t['params']:.1%} | {r['macs']:,} | "
-                             f"{r['val_perplexity_before']:.1f} | {r['val_perplexity']:.2f} | {r['finetune_seconds']:.0f} |")
+                             f"{r['val_perplexity_before']:.1f} | {r['val_perplexity']:.2f} | "
+                             f"{r['finetune_seconds']:.0f} |")
         curve = teacher_curve()
         if curve:
             lines += ["", "Teacher training curve (`upvit/assets/lm_teacher/log.jsonl`):", "", curve]
         if "scores" in lm:
             lines += ["", f"Scores: exact KL on {s['proxy_size']} training blocks (seed {s['proxy_seed']}, "
-                          f"{lm['scores']['proxy_tokens']:,} tokens), {lm['scores'].get('wall_time_total_s') or lm['scores']['seconds']:.0f} s of scoring in all; "
-                          f"`{lm['scores']['file']}`."]
+                          f"{lm['scores']['proxy_tokens']:,} tokens), "
+                          f"{lm['scores'].get('wall_time_total_s') or lm['scores']['seconds']:.0f} s of scoring "
+                          f"in all; `{lm['scores']['file']}`."]
         lines.append("")
     mini = state.get("minilm", {})
     if "teacher" in mini:
         s, t = mini["settings"], mini["teacher"]
         lines += ["## MiniLM sentence encoder (all-MiniLM-L6-v2)", "",
-                  f"Teacher: {t['params']:,} parameters. Students: {s['shape']['embed_dim']} / {s['shape']['num_heads']} "
-                  f"heads / {s['shape']['mlp_hidden']}; {s['steps']} distillation steps of {s['batch_size']} lines "
+                  f"Teacher: {t['params']:,} parameters. Students: {s['shape']['embed_dim']} / "
+                  f"{s['shape']['num_heads']} heads / {s['shape']['mlp_hidden']}; {s['steps']} distillation steps of "
+                  f"{s['batch_size']} lines "
                   f"(in-batch cosine-similarity matching). Measure on {s['eval']}.", "",
-                  "| model | params | Spearman before FT | Spearman after FT | NN agreement before | NN agreement after |",
+                  "| model | params | Spearman before FT | Spearman after FT | NN agreement before "
+                  "| NN agreement after |",
                   "|---|---:|---:|---:|---:|---:|",
                   f"| teacher | {t['params']:,} | {t['spearman']:.4f} | - | {t['nn_agreement']:.3f} | - |"]
         for name in ("upvit", "magnitude"):
             r = mini.get(name)
             if r:
-                lines.append(f"| {name} | {r['params']:,} | {r['before']['spearman']:.4f} | {r['after']['spearman']:.4f} | "
-                             f"{r['before']['nn_agreement']:.3f} | {r['after']['nn_agreement']:.3f} |")
+                lines.append(f"| {name} | {r['params']:,} | {r['before']['spearman']:.4f} | "
+                             f"{r['after']['spearman']:.4f} | {r['before']['nn_agreement']:.3f} | "
+                             f"{r['after']['nn_agreement']:.3f} |")
         if "scores" in mini:
             lines += ["", f"Scores: exact engine, 1 - cos divergence, {s['proxy_size']} training lines (seed "
                           f"{s['proxy_seed']}, {mini['scores']['proxy_tokens']} tokens), "
-                          f"{mini['scores'].get('wall_time_total_s') or mini['scores']['seconds']:.0f} s of scoring in all "
-                          f"(much of it under heavy load); `{mini['scores']['file']}`."]
+                          f"{mini['scores'].get('wall_time_total_s') or mini['scores']['seconds']:.0f} s of scoring "
+                          f"in all (much of it under heavy load); `{mini['scores']['file']}`."]
         lines.append("")
     if state.get("reading"):
         lines += ["## Reading", "", state["reading"], ""]

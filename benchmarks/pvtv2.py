@@ -77,7 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", default=None, help="default: upvit/assets/pvt_teacher")
     ap.add_argument("--work", default=None, help="scores, students, state (resumable; default runs/pvtv2)")
-    ap.add_argument("--results", default=None, help="prefix of the .json/.md results (default benchmarks/results/pvtv2)")
+    ap.add_argument("--results", default=None,
+                    help="prefix of the .json/.md results (default benchmarks/results/pvtv2)")
     ap.add_argument("--proxy-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--smoke", action="store_true", help="seconds: tiny settings and (unless --teacher) a tiny random "
@@ -186,7 +187,8 @@ def main() -> None:
                           "images_per_second": round(tp["images_per_second"], 1),
                           "timm_equivalent": model.upvit_config.timm_equivalent}
         state.put("bench", rows)
-    report = {"teacher_dir": os.path.relpath(os.path.abspath(args.teacher), ROOT), "proxy": proxy_record, "target": target.to_dict(),
+    report = {"teacher_dir": os.path.relpath(os.path.abspath(args.teacher), ROOT), "proxy": proxy_record,
+              "target": target.to_dict(),
               "train_config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "weight_decay",
                                                             "warmup_epochs", "seed", "max_steps_per_epoch")},
               "machine": machine_description(), "smoke": bool(smoke), "val_images": len(val),
@@ -216,20 +218,25 @@ def markdown(r: dict[str, Any]) -> str:
     lines = ["| model | selection | distillation | top-1 before FT | top-1 after FT | params (M) | MMACs | images/s |",
              "|---|---|---|---:|---:|---:|---:|---:|",
              f"| teacher (pvt_v2_b1 shape) | - | - | {r['teacher']['top1']:.2f} | {r['teacher']['top1']:.2f} | "
-             f"{b['teacher']['params'] / 1e6:.3f} | {b['teacher']['macs'] / 1e6:.1f} | {b['teacher']['images_per_second']:.0f} |"]
+             f"{b['teacher']['params'] / 1e6:.3f} | {b['teacher']['macs'] / 1e6:.1f} | "
+             f"{b['teacher']['images_per_second']:.0f} |"]
     for name, *_ in RUNS:
         run = r[f"run:{name}"]
         dist = "logit KL, alpha 1" if run["distill"] == "logits" else f"feature MSE, alpha {run['alpha']:g}"
         lines.append(f"| {name} | {run['selection']} | {dist} | {run['top1_before']:.2f} | {run['top1']:.2f} | "
-                     f"{b[name]['params'] / 1e6:.3f} | {b[name]['macs'] / 1e6:.1f} | {b[name]['images_per_second']:.0f} |")
+                     f"{b[name]['params'] / 1e6:.3f} | {b[name]['macs'] / 1e6:.1f} | "
+                     f"{b[name]['images_per_second']:.0f} |")
     h = r["hybrid"]
     return "\n".join([
         "# UP-PVTv2 on the embedded data", "",
         f"Teacher `{r['teacher_dir']}`; "
-        f"exact KL scores on {r['proxy']['num_images']} training images (seed {r['proxy']['seed']}); target: the B0 shape "
-        f"(residual {[s['residual'] for s in r['target']['stages']]}, heads {[s['heads'] for s in r['target']['stages']]}, "
+        f"exact KL scores on {r['proxy']['num_images']} training images (seed {r['proxy']['seed']}); target: "
+        "the B0 shape "
+        f"(residual {[s['residual'] for s in r['target']['stages']]}, heads "
+        f"{[s['heads'] for s in r['target']['stages']]}, "
         f"FFN {[s['ffn'] for s in r['target']['stages']]}); fine-tuning {r['train_config']['epochs']} epoch(s), batch "
-        f"{r['train_config']['batch_size']}, lr {r['train_config']['lr']}, weight decay {r['train_config']['weight_decay']}, "
+        f"{r['train_config']['batch_size']}, lr {r['train_config']['lr']}, weight decay "
+        f"{r['train_config']['weight_decay']}, "
         f"warm-up {r['train_config']['warmup_epochs']} epoch, seed 0, identical for every student; accuracy on the "
         f"{r['val_images']:,} validation images; throughput at batch {r['bench_batch']} on {r['machine']}.", "",
         *lines, "",

@@ -107,7 +107,8 @@ def compare(model, images, cands, batch_size: int) -> dict:
                 worst, worst_at = err, f"{key}[{c}]"
     per_ci = lambda t: t / (n_cand * n_img)  # noqa: E731
     kinds = {s.key: s.kind for s in adapter.topology().sites}
-    by_component = {kind: sum(len(v) for k, v in cands.items() if kinds[k] == kind) for kind in ("residual", "attn", "ffn")}
+    by_component = {kind: sum(len(v) for k, v in cands.items() if kinds[k] == kind)
+                    for kind in ("residual", "attn", "ffn")}
     return {
         "candidates": n_cand, "candidates_by_component": by_component, "proxy_images": n_img, "batch_size": batch_size,
         "naive_s": round(t_naive, 3), "engine_s": round(t_engine, 3),
@@ -128,7 +129,8 @@ def full_scores(model, batch_size: int, out: str) -> dict:
     images = proxy_tensor(subset)
     t0 = time.perf_counter()
     scores = kl_scores(get_adapter(model), images, batch_size=batch_size, out=out, resume=True, proxy_meta=record,
-                       meta={"model_spec": os.path.relpath(TEACHER, ROOT), "seed": 0, "command": "benchmarks/scoring.py"})
+                       meta={"model_spec": os.path.relpath(TEACHER, ROOT), "seed": 0,
+                             "command": "benchmarks/scoring.py"})
     return {"path": os.path.relpath(out, ROOT), "wall_time_s_this_call": round(time.perf_counter() - t0, 1),
             "wall_time_s_total": scores.meta.get("wall_time_total_s"), "proxy": record,
             "channels": sum(t.numel() for _, t in scores.items())}
@@ -154,7 +156,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: the shipped teacher, else a random model of its shape")
     ap.add_argument("--proxy-size", type=int, default=32, help="proxy images for the engine/naive comparison")
     ap.add_argument("--fraction", type=float, default=0.05,
-                    help="fraction of each site's channels compared (small fractions under-fill the engine's candidate stacks)")
+                    help="fraction of each site's channels compared "
+                         "(small fractions under-fill the engine's candidate stacks)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-full", action="store_true", help="do not compute the teacher's 256-image scores")
@@ -210,7 +213,8 @@ def markdown(r: dict) -> str:
     g = lambda x: f"{x / 1e9:.1f} GFLOP/s"  # noqa: E731
     lines = [
         "# Exact KL scoring: engine vs naive slice-and-rerun", "",
-        f"Model: `{r['model']}`" + ("" if r["model_is_trained_teacher"] else " (random weights, stand-in of the teacher's shape)"),
+        f"Model: `{r['model']}`"
+        + ("" if r["model_is_trained_teacher"] else " (random weights, stand-in of the teacher's shape)"),
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads; "
         f"load average before/after {m['loadavg_1_5_15']} / {r['machine_after']['loadavg_1_5_15']} (shared machine).",
         f"Proxy: {c['proxy_images']} images of animal-mnist:train (seed {r['proxy']['seed']}); candidates: "
@@ -218,12 +222,15 @@ def markdown(r: dict) -> str:
         "| | naive | engine |", "|---|---|---|",
         f"| wall time | {c['naive_s']:.1f} s | {c['engine_s']:.1f} s |",
         f"| s per candidate-image | {c['naive_s_per_candidate_image']:.3e} | {c['engine_s_per_candidate_image']:.3e} |",
-        f"| candidates/s ({c['proxy_images']} images each) | {c['naive_candidates_per_s']:.2f} | {c['engine_candidates_per_s']:.2f} |",
+        f"| candidates/s ({c['proxy_images']} images each) | {c['naive_candidates_per_s']:.2f} | "
+        f"{c['engine_candidates_per_s']:.2f} |",
         f"| FLOPs | {c['naive_flops']:.3e} | {c['engine_flops']:.3e} |",
         f"| achieved | {g(c['naive_flop_per_s'])} | {g(c['engine_flop_per_s'])} |", "",
-        f"**Speed ratio per candidate-image: {c['speed_ratio']:.2f}x** (FLOP ratio {c['flop_ratio_naive_over_engine']:.2f}x).",
+        f"**Speed ratio per candidate-image: {c['speed_ratio']:.2f}x** (FLOP ratio "
+        f"{c['flop_ratio_naive_over_engine']:.2f}x).",
         f"Machine matmul (float32): {g(mm['square_1024'])} (1024^3), {g(mm['engine_shape'])} ([12800,192]@[192,768]).",
-        f"Largest disagreement with the naive reference: {c['max_rel_err_vs_naive']:.2e} relative ({c['max_rel_err_at']}; "
+        f"Largest disagreement with the naive reference: {c['max_rel_err_vs_naive']:.2e} relative "
+        f"({c['max_rel_err_at']}; "
         "relative to max(|naive|, 1% of the largest score)).",
         "Wall-clock ratios on a shared, loaded machine move with the load (both scorers run one after the other); "
         "the FLOP ratio is the load-independent figure.", "",

@@ -113,7 +113,8 @@ def main() -> None:
     cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5, seed=0,
                       max_steps_per_epoch=1 if args.smoke else None)
     for shape_name, shape in SHAPES.items():
-        plans = {"upvit": upvit.make_plan(teacher, exact, **shape), "magnitude": upvit.make_plan(teacher, magnitude, **shape)}
+        plans = {"upvit": upvit.make_plan(teacher, exact, **shape),
+                 "magnitude": upvit.make_plan(teacher, magnitude, **shape)}
         for selection in ("upvit", "magnitude", "scratch"):
             name = f"{selection}-{shape_name}"
             done = os.path.join(args.work, name + ".json")
@@ -137,7 +138,8 @@ def main() -> None:
             row = {"model": name, "selection": selection, "shape": shape_name, "top1_before": before,
                    "top1": result["val_top1"], "params": count_params(student), "macs": count_macs(student),
                    "finetune_seconds": round(time.time() - t0, 1),
-                   "kwargs": {k: student.upvit_config.timm_kwargs[k] for k in ("embed_dim", "num_heads", "head_dim", "mlp_ratio")}}
+                   "kwargs": {k: student.upvit_config.timm_kwargs[k]
+                              for k in ("embed_dim", "num_heads", "head_dim", "mlp_ratio")}}
             atomic_write_json(done, row)
             rows.append(row)
             log(f"{name}: {before:.2f}% -> {row['top1']:.2f}% ({row['finetune_seconds']:.0f} s)")
@@ -163,19 +165,22 @@ def write(report: dict, reading: str | None = None) -> None:
     t = rows[0]
     lines = ["# UP-ViT on the shipped Swin teacher", "",
              f"Teacher `upvit/assets/swin_teacher` ({t['top1']:.2f}% on the 2,000 validation images); proxy: "
-             f"{report['proxy']['num_images']} random training images (seed 0); fine-tuning: {report['epochs']} epochs, "
+             f"{report['proxy']['num_images']} random training images (seed 0); fine-tuning: "
+             f"{report['epochs']} epochs, "
              f"batch 128, lr 1e-3, distillation alpha 1, identical for every student; throughput at batch 256, best "
              f"of 3 interleaved rounds after every run had finished, on {report['machine']} (shared with other jobs: "
              f"ratios within one table only).", "",
              "| model | shape | top-1 before FT | top-1 after FT | params (M) | MMACs (share) | images/s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['shape']} | {r['top1_before']:.2f} | {r['top1']:.2f} | {r['params'] / 1e6:.3f} | "
+        lines.append(f"| {r['model']} | {r['shape']} | {r['top1_before']:.2f} | {r['top1']:.2f} | "
+                     f"{r['params'] / 1e6:.3f} | "
                      f"{r['macs'] / 1e6:.1f} ({r['macs'] / t['macs']:.2f}) | {r['images_per_second']:.0f} |")
     s = report["scoring"]
-    lines += ["", f"Scoring: exact KL of all {s['channels']} channels ({s['sites']} sites) took {s['exact_seconds']:.0f} s; "
-              f"hybrid scoring {s['hybrid_seconds']:.0f} s with {100 * s['hybrid_exact_fraction']:.1f}% of the channels "
-              f"scored exactly; hybrid keep sets equal exact's at both shapes: {s['keep_sets_equal']}.", ""]
+    lines += ["", f"Scoring: exact KL of all {s['channels']} channels ({s['sites']} sites) took "
+              f"{s['exact_seconds']:.0f} s; hybrid scoring {s['hybrid_seconds']:.0f} s with "
+              f"{100 * s['hybrid_exact_fraction']:.1f}% of the channels scored exactly; hybrid keep sets equal "
+              f"exact's at both shapes: {s['keep_sets_equal']}.", ""]
     if reading:
         with open(reading) as f:
             lines += [f.read().strip(), ""]
