@@ -22,8 +22,8 @@ never removes work), the median is kept in deploy.json. Speed-up = teacher time 
 also times a *floor* model, the teacher's architecture at width 1 (same operator graph, almost no MACs): its time is
 what width pruning cannot remove at this depth, so teacher / floor is the ceiling of any student's speed-up; the
 achieved GMAC/s at batch 64 shows where a student's kernels run less efficiently than the teacher's (odd widths
-such as Swin's head dim 11); a PyTorch profile counts the operator calls per forward (the same in a teacher and its width-pruned
-students).
+such as Swin's head dim 11); a PyTorch profile counts the operator calls per forward (the same in a teacher and
+its width-pruned students).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python benchmarks/deploy.py [--groups vit swin ...]
     .venv/bin/python benchmarks/deploy.py --report     # rewrite deploy.md from deploy.json
