@@ -24,7 +24,8 @@ def pytest_collectreport(report):
 def pytest_collection_finish(session):
     if torch.get_num_threads() != THREADS:
         raise pytest.UsageError(f"{_CHANGED_BY[0] if _CHANGED_BY else 'a test module'} changed torch's thread count "
-                                f"at import ({THREADS} -> {torch.get_num_threads()}): set it in a fixture that restores it")
+                                f"at import ({THREADS} -> {torch.get_num_threads()}): "
+                                "set it in a fixture that restores it")
 
 
 @pytest.fixture(autouse=True)

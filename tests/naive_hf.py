@@ -171,7 +171,8 @@ def functional_bert(model, p, heads, ids, attention_mask):
     eps = cfg.layer_norm_eps
     pf = "bert." if "bert.embeddings.word_embeddings.weight" in p else ""
     B, T = ids.shape
-    x = (p[f"{pf}embeddings.word_embeddings.weight"][ids] + p[f"{pf}embeddings.position_embeddings.weight"][torch.arange(T)]
+    x = (p[f"{pf}embeddings.word_embeddings.weight"][ids]
+         + p[f"{pf}embeddings.position_embeddings.weight"][torch.arange(T)]
          + p[f"{pf}embeddings.token_type_embeddings.weight"][torch.zeros_like(ids)])
     ln = lambda t, n: F.layer_norm(t, t.shape[-1:], p[n + ".weight"], p[n + ".bias"], eps)  # noqa: E731
     x = ln(x, f"{pf}embeddings.LayerNorm")
@@ -265,7 +266,8 @@ def functional_vit(model, p, heads, images):
     lin = lambda t, n: t @ p[n + ".weight"].T + p[n + ".bias"]  # noqa: E731
     ln = lambda t, n: F.layer_norm(t, t.shape[-1:], p[n + ".weight"], p[n + ".bias"], eps)  # noqa: E731
     x = F.conv2d(images.to(torch.float64), p[f"{pf}.embeddings.patch_embeddings.projection.weight"],
-                 p[f"{pf}.embeddings.patch_embeddings.projection.bias"], stride=cfg.patch_size).flatten(2).transpose(1, 2)
+                 p[f"{pf}.embeddings.patch_embeddings.projection.bias"],
+                 stride=cfg.patch_size).flatten(2).transpose(1, 2)
     B = x.shape[0]
     tokens = [p[f"{pf}.embeddings.cls_token"].expand(B, -1, -1)]
     if f"{pf}.embeddings.distillation_token" in p:
@@ -278,7 +280,8 @@ def functional_vit(model, p, heads, images):
     for b in range(cfg.num_hidden_layers):
         pre = f"{pf}.layers.{b}."
         h = ln(x, pre + "layernorm_before")
-        o = _attention(lin(h, pre + "attention.q_proj"), lin(h, pre + "attention.k_proj"), lin(h, pre + "attention.v_proj"),
+        o = _attention(lin(h, pre + "attention.q_proj"), lin(h, pre + "attention.k_proj"),
+                       lin(h, pre + "attention.v_proj"),
                        heads[b], scale, mask)
         x = x + lin(o, pre + "attention.o_proj")
         h = F.gelu(lin(ln(x, pre + "layernorm_after"), pre + "mlp.fc1"))

@@ -153,5 +153,6 @@ def naive_pvt_score(model, images, key: str, channel: int, dtype=torch.float64) 
     """sum_i KL(q_i || p_i): teacher and genuinely sliced student re-run from scratch (KL in float64)."""
     with torch.no_grad():
         logq = torch.log_softmax(functional_pvt(model, *sliced_pvt_params(model, dtype=dtype), images).double(), -1)
-        logp = torch.log_softmax(functional_pvt(model, *sliced_pvt_params(model, key, channel, dtype), images).double(), -1)
+        logp = torch.log_softmax(functional_pvt(model, *sliced_pvt_params(model, key, channel, dtype), images).double(),
+                                 -1)
     return float((logq.exp() * (logq - logp)).sum())

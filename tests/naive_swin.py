@@ -37,7 +37,8 @@ def sliced_swin_params(model, key: str | None = None, channel: int | None = None
     if kind == "res":
         s, C = b, model.layers[b].blocks[0].norm1.normalized_shape[0]
         if s == 0:
-            for n in ("patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight", "patch_embed.norm.bias"):
+            for n in ("patch_embed.proj.weight", "patch_embed.proj.bias", "patch_embed.norm.weight",
+                      "patch_embed.norm.bias"):
                 drop(n, 0, {channel}, C)
         else:
             drop(f"layers.{s}.downsample.reduction.weight", 0, {channel}, C)
@@ -152,7 +153,8 @@ def naive_swin_score(model, images, key: str, channel: int, dtype=torch.float64)
     """sum_i KL(q_i || p_i): teacher and genuinely sliced student re-run from scratch (KL in float64)."""
     with torch.no_grad():
         logq = torch.log_softmax(functional_swin(model, *sliced_swin_params(model, dtype=dtype), images).double(), -1)
-        logp = torch.log_softmax(functional_swin(model, *sliced_swin_params(model, key, channel, dtype), images).double(), -1)
+        logp = torch.log_softmax(functional_swin(model, *sliced_swin_params(model, key, channel, dtype),
+                                                 images).double(), -1)
     return float((logq.exp() * (logq - logp)).sum())
 
 

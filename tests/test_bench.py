@@ -110,7 +110,8 @@ def test_cli_bench_reports_spread_in_table_and_json_and_warns_once(tmp_path, mon
     warnings = [line for line in captured.err.splitlines() if line.strip()]
     assert len(warnings) == 1 and warnings[0].startswith("upvit: warning: throughput varied"), captured.err
     assert str(tmp_path / "b") in warnings[0] and f"{tmp_path / 'a'} " not in warnings[0]
-    assert "| 10.0 | 6.7-20.0 | 6.7-20.0 | 133% | 2 |" in captured.out and "| 20.0 | 20.0-20.0 | 20.0-20.0 | 0% | 2 |" in captured.out
+    assert ("| 10.0 | 6.7-20.0 | 6.7-20.0 | 133% | 2 |" in captured.out
+            and "| 20.0 | 20.0-20.0 | 20.0-20.0 | 0% | 2 |" in captured.out)
 
 
 def test_cli_bench_is_quiet_when_runs_agree(tmp_path, monkeypatch, capsys):

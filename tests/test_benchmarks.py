@@ -26,7 +26,8 @@ SMOKE = {
     "nlp.py minilm": (["minilm", "--smoke"], ["nlp/nlp.json", "nlp/nlp.md"]),
     "compensation.py": (["--smoke"], ["compensation/compensation.json", "compensation/compensation.md"]),
     "quality.py": (["run", "--smoke", "--shape", "S", "--method", "kl", "kl-whole-lsq", "--budget", "2", "--seed", "0"],
-                   ["quality/results/cells/S-kl-ep2-seed0.json", "quality/results/cells/S-kl-whole-lsq-ep2-seed0.json"]),
+                   ["quality/results/cells/S-kl-ep2-seed0.json",
+                    "quality/results/cells/S-kl-whole-lsq-ep2-seed0.json"]),
 }
 
 

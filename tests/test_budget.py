@@ -88,7 +88,8 @@ def test_cli_prune_to_a_budget_prints_candidates_and_records_the_choice(tmp_path
     assert "candidate shapes within macs=0.5" in r.stdout and "(chosen)" in r.stdout and "joint kl" in r.stdout
     plan = json.load(open(tmp_path / "p" / "plan.json"))
     budget = plan["meta"]["budget"]
-    assert budget["use"] <= 0.5 and budget["joint_divergence"] == min(c["joint_divergence"] for c in budget["candidates"])
+    assert budget["use"] <= 0.5 and budget["joint_divergence"] == min(c["joint_divergence"]
+                                                                      for c in budget["candidates"])
     report = json.load(open(tmp_path / "p" / "report.json"))
     assert report["ratios"]["macs"] == pytest.approx(budget["use"])
     assert_one_line_error(run_cli("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget",

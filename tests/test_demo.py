@@ -21,7 +21,8 @@ def tiny_teacher(path):
 
 def test_quick_demo_end_to_end(tmp_path):
     tiny_teacher(str(tmp_path / "teacher"))
-    shapes = {"S": {"embed_dim": 24, "num_heads": 6, "mlp_hidden": 48}, "T": {"embed_dim": 12, "num_heads": 3, "mlp_hidden": 24}}
+    shapes = {"S": {"embed_dim": 24, "num_heads": 6, "mlp_hidden": 48},
+              "T": {"embed_dim": 12, "num_heads": 3, "mlp_hidden": 24}}
     cfg = DemoConfig.quick(teacher=str(tmp_path / "teacher"), out=str(tmp_path / "out"), shapes=shapes, proxy_size=8)
     report = run_demo(cfg)
     names = [r["model"] for r in report["rows"]]
@@ -31,7 +32,8 @@ def test_quick_demo_end_to_end(tmp_path):
         want = shapes[r["shape"]]
         d, h = want["embed_dim"], want["mlp_hidden"]
         # params of a 2-block ViT at (d, h) with 10 classes, 16 patches of 7x7x1, class token
-        expected = 49 * d + d + d + 17 * d + 2 * (4 * d + 3 * d * d + 3 * d + d * d + d + d * h + h + h * d + d) + 2 * d + d * 10 + 10
+        expected = (49 * d + d + d + 17 * d + 2 * (4 * d + 3 * d * d + 3 * d + d * d + d + d * h + h + h * d + d)
+                    + 2 * d + d * 10 + 10)
         assert r["params"] == expected, r
         assert 0 <= r["top1"] <= 100 and r["images_per_second"] > 0
     # the before-fine-tuning accuracy with and without compensation, for every pruned student

@@ -466,7 +466,8 @@ def folder_world(tmp_path_factory):
 
 def _folder_args(root, out, *extra):
     return ["depth", str(root / "m"), "--data", str(root / "data"), "--remove", "1", "--epochs", "0",
-            "--proxy-size", "4", "--bench-batch", "2", "--bench-runs", "1", "--device", "cpu", "--out", str(out), *extra]
+            "--proxy-size", "4", "--bench-batch", "2", "--bench-runs", "1", "--device", "cpu", "--out", str(out),
+            *extra]
 
 
 def _one_line_error(main, args, capsys, match):

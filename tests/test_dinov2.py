@@ -52,7 +52,8 @@ class _Graph:
         sub = self.op("Sub", prefix + "/Sub", [x, mean])
         sq = self.op("Pow", prefix + "/Pow", [sub, self.const(np.array(2.0, np.float32))])
         var = self.op("ReduceMean", prefix + "/ReduceMean_1", [sq], axes=[-1])
-        std = self.op("Sqrt", prefix + "/Sqrt", [self.op("Add", prefix + "/Add", [var, self.const(np.array(1e-6, np.float32))])])
+        std = self.op("Sqrt", prefix + "/Sqrt",
+                      [self.op("Add", prefix + "/Add", [var, self.const(np.array(1e-6, np.float32))])])
         div = self.op("Div", prefix + "/Div", [sub, std])
         return self.op("Add", prefix + "/Add_1", [self.op("Mul", prefix + "/Mul", [div, weight]), bias])
 
@@ -104,8 +105,10 @@ def make_backbone(seed: int = 0, decoder: bool = True) -> tuple[onnx.ModelProto,
         for which in ("query", "key", "value"):
             w = r(DIM, DIM)  # (in, out)
             raw[p + which + ".weight_in_out"] = w
-            out = g.linear(f"{n}/attention/attention/{which}", y, w, param(f"{p}attention.attention.{which}.bias", r(DIM)))
-            split = g.op("Reshape", f"{n}/attention/attention/Reshape_{which}", [out, g.const(np.array([0, 0, HEADS, hd]))])
+            out = g.linear(f"{n}/attention/attention/{which}", y, w,
+                           param(f"{p}attention.attention.{which}.bias", r(DIM)))
+            split = g.op("Reshape", f"{n}/attention/attention/Reshape_{which}",
+                         [out, g.const(np.array([0, 0, HEADS, hd]))])
             heads[which] = g.op("Transpose", f"{n}/attention/attention/Transpose_{which}", [split], perm=[0, 2, 1, 3])
         kt = g.op("Transpose", f"{n}/attention/attention/Transpose_kt", [heads["key"]], perm=[0, 1, 3, 2])
         scores = g.op("Mul", f"{n}/attention/attention/Mul",
@@ -115,7 +118,8 @@ def make_backbone(seed: int = 0, decoder: bool = True) -> tuple[onnx.ModelProto,
         ctx = g.op("MatMul", f"{n}/attention/attention/MatMul_1", [probs, heads["value"]])
         ctx = g.op("Transpose", f"{n}/attention/attention/Transpose_ctx", [ctx], perm=[0, 2, 1, 3])
         ctx = g.op("Reshape", f"{n}/attention/attention/Reshape_3", [ctx, g.const(np.array([0, 0, DIM]))])
-        att = g.linear(f"{n}/attention/output/dense", ctx, r(DIM, DIM), param(p + "attention.output.dense.bias", r(DIM)))
+        att = g.linear(f"{n}/attention/output/dense", ctx, r(DIM, DIM),
+                       param(p + "attention.output.dense.bias", r(DIM)))
         att = g.op("Mul", f"{n}/layer_scale1/Mul", [att, param(p + "layer_scale1.lambda1", 0.5 + r(DIM))])
         h = g.op("Add", f"{n}/Add", [att, h])
         y = g.layer_norm(n + "/norm2", h, param(p + "norm2.weight", 1 + r(DIM)), param(p + "norm2.bias", r(DIM)))
@@ -134,7 +138,8 @@ def make_backbone(seed: int = 0, decoder: bool = True) -> tuple[onnx.ModelProto,
         out = g.op("MatMul", "/decoder/proj/MatMul", [out, g.init("decoder.proj.weight", r(DIM, 1))])
     graph = helper.make_graph(g.nodes, "tiny_dinov2",
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, [None, 3, IMG, IMG])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, [None, None, 1 if decoder else DIM])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT,
+                                                             [None, None, 1 if decoder else DIM])],
                               g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     model.ir_version = 8

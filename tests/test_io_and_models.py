@@ -21,7 +21,8 @@ def test_model_directory_round_trip_is_exact(tmp_path, distilled):
 
 
 def test_timm_spec_parsing():
-    name, kwargs = parse_timm_spec("timm:vit_base_patch16_224,img_size=28,mlp_ratio=4.0,global_pool=token,qkv_bias=false")
+    name, kwargs = parse_timm_spec("timm:vit_base_patch16_224,img_size=28,mlp_ratio=4.0,global_pool=token,"
+                                   "qkv_bias=false")
     assert name == "vit_base_patch16_224"
     assert kwargs == {"img_size": 28, "mlp_ratio": 4.0, "global_pool": "token", "qkv_bias": False}
 
@@ -33,7 +34,8 @@ def test_timm_spec_keeps_list_values_whole():
 
 
 def test_timm_spec_builds_the_requested_shape():
-    m = load_model("timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_classes=10,embed_dim=48,depth=2,num_heads=3")
+    m = load_model("timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_classes=10,embed_dim=48,"
+                   "depth=2,num_heads=3")
     assert m.embed_dim == 48 and len(m.blocks) == 2 and m.upvit_config.data_config["input_size"] == [1, 28, 28]
     assert m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 

@@ -68,7 +68,8 @@ def test_topk_matches_sorting_reference():
         assert plan.keep_ffn[b] == sorted(sorted(range(48), key=lambda i: -scores.ffn[b][i].item())[:20])
         for j in range(2):  # merged head j covers source dims [12j, 12j + 12)
             group = range(12 * j, 12 * j + 12)
-            assert plan.keep_attn[b][6 * j:6 * j + 6] == sorted(sorted(group, key=lambda i: -scores.attn[b][i].item())[:6])
+            assert plan.keep_attn[b][6 * j:6 * j + 6] == sorted(sorted(group,
+                                                                       key=lambda i: -scores.attn[b][i].item())[:6])
 
 
 def test_ratio_shorthand():
@@ -90,9 +91,11 @@ def test_ratio_shorthand():
     (dict(embed_dim=30), r"embed_dim=30 is impossible: the model has 24, choose 1..24"),
     (dict(embed_dim=0), r"embed_dim=0 is impossible"),
     (dict(mlp_hidden=49), r"mlp_hidden=49 is impossible: the model has 48"),
-    (dict(embed_dim=10, num_heads=4), r"embed_dim=10 .* not divisible by num_heads=4: choose a multiple of 4 \(e.g. 8\)"),
+    (dict(embed_dim=10, num_heads=4),
+     r"embed_dim=10 .* not divisible by num_heads=4: choose a multiple of 4 \(e.g. 8\)"),
     (dict(embed_dim=12, num_heads=2, attn_dim=9), r"attn_dim=9 is not divisible by num_heads=2"),
-    (dict(embed_dim=12, num_heads=2, attn_dim=8), r"ties the attention width to embed_dim.*attn_dim \(8\) must equal embed_dim \(12\)"),
+    (dict(embed_dim=12, num_heads=2, attn_dim=8),
+     r"ties the attention width to embed_dim.*attn_dim \(8\) must equal embed_dim \(12\)"),
     (dict(embed_dim=12.5), r"embed_dim must be an integer"),
 ])
 def test_invalid_targets_are_refused_clearly(targets, message):

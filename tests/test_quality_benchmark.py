@@ -14,7 +14,8 @@ from upvit.io import save
 from upvit.models import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {"S": {"embed_dim": 24, "num_heads": 6, "mlp_hidden": 48}, "T": {"embed_dim": 12, "num_heads": 3, "mlp_hidden": 24}}
+SHAPES = {"S": {"embed_dim": 24, "num_heads": 6, "mlp_hidden": 48},
+          "T": {"embed_dim": 12, "num_heads": 3, "mlp_hidden": 24}}
 
 
 def _module():
@@ -46,8 +47,9 @@ def _run_smoke(tmp_path_factory):
     teacher.upvit_config.data_config.update({"mean": [0.2725], "std": [0.4056]})
     save(teacher, str(tmp / "teacher"))
     q = _module()
-    args = ["run", "--smoke", "--teacher", str(tmp / "teacher"), "--shapes-json", json.dumps(SHAPES), "--proxy-size", "16",
-            "--budget", "2", "--seed", "0", "--results", str(tmp / "results"), "--work", str(tmp / "work")]
+    args = ["run", "--smoke", "--teacher", str(tmp / "teacher"), "--shapes-json", json.dumps(SHAPES),
+            "--proxy-size", "16", "--budget", "2", "--seed", "0", "--results", str(tmp / "results"),
+            "--work", str(tmp / "work")]
     assert q.main(args) == 0
     return q, tmp, args
 
@@ -90,7 +92,8 @@ def test_report_statistics(bench):
     base = json.loads((folder / "T-kl-ep2-seed0.json").read_text())
     mag = json.loads((folder / "T-magnitude-ep2-seed0.json").read_text())
     for seed, top1, top1_mag in ((1, 50.0, 40.0), (2, 60.0, 44.0)):
-        (folder / f"T-kl-ep2-seed{seed}.json").write_text(json.dumps({**base, "seed": seed, "cell": f"T-kl-ep2-seed{seed}", "top1": top1}))
+        (folder / f"T-kl-ep2-seed{seed}.json").write_text(json.dumps({**base, "seed": seed,
+                                                                      "cell": f"T-kl-ep2-seed{seed}", "top1": top1}))
         (folder / f"T-magnitude-ep2-seed{seed}.json").write_text(
             json.dumps({**mag, "seed": seed, "cell": f"T-magnitude-ep2-seed{seed}", "top1": top1_mag}))
     result = q.report(str(tmp / "results"), str(tmp / "quality"))
@@ -109,7 +112,8 @@ def test_report_statistics(bench):
     assert not result["complete"] and "S-kl-ep4-seed1" in result["missing"]  # the full grid is 84 cells
     text = (tmp / "quality.md").read_text()
     assert "INCOMPLETE" in text and "| T-ep2: kl vs magnitude |" in text and "## Budget 2 epochs" in text
-    assert q.verdict(1.1, 0.5) == "wins (>2 SE)" and q.verdict(0.9, 0.5) == "wins" and q.verdict(0.4, 0.5) == "ties" and q.verdict(-0.6, 0.5) == "loses"
+    assert (q.verdict(1.1, 0.5) == "wins (>2 SE)" and q.verdict(0.9, 0.5) == "wins" and q.verdict(0.4, 0.5) == "ties"
+            and q.verdict(-0.6, 0.5) == "loses")
 
 
 def test_priority_order():

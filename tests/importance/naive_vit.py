@@ -109,7 +109,8 @@ def naive_score(model: torch.nn.Module, images: torch.Tensor, key: str, channel:
     scale = model.blocks[0].attn.head_dim ** -0.5
     with torch.no_grad():
         logq = torch.log_softmax(functional_vit(*sliced_params(model, dtype=dtype), images, patch, scale).double(), -1)
-        logp = torch.log_softmax(functional_vit(*sliced_params(model, key, channel, dtype), images, patch, scale).double(), -1)
+        logp = torch.log_softmax(functional_vit(*sliced_params(model, key, channel, dtype), images, patch,
+                                                scale).double(), -1)
     return float((logq.exp() * (logq - logp)).sum())
 
 

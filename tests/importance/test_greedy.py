@@ -115,12 +115,15 @@ def test_screening_equals_exact_greedy_when_scores_drift_smoothly_and_scores_few
     screened = greedy_path(screened_joint, [100, 50], screened_joint.base, batch=10, screen=True, exact_initial=True)
     assert [sorted(r["removed"]) for r in screened["rounds"]] == [sorted(r["removed"]) for r in exact["rounds"]]
     assert screened["survivors"] == exact["survivors"]
-    assert screened_joint.evaluations < 0.6 * exact_joint.evaluations, (screened_joint.evaluations, exact_joint.evaluations)
+    assert screened_joint.evaluations < 0.6 * exact_joint.evaluations, (screened_joint.evaluations,
+                                                                        exact_joint.evaluations)
     # a larger wobble than the margin allows is caught by re-scoring, not missed
     loud = SmoothJoint(200)
-    loud.removals = lambda keep, idx, f=loud.removals: f(keep, idx) + 0.2 * torch.cos(torch.as_tensor(idx).double() * 3.1 + float((1 - keep).sum()))
+    loud.removals = lambda keep, idx, f=loud.removals: f(keep, idx) + 0.2 * torch.cos(
+        torch.as_tensor(idx).double() * 3.1 + float((1 - keep).sum()))
     ref = SmoothJoint(200)
-    ref.removals = lambda keep, idx, f=ref.removals: f(keep, idx) + 0.2 * torch.cos(torch.as_tensor(idx).double() * 3.1 + float((1 - keep).sum()))
+    ref.removals = lambda keep, idx, f=ref.removals: f(keep, idx) + 0.2 * torch.cos(
+        torch.as_tensor(idx).double() * 3.1 + float((1 - keep).sum()))
     a = greedy_path(loud, [100, 50], loud.base, batch=10, screen=True, exact_initial=False)
     b = greedy_path(ref, [100, 50], ref.base, batch=10, screen=False, exact_initial=False)
     assert [sorted(r["removed"]) for r in a["rounds"]] == [sorted(r["removed"]) for r in b["rounds"]]
@@ -190,8 +193,8 @@ def test_cli_score_greedy(tmp_path):
     save(model, str(tmp_path / "m"))
     out = str(tmp_path / "g.safetensors")
     env = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, "-m", "upvit", "score", str(tmp_path / "m"), "--data", "animal-mnist:train", "--proxy-size", "4",
-           "--method", "greedy", "--target", "12,2,24", "--out", out]
+    cmd = [sys.executable, "-m", "upvit", "score", str(tmp_path / "m"), "--data", "animal-mnist:train",
+           "--proxy-size", "4", "--method", "greedy", "--target", "12,2,24", "--out", out]
     r = subprocess.run(cmd + ["--batch-size", "4"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     got = upvit.Scores.load(out)
@@ -199,7 +202,8 @@ def test_cli_score_greedy(tmp_path):
     images = torch.stack([subset[i][0] for i in range(4)])
     rounds, after = brute_force_greedy(upvit.load(str(tmp_path / "m")), images, "res.0", [12], batch=16)
     assert upvit.make_plan(model, got, embed_dim=12, num_heads=2, mlp_hidden=24).keep_embed == after[12]
-    r = subprocess.run(cmd[:-6] + ["--method", "greedy", "--out", out], capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(cmd[:-6] + ["--method", "greedy", "--out", out], capture_output=True, text=True, timeout=300,
+                       env=env)
     assert r.returncode != 0 and "--method greedy needs the target shapes" in r.stderr
 
 

@@ -140,7 +140,8 @@ def test_cli_dtype_and_memory_reach_the_engine(tmp_path):
     out = str(tmp_path / "s.safetensors")
     env = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "upvit", "score", str(tmp_path / "m"), "--data", "animal-mnist:train",
-                        "--proxy-size", "4", "--batch-size", "4", "--dtype", "bf16", "--memory-gb", "0.01", "--out", out],
+                        "--proxy-size", "4", "--batch-size", "4", "--dtype", "bf16", "--memory-gb", "0.01", "--out",
+                        out],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     got = upvit.Scores.load(out)
