@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import upvit
+from helpers import run_main
 from plan_helpers import plan_masks, random_scores
 from pvt_helpers import PVT_IMG, tiny_pvt
 from upvit.adapters import get_adapter
@@ -159,28 +158,23 @@ def test_magnitude_covers_every_parameter():
     assert all(torch.isfinite(t).all() and (t > 0).all() for _, t in scores.items())
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "upvit", *args], capture_output=True, text=True, timeout=timeout,
-                          env={"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin"})
-
-
 def test_cli_score_prune_finetune_bench_on_a_pvt_directory(tmp_path):
     # the embedded data's 28 px: maps 7, 4, 2 with sr (4, 2, 1) (timm's default ratios would not fit)
     model = tiny_pvt(img_size=28, in_chans=1, num_classes=10)
     model.upvit_config.data_config.update({"mean": [0.2725], "std": [0.4056]})
     upvit.save(model, str(tmp_path / "pvt"))
     scores, pruned, tuned = (str(tmp_path / n) for n in ("s.safetensors", "pruned", "tuned"))
-    r = run_cli("score", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--proxy-size", "4", "--out", scores)
+    r = run_main("score", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--proxy-size", "4", "--out", scores)
     assert r.returncode == 0, r.stderr
-    r = run_cli("prune", str(tmp_path / "pvt"), "--scores", scores, "--ratio", "0.5", "--keep-heads", "--out", pruned)
+    r = run_main("prune", str(tmp_path / "pvt"), "--scores", scores, "--ratio", "0.5", "--keep-heads", "--out", pruned)
     assert r.returncode == 0, r.stderr
     assert "stage widths [4, 8, 16]" in r.stdout
     small = upvit.load(pruned)
     assert [s.blocks[0].attn.num_heads for s in small.stages] == [1, 2, 4]
-    r = run_cli("finetune", pruned, "--teacher", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--epochs", "1",
+    r = run_main("finetune", pruned, "--teacher", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--epochs", "1",
                 "--max-steps-per-epoch", "2", "--batch-size", "8", "--out", tuned)
     assert r.returncode == 0, r.stderr
-    r = run_cli("bench", str(tmp_path / "pvt"), tuned, "--batch-size", "2", "--runs", "1", "--json", str(tmp_path / "b.json"))
+    r = run_main("bench", str(tmp_path / "pvt"), tuned, "--batch-size", "2", "--runs", "1", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
     assert rows[1]["params"] == sum(p.numel() for p in small.parameters()) and rows[1]["macs"] < rows[0]["macs"]

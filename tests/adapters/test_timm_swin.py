@@ -5,14 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import upvit
-from helpers import SWIN_NAME, TINY_SWIN, tiny_swin
+from helpers import SWIN_NAME, TINY_SWIN, run_cli, run_main, tiny_swin
 from plan_helpers import random_scores
 from upvit.adapters import get_adapter
 from upvit.adapters.timm_swin import TimmSwinAdapter
@@ -152,24 +150,19 @@ def test_magnitude_covers_every_residual_parameter():
     assert all(torch.isfinite(t).all() and (t > 0).all() for _, t in scores.items())
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "upvit", *args], capture_output=True, text=True, timeout=timeout,
-                          env={"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin"})
-
-
 def test_cli_score_prune_finetune_bench_on_a_swin_directory(tmp_path):
     model = tiny_swin(img_size=28, window_size=7, in_chans=1, num_classes=10, depths=[2, 2], num_heads=[2, 4])
     model.upvit_config.data_config.update({"mean": [0.2725], "std": [0.4056]})
     upvit.save(model, str(tmp_path / "swin"))
     scores, pruned, tuned = (str(tmp_path / n) for n in ("s.safetensors", "pruned", "tuned"))
-    r = run_cli("score", str(tmp_path / "swin"), "--data", "animal-mnist:train", "--proxy-size", "4", "--out", scores)
+    r = run_main("score", str(tmp_path / "swin"), "--data", "animal-mnist:train", "--proxy-size", "4", "--out", scores)
     assert r.returncode == 0, r.stderr
-    r = run_cli("prune", str(tmp_path / "swin"), "--scores", scores, "--ratio", "0.5", "--out", pruned)
+    r = run_main("prune", str(tmp_path / "swin"), "--scores", scores, "--ratio", "0.5", "--out", pruned)
     assert r.returncode == 0, r.stderr
     assert "stage widths [4, 8]" in r.stdout
     small = upvit.load(pruned)
     assert small.layers[1].blocks[0].attn.num_heads == 2 and small.embed_dim == 4
-    r = run_cli("finetune", pruned, "--teacher", str(tmp_path / "swin"), "--data", "animal-mnist:train", "--epochs", "1",
+    r = run_main("finetune", pruned, "--teacher", str(tmp_path / "swin"), "--data", "animal-mnist:train", "--epochs", "1",
                 "--max-steps-per-epoch", "2", "--batch-size", "8", "--out", tuned)
     assert r.returncode == 0, r.stderr
     r = run_cli("bench", str(tmp_path / "swin"), tuned, "--batch-size", "2", "--runs", "1", "--json", str(tmp_path / "b.json"))
