@@ -1,4 +1,5 @@
-"""The CLI's bad-input contract: one clear line on stderr, non-zero exit, no traceback."""
+"""The CLI's bad-input contract: one clear line on stderr, non-zero exit, no traceback (in-process; `eval` once
+through a fresh interpreter)."""
 from helpers import assert_one_line_error, run_cli, run_main, tiny_vit
 from upvit.io import save
 
@@ -33,7 +34,7 @@ def test_eval_and_bench_report_numbers(tmp_path):
 
     metrics = json.loads((tmp_path / "e.json").read_text())
     assert metrics["n"] == 2000 and 0 <= metrics["top1"] <= 100 and metrics["loss"] > 0
-    r = run_cli("bench", str(tmp_path / "m"), "--batch-size", "4", "--runs", "2", "--json", str(tmp_path / "b.json"))
+    r = run_main("bench", str(tmp_path / "m"), "--batch-size", "4", "--runs", "2", "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
     assert rows[0]["params"] == sum(p.numel() for p in model.parameters())
