@@ -104,6 +104,12 @@ HF_TIED_RULES = (
     (dict(num_heads=3), r"num_heads=3 does not divide the model's 4 heads"),
     (dict(mlp_hidden=40), r"mlp_hidden=40 is impossible: the model has 32"),
 )
+# HF ViT/DeiT read a head_dim key: the attention width is free, but still whole heads of one size
+HF_VIT_RULES = (
+    (dict(attn_dim=10, num_heads=4), r"attn_dim=10 is not divisible by num_heads=4"),
+    (dict(num_heads=3), r"num_heads=3 does not divide the model's 4 heads"),
+    (dict(mlp_hidden=40), r"mlp_hidden=40 is impossible: the model has 32"),
+)
 
 
 def _embedding_kept(out: torch.Tensor, plan) -> torch.Tensor:
@@ -115,10 +121,11 @@ FAMILIES = [
     Family("timm-vit", TimmViTAdapter, lambda seed=0: tiny_vit(seed=seed), lambda n=6: tiny_images(n),
            naive_vit_timm_score, VIT_SHAPE, kl=(6, 4, 5, 1, 168), prune_cases=VIT_CASES, bad_targets=VIT_RULES),
     Family("timm-deit-distilled", TimmViTAdapter, lambda seed=0: tiny_vit(distilled=True, seed=seed),
-           lambda n=6: tiny_images(n), naive_vit_timm_score, VIT_SHAPE, kl=(6, 4, 5, 1, 168), prune_cases=VIT_CASES),
+           lambda n=6: tiny_images(n), naive_vit_timm_score, VIT_SHAPE, kl=(6, 4, 5, 1, 168), prune_cases=VIT_CASES,
+           bad_targets=VIT_RULES),
     Family("timm-vit-layer-scale", TimmViTAdapter, lambda seed=0: tiny_vit(init_values=0.5, seed=seed),
            lambda n=6: tiny_images(n), naive_vit_timm_score, VIT_SHAPE, kl=(6, 4, 5, 1, 168),
-           prune_cases={"all": VIT_CASES["all"]}),
+           prune_cases={"all": VIT_CASES["all"]}, bad_targets=VIT_RULES),
     # timm Swin: shifted windows with the shift mask (stages 0, 1), a clipped single window (stage 2), patch
     # merging, relative-position bias columns per head
     Family("timm-swin", TimmSwinAdapter, lambda seed=0: tiny_swin(seed=seed),
@@ -143,7 +150,7 @@ FAMILIES = [
     Family("timm-pvt-linear", TimmPVTv2Adapter, lambda seed=0: tiny_pvt(seed=seed, linear=True, depths=[1, 1, 1]),
            lambda n=2: images(PVT_IMG, n), naive_pvt_score,
            {"residual": [8, 16, 32], "depths": [1, 1, 1], "heads": [1, 2, 4], "attn": [8, 16, 32], "ffn": [16, 32, 64]},
-           kl=(2, 2, 5, 7, 100), prune_cases=PVT_CASES, masked_atol=2e-5),
+           kl=(2, 2, 5, 7, 100), prune_cases=PVT_CASES, masked_atol=2e-5, bad_targets=PVT_RULES),
     # Hugging Face: causal LM with a tied head and padding, post-norm encoder (embedding and MLM head), ViT/DeiT
     Family("hf-gpt2", HFGPT2Adapter, lambda seed=0: tiny_gpt2(seed=seed), lambda n=3: token_inputs(n),
            naive_gpt2_score, HF_SHAPE, staged_atol=1e-6, kl=(3, 2, 7, 3, 90), prune_cases=HF_TIED_CASES,
@@ -153,14 +160,14 @@ FAMILIES = [
            masked_atol=2e-6, kept_output=_embedding_kept, bad_targets=HF_TIED_RULES, divergence="cosine"),
     Family("hf-bert-mlm", HFBertAdapter, lambda seed=0: tiny_bert(mlm=True, seed=seed), lambda n=3: token_inputs(n),
            naive_bert_score, HF_SHAPE, staged_atol=1e-6, kl=(3, 2, 7, 3, 90), prune_cases=HF_TIED_CASES,
-           masked_atol=2e-6),
+           masked_atol=2e-6, bad_targets=HF_TIED_RULES),
     Family("hf-vit", HFViTAdapter, lambda seed=0: tiny_hf_vit(seed=seed), lambda n=3: hf_images(n),
            naive_vit_score, HF_SHAPE, staged_atol=1e-6, kl=(3, 2, 7, 3, 90), prune_cases=HF_VIT_CASES,
-           masked_atol=2e-6),
+           masked_atol=2e-6, bad_targets=HF_VIT_RULES),
     Family("hf-deit-teacher", HFViTAdapter,
            lambda seed=0: tiny_hf_vit("DeiTForImageClassificationWithTeacher", seed=seed), lambda n=3: hf_images(n),
            naive_vit_score, HF_SHAPE, staged_atol=1e-6, kl=(3, 2, 7, 3, 90), prune_cases=HF_VIT_CASES,
-           masked_atol=2e-6),
+           masked_atol=2e-6, bad_targets=HF_VIT_RULES),
 ]
 BY_NAME = {f.name: f for f in FAMILIES}
 assert TINY["embed_dim"] == 24  # VIT_SHAPE above

@@ -76,28 +76,26 @@ def test_exact_kl_equals_the_naive_reference(family: Family):
     assert checked >= at_least
 
 
-PRUNE_CASES = [pytest.param(f, case, id=f"{f.name}-{case}") for f in FAMILIES for case in f.prune_cases]
-
-
-@pytest.mark.parametrize("family, case", PRUNE_CASES)
-def test_masked_original_equals_the_pruned_model(family: Family, case: str):
-    """A random plan shrinking ``case``: the pruned model (fused and unfused attention where timm has both)
-    equals the original with the plan's keep-masks."""
+@by_family
+def test_masked_original_equals_the_pruned_model(family: Family):
+    """For each of the family's named random plans (shrinking what the name says; "all": everything at once), the
+    pruned model (fused and unfused attention where timm has both) equals the original with the plan's keep-masks."""
     model, x = family.build(seed=3), family.inputs()
-    plan = upvit.make_plan(model, random_scores(model, seed=4), **family.prune_cases[case])
-    pruned = upvit.prune(model, plan)
-    assert type(pruned) is type(model)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters()) or case == "heads"
-    with torch.no_grad():
-        ref = get_adapter(model).forward(x, plan_masks(model, plan))
-    if family.kept_output is not None:
-        ref = family.kept_output(ref, plan)
-    for fused in (False, True):
-        if not set_fused(pruned, fused) and fused:
-            break
-        out = own_output(pruned, x)
-        assert out.abs().max() > 0.1  # not two near-zero tensors
-        torch.testing.assert_close(out, ref, rtol=0, atol=family.masked_atol)
+    for case, targets in family.prune_cases.items():
+        plan = upvit.make_plan(model, random_scores(model, seed=4), **targets)
+        pruned = upvit.prune(model, plan)
+        assert type(pruned) is type(model), case
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters()), case
+        with torch.no_grad():
+            ref = get_adapter(model).forward(x, plan_masks(model, plan))
+        if family.kept_output is not None:
+            ref = family.kept_output(ref, plan)
+        for fused in (False, True):
+            if not set_fused(pruned, fused) and fused:
+                break
+            out = own_output(pruned, x)
+            assert out.abs().max() > 0.1, case  # not two near-zero tensors
+            torch.testing.assert_close(out, ref, rtol=0, atol=family.masked_atol, msg=lambda m: f"{case}: {m}")
 
 
 @by_family
@@ -110,16 +108,14 @@ def test_keep_everything_is_the_identity(family: Family):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-RULE_CASES = [pytest.param(f, targets, message, id=f"{f.name}-{i}") for f in FAMILIES
-              for i, (targets, message) in enumerate(f.bad_targets)]
-
-
-@pytest.mark.parametrize("family, targets, message", RULE_CASES)
-def test_targets_the_family_cannot_express_are_one_line(family: Family, targets, message):
+@by_family
+def test_targets_the_family_cannot_express_are_one_line(family: Family):
     model = family.build()
-    with pytest.raises(UpvitError, match=message) as info:
-        upvit.make_plan(model, random_scores(model), **targets)
-    assert "\n" not in str(info.value)
+    assert family.bad_targets
+    for targets, message in family.bad_targets:
+        with pytest.raises(UpvitError, match=message) as info:
+            upvit.make_plan(model, random_scores(model), **targets)
+        assert "\n" not in str(info.value)
 
 
 @by_family
