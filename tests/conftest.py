@@ -47,3 +47,54 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _ReloadHere:
+    """Stands in for the ``subprocess.Popen`` of :class:`upvit.certificate.ReloadCheck`: runs the same child code
+    (the stock class's reload, nothing of upvit) in this interpreter when waited for, with the child's exit status
+    and last stderr line."""
+
+    def __init__(self, args, **_):
+        self.code, self.argv, self.returncode = args[2], list(args[3:]), None
+
+    def communicate(self, timeout=None):
+        import sys
+
+        if self.returncode is not None:
+            return None, ""
+        saved, sys.argv = sys.argv, ["-c", *self.argv]
+        stderr = ""
+        try:
+            exec(compile(self.code, "<reload-check>", "exec"), {"__name__": "__main__"})
+            self.returncode = 0
+        except SystemExit as e:  # the child's own failure message, as its stderr
+            self.returncode = 0 if e.code in (None, 0) else 1
+            stderr = "" if isinstance(e.code, int) or e.code is None else str(e.code)
+        except Exception as e:  # what a crashing child prints last
+            self.returncode, stderr = 1, f"{type(e).__name__}: {e}"
+        finally:
+            sys.argv = saved
+        return None, stderr
+
+    def poll(self):
+        return self.returncode
+
+    def kill(self):
+        self.returncode = -9 if self.returncode is None else self.returncode
+
+
+@pytest.fixture(autouse=True)
+def reload_check_in_this_process(request, monkeypatch):
+    """Every `prune` and `finetune` certifies its output by reloading it through the stock class in a fresh
+    interpreter (upvit.certificate), which costs seconds of importing torch, timm and transformers per call. Tests
+    outside test_certificate.py (which tests the fresh process itself) run that same reload code in this process."""
+    if request.module.__name__.rsplit(".", 1)[-1] != "test_certificate":
+        import subprocess
+        import types
+
+        import upvit.certificate as certificate
+
+        fake = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in ("PIPE", "DEVNULL", "TimeoutExpired")},
+                                     Popen=_ReloadHere)
+        monkeypatch.setattr(certificate, "subprocess", fake)
+    yield

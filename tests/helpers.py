@@ -1,5 +1,5 @@
 """Shared test helpers: tiny timm ViTs with weights large enough that removals matter, the CLI in a
-subprocess with its one-line error contract, tiny ImageFolders, byte-for-byte file snapshots."""
+subprocess (or in-process) with its one-line error contract, tiny ImageFolders, byte-for-byte file snapshots."""
 from __future__ import annotations
 
 import os
@@ -62,6 +62,28 @@ def run_cli(*args, timeout=300, cwd=None):
                           timeout=timeout, cwd=cwd or REPO,
                           env={"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "PATH": "/usr/bin:/bin",
                                "OMP_NUM_THREADS": "1"})
+
+
+def run_main(*args, cwd=None):
+    """``upvit ARGS`` in this process (``upvit.cli.main``): the exit status, stdout and stderr that
+    :func:`run_cli` gives, without starting an interpreter (torch, timm and transformers imported again
+    cost seconds of CPU per call). Keep :func:`run_cli` for what needs a fresh process: separate processes
+    on purpose, start-up, stray output of imports; a few end-to-end calls per command stay there."""
+    import contextlib
+    import io
+
+    from upvit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, here = torch.get_num_threads(), os.getcwd()
+    try:
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["upvit", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result, fragment):

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from helpers import run_cli, tiny_vit
+from helpers import run_cli, run_main, tiny_vit
 from hf_helpers import tiny_gpt2
 from upvit.bench import example_batch, make_runner, throughput
 from upvit.io import save
@@ -32,7 +32,7 @@ def test_cli_bench_onnxruntime_writes_the_usual_table_and_json(tmp_path):
     r = run_cli("bench", tmp_path / "model", "--runtime", "onnxruntime", "--batch-size", "2", "--runs", "2",
                 "--json", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
-    torch_run = run_cli("bench", tmp_path / "model", "--batch-size", "2", "--runs", "2", "--device", "cpu")
+    torch_run = run_main("bench", tmp_path / "model", "--batch-size", "2", "--runs", "2", "--device", "cpu")
     header = [line for line in torch_run.stdout.splitlines() if line.startswith("| model")]
     assert header and header[0] in r.stdout  # the same table as the torch runtime's
     row = json.loads((tmp_path / "b.json").read_text())[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import upvit
-from helpers import assert_one_line_error, run_cli, tiny_swin, tiny_vit, write_image_folder
+from helpers import assert_one_line_error, run_main, tiny_swin, tiny_vit, write_image_folder
 from hf_helpers import tiny_gpt2, token_inputs
 from plan_helpers import plan_masks, random_scores
 from upvit.adapters import get_adapter
@@ -82,8 +82,8 @@ def test_cli_prune_to_a_budget_prints_candidates_and_records_the_choice(tmp_path
     upvit.save(model, str(tmp_path / "model"))
     random_scores(model).save(str(tmp_path / "s.safetensors"))
     write_image_folder(tmp_path / "data", per_class=3, size=16)
-    r = run_cli("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget", "macs=0.5",
-                "--budget-grid", "4", "--data", tmp_path / "data", "--proxy-size", "6", "--out", tmp_path / "p")
+    r = run_main("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget", "macs=0.5",
+                 "--budget-grid", "4", "--data", tmp_path / "data", "--proxy-size", "6", "--out", tmp_path / "p")
     assert r.returncode == 0, r.stderr
     assert "candidate shapes within macs=0.5" in r.stdout and "(chosen)" in r.stdout and "joint kl" in r.stdout
     plan = json.load(open(tmp_path / "p" / "plan.json"))
@@ -92,9 +92,9 @@ def test_cli_prune_to_a_budget_prints_candidates_and_records_the_choice(tmp_path
                                                                       for c in budget["candidates"])
     report = json.load(open(tmp_path / "p" / "report.json"))
     assert report["ratios"]["macs"] == pytest.approx(budget["use"])
-    assert_one_line_error(run_cli("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget",
+    assert_one_line_error(run_main("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget",
                                   "macs=0.5", "--out", tmp_path / "q"), "add --data")
-    assert_one_line_error(run_cli("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget",
+    assert_one_line_error(run_main("prune", tmp_path / "model", "--scores", tmp_path / "s.safetensors", "--budget",
                                   "flops=0.5", "--data", tmp_path / "data", "--out", tmp_path / "q"), "KIND=FRACTION")
 
 

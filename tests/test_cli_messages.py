@@ -1,10 +1,11 @@
 """Issue 21, items 5-7 and 9: messages that say why and what to do, help text, defaults, --version.
 
-CLI behaviour is checked from outside (a subprocess, ``tests/helpers.py``); a fault that cannot be
-produced from outside (a full disk) is injected in-process at write time."""
+CLI behaviour is checked through ``main`` (in-process, ``run_main``) or, where separate processes are the point
+(--version, help, score then prune), from outside (a subprocess, ``run_cli``); a fault that cannot be produced
+from outside (a full disk) is injected in-process at write time."""
 from __future__ import annotations
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, run_main
 
 TINY_SPEC = "timm:vit_base_patch16_224,img_size=16,patch_size=4,in_chans=3,num_classes=2,embed_dim=24,depth=1,num_heads=4"
 
@@ -13,7 +14,7 @@ TINY_SPEC = "timm:vit_base_patch16_224,img_size=16,patch_size=4,in_chans=3,num_c
 def test_data_file_is_named_a_file_and_every_spelling_is_listed(tmp_path):
     data = tmp_path / "images.zip"
     data.write_bytes(b"not a folder")
-    result = run_cli("eval", TINY_SPEC, "--data", data)
+    result = run_main("eval", TINY_SPEC, "--data", data)
     assert_one_line_error(result, f"data '{data}' is a file, not a directory")
     line = result.stderr.strip()
     assert "does not exist" not in line
@@ -22,7 +23,7 @@ def test_data_file_is_named_a_file_and_every_spelling_is_listed(tmp_path):
 
 
 def test_missing_data_directory_lists_every_spelling(tmp_path):
-    result = run_cli("eval", TINY_SPEC, "--data", tmp_path / "nowhere")
+    result = run_main("eval", TINY_SPEC, "--data", tmp_path / "nowhere")
     assert_one_line_error(result, "does not exist")
     for spelling in ("animal-mnist:", "shakespeare:", "text:FILE_OR_DIR"):
         assert spelling in result.stderr, result.stderr
@@ -126,10 +127,10 @@ def test_prune_with_scores_of_other_weights_says_where_each_came_from(tmp_path):
     weights = tmp_path / "w.safetensors"
     save_tensors(str(weights), trained.state_dict())
     scores = tmp_path / "s.safetensors"
-    r = run_cli("score", MNIST_TINY, "--checkpoint", weights, "--data", "animal-mnist:train", "--proxy-size", "2",
+    r = run_main("score", MNIST_TINY, "--checkpoint", weights, "--data", "animal-mnist:train", "--proxy-size", "2",
                 "--method", "magnitude", "--out", scores)
     assert r.returncode == 0, r.stderr
-    r = run_cli("prune", MNIST_TINY, "--scores", scores, "--ratio", "0.5", "--out", tmp_path / "p")
+    r = run_main("prune", MNIST_TINY, "--scores", scores, "--ratio", "0.5", "--out", tmp_path / "p")
     assert_one_line_error(r, f"(scored: {MNIST_TINY} with --checkpoint {weights}; this model: {MNIST_TINY} with "
                              "seeded random weights (no --checkpoint)): pass the same --checkpoint as to `upvit score` "
                              "(or the same model directory), or re-score")

@@ -384,6 +384,38 @@ def test_driver_bad_input_one_line(tmp_path, case, match):
         _run(tmp_path / "bad", **case)
 
 
+@pytest.mark.parametrize("case,match", [
+    ({"remove": 0}, "remove must be a positive integer, got 0"),
+    ({"steps": True}, "steps must be a positive integer, got True"),
+    ({"remove": 2, "steps": 2, "candidate_blocks": 2}, "each step removes 1 blocks-worth, not a multiple"),
+    ({"kinds": ("block", "triple")}, "candidate kinds must be among block, hybrid"),
+    ({"kinds": ()}, "candidate kinds must be among"),
+    ({"alpha": -0.5}, "alpha must be a finite number at least 0, got -0.5"),
+    ({"alpha": float("nan")}, "alpha must be a finite number at least 0"),
+    ({"temperature": 0.0}, "temperature must be a finite number above 0, got 0.0"),
+    ({"bench_runs": 0}, "bench_runs must be a positive integer"),
+    ({"criterion": "magnitude"}, "unknown depth criterion 'magnitude'"),
+    ({"steps": 2, "train_config": TrainConfig(**{**CFG, "epochs": 3})}, "3 fine-tuning epochs do not split into 2"),
+])
+def test_depth_config_refuses_bad_settings_when_built(case, match):
+    """Every setting is checked when the config is built, before any model is touched: one line each."""
+    from upvit.depth import DepthConfig
+
+    with pytest.raises(UpvitError, match=match) as info:
+        DepthConfig(**{"remove": 2, **case})
+    assert "\n" not in str(info.value)
+
+
+def test_depth_config_derives_the_step_budget():
+    from upvit.depth import DepthConfig
+
+    cfg = DepthConfig(remove=4, steps=2, train_config=TrainConfig(**CFG))
+    assert cfg.per_step == 2 and cfg.step_train_config.epochs == 2 and cfg.train_config.epochs == 4
+    assert DepthConfig(remove=1, criterion="last").kinds == ("block",)  # the baseline drops whole blocks only
+    assert DepthConfig(remove=1, kinds=["hybrid"]).kinds == ("hybrid",)
+    assert DepthConfig(remove=1).step_train_config is None
+
+
 def test_resume_refuses_other_settings(tmp_path):
     def stop(name, k):
         raise KeyboardInterrupt
@@ -449,6 +481,18 @@ def test_depth_cli_bad_input_one_line(mnist_model, tmp_path, capsys, change, mat
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("upvit: error:") and match in err, err
+
+
+def test_depth_cli_checks_the_settings_before_reading_anything(tmp_path, capsys):
+    """A --remove that does not split into --steps is refused before the model or the data is read, and
+    nothing is written (the model and data named here do not exist)."""
+    from upvit.cli import main
+
+    args = _depth_args(tmp_path / "no-model", tmp_path / "out")
+    args[args.index("--data") + 1] = str(tmp_path / "no-data")
+    args[args.index("--steps") + 1] = "3"
+    _one_line_error(main, args, capsys, "does not split into 3 equal steps")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from helpers import assert_one_line_error, run_cli, tiny_swin, tiny_vit
+from helpers import assert_one_line_error, run_cli, run_main, tiny_swin, tiny_vit
 from hf_helpers import tiny_bert, tiny_gpt2, tiny_hf_vit
 from pvt_helpers import tiny_pvt
 from upvit import export as ex
@@ -92,7 +92,7 @@ def test_cli_exports_and_prints_parity(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "opset 17" in r.stdout and "pixel_values[0:batch]" in r.stdout
     assert r.stdout.count("parity in onnxruntime") == 2 and out.is_file()
-    assert_one_line_error(run_cli("export", tmp_path / "model", "--out", out), "already exists")
+    assert_one_line_error(run_main("export", tmp_path / "model", "--out", out), "already exists")
 
 
 def test_cli_refuses_a_mismatching_export_in_one_line_and_leaves_no_file(tmp_path, monkeypatch):
@@ -110,4 +110,4 @@ def test_cli_refuses_a_mismatching_export_in_one_line_and_leaves_no_file(tmp_pat
 
 def test_cli_refuses_an_out_that_is_not_an_onnx_file(tmp_path):
     save(tiny_vit(), str(tmp_path / "model"))
-    assert_one_line_error(run_cli("export", tmp_path / "model", "--out", tmp_path / "m.bin"), "ending in .onnx")
+    assert_one_line_error(run_main("export", tmp_path / "model", "--out", tmp_path / "m.bin"), "ending in .onnx")

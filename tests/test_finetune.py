@@ -12,7 +12,7 @@ import torch
 
 import upvit
 import upvit.distill
-from helpers import tiny_vit
+from helpers import run_main, tiny_vit
 from upvit.cli import main
 from upvit.data import ImageTensorDataset
 from upvit.io import load_tensors
@@ -175,6 +175,7 @@ def test_finetune_cli_bad_input_one_line(mnist_models, tmp_path, capsys, case, m
     assert len(err.splitlines()) == 1 and err.startswith("upvit: error:") and match in err, err
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_torchrun_two_processes_match_one(mnist_models, tmp_path):
     """The same global batch on 2 gloo ranks gives the 1-process loss curve and weights (float rounding only)."""
     common = _ft_args(mnist_models, tmp_path / "x")[:-2]
@@ -187,8 +188,7 @@ def test_torchrun_two_processes_match_one(mnist_models, tmp_path):
                           "-m", "upvit.cli", *common, "--out", str(tmp_path / "two")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "upvit.cli", *common, "--out", str(tmp_path / "one")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    one = run_main(*common, "--out", tmp_path / "one")  # in-process, one thread as each rank
     assert one.returncode == 0, one.stderr[-3000:]
     l1, l2 = _log(str(tmp_path / "one")), _log(str(tmp_path / "two"))
     print("1 process:", [r["train_loss"] for r in l1], "\n2 processes:", [r["train_loss"] for r in l2])

@@ -1,7 +1,8 @@
 """Issue 10, "nothing lost, nothing silently wrong": every defect a new user hit, through the CLI.
 
-Each test drives ``python -m upvit`` in a subprocess for the reported case (exit status and the one
-line on stderr), checks files that must survive byte for byte, and covers the variants in-process.
+Each test drives the CLI for the reported case (exit status and the one line on stderr) and checks files that
+must survive byte for byte: a few end to end in a subprocess (``run_cli``), the rest through the same ``main``
+in-process (``run_main``, no interpreter start-up per call).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 import upvit
-from helpers import REPO, assert_one_line_error, run_cli, snapshot, tiny_vit, write_image_folder
+from helpers import REPO, assert_one_line_error, run_cli, run_main, snapshot, tiny_vit, write_image_folder
 from plan_helpers import random_scores
 from upvit.cli import main
 from upvit.data import ANIMAL_MNIST_CLASSES
@@ -83,7 +84,7 @@ def test_score_never_overwrites_an_existing_scores_file(tmp_path, capsys):
     out.write_bytes(b"hours of exact KL scoring")
     args = ["score", str(model_dir), "--data", "animal-mnist:train", "--proxy-size", "2", "--method", "magnitude",
             "--out", str(out)]
-    assert_one_line_error(run_cli(*args), "already exists")
+    assert_one_line_error(run_main(*args), "already exists")
     assert out.read_bytes() == b"hours of exact KL scoring"
     # an interrupted run's state needs --resume (or --force), the model's own directory is never a target
     (tmp_path / "new.safetensors.partial").write_bytes(b"state")
@@ -130,7 +131,7 @@ def test_train_on_an_image_folder_follows_the_model_input_size_and_channels(tmp_
     write_image_folder(folder, per_class=4, size=40)  # RGB 40x40 files, a 32x32 model
     spec = "timm:vit_base_patch16_224,img_size=32,patch_size=8,num_classes=2,embed_dim=16,depth=1,num_heads=2"
     common = ["--data", folder, "--val-data", folder, "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1"]
-    r = run_cli("train", spec, *common, "--out", tmp_path / "rgb")
+    r = run_main("train", spec, *common, "--out", tmp_path / "rgb")
     assert r.returncode == 0, r.stderr
     config = json.loads((tmp_path / "rgb" / "config.json").read_text())
     assert config["data_config"]["input_size"] == [3, 32, 32] and config["class_names"] == ["a", "b"]
@@ -151,7 +152,7 @@ def test_eval_refuses_data_with_other_classes_unless_mapped(tmp_path, capsys):
     save(model, str(tmp_path / "m"))
     folder = tmp_path / "data"
     write_image_folder(folder, classes=("cat", "dog"), per_class=3, size=16)
-    r = run_cli("eval", tmp_path / "m", "--data", folder)
+    r = run_main("eval", tmp_path / "m", "--data", folder)
     assert_one_line_error(r, "the model's classes (10: bear, bird, cat, cow, ...) differ from those of")
     assert "--class-map" in r.stderr
 
@@ -187,13 +188,13 @@ def test_prune_refuses_scores_of_another_model(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     save_tensors(str(weights), trained.state_dict())
     scores = tmp_path / "s.safetensors"
-    r = run_cli("score", MNIST_SPEC, "--checkpoint", weights, "--data", "animal-mnist:train", "--proxy-size", "2",
+    r = run_main("score", MNIST_SPEC, "--checkpoint", weights, "--data", "animal-mnist:train", "--proxy-size", "2",
                 "--method", "magnitude", "--out", scores)
     assert r.returncode == 0 and not stderr_lines(r.stderr), r.stderr
     fingerprint = upvit.Scores.load(str(scores)).meta["model_fingerprint"]
     assert set(fingerprint) == {"architecture", "weights"}
     # `score --checkpoint X` then `prune` without it: the student would come from random weights
-    r = run_cli("prune", MNIST_SPEC, "--scores", scores, "--ratio", "0.5", "--out", tmp_path / "p")
+    r = run_main("prune", MNIST_SPEC, "--scores", scores, "--ratio", "0.5", "--out", tmp_path / "p")
     assert_one_line_error(r, "scores were computed for other weights of this architecture (scored: ")
     assert "pass the same --checkpoint as to `upvit score` (or the same model directory), or re-score" in r.stderr
     assert not (tmp_path / "p").exists()
@@ -218,7 +219,7 @@ def test_prune_refuses_scores_of_another_model(tmp_path, capsys):
 def test_timm_model_without_checkpoint_warns_of_random_weights(tmp_path):
     folder = tmp_path / "data"
     write_image_folder(folder, per_class=2, size=16)
-    r = run_cli("eval", FOLDER_SPEC, "--data", folder)
+    r = run_main("eval", FOLDER_SPEC, "--data", folder)
     assert r.returncode == 0, r.stderr
     lines = stderr_lines(r.stderr)
     assert len(lines) == 1 and "random weights (no --checkpoint given)" in lines[0], r.stderr
@@ -263,14 +264,14 @@ def test_a_damaged_image_is_one_line_naming_it_or_is_skipped(tmp_path, capsys):
     paths = write_image_folder(folder, per_class=4, size=16)
     truncate(paths[5])
     model = folder_model(tmp_path / "m")
-    assert_one_line_error(run_cli("eval", model, "--data", folder), f"cannot read image {paths[5]}")
-    r = run_cli("eval", model, "--data", folder, "--skip-bad-images")
+    assert_one_line_error(run_main("eval", model, "--data", folder), f"cannot read image {paths[5]}")
+    r = run_main("eval", model, "--data", folder, "--skip-bad-images")
     assert r.returncode == 0 and "(7 images)" in r.stdout, r.stderr
     lines = stderr_lines(r.stderr)
     assert lines == [f"upvit: warning: skipped 1 unreadable image file (first: {paths[5]})"], r.stderr
 
     train = ["train", FOLDER_SPEC, "--data", folder, "--epochs", "1", "--batch-size", "8", "--out", tmp_path / "t"]
-    r = run_cli(*train)
+    r = run_main(*train)
     assert_one_line_error(r, f"cannot read image {paths[5]}")
     assert "add --skip-bad-images, then rerun the command (no epoch had finished" in r.stderr
 
@@ -308,7 +309,7 @@ def test_finetune_stopped_by_a_damaged_image_keeps_its_progress(tmp_path, capsys
     out = tmp_path / "ft"
     args = ["finetune", student, "--teacher", teacher, "--data", folder, "--epochs", "2", "--batch-size", "4",
             "--max-steps-per-epoch", "1", "--out", out]
-    r = run_cli(*args)
+    r = run_main(*args)
     assert_one_line_error(r, f"cannot read image {victim}")
     assert (f"rerun the same command with --resume: it continues after epoch 1 from the checkpoint in {out}"
             in r.stderr), r.stderr
@@ -374,14 +375,14 @@ def test_bad_numbers_and_devices_are_one_line(args, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_machine_without_cuda_is_one_line():
-    assert_one_line_error(run_cli("bench", ASSET_TEACHER, "--device", "cuda"), "no usable CUDA device: use --device cpu")
+    assert_one_line_error(run_main("bench", ASSET_TEACHER, "--device", "cuda"), "no usable CUDA device: use --device cpu")
 
 
 def test_eval_json_into_a_missing_folder(tmp_path, capsys):
     folder = tmp_path / "data"
     write_image_folder(folder, per_class=2, size=16)
     model = folder_model(tmp_path / "m")
-    r = run_cli("eval", model, "--data", folder, "--json", tmp_path / "reports" / "today" / "eval.json")
+    r = run_main("eval", model, "--data", folder, "--json", tmp_path / "reports" / "today" / "eval.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "reports" / "today" / "eval.json").read_text())["n"] == 4
     assert main(["eval", model, "--data", str(folder), "--json", str(tmp_path / "reports")]) == 2

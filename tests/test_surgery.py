@@ -21,48 +21,19 @@ def set_fused(model, fused: bool) -> None:
             m.fused_attn = fused
 
 
-@pytest.mark.parametrize("distilled", [False, True])
-def test_keep_everything_is_bit_identical(distilled):
-    model, x = tiny_vit(distilled=distilled), tiny_images()
-    pruned = upvit.prune(model, make_plan(model, random_scores(model)))
-    assert pruned is not model and type(pruned) is type(model)
-    with torch.no_grad():
-        assert torch.equal(pruned(x), model(x))
-    for (k, a), (k2, b) in zip(model.state_dict().items(), pruned.state_dict().items()):
-        assert k == k2 and torch.equal(a, b)
-
-
-@pytest.mark.parametrize("distilled", [False, True])
-def test_ffn_pruning_equals_masked_original(distilled):
-    model, x = tiny_vit(distilled=distilled), tiny_images()
-    plan = make_plan(model, random_scores(model, seed=1), mlp_hidden=17)
-    pruned = upvit.prune(model, plan)
-    assert pruned.blocks[1].mlp.fc1.out_features == 17
-    with torch.no_grad():
-        ref = get_adapter(model).forward(x, plan_masks(model, plan, sites=("ffn",)))
-        out = pruned(x)
-    assert out.abs().max() > 0.1  # the comparison is not between two near-zero tensors
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
-
-
 # embed_dim, num_heads: (16, 4) and (12, 4) change the head dim (6 -> 4, 6 -> 3): the original attention
-# scale must be kept (folded into q); (12, 2) merges heads 4 -> 2 and keeps head dim 6.
-@pytest.mark.parametrize("distilled", [False, True])
+# scale must be kept (folded into q). That the pruned model equals the masked original (ViT and DeiT, FFN,
+# residual and attention, keep-everything) is tested for every family in tests/contract; here the attention
+# timm builds.
 @pytest.mark.parametrize("embed_dim, num_heads", [(16, 4), (12, 4), (24, 4)])
-def test_embed_and_attn_pruning_equal_masked_original(distilled, embed_dim, num_heads):
-    model, x = tiny_vit(distilled=distilled), tiny_images()
+def test_embed_and_attn_pruning_build_timms_attention(embed_dim, num_heads):
+    model = tiny_vit(distilled=True)
     plan = make_plan(model, random_scores(model, seed=2), embed_dim=embed_dim, num_heads=num_heads, mlp_hidden=30)
     pruned = upvit.prune(model, plan)
     attn = pruned.blocks[0].attn
     assert (attn.num_heads, attn.head_dim, attn.attn_dim) == (num_heads, embed_dim // num_heads, embed_dim)
     assert attn.scale == (embed_dim // num_heads) ** -0.5 and pruned.embed_dim == embed_dim
-    with torch.no_grad():
-        # component 1 alone cannot be built in timm (attention width is tied to embed_dim), so the
-        # masked original masks the residual (masked LayerNorms) and the attention dims together
-        ref = get_adapter(model).forward(x, plan_masks(model, plan))
-        out = pruned(x)
-    assert out.abs().max() > 0.1
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert pruned.blocks[1].mlp.fc1.out_features == 30
 
 
 def reference_merged_attention(attn, h, keep, heads, scale):

@@ -820,11 +820,25 @@ def _score_parser(p: argparse.ArgumentParser) -> None:
 @command("depth")
 def cmd_depth(args: argparse.Namespace) -> int:
     from .data import load_data, sample_proxy, stack_images
-    from .depth import prune_depth
+    from .depth import DepthConfig, run_depth
     from .importance.api import proxy_tensor
     from .models import load_model
     from .train import TrainConfig
 
+    cfg = None
+    if args.epochs:
+        lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256
+        warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs / args.steps)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
+                          weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay,
+                          seed=args.seed, num_workers=args.workers, amp=args.amp,
+                          max_steps_per_epoch=args.max_steps_per_epoch)
+    # the run's settings are checked before any model or image is read
+    depth_cfg = DepthConfig(remove=args.remove, steps=args.steps, criterion=args.criterion,
+                            kinds=("block",) if args.blocks_only else ("block", "hybrid"),
+                            candidate_blocks=args.candidate_blocks, train_config=cfg, alpha=args.alpha,
+                            temperature=args.temperature, score_batch_size=args.score_batch_size,
+                            bench_batch=args.bench_batch, bench_runs=args.bench_runs)
     check_output_dir(args.out, force=args.force, resume=args.resume,
                      inputs=[args.model, args.checkpoint, args.teacher, args.teacher_checkpoint, args.data, args.val_data])
     model = load_model(args.model, args.checkpoint)
@@ -845,21 +859,9 @@ def cmd_depth(args: argparse.Namespace) -> int:
     if args.force and not args.resume:  # start over: the earlier run's record and checkpoints go
         _discard_depth_run(args.out)
     flush_warnings()
-    cfg = None
-    if args.epochs:
-        lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256
-        warmup = args.warmup_epochs if args.warmup_epochs is not None else min(2.0, 0.1 * args.epochs / args.steps)
-        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, min_lr=args.min_lr,
-                          weight_decay=args.weight_decay, warmup_epochs=warmup, ema_decay=args.ema_decay,
-                          seed=args.seed, num_workers=args.workers, amp=args.amp,
-                          max_steps_per_epoch=args.max_steps_per_epoch)
-    final = _fit_or_explain(lambda: prune_depth(
-                        model, teacher, train_ds, proxy, remove=args.remove, steps=args.steps, train_config=cfg,
-                        out_dir=args.out, criterion=args.criterion,
-                        kinds=("block",) if args.blocks_only else ("block", "hybrid"),
-                        candidate_blocks=args.candidate_blocks, val_data=val_ds, alpha=args.alpha,
-                        temperature=args.temperature, resume=args.resume, score_batch_size=args.score_batch_size,
-                        bench_batch=args.bench_batch, bench_runs=args.bench_runs, device=args.device,
+    final = _fit_or_explain(lambda: run_depth(
+                        depth_cfg, model, teacher, train_ds, proxy, args.out, val_data=val_ds, resume=args.resume,
+                        device=args.device,
                         meta={"command": _command(args), "proxy": {**record, "data": args.data},
                               "inputs": {"model": _model_input(args.model, model, args.checkpoint),
                                          "teacher": _model_input(args.teacher or args.model, teacher,

@@ -40,6 +40,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -237,6 +238,76 @@ def _stats(model: nn.Module, val_data: Any, device: torch.device, bench_batch: i
     return out
 
 
+@dataclass(frozen=True)
+class DepthConfig:
+    """The settings of one depth-pruning run, checked when built (one line naming the problem and the fix).
+
+    ``remove`` blocks-worth in ``steps`` equal rounds, each removing ``remove / steps / candidate_blocks``
+    candidates of ``kinds`` ("block", "hybrid"; ``criterion="last"`` considers blocks only) chosen by
+    ``criterion`` ("kl", the paper's; "block_influence"; "last"). ``train_config`` (a
+    :class:`upvit.train.TrainConfig` whose ``epochs`` is the budget of the whole run; None: no fine-tuning)
+    is split evenly over the steps; ``alpha``/``temperature`` weigh the distillation term; the rest sizes
+    the scoring and the throughput measurement."""
+
+    remove: int
+    steps: int = 1
+    criterion: str = "kl"
+    kinds: tuple[str, ...] = KINDS
+    candidate_blocks: int = 1
+    train_config: Any = None
+    alpha: float = 1.0
+    temperature: float = 1.0
+    score_batch_size: int = 64
+    bench_batch: int = 64
+    bench_runs: int = 10
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise UpvitError(f"unknown depth criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
+        # the naive baseline drops the last blocks: hybrids are not its candidates
+        object.__setattr__(self, "kinds", ("block",) if self.criterion == "last" else tuple(self.kinds))
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            raise UpvitError(f"candidate kinds must be among {', '.join(KINDS)}, got {list(self.kinds)}")
+        for name in ("remove", "steps", "candidate_blocks", "score_batch_size", "bench_batch", "bench_runs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UpvitError(f"{name} must be a positive integer, got {value!r}")
+        for name, low in (("alpha", 0.0), ("temperature", None)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or (value < low if low is not None else value <= 0):
+                bound = "at least 0" if low is not None else "above 0"
+                raise UpvitError(f"{name} must be a finite number {bound}, got {value!r}")
+        if self.remove % self.steps:
+            raise UpvitError(f"--remove {self.remove} blocks-worth does not split into {self.steps} equal steps: choose "
+                             f"--steps among {', '.join(str(k) for k in range(1, self.remove + 1) if self.remove % k == 0)}")
+        if self.per_step % self.candidate_blocks:
+            raise UpvitError(f"each step removes {self.per_step} blocks-worth, not a multiple of the candidates' "
+                             f"{self.candidate_blocks} blocks: change --steps or --candidate-blocks")
+        if self.train_config is not None and self.train_config.epochs % self.steps:
+            raise UpvitError(f"{self.train_config.epochs} fine-tuning epochs do not split into {self.steps} equal "
+                             f"steps: give a multiple of {self.steps}")
+
+    @property
+    def per_step(self) -> int:
+        """Blocks-worth removed by each step."""
+        return self.remove // self.steps
+
+    @property
+    def step_train_config(self) -> Any:
+        """Each step's fine-tuning: the run's budget divided by the steps (None: no fine-tuning)."""
+        cfg = self.train_config
+        return dataclasses.replace(cfg, epochs=cfg.epochs // self.steps) if cfg is not None else None
+
+    def settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the interrupted one (``run.json``; the fingerprints join it)."""
+        return {"remove": self.remove, "steps": self.steps, "criterion": self.criterion, "kinds": list(self.kinds),
+                "candidate_blocks": self.candidate_blocks, "alpha": self.alpha, "temperature": self.temperature,
+                "score_batch_size": self.score_batch_size,
+                "train_config": dataclasses.asdict(self.train_config) if self.train_config is not None else None}
+
+
 def prune_depth(
     model: nn.Module,
     teacher: nn.Module,
@@ -267,7 +338,8 @@ def prune_depth(
     them (:func:`select`), fine-tune with distillation from ``teacher`` (the original model) for
     ``train_config.epochs / steps`` epochs (``train_config`` is a :class:`upvit.train.TrainConfig`
     whose ``epochs`` is the budget of the whole run; None: no fine-tuning), evaluate on
-    ``val_data`` and benchmark.
+    ``val_data`` and benchmark. The settings are checked by :class:`DepthConfig`; :func:`run_depth`
+    takes one directly.
 
     Writes to ``out_dir``: ``run.json`` (settings, fingerprints), ``step-{k}/`` (``selection.json``:
     every candidate's score and what was removed; the fine-tuning run and the step's model
@@ -281,169 +353,222 @@ def prune_depth(
     ``kinds``: candidate kinds ("block", "hybrid"); ``criterion="last"`` considers blocks only.
     The KL of a candidate is measured against the current model (the one the step prunes).
     """
-    from . import io
-    from .adapters import get_adapter
-    from .distill import check_teacher, finetune, model_fingerprint
-    from .distributed import default_device, env_world_size
-    from .importance.api import proxy_tensor
+    config = DepthConfig(remove=remove, steps=steps, criterion=criterion, kinds=tuple(kinds),
+                         candidate_blocks=candidate_blocks, train_config=train_config, alpha=alpha,
+                         temperature=temperature, score_batch_size=score_batch_size, bench_batch=bench_batch,
+                         bench_runs=bench_runs)
+    return run_depth(config, model, teacher, train_data, proxy, out_dir, val_data=val_data, resume=resume,
+                     device=device, callback=callback, meta=meta)
 
-    t_start = time.time()
-    if env_world_size() > 1:
-        raise UpvitError("depth pruning runs in one process: start it without torchrun")
-    if criterion not in CRITERIA:
-        raise UpvitError(f"unknown depth criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
-    kinds = ("block",) if criterion == "last" else tuple(kinds)
-    for name, value in (("remove", remove), ("steps", steps), ("candidate_blocks", candidate_blocks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UpvitError(f"{name} must be a positive integer, got {value!r}")
-    if remove % steps:
-        raise UpvitError(f"--remove {remove} blocks-worth does not split into {steps} equal steps: choose --steps "
-                         f"among {', '.join(str(k) for k in range(1, remove + 1) if remove % k == 0)}")
-    per_step = remove // steps
-    if per_step % candidate_blocks:
-        raise UpvitError(f"each step removes {per_step} blocks-worth, not a multiple of the candidates' "
-                         f"{candidate_blocks} blocks: change --steps or --candidate-blocks")
-    if train_config is not None and train_config.epochs % steps:
-        raise UpvitError(f"{train_config.epochs} fine-tuning epochs do not split into {steps} equal steps: give a "
-                         f"multiple of {steps}")
-    adapter = get_adapter(model)
-    depth0 = adapter.topology().num_blocks
-    if remove >= depth0:
-        raise UpvitError(f"the model has {depth0} blocks: remove fewer than {depth0}")
-    check_teacher(model, teacher)
-    device = torch.device(device) if device is not None else default_device()
-    proxy = proxy if isinstance(proxy, dict) else proxy_tensor(proxy, adapter.input_size())
-    step_cfg = dataclasses.replace(train_config, epochs=train_config.epochs // steps) if train_config else None
 
-    settings = {"remove": remove, "steps": steps, "criterion": criterion, "kinds": list(kinds),
-                "candidate_blocks": candidate_blocks, "alpha": alpha, "temperature": temperature,
-                "score_batch_size": score_batch_size,
-                "train_config": dataclasses.asdict(train_config) if train_config is not None else None,
-                "model": model_fingerprint(model), "teacher": model_fingerprint(teacher),
-                "proxy": _fingerprint_tensor(proxy) if isinstance(proxy, torch.Tensor) else
-                {k: _fingerprint_tensor(v) for k, v in sorted(proxy.items())},
-                "train_size": len(train_data) if train_data is not None else None}
-    run_path = os.path.join(out_dir, RUN_FILE)
-    if resume:
-        if not os.path.isfile(run_path):
-            raise UpvitError(f"--resume: {out_dir} holds no depth-pruning run ({RUN_FILE}); start without --resume")
-        recorded = _read_json(run_path)
-        if recorded.get("settings") != settings:
-            diff = next((k for k in settings if recorded.get("settings", {}).get(k) != settings[k]), "format")
-            raise UpvitError(f"--resume: the run in {out_dir} was made with another {diff} (model, teacher, proxy "
-                             "and settings must be the same); use the original command or a new --out")
-    else:
-        if os.path.isfile(run_path):
-            raise UpvitError(f"{out_dir} already holds a depth-pruning run: add --resume to continue it or choose "
-                             "a new --out")
-        io.atomic_write_json(run_path, {"format": RUN_FORMAT, "version": 1, "settings": settings,
-                                        "meta": dict(meta or {})})
+def run_depth(config: DepthConfig, model: nn.Module, teacher: nn.Module, train_data: Any, proxy: Any, out_dir: str,
+              *, val_data: Any = None, resume: bool = False, device: torch.device | str | None = None,
+              callback: Callable[[str, int], None] | None = None, meta: dict[str, Any] | None = None) -> nn.Module:
+    """:func:`prune_depth` with its settings as one checked :class:`DepthConfig`."""
+    return _DepthRun(config, model, teacher, train_data, proxy, out_dir, val_data=val_data, resume=resume,
+                     device=device, callback=callback, meta=meta).run()
 
-    def event(name: str, k: int) -> None:
-        if callback is not None:
-            callback(name, k)
 
-    model = model.to(device)
-    current = model
-    origin = [u.key for u in adapter.topology().units]
-    records = []
-    base_path = os.path.join(out_dir, "step-0.json")
-    if os.path.isfile(base_path):
-        records.append(_read_json(base_path))
-    else:
-        base = {"step": 0, "removed": [], "depth": depth0, "depths": adapter.topology().shape()["depths"],
-                **_stats(model, val_data, device, bench_batch, bench_runs, "eval input model")}
-        base["top1_before_ft"] = base["top1"]
-        io.atomic_write_json(base_path, base)
-        records.append(base)
-    _write_log(out_dir, records, settings)
+class _DepthRun:
+    """One depth-pruning run: set-up (checks, fingerprints, ``run.json``), step 0 (the input model's record),
+    each step (select -> remove -> fine-tune -> record) and the final model directory."""
 
-    for k in range(1, steps + 1):
-        step_dir = os.path.join(out_dir, f"step-{k}")
+    def __init__(self, config: DepthConfig, model: nn.Module, teacher: nn.Module, train_data: Any, proxy: Any,
+                 out_dir: str, *, val_data: Any, resume: bool, device: torch.device | str | None,
+                 callback: Callable[[str, int], None] | None, meta: dict[str, Any] | None) -> None:
+        self.config, self.model, self.teacher = config, model, teacher
+        self.train_data, self.proxy, self.val_data = train_data, proxy, val_data
+        self.out_dir, self.resume, self.device, self.callback = out_dir, resume, device, callback
+        self.meta = dict(meta or {})
+
+    # ---------------------------------------------------------------- set-up
+    def _setup(self) -> None:
+        """Refuse what cannot run, fingerprint the inputs, and start (or check, on resume) ``run.json``."""
+        from . import io
+        from .adapters import get_adapter
+        from .distill import check_teacher, model_fingerprint
+        from .distributed import default_device, env_world_size
+        from .importance.api import proxy_tensor
+
+        self.t_start = time.time()
+        if env_world_size() > 1:
+            raise UpvitError("depth pruning runs in one process: start it without torchrun")
+        adapter = get_adapter(self.model)
+        self.depth0 = adapter.topology().num_blocks
+        if self.config.remove >= self.depth0:
+            raise UpvitError(f"the model has {self.depth0} blocks: remove fewer than {self.depth0}")
+        check_teacher(self.model, self.teacher)
+        self.device = torch.device(self.device) if self.device is not None else default_device()
+        proxy = self.proxy
+        self.proxy = proxy if isinstance(proxy, dict) else proxy_tensor(proxy, adapter.input_size())
+        self.settings = {**self.config.settings(),
+                         "model": model_fingerprint(self.model), "teacher": model_fingerprint(self.teacher),
+                         "proxy": _fingerprint_tensor(self.proxy) if isinstance(self.proxy, torch.Tensor) else
+                         {k: _fingerprint_tensor(v) for k, v in sorted(self.proxy.items())},
+                         "train_size": len(self.train_data) if self.train_data is not None else None}
+        out_dir, run_path = self.out_dir, os.path.join(self.out_dir, RUN_FILE)
+        if self.resume:
+            if not os.path.isfile(run_path):
+                raise UpvitError(f"--resume: {out_dir} holds no depth-pruning run ({RUN_FILE}); start without --resume")
+            recorded = _read_json(run_path)
+            if recorded.get("settings") != self.settings:
+                diff = next((k for k in self.settings if recorded.get("settings", {}).get(k) != self.settings[k]),
+                            "format")
+                raise UpvitError(f"--resume: the run in {out_dir} was made with another {diff} (model, teacher, proxy "
+                                 "and settings must be the same); use the original command or a new --out")
+        else:
+            if os.path.isfile(run_path):
+                raise UpvitError(f"{out_dir} already holds a depth-pruning run: add --resume to continue it or choose "
+                                 "a new --out")
+            io.atomic_write_json(run_path, {"format": RUN_FORMAT, "version": 1, "settings": self.settings,
+                                            "meta": self.meta})
+
+    def _event(self, name: str, k: int) -> None:
+        if self.callback is not None:
+            self.callback(name, k)
+
+    def _stats(self, model: nn.Module, desc: str) -> dict[str, Any]:
+        return _stats(model, self.val_data, self.device, self.config.bench_batch, self.config.bench_runs, desc)
+
+    def _base(self) -> None:
+        """Step 0: the input model's record (read back after a resume)."""
+        from . import io
+        from .adapters import get_adapter
+
+        path = os.path.join(self.out_dir, "step-0.json")
+        if os.path.isfile(path):
+            self.records.append(_read_json(path))
+        else:
+            topo = get_adapter(self.model).topology()
+            base = {"step": 0, "removed": [], "depth": self.depth0, "depths": topo.shape()["depths"],
+                    **self._stats(self.model, "eval input model")}
+            base["top1_before_ft"] = base["top1"]
+            io.atomic_write_json(path, base)
+            self.records.append(base)
+        _write_log(self.out_dir, self.records, self.settings)
+
+    # ---------------------------------------------------------------- the run
+    def run(self) -> nn.Module:
+        from .adapters import get_adapter
+
+        self._setup()
+        self.model = self.model.to(self.device)
+        self.current = self.model
+        self.origin = [u.key for u in get_adapter(self.model).topology().units]
+        self.records: list[dict[str, Any]] = []
+        self._base()
+        for k in range(1, self.config.steps + 1):
+            self._step(k)
+        return self._finish()
+
+    def _selection(self, k: int, step_dir: str) -> dict[str, Any]:
+        """Step k's scores and choice on the current model (``selection.json``, read back after a resume)."""
+        from . import io
+        from .adapters import get_adapter
+        from .distill import model_fingerprint
+
+        cfg, current = self.config, self.current
+        t0 = time.time()
+        fp = model_fingerprint(current)
+        path = os.path.join(step_dir, SELECTION_FILE)
+        if os.path.isfile(path):
+            selection = _read_json(path)
+            if selection.get("model") != fp:
+                raise UpvitError(f"{path} was made for another model than the one this step prunes: delete "
+                                 f"{step_dir} to redo the step")
+            return selection
+        cands = candidates(current, cfg.candidate_blocks, cfg.kinds)
+        if not cands:
+            raise UpvitError(f"no block of the current model ({get_adapter(current).topology().num_blocks} blocks) "
+                             "can be removed: every stage keeps at least one block")
+        scores = score_candidates(current, self.proxy, cands, cfg.criterion, batch_size=cfg.score_batch_size)
+        chosen = select(current, cands, scores, cfg.per_step // cfg.candidate_blocks)
+        name = dict(zip((u.key for u in get_adapter(current).topology().units), self.origin))
+        table = [{**c.to_dict(), "origin": [name[u] for u in c.units], "score": float(s)}
+                 for c, s in zip(cands, scores)]
+        removed = [row for row in table if any(row["units"] == list(c.units) for c in chosen)]
+        selection = {"model": fp, "criterion": cfg.criterion, "candidates": table, "removed": removed,
+                     "scoring_seconds": round(time.time() - t0, 3)}
+        io.atomic_write_json(path, selection)
+        return selection
+
+    def _step(self, k: int) -> None:
+        """Score, remove, fine-tune, evaluate and record step k (or read it back if it finished earlier)."""
+        from . import io
+        from .adapters import get_adapter
+        from .distill import finetune
+
+        step_dir = os.path.join(self.out_dir, f"step-{k}")
         done_path = os.path.join(step_dir, STEP_FILE)
         if os.path.isfile(done_path):  # finished before an interruption: its model is on disk
             record = _read_json(done_path)
-            records.append(record)
-            origin = record["origin_units"]
-            current = io.load(step_dir).to(device)
-            _write_log(out_dir, records, settings)
-            continue
+            self.records.append(record)
+            self.origin = record["origin_units"]
+            self.current = io.load(step_dir).to(self.device)
+            _write_log(self.out_dir, self.records, self.settings)
+            return
         t0 = time.time()
         os.makedirs(step_dir, exist_ok=True)
-        fp = model_fingerprint(current)
-        sel_path = os.path.join(step_dir, SELECTION_FILE)
-        if os.path.isfile(sel_path):
-            selection = _read_json(sel_path)
-            if selection.get("model") != fp:
-                raise UpvitError(f"{sel_path} was made for another model than the one this step prunes: delete "
-                                 f"{step_dir} to redo the step")
-        else:
-            cands = candidates(current, candidate_blocks, kinds)
-            if not cands:
-                raise UpvitError(f"no block of the current model ({get_adapter(current).topology().num_blocks} blocks) "
-                                 "can be removed: every stage keeps at least one block")
-            scores = score_candidates(current, proxy, cands, criterion, batch_size=score_batch_size)
-            chosen = select(current, cands, scores, per_step // candidate_blocks)
-            name = dict(zip((u.key for u in get_adapter(current).topology().units), origin))
-            table = [{**c.to_dict(), "origin": [name[u] for u in c.units], "score": float(s)}
-                     for c, s in zip(cands, scores)]
-            removed = [row for row in table if any(row["units"] == list(c.units) for c in chosen)]
-            selection = {"model": fp, "criterion": criterion, "candidates": table, "removed": removed,
-                         "scoring_seconds": round(time.time() - t0, 3)}
-            io.atomic_write_json(sel_path, selection)
-        event("scored", k)
+        selection = self._selection(k, step_dir)
+        self._event("scored", k)
         removed_units = [u for row in selection["removed"] for u in row["units"]]
-        student = remove_units(current, removed_units)
-        new_origin = _renamed(current, removed_units, origin)
+        student = remove_units(self.current, removed_units)
+        new_origin = _renamed(self.current, removed_units, self.origin)
         before = None
-        if val_data is not None:
+        if self.val_data is not None:
             from .evaluation import evaluate
 
-            before = evaluate(student, val_data, device=device, desc=f"eval step {k} before fine-tuning")
+            before = evaluate(student, self.val_data, device=self.device, desc=f"eval step {k} before fine-tuning")
         t_ft = time.time()
         ft_record = None
+        step_cfg = self.config.step_train_config
         if step_cfg is not None:
             resume_ft = os.path.isfile(os.path.join(step_dir, "checkpoint.pt"))
-            ft_record = finetune(student, teacher, train_data, step_cfg, step_dir, alpha=alpha,
-                                 temperature=temperature, resume=resume_ft, device=device,
+            ft_record = finetune(student, self.teacher, self.train_data, step_cfg, step_dir, alpha=self.config.alpha,
+                                 temperature=self.config.temperature, resume=resume_ft, device=self.device,
                                  extra_config={"depth_step": k})
         else:
             io.save(student, step_dir)
-        event("finetuned", k)
-        current = io.load(step_dir).to(device)  # the saved model (the EMA, if any), also after a resume
-        topo = get_adapter(current).topology()
-        record = {"step": k, "criterion": criterion, "removed": selection["removed"],
+        self._event("finetuned", k)
+        self.current = io.load(step_dir).to(self.device)  # the saved model (the EMA, if any), also after a resume
+        topo = get_adapter(self.current).topology()
+        record = {"step": k, "criterion": self.config.criterion, "removed": selection["removed"],
                   "candidates": selection["candidates"], "depth": topo.num_blocks, "depths": topo.shape()["depths"],
                   "origin_units": new_origin,
                   "top1_before_ft": before["top1"] if before else None,
                   "val_loss_before_ft": before["loss"] if before else None,
-                  **_stats(current, val_data, device, bench_batch, bench_runs, f"eval step {k}"),
+                  **self._stats(self.current, f"eval step {k}"),
                   "finetune": {key: ft_record.get(key) for key in ("epoch", "train_loss", "train_ce", "train_kl")}
                   if ft_record else None,
                   "scoring_seconds": selection.get("scoring_seconds"),
                   "finetune_seconds": round(time.time() - t_ft, 1), "step_seconds": round(time.time() - t0, 1)}
         io.atomic_write_json(done_path, record)
-        records.append(record)
-        origin = new_origin
-        _write_log(out_dir, records, settings)
-        event("step", k)
+        self.records.append(record)
+        self.origin = new_origin
+        _write_log(self.out_dir, self.records, self.settings)
+        self._event("step", k)
 
-    config = copy.deepcopy(current.upvit_config)
-    # the run's own record (upvit.provenance); the steps' intermediate records are in log.jsonl and step-k/,
-    # and the input model's record moves under "source"
-    own = ("timm_equivalent_kwargs", "hf_spec")
-    config.extra = {k: v for k, v in config.extra.items() if k in own}
-    config.extra.update({k: v for k, v in (meta or {}).items() if k in ("command", "inputs")})
-    config.extra["depth"] = {"criterion": criterion, "remove": remove, "steps": steps,
-                             "removed": [[row["origin"] for row in r["removed"]] for r in records[1:]],
-                             "origin_units": origin, "seconds": round(time.time() - t_start, 1)}
-    config.extra["results"] = {k: v for k, v in records[-1].items()
-                               if k not in ("removed", "candidates", "origin_units", "finetune")}
-    source = run_record(model.upvit_config.extra, keep=own)
-    if source:
-        config.extra["source"] = source
-    io.save(current, out_dir, config)
-    return io.load(out_dir)
+    def _finish(self) -> nn.Module:
+        """The final model directory in ``out_dir``, with the run's own provenance record."""
+        from . import io
+
+        cfg = self.config
+        config = copy.deepcopy(self.current.upvit_config)
+        # the run's own record (upvit.provenance); the steps' intermediate records are in log.jsonl and step-k/,
+        # and the input model's record moves under "source"
+        own = ("timm_equivalent_kwargs", "hf_spec")
+        config.extra = {k: v for k, v in config.extra.items() if k in own}
+        config.extra.update({k: v for k, v in self.meta.items() if k in ("command", "inputs")})
+        config.extra["depth"] = {"criterion": cfg.criterion, "remove": cfg.remove, "steps": cfg.steps,
+                                 "removed": [[row["origin"] for row in r["removed"]] for r in self.records[1:]],
+                                 "origin_units": self.origin, "seconds": round(time.time() - self.t_start, 1)}
+        config.extra["results"] = {k: v for k, v in self.records[-1].items()
+                                   if k not in ("removed", "candidates", "origin_units", "finetune")}
+        source = run_record(self.model.upvit_config.extra, keep=own)
+        if source:
+            config.extra["source"] = source
+        io.save(self.current, self.out_dir, config)
+        return io.load(self.out_dir)
 
 
 def _write_log(out_dir: str, records: list[dict[str, Any]], settings: dict[str, Any]) -> None:
@@ -480,5 +605,5 @@ def markdown_table(records: list[dict[str, Any]], settings: dict[str, Any] | Non
     return "\n".join(lines)
 
 
-__all__ = ["CRITERIA", "Candidate", "candidates", "markdown_table", "prune_depth", "remove_units", "removal_plan",
-           "score_candidates", "select"]
+__all__ = ["CRITERIA", "Candidate", "DepthConfig", "candidates", "markdown_table", "prune_depth", "remove_units",
+           "removal_plan", "run_depth", "score_candidates", "select"]

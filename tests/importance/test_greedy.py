@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import upvit
-from helpers import tiny_images, tiny_swin, tiny_vit
+from helpers import run_main, tiny_images, tiny_swin, tiny_vit
 from upvit.adapters import Masks, get_adapter
 from upvit.importance.greedy import JointKL, greedy_path
 from upvit.importance.kl import kl_scores
@@ -182,9 +182,6 @@ def test_bad_input_is_one_clear_error(options, match):
 
 
 def test_cli_score_greedy(tmp_path):
-    import subprocess
-    import sys
-
     from upvit.data import load_data, sample_proxy
     from upvit.io import save
 
@@ -192,18 +189,16 @@ def test_cli_score_greedy(tmp_path):
     model.upvit_config.data_config.update({"mean": [0.2725], "std": [0.4056]})
     save(model, str(tmp_path / "m"))
     out = str(tmp_path / "g.safetensors")
-    env = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    cmd = [sys.executable, "-m", "upvit", "score", str(tmp_path / "m"), "--data", "animal-mnist:train",
-           "--proxy-size", "4", "--method", "greedy", "--target", "12,2,24", "--out", out]
-    r = subprocess.run(cmd + ["--batch-size", "4"], capture_output=True, text=True, timeout=300, env=env)
+    cmd = ["score", str(tmp_path / "m"), "--data", "animal-mnist:train", "--proxy-size", "4",
+           "--method", "greedy", "--target", "12,2,24", "--out", out]
+    r = run_main(*cmd, "--batch-size", "4")  # in-process: one thread, as the reference
     assert r.returncode == 0, r.stderr
     got = upvit.Scores.load(out)
     subset, _ = sample_proxy(load_data("animal-mnist:train")[0], size=4, seed=0)
     images = torch.stack([subset[i][0] for i in range(4)])
     rounds, after = brute_force_greedy(upvit.load(str(tmp_path / "m")), images, "res.0", [12], batch=16)
     assert upvit.make_plan(model, got, embed_dim=12, num_heads=2, mlp_hidden=24).keep_embed == after[12]
-    r = subprocess.run(cmd[:-6] + ["--method", "greedy", "--out", out], capture_output=True, text=True, timeout=300,
-                       env=env)
+    r = run_main(*cmd[:-6], "--method", "greedy", "--out", out)
     assert r.returncode != 0 and "--method greedy needs the target shapes" in r.stderr
 
 

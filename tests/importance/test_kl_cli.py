@@ -1,4 +1,6 @@
-"""`upvit score`: proxy sampling and metadata, torchrun with 2 processes, one-line errors."""
+"""`upvit score`: proxy sampling and metadata, torchrun with 2 processes, one-line errors. The CLI runs in-process
+(``helpers.run_main``, one thread: the summation order of a one-thread subprocess) except where a fresh process is
+the point (torchrun, an argument error through the real entry point)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 import upvit
-from helpers import tiny_vit
+from helpers import run_main, tiny_vit
 from naive_vit import naive_score
 from upvit.adapters import get_adapter
 from upvit.data import load_data, sample_proxy
@@ -39,11 +41,12 @@ def mnist_model(tmp_path, name="m", seed=0):
     return model, str(tmp_path / name)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
     model, mdir = mnist_model(tmp_path)
     out = str(tmp_path / "s.safetensors")
-    r = run(["-m", "upvit", "score", mdir, "--data", "animal-mnist:train", "--proxy-size", "6", "--seed", "3",
-             "--batch-size", "4", "--out", out])
+    r = run_main("score", mdir, "--data", "animal-mnist:train", "--proxy-size", "6", "--seed", "3", "--batch-size", "4",
+                 "--out", out)
     assert r.returncode == 0, r.stderr
     scores = upvit.Scores.load(out)
     meta = scores.meta
@@ -55,12 +58,7 @@ def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
     dataset, _ = load_data("animal-mnist:train")
     subset, _ = sample_proxy(dataset, size=6, seed=3)
     images = proxy_tensor(subset)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocess's thread count: same summation order
-    try:
-        local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)
-    finally:
-        torch.set_num_threads(before)
+    local = kl_scores(get_adapter(model), images, batch_size=4, progress=False)  # one thread, as the CLI run
     for key, t in local.items():
         torch.testing.assert_close(scores[key], t, rtol=1e-6, atol=0.0)
     for key, c in (("res.0", 5), ("attn.1", 2), ("ffn.0", 7)):
@@ -70,18 +68,19 @@ def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
 def test_cli_per_class_proxy(tmp_path):
     _, mdir = mnist_model(tmp_path)
     out = str(tmp_path / "s.safetensors")
-    r = run(["-m", "upvit", "score", mdir, "--data", "animal-mnist:train", "--per-class", "1", "--out", out])
+    r = run_main("score", mdir, "--data", "animal-mnist:train", "--per-class", "1", "--out", out)
     assert r.returncode == 0, r.stderr
     meta = upvit.Scores.load(out).meta
     assert meta["proxy"]["sampling"] == "per_class" and meta["proxy"]["num_images"] == 10 and meta["num_images"] == 10
 
 
+@pytest.mark.usefixtures("one_thread")  # the one-process run in-process, with the ranks' one thread each
 def test_torchrun_two_processes_identical_to_one(tmp_path):
     _, mdir = mnist_model(tmp_path, seed=4)
     common = [mdir, "--data", "animal-mnist:train", "--proxy-size", "5", "--seed", "1", "--batch-size", "2"]
     one = str(tmp_path / "one.safetensors")
     two = str(tmp_path / "two.safetensors")
-    r1 = run(["-m", "upvit", "score", *common, "--out", one])
+    r1 = run_main("score", *common, "--out", one)
     assert r1.returncode == 0, r1.stderr
     # PYTHONFAULTHANDLER: should a rank ever abort at exit again (issue 21's "terminate called without an
     # active exception", not reproduced since main() leaves the group with a barrier), its stderr then
@@ -102,17 +101,17 @@ def test_cli_bad_input_one_line(tmp_path):
     out = str(tmp_path / "s.safetensors")
     assert_one_line_error(run(["-m", "upvit", "score", mdir, "--data", "animal-mnist:train", "--proxy-size", "0",
                                "--out", out]), "--proxy-size: must be an integer of at least 1")
-    assert_one_line_error(run(["-m", "upvit", "score", "timm:resnet10t,num_classes=10,in_chans=1", "--data",
-                               "animal-mnist:train", "--out", out]), "no adapter")
+    assert_one_line_error(run_main("score", "timm:resnet10t,num_classes=10,in_chans=1", "--data",
+                                   "animal-mnist:train", "--out", out), "no adapter")
     small = str(tmp_path / "rgb")
     save(tiny_vit(), small)  # 3x16x16 input
-    assert_one_line_error(run(["-m", "upvit", "score", small, "--data", "animal-mnist:train", "--out", out]), "expects input")
+    assert_one_line_error(run_main("score", small, "--data", "animal-mnist:train", "--out", out), "expects input")
     broken = tiny_vit(in_chans=1, img_size=28, patch_size=7, num_classes=10)
     with torch.no_grad():
         broken.blocks[0].mlp.fc2.bias.fill_(float("nan"))
     save(broken, str(tmp_path / "nan"))
-    assert_one_line_error(run(["-m", "upvit", "score", str(tmp_path / "nan"), "--data", "animal-mnist:train",
-                               "--proxy-size", "3", "--out", out]), "NaN or inf")
+    assert_one_line_error(run_main("score", str(tmp_path / "nan"), "--data", "animal-mnist:train",
+                                   "--proxy-size", "3", "--out", out), "NaN or inf")
     assert not os.path.exists(out)
 
 
@@ -121,13 +120,13 @@ def test_cli_resume_refuses_other_model(tmp_path):
     _, other = mnist_model(tmp_path, "other", seed=8)
     out = str(tmp_path / "s.safetensors")
     args = ["--data", "animal-mnist:train", "--proxy-size", "3", "--out", out]
-    r = run(["-m", "upvit", "score", mdir, *args])
+    r = run_main("score", mdir, *args)
     assert r.returncode == 0, r.stderr
     before = upvit.Scores.load(out)
-    r = run(["-m", "upvit", "score", mdir, *args, "--resume"])  # finished: resume returns the same scores
+    r = run_main("score", mdir, *args, "--resume")  # finished: resume returns the same scores
     assert r.returncode == 0, r.stderr
     assert all(torch.equal(upvit.Scores.load(out)[k], t) for k, t in before.items())
-    assert_one_line_error(run(["-m", "upvit", "score", other, *args, "--resume"]), "the model's weights differ")
+    assert_one_line_error(run_main("score", other, *args, "--resume"), "the model's weights differ")
 
 
 def test_cli_hybrid_needs_targets_and_parses_them():

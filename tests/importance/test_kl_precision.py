@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY, tiny_images, tiny_vit
+from helpers import TINY, run_main, tiny_images, tiny_vit
 from upvit.adapters import get_adapter
 from upvit.errors import UpvitError
 from upvit.importance.kl import bytes_per_candidate_input, candidate_batch_for_memory, compute_dtype, kl_scores
@@ -126,9 +126,6 @@ def test_memory_budget_caps_the_engine_and_leaves_scores_equal():
 def test_cli_dtype_and_memory_reach_the_engine(tmp_path):
     """`upvit score --dtype bf16 --memory-gb G` records the precision and a candidate batch within the budget;
     the scores equal an in-process bf16 run on the same proxy images."""
-    import subprocess
-    import sys
-
     import upvit
     from upvit.data import load_data, sample_proxy
     from upvit.importance.api import proxy_tensor
@@ -138,11 +135,8 @@ def test_cli_dtype_and_memory_reach_the_engine(tmp_path):
     model.upvit_config.data_config.update({"mean": [0.2725], "std": [0.4056]})
     save(model, str(tmp_path / "m"))
     out = str(tmp_path / "s.safetensors")
-    env = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "upvit", "score", str(tmp_path / "m"), "--data", "animal-mnist:train",
-                        "--proxy-size", "4", "--batch-size", "4", "--dtype", "bf16", "--memory-gb", "0.01", "--out",
-                        out],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = run_main("score", tmp_path / "m", "--data", "animal-mnist:train", "--proxy-size", "4", "--batch-size", "4",
+                 "--dtype", "bf16", "--memory-gb", "0.01", "--out", out)  # in-process: one thread, as the reference
     assert r.returncode == 0, r.stderr
     got = upvit.Scores.load(out)
     assert got.meta["compute_dtype"] == "bfloat16"
@@ -155,15 +149,10 @@ def test_cli_dtype_and_memory_reach_the_engine(tmp_path):
 
 
 def test_cli_refuses_dtype_for_other_methods_and_fp16_on_cpu(tmp_path):
-    import subprocess
-    import sys
-
-    env = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    base = [sys.executable, "-m", "upvit", "score", "no-such-model", "--data", "animal-mnist:train",
-            "--out", str(tmp_path / "s.safetensors")]
+    base = ["score", "no-such-model", "--data", "animal-mnist:train", "--out", str(tmp_path / "s.safetensors")]
     for extra, words in ((["--method", "fisher", "--dtype", "bf16"], "apply to --method kl only"),
                          (["--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA device")):
-        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120, env=env)
+        r = run_main(*base, *extra)
         lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
         assert r.returncode != 0 and len(lines) == 1 and words in lines[0], r.stderr
 

@@ -3,8 +3,6 @@ labels from a labelled dataset, the CLI, bad input."""
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import upvit
-from helpers import TINY, tiny_images, tiny_vit
+from helpers import TINY, run_main, tiny_images, tiny_vit
 from upvit.io import save
 
 LABELS = torch.tensor([0, 3, 1, 4, 2, 3])
@@ -152,10 +150,8 @@ def test_cli_score_taylor_uses_the_proxy_labels(tmp_path):
     model.upvit_config.data_config.update({"mean": [0.2725], "std": [0.4056]})
     save(model, str(tmp_path / "m"))
     out = str(tmp_path / "t.safetensors")
-    env = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "upvit", "score", str(tmp_path / "m"), "--data", "animal-mnist:train",
-                        "--proxy-size", "6", "--seed", "2", "--method", "taylor", "--out", out],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = run_main("score", tmp_path / "m", "--data", "animal-mnist:train", "--proxy-size", "6", "--seed", "2",
+                 "--method", "taylor", "--out", out)
     assert r.returncode == 0, r.stderr
     got = upvit.Scores.load(out)
     subset, _ = sample_proxy(load_data("animal-mnist:train")[0], size=6, seed=2)
