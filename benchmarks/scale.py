@@ -20,8 +20,13 @@ unless named in --parts):
   and keep-set differences at the S (96/6/384) and T (48/3/192) targets.
 * ``fast``: exact (fp32) vs fisher vs hybrid on a ViT-S at 56 px: the converted DINOv2 ViT-S/14 with
   its emoji head (runs/dinov2/emoji_teacher_112, position table resized) when present, else a
-  DeiT-S shape; Spearman per site kind, hybrid's exact fraction, speed-ups, keep sets at a Ti-like
-  and a mild target. Exact scores persist in runs/scale/ (resumable).
+  DeiT-S shape (``--fast-model``, ``--fast-px``, ``--fast-images``); per site kind fisher's speed-up and
+  Spearman against exact; per target (Ti-like 192/3/768, mild 288/6/1152) hybrid's exact fraction (per
+  kind), speed-up and keep-set differences, with a diagnosis of each differing channel (its value in both
+  runs, the exact gap to the channel it swapped with, the engine's error on the channels both scored
+  exactly). Times: per-core CPU seconds with one thread (``OMP_NUM_THREADS=1``). Every stage (exact,
+  fisher, each hybrid target) persists under ``--runs`` (default runs/scale/): a rerun reuses finished
+  stages and exact resumes site by site.
 * the projection (always recomputed): the paper's setting (DeiT-B, 224 px, 2,000 images) for exact
   (fp32, bf16), hybrid and fisher from the measured rates.
 """
