@@ -373,11 +373,17 @@ def keep_swaps(model, scores, exact, target) -> list[dict]:
     return out
 
 
-def diagnose(model, hyb, exact, target) -> dict:
+def diagnose(model, hyb, exact, target, screen=None) -> dict:
     """Why hybrid's keep sets differ from exact's: for every differing channel its value in both runs, whether
     hybrid scored it exactly, the exact gap to the channel it swapped with (relative to their size), and the
     engine's own error: |hybrid exact value - full run value| / value over every channel both scored exactly
-    (hybrid stacks other candidates per forward than the full run)."""
+    (hybrid stacks other candidates per forward than the full run). With ``screen`` (hybrid's estimate), a
+    channel hybrid did not score exactly also gets its screen error: |log(exact / calibrated estimate)| against
+    the margin hybrid required (the larger of z sigma and tail x the largest error among the site's exactly
+    scored channels, from hybrid's final calibration)."""
+    import math
+
+    from upvit.importance.hybrid import _calibration
     known = hyb.meta.get("exact_channels") or {}
     errs = {}
     for k, idx in known.items():
@@ -390,8 +396,20 @@ def diagnose(model, hyb, exact, target) -> dict:
     for s in swaps:
         k = s["site"]
         sk = set(known.get(k, []))
+        calib = None
+        if screen is not None:
+            known_k = torch.zeros(len(exact[k]), dtype=torch.bool)
+            known_k[torch.tensor(sorted(sk), dtype=torch.long)] = True
+            mu, sigma, max_dev = _calibration(screen[k].double(), exact[k].double(), known_k)
+            calib = {"mu": mu, "sigma": sigma, "z_sigma": hyb.meta["z"] * sigma, "max_dev_scored": max_dev,
+                     "margin": max(hyb.meta["z"] * sigma, hyb.meta["tail"] * max_dev)}
+            s["calibration"] = calib
+
         def rec(c):
-            return {"channel": c, "exact": float(exact[k][c]), "hybrid": float(hyb[k][c]), "hybrid_scored_exactly": c in sk}
+            r = {"channel": c, "exact": float(exact[k][c]), "hybrid": float(hyb[k][c]), "hybrid_scored_exactly": c in sk}
+            if calib is not None and c not in sk:
+                r["screen_log_error"] = abs(math.log(float(exact[k][c]) / float(screen[k][c])) - calib["mu"])
+            return r
         s["only_exact_keeps"] = [rec(c) for c in s["only_exact_keeps"]]
         s["only_scores_keeps"] = [rec(c) for c in s["only_scores_keeps"]]
         xs = [r["exact"] for r in s["only_exact_keeps"]] + [r["exact"] for r in s["only_scores_keeps"]]
@@ -400,6 +418,34 @@ def diagnose(model, hyb, exact, target) -> dict:
     return {"engine_rel_err": {"max": float(allerr.max()), "median": float(allerr.median()),
                                "bit_identical_fraction": float((allerr == 0).double().mean())},
             "swaps": swaps}
+
+
+def tail_sweep(adapter, model, images, exact, targets, n: int, tails=(1.6, 2.0, 2.5, 3.0, 4.0)) -> list[dict]:
+    """Hybrid's decision rule replayed for other ``tail`` margins with the full run's exact values standing in
+    for its exact rounds (valid where its rounds gave bit-identical values, as the diagnosis checks): per tail
+    and target, the keep-set differences and the share of channels (and of exact's CPU time, from the per-site
+    times) it would score exactly. Costs the screens only."""
+    import upvit.importance.kl as klmod
+    from upvit.importance.hybrid import hybrid_scores
+
+    sites = {s.key: s.size for s in adapter.topology().sites}
+    cost = {k: exact.meta.get("site_cpu_s", {}).get(k) for k in sites}
+    real = klmod.kl_scores
+    klmod.kl_scores = lambda *a, **kw: {k: exact[k] for k in sites}  # hybrid imports it at call time
+    out = []
+    try:
+        for tail in tails:
+            for tname, tg in targets.items():
+                h = hybrid_scores(adapter, images, targets=[tg], batch_size=n, progress=False, tail=tail)
+                row = {"tail": tail, "target": tname, "exact_fraction": h.meta["exact_fraction"], "rounds": h.meta["rounds"],
+                       "keep_set_differences_vs_exact": keep_diff(model, h, exact, tg)}
+                if all(c is not None for c in cost.values()):
+                    row["exact_cpu_fraction"] = sum(len(v) * cost[k] / sites[k] for k, v in
+                                                    h.meta["exact_channels"].items()) / sum(cost.values())
+                out.append(row)
+    finally:
+        klmod.kl_scores = real
+    return out
 
 
 def part_fast(cfg: dict) -> dict:
@@ -459,6 +505,8 @@ def part_fast(cfg: dict) -> dict:
                        "spearman_pooled": spearman(torch.cat([fisher[k] for k in keys]), torch.cat([exact[k] for k in keys])),
                        "spearman_min_per_site": min(spearman(fisher[k], exact[k]) for k in keys),
                        "spearman_per_site": {k: spearman(fisher[k], exact[k]) for k in keys}}
+    # hybrid's screen (Fisher, attention by the local estimate), for the diagnosis of any differing channel
+    screen = fisher_scores(adapter, images, batch_size=n, progress=False, attention="local")
     hyb = {}
     for tname, tg in targets.items():
         h, th = _stage(f"{stem}_hybrid_{tname}.safetensors",
@@ -468,13 +516,16 @@ def part_fast(cfg: dict) -> dict:
                       "exact_fraction": h.meta["exact_fraction"], "rounds": h.meta["rounds"],
                       "exact_fraction_by_kind": {kind: sum(counts[s.key] for s in topo.sites if s.kind == kind) /
                                                  kinds[kind]["channels"] for kind in kinds},
-                      "fisher_cpu_s": h.meta["fisher_time_s"], "exact_rounds_s": h.meta["exact_time_s"],
+                      "screen_wall_s": h.meta["fisher_time_s"], "exact_rounds_wall_s": h.meta["exact_time_s"],
                       "keep_set_differences_vs_exact": keep_diff(model, h, exact, tg),
                       "fisher_keep_set_differences_vs_exact": keep_diff(model, fisher, exact, tg),
-                      "diagnosis": diagnose(model, h, exact, tg), "timing": th}
+                      "diagnosis": diagnose(model, h, exact, tg, screen), "timing": th}
         print(f"  hybrid {tname}: {th['cpu_s']:.1f} s CPU, {h.meta['exact_fraction']:.1%} exact, diffs "
               f"{hyb[tname]['keep_set_differences_vs_exact']}", flush=True)
-    return {"model": desc, "proxy": proxy, "images": n, "px": px, "clock": clock_name(),
+    exact.meta["site_cpu_s"] = {k: v["cpu_s"] for k, v in te["sites"].items()}
+    sweep = tail_sweep(adapter, model, images, exact, targets, n) if all(
+        h["diagnosis"]["engine_rel_err"]["max"] == 0 for h in hyb.values()) else None
+    return {"model": desc, "proxy": proxy, "images": n, "px": px, "clock": clock_name(), "tail_sweep": sweep,
             "exact_cpu_s": te["cpu_s"], "exact_wall_s": te["wall_s"], "exact_timing": te,
             "fisher_cpu_s": tf["cpu_s"], "fisher_wall_s": tf["wall_s"], "fisher_speedup_vs_exact": te["cpu_s"] / tf["cpu_s"],
             "kinds": kinds, "hybrid": hyb, "stages": os.path.relpath(stem, ROOT) + "_*", "load_after": os.getloadavg()[0]}
@@ -556,11 +607,25 @@ def fast_markdown(f: dict) -> list[str]:
               f"{err['bit_identical_fraction']:.1%} bit-identical."]
         for s in g["swaps"]:
             def fmt(rs):
-                return ", ".join(f"{r['channel']} (exact {r['exact']:.6e}, hybrid {r['hybrid']:.6e}"
-                                 f"{', scored exactly' if r['hybrid_scored_exactly'] else ', estimated'})" for r in rs)
+                return ", ".join(f"{r['channel']} (exact {r['exact']:.4e}, hybrid {r['hybrid']:.4e}"
+                                 f"{', scored exactly' if r['hybrid_scored_exactly'] else ', estimated'}"
+                                 + (f", screen log-error {r['screen_log_error']:.3f}" if "screen_log_error" in r else "")
+                                 + ")" for r in rs)
             L.append(f"- {s['site']} group {s['group'][0]}:{s['group'][1]} keep {s['k']}: only exact keeps "
                      f"{fmt(s['only_exact_keeps'])}; only hybrid keeps {fmt(s['only_scores_keeps'])}; exact gap "
-                     f"{s['exact_gap_rel']:.1e} relative.")
+                     f"{s['exact_gap_rel']:.1e} relative"
+                     + (f"; margin required {s['calibration']['margin']:.3f} (z sigma {s['calibration']['z_sigma']:.3f}, "
+                        f"largest scored error {s['calibration']['max_dev_scored']:.3f})" if "calibration" in s else "")
+                     + ".")
+    if f.get("tail_sweep"):
+        L += ["", "Hybrid's rule replayed with other `tail` margins (the full run's exact values standing in for its "
+              "exact rounds: its rounds gave bit-identical values; the default 1.6 row reproduces the measured run):", "",
+              "| tail | target | keep-set diffs (embed/attn/ffn) | exact fraction of channels | of exact's CPU time | rounds |",
+              "|---|---|---|---|---|---|"]
+        for r in f["tail_sweep"]:
+            d = r["keep_set_differences_vs_exact"]
+            L.append(f"| {r['tail']} | {r['target']} | {d['embed']}/{d['attn']}/{d['ffn']} | {r['exact_fraction']:.1%} | "
+                     f"{num(r.get('exact_cpu_fraction'), '.1%')} | {r['rounds']} |")
     return L
 
 

@@ -67,6 +67,11 @@ def test_scale_smoke(tmp_path):
         total = sum(k["channels"] for k in f["kinds"].values())
         assert math.isclose(sum(h["exact_fraction_by_kind"][k] * f["kinds"][k]["channels"] for k in f["kinds"]) / total,
                             h["exact_fraction"], rel_tol=1e-9)
+    for row in f["tail_sweep"]:  # the replay at hybrid's default margin reproduces the measured run
+        if row["tail"] == 1.6:
+            h = f["hybrid"][row["target"]]
+            assert row["exact_fraction"] == h["exact_fraction"]
+            assert row["keep_set_differences_vs_exact"] == h["keep_set_differences_vs_exact"]
     for name, shape in r["rates"].items():  # hybrid: its screen + per kind, the larger measured fraction x exact's time
         p = r["projection"][name]
         frac = {k: max(h["exact_fraction_by_kind"][k] for h in f["hybrid"].values()) for k in f["kinds"]}
