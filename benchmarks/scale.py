@@ -20,8 +20,13 @@ unless named in --parts):
   and keep-set differences at the S (96/6/384) and T (48/3/192) targets.
 * ``fast``: exact (fp32) vs fisher vs hybrid on a ViT-S at 56 px: the converted DINOv2 ViT-S/14 with
   its emoji head (runs/dinov2/emoji_teacher_112, position table resized) when present, else a
-  DeiT-S shape; Spearman per site kind, hybrid's exact fraction, speed-ups, keep sets at a Ti-like
-  and a mild target. Exact scores persist in runs/scale/ (resumable).
+  DeiT-S shape (``--fast-model``, ``--fast-px``, ``--fast-images``); per site kind fisher's speed-up and
+  Spearman against exact; per target (Ti-like 192/3/768, mild 288/6/1152) hybrid's exact fraction (per
+  kind), speed-up and keep-set differences, with a diagnosis of each differing channel (its value in both
+  runs, the exact gap to the channel it swapped with, the engine's error on the channels both scored
+  exactly). Times: per-core CPU seconds with one thread (``OMP_NUM_THREADS=1``). Every stage (exact,
+  fisher, each hybrid target) persists under ``--runs`` (default runs/scale/): a rerun reuses finished
+  stages and exact resumes site by site.
 * the projection (always recomputed): the paper's setting (DeiT-B, 224 px, 2,000 images) for exact
   (fp32, bf16), hybrid and fisher from the measured rates.
 """
@@ -282,27 +287,170 @@ def part_bf16(cfg: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ fast
-def vit_s_at(px: int):
+def vit_s_at(px: int, path: str = EMOJI):
     """The emoji-headed DINOv2 ViT-S/14 at ``px`` (position table resized as the conversion does, without
     antialiasing), or a DeiT-S shape with seeded random weights when the converted model is absent."""
     from upvit.io import load_tensors
 
-    if not os.path.isfile(os.path.join(EMOJI, "model.safetensors")):
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
         spec = VIT.format(px=px, patch=16, classes=1000, **SHAPES["deit_s"])
-        return load_model(spec, init_seed=0).eval(), f"{spec} (random weights: {EMOJI} absent)", None
+        return load_model(spec, init_seed=0).eval(), f"{spec} (random weights: {path} absent)", None
     from timm.layers import resample_abs_pos_embed
 
     spec = f"timm:vit_small_patch14_dinov2,img_size={px},num_classes=9"
     model = load_model(spec, init_seed=0).eval()
-    state, _ = load_tensors(os.path.join(EMOJI, "model.safetensors"))
+    state, _ = load_tensors(os.path.join(path, "model.safetensors"))
     g = px // 14
     state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (g, g), num_prefix_tokens=1, interpolation="bicubic",
                                                 antialias=False)
     model.load_state_dict(state, strict=True)
-    return model, f"{EMOJI} at {px} px (pos_embed resized 8x8 -> {g}x{g})", "emoji"
+    return model, f"{os.path.relpath(path, ROOT)} at {px} px (pos_embed resized 8x8 -> {g}x{g})", "emoji"
+
+
+def _stage(path: str, compute):
+    """A stage of the fast part whose result (scores + timing) persists beside ``path``: a rerun reuses it.
+    ``compute()`` returns (Scores, timing dict); the timing records per-core CPU and wall seconds."""
+    from upvit.importance.scores import Scores
+
+    if os.path.exists(path) and os.path.exists(path + ".json"):
+        with open(path + ".json") as f:
+            return Scores.load(path), json.load(f)
+    scores, timing = compute()
+    scores.save(path)
+    timing = {**timing, "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+              "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    with open(path + ".json", "w") as f:
+        json.dump(timing, f, indent=2)
+    return scores, timing
+
+
+def _exact_timed(adapter, images, out: str, batch_size: int, progress: bool):
+    """Exact KL of every channel, resumable (``out`` + '.partial'); per-site CPU seconds (this process's
+    clock between two persisted sites) accumulate in ``out + '.sites.json'`` across resumes."""
+    side = out + ".sites.json"
+    sites = {}
+    if os.path.exists(side):
+        with open(side) as f:
+            sites = json.load(f)
+    last = [clock(), time.perf_counter()]
+
+    def done(key: str) -> None:
+        c, w = clock(), time.perf_counter()
+        sites[key] = {"cpu_s": c - last[0], "wall_s": w - last[1], "load": round(os.getloadavg()[0], 2)}
+        last[:] = [c, w]
+        with open(side, "w") as f:
+            json.dump(sites, f, indent=1)
+
+    def compute():
+        s = kl_scores(adapter, images, out=out + ".run", resume=True, batch_size=batch_size, progress=progress,
+                      callback=done)
+        return s, {"cpu_s": sum(v["cpu_s"] for v in sites.values()), "wall_s": sum(v["wall_s"] for v in sites.values()),
+                   "sites": sites, "clock": clock_name(), "resumed": bool(s.meta.get("resumed"))}
+    return _stage(out, compute)
+
+
+def keep_swaps(model, scores, exact, target) -> list[dict]:
+    """The channels whose keep decision differs between ``scores`` and ``exact`` at ``target``, per
+    selection problem (site, merged head group for attention): the ones only exact keeps and the ones only
+    ``scores`` keeps."""
+    from upvit.plan import make_plan
+    from upvit.selection import problems
+
+    topo = get_adapter(model).topology()
+    t = __import__("upvit.targets", fromlist=["Targets"]).Targets.parse(topo, target)
+    pa, pb = make_plan(model, scores, **target), make_plan(model, exact, **target)
+    kept_a = {"res.0": set(pa.keep_embed), **{f"attn.{b}": set(x) for b, x in enumerate(pa.keep_attn)},
+              **{f"ffn.{b}": set(x) for b, x in enumerate(pa.keep_ffn)}}
+    kept_b = {"res.0": set(pb.keep_embed), **{f"attn.{b}": set(x) for b, x in enumerate(pb.keep_attn)},
+              **{f"ffn.{b}": set(x) for b, x in enumerate(pb.keep_ffn)}}
+    out = []
+    for p in problems(topo, t):
+        ch = set(int(c) for c in p.channels)
+        only_exact, only_scores = sorted((kept_b[p.site] - kept_a[p.site]) & ch), sorted((kept_a[p.site] - kept_b[p.site]) & ch)
+        if only_exact or only_scores:
+            out.append({"site": p.site, "group": [min(ch), max(ch) + 1], "k": p.k,
+                        "only_exact_keeps": only_exact, "only_scores_keeps": only_scores})
+    return out
+
+
+def diagnose(model, hyb, exact, target, screen=None) -> dict:
+    """Why hybrid's keep sets differ from exact's: for every differing channel its value in both runs, whether
+    hybrid scored it exactly, the exact gap to the channel it swapped with (relative to their size), and the
+    engine's own error: |hybrid exact value - full run value| / value over every channel both scored exactly
+    (hybrid stacks other candidates per forward than the full run). With ``screen`` (hybrid's estimate), a
+    channel hybrid did not score exactly also gets its screen error: |log(exact / calibrated estimate)| against
+    the margin hybrid required (the larger of z sigma and tail x the largest error among the site's exactly
+    scored channels, from hybrid's final calibration)."""
+    import math
+
+    from upvit.importance.hybrid import _calibration
+    known = hyb.meta.get("exact_channels") or {}
+    errs = {}
+    for k, idx in known.items():
+        if idx:
+            ix = torch.tensor(idx)
+            a, b = hyb[k].double()[ix], exact[k].double()[ix]
+            errs[k] = ((a - b).abs() / b.abs().clamp_min(1e-300))
+    allerr = torch.cat(list(errs.values())) if errs else torch.zeros(1)
+    swaps = keep_swaps(model, hyb, exact, target)
+    for s in swaps:
+        k = s["site"]
+        sk = set(known.get(k, []))
+        calib = None
+        if screen is not None:
+            known_k = torch.zeros(len(exact[k]), dtype=torch.bool)
+            known_k[torch.tensor(sorted(sk), dtype=torch.long)] = True
+            mu, sigma, max_dev = _calibration(screen[k].double(), exact[k].double(), known_k)
+            calib = {"mu": mu, "sigma": sigma, "z_sigma": hyb.meta["z"] * sigma, "max_dev_scored": max_dev,
+                     "margin": max(hyb.meta["z"] * sigma, hyb.meta["tail"] * max_dev)}
+            s["calibration"] = calib
+
+        def rec(c):
+            r = {"channel": c, "exact": float(exact[k][c]), "hybrid": float(hyb[k][c]), "hybrid_scored_exactly": c in sk}
+            if calib is not None and c not in sk:
+                r["screen_log_error"] = abs(math.log(float(exact[k][c]) / float(screen[k][c])) - calib["mu"])
+            return r
+        s["only_exact_keeps"] = [rec(c) for c in s["only_exact_keeps"]]
+        s["only_scores_keeps"] = [rec(c) for c in s["only_scores_keeps"]]
+        xs = [r["exact"] for r in s["only_exact_keeps"]] + [r["exact"] for r in s["only_scores_keeps"]]
+        s["exact_gap_rel"] = (max(xs) - min(xs)) / max(abs(v) for v in xs) if xs else None
+        s["site_engine_rel_err_max"] = float(errs[k].max()) if k in errs else None
+    return {"engine_rel_err": {"max": float(allerr.max()), "median": float(allerr.median()),
+                               "bit_identical_fraction": float((allerr == 0).double().mean())},
+            "swaps": swaps}
+
+
+def tail_sweep(adapter, model, images, exact, targets, n: int, tails=(1.6, 2.0, 2.5, 3.0, 4.0)) -> list[dict]:
+    """Hybrid's decision rule replayed for other ``tail`` margins with the full run's exact values standing in
+    for its exact rounds (valid where its rounds gave bit-identical values, as the diagnosis checks): per tail
+    and target, the keep-set differences and the share of channels (and of exact's CPU time, from the per-site
+    times) it would score exactly. Costs the screens only."""
+    import upvit.importance.kl as klmod
+    from upvit.importance.hybrid import hybrid_scores
+
+    sites = {s.key: s.size for s in adapter.topology().sites}
+    cost = {k: exact.meta.get("site_cpu_s", {}).get(k) for k in sites}
+    real = klmod.kl_scores
+    klmod.kl_scores = lambda *a, **kw: {k: exact[k] for k in sites}  # hybrid imports it at call time
+    out = []
+    try:
+        for tail in tails:
+            for tname, tg in targets.items():
+                h = hybrid_scores(adapter, images, targets=[tg], batch_size=n, progress=False, tail=tail)
+                row = {"tail": tail, "target": tname, "exact_fraction": h.meta["exact_fraction"], "rounds": h.meta["rounds"],
+                       "keep_set_differences_vs_exact": keep_diff(model, h, exact, tg)}
+                if all(c is not None for c in cost.values()):
+                    row["exact_cpu_fraction"] = sum(len(v) * cost[k] / sites[k] for k, v in
+                                                    h.meta["exact_channels"].items()) / sum(cost.values())
+                out.append(row)
+    finally:
+        klmod.kl_scores = real
+    return out
 
 
 def part_fast(cfg: dict) -> dict:
+    """Exact vs fisher vs hybrid on one model and proxy set. Each stage persists under cfg['runs'] (a rerun
+    reuses finished stages; exact resumes site by site). Times: per-core CPU seconds with one thread."""
     from upvit.importance.fisher import fisher_scores
     from upvit.importance.hybrid import hybrid_scores
 
@@ -313,9 +461,10 @@ def part_fast(cfg: dict) -> dict:
                    "mild": dict(embed_dim=16, num_heads=4, mlp_hidden=64)}
         px, chans = 16, 3
     else:
-        model, desc, data = vit_s_at(cfg["fast_px"])
+        model, desc, data = vit_s_at(cfg["fast_px"], cfg.get("fast_model") or EMOJI)
         targets, px, chans = VIT_S_TARGETS, cfg["fast_px"], 3
     adapter = get_adapter(model)
+    n = cfg["fast_images"]
     if data == "emoji":
         from upvit.data import load_data, sample_proxy
         from upvit.importance.api import proxy_tensor
@@ -324,40 +473,62 @@ def part_fast(cfg: dict) -> dict:
             {"input_size": [3, px, px], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_pct": 1.0,
              "interpolation": "bicubic"}
         ds, _ = load_data("emoji:train", data_config=dc)
-        subset, _ = sample_proxy(ds, size=cfg["fast_images"], seed=0)
-        images, proxy = proxy_tensor(subset), f"emoji:train, {cfg['fast_images']} images, seed 0, {px} px"
+        subset, _ = sample_proxy(ds, size=n, seed=0)
+        images, proxy = proxy_tensor(subset), f"emoji:train, {n} images, seed 0, {px} px"
     else:
-        images = torch.randn(cfg["fast_images"], chans, px, px, generator=torch.Generator().manual_seed(0))
-        proxy = f"{cfg['fast_images']} seeded Gaussian images at {px} px"
+        images = torch.randn(n, chans, px, px, generator=torch.Generator().manual_seed(0))
+        proxy = f"{n} seeded Gaussian images at {px} px"
     os.makedirs(cfg["runs"], exist_ok=True)
-    exact_out = os.path.join(cfg["runs"], f"fast_exact_{px}px_p{cfg['fast_images']}.safetensors")
-    t0 = time.perf_counter()
-    exact = kl_scores(adapter, images, out=exact_out, resume=True, batch_size=cfg["fast_images"],
-                      progress=not cfg["smoke"])
-    t_exact = float(exact.meta.get("wall_time_total_s") or (time.perf_counter() - t0))
-    t0 = time.perf_counter()
-    fisher = fisher_scores(adapter, images, batch_size=cfg["fast_images"], progress=False)
-    t_fisher = time.perf_counter() - t0
+    stem = os.path.join(cfg["runs"], f"fast_{px}px_p{n}")
+    print(f"  fast: {desc}; {proxy}; stages persist as {stem}_*", flush=True)
+    exact, te = _exact_timed(adapter, images, stem + "_exact.safetensors", n, progress=not cfg["smoke"])
+    print(f"  exact: {te['cpu_s']:.1f} s CPU", flush=True)
+
+    def timed(fn):
+        def compute():
+            c, w = clock(), time.perf_counter()
+            s = fn()
+            return s, {"cpu_s": clock() - c, "wall_s": time.perf_counter() - w, "clock": clock_name()}
+        return compute
+
+    fisher, tf = _stage(stem + "_fisher.safetensors",
+                        timed(lambda: fisher_scores(adapter, images, batch_size=n, progress=False)))
+    print(f"  fisher: {tf['cpu_s']:.2f} s CPU", flush=True)
     topo = adapter.topology()
-    sp = {}
+    kinds = {}
     for kind in ("residual", "attn", "ffn"):
         keys = [s.key for s in topo.sites if s.kind == kind]
-        sp[kind] = {"pooled": spearman(torch.cat([fisher[k] for k in keys]), torch.cat([exact[k] for k in keys])),
-                    "min_per_site": min(spearman(fisher[k], exact[k]) for k in keys)}
+        cpu = sum(te["sites"][k]["cpu_s"] for k in keys)
+        kinds[kind] = {"sites": len(keys), "channels": sum(topo.site(k).size for k in keys), "exact_cpu_s": cpu,
+                       # fisher scores every kind in one pass: its whole time set against this kind's exact time
+                       "fisher_speedup_vs_exact_kind": cpu / tf["cpu_s"],
+                       "spearman_pooled": spearman(torch.cat([fisher[k] for k in keys]), torch.cat([exact[k] for k in keys])),
+                       "spearman_min_per_site": min(spearman(fisher[k], exact[k]) for k in keys),
+                       "spearman_per_site": {k: spearman(fisher[k], exact[k]) for k in keys}}
+    # hybrid's screen (Fisher, attention by the local estimate), for the diagnosis of any differing channel
+    screen = fisher_scores(adapter, images, batch_size=n, progress=False, attention="local")
     hyb = {}
     for tname, tg in targets.items():
-        t0 = time.perf_counter()
-        h = hybrid_scores(adapter, images, targets=[tg], batch_size=cfg["fast_images"], progress=False)
-        th = time.perf_counter() - t0
-        hyb[tname] = {"target": tg, "seconds": round(th, 2), "speedup_vs_exact": t_exact / th,
+        h, th = _stage(f"{stem}_hybrid_{tname}.safetensors",
+                       timed(lambda tg=tg: hybrid_scores(adapter, images, targets=[tg], batch_size=n, progress=False)))
+        counts = h.meta["exact_counts"]
+        hyb[tname] = {"target": tg, "cpu_s": th["cpu_s"], "wall_s": th["wall_s"], "speedup_vs_exact": te["cpu_s"] / th["cpu_s"],
                       "exact_fraction": h.meta["exact_fraction"], "rounds": h.meta["rounds"],
+                      "exact_fraction_by_kind": {kind: sum(counts[s.key] for s in topo.sites if s.kind == kind) /
+                                                 kinds[kind]["channels"] for kind in kinds},
+                      "screen_wall_s": h.meta["fisher_time_s"], "exact_rounds_wall_s": h.meta["exact_time_s"],
                       "keep_set_differences_vs_exact": keep_diff(model, h, exact, tg),
-                      "fisher_keep_set_differences_vs_exact": keep_diff(model, fisher, exact, tg)}
-        print(f"  hybrid {tname}: {th:.1f} s, {h.meta['exact_fraction']:.1%} exact", flush=True)
-    return {"model": desc, "proxy": proxy, "exact_s": round(t_exact, 2), "exact_scores": os.path.relpath(exact_out, ROOT),
-            "exact_wall_time_is_total_over_resumes": True,
-            "fisher_s": round(t_fisher, 3), "fisher_speedup_vs_exact": t_exact / t_fisher, "fisher_spearman": sp,
-            "hybrid": hyb, "load_after": os.getloadavg()[0]}
+                      "fisher_keep_set_differences_vs_exact": keep_diff(model, fisher, exact, tg),
+                      "diagnosis": diagnose(model, h, exact, tg, screen), "timing": th}
+        print(f"  hybrid {tname}: {th['cpu_s']:.1f} s CPU, {h.meta['exact_fraction']:.1%} exact, diffs "
+              f"{hyb[tname]['keep_set_differences_vs_exact']}", flush=True)
+    exact.meta["site_cpu_s"] = {k: v["cpu_s"] for k, v in te["sites"].items()}
+    sweep = tail_sweep(adapter, model, images, exact, targets, n) if all(
+        h["diagnosis"]["engine_rel_err"]["max"] == 0 for h in hyb.values()) else None
+    return {"model": desc, "proxy": proxy, "images": n, "px": px, "clock": clock_name(), "tail_sweep": sweep,
+            "exact_cpu_s": te["cpu_s"], "exact_wall_s": te["wall_s"], "exact_timing": te,
+            "fisher_cpu_s": tf["cpu_s"], "fisher_wall_s": tf["wall_s"], "fisher_speedup_vs_exact": te["cpu_s"] / tf["cpu_s"],
+            "kinds": kinds, "hybrid": hyb, "stages": os.path.relpath(stem, ROOT) + "_*", "load_after": os.getloadavg()[0]}
 
 
 # ------------------------------------------------------------------------------------------ projection
@@ -367,19 +538,32 @@ def projection(report: dict, shape: str) -> dict | None:
         return None
     N = PAPER["images"]
     out = {"images": N, "model_shape": shape}
+    kinds = {}
     for dname in ("fp32", "bf16"):
-        total = 0.0
+        total, by_kind = 0.0, {}
         for s in r["sites_all"]:  # per kind: the measured middle-block rate, scaled by the site's remaining work
             m = r["sites"][s["kind"]]
             ref_cost = next(x["cost"] for x in r["sites_all"] if x["key"] == m["site"])
             rate = m[dname]["candidate_images_per_s"]
-            total += s["size"] * N * (s["cost"] / ref_cost) / rate if rate else float("nan")
+            t = s["size"] * N * (s["cost"] / ref_cost) / rate if rate else float("nan")
+            total += t
+            by_kind[s["kind"]] = by_kind.get(s["kind"], 0.0) + t / 3600
         out[f"exact_{dname}_hours"] = total / 3600
+        kinds[dname] = by_kind
+    out["exact_fp32_hours_by_kind"] = kinds["fp32"]
     fast = report.get("fast") or {}
-    fracs = [h["exact_fraction"] for h in (fast.get("hybrid") or {}).values()]
-    frac = max(fracs) if fracs else None
     out["fisher_hours"] = r["fisher_s_per_image"] * N / 3600
-    if frac is not None:
+    hyb = (fast.get("hybrid") or {}).values()
+    if hyb and all("exact_fraction_by_kind" in h for h in hyb):
+        # per kind, the largest exact fraction the fast part measured (over its targets) of exact's time on that kind
+        frac = {k: max(h["exact_fraction_by_kind"][k] for h in hyb) for k in kinds["fp32"]}
+        out["hybrid_exact_fraction_by_kind_used"] = frac
+        out["hybrid_hours"] = r["fisher_local_attn_s_per_image"] * N / 3600 + sum(
+            frac[k] * kinds["fp32"][k] for k in frac)
+        out["hybrid_exact_fraction_used"] = (out["hybrid_hours"] - r["fisher_local_attn_s_per_image"] * N / 3600) / \
+            out["exact_fp32_hours"]
+    elif hyb:
+        frac = max(h["exact_fraction"] for h in hyb)
         out["hybrid_exact_fraction_used"] = frac
         out["hybrid_hours"] = r["fisher_local_attn_s_per_image"] * N / 3600 + frac * out["exact_fp32_hours"]
     return out
@@ -388,6 +572,61 @@ def projection(report: dict, shape: str) -> dict | None:
 # ------------------------------------------------------------------------------------------ report
 def num(x: float | None, spec: str = ".2f") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def fast_markdown(f: dict) -> list[str]:
+    """The fast part's section: per site kind fisher vs exact, per target hybrid vs exact and its diagnosis."""
+    if "kinds" not in f:  # a result of the earlier format (wall times, no per-kind split)
+        return ["", "## Fast scorers against exact", "", f"Model: {f['model']}; proxy: {f['proxy']} (earlier format: "
+                f"exact {f['exact_s']:.1f} s, fisher {f['fisher_s']:.2f} s wall)."]
+    L = ["", "## Fast scorers against exact", "", f"Model: {f['model']}; proxy: {f['proxy']}. Clock: {f['clock']} "
+         "(per-core CPU seconds; wall seconds in the JSON).", "",
+         f"Exact KL (fp32, every channel): **{f['exact_cpu_s']:,.0f} s** of one core. Fisher (every kind in one pass): "
+         f"**{f['fisher_cpu_s']:.2f} s** = **{f['fisher_speedup_vs_exact']:,.0f}x** faster than exact (goal >= 1000x).", "",
+         "| kind | sites | channels | exact CPU s | fisher speed-up vs exact's time on this kind | Spearman fisher vs exact "
+         "(pooled) | worst site |", "|---|---|---|---|---|---|---|"]
+    for k, s in f["kinds"].items():
+        worst = min(s["spearman_per_site"], key=s["spearman_per_site"].get)
+        L.append(f"| {k} | {s['sites']} | {s['channels']:,} | {s['exact_cpu_s']:,.0f} | {s['fisher_speedup_vs_exact_kind']:,.0f}x | "
+                 f"{s['spearman_pooled']:.3f} | {worst} {s['spearman_min_per_site']:.3f} |")
+    L += ["", "The fisher speed-up per kind sets fisher's whole time (it scores every kind in one pass) against exact's "
+          "time on that kind alone, so it is a lower bound.", "",
+          "| hybrid target | CPU s | speed-up vs exact | exact fraction (all / res / attn / ffn) | rounds | keep-set diffs vs "
+          "exact (embed/attn/ffn) | fisher's diffs |", "|---|---|---|---|---|---|---|"]
+    for t, h in f["hybrid"].items():
+        d, fd, e = h["keep_set_differences_vs_exact"], h["fisher_keep_set_differences_vs_exact"], h["exact_fraction_by_kind"]
+        tg = h["target"]
+        L.append(f"| {t} ({tg['embed_dim']} / {tg['num_heads']} heads / {tg['mlp_hidden']}) | {h['cpu_s']:,.0f} | "
+                 f"{h['speedup_vs_exact']:.1f}x | {h['exact_fraction']:.1%} / {e['residual']:.0%} / {e['attn']:.0%} / "
+                 f"{e['ffn']:.0%} | {h['rounds']} | {d['embed']}/{d['attn']}/{d['ffn']} | {fd['embed']}/{fd['attn']}/{fd['ffn']} |")
+    for t, h in f["hybrid"].items():
+        g = h["diagnosis"]
+        err = g["engine_rel_err"]
+        L += ["", f"Hybrid at {t}: its exact values against the full run's on the channels it scored exactly (other "
+              f"candidates stacked per forward): relative difference max {err['max']:.1e}, median {err['median']:.1e}, "
+              f"{err['bit_identical_fraction']:.1%} bit-identical."]
+        for s in g["swaps"]:
+            def fmt(rs):
+                return ", ".join(f"{r['channel']} (exact {r['exact']:.4e}, hybrid {r['hybrid']:.4e}"
+                                 f"{', scored exactly' if r['hybrid_scored_exactly'] else ', estimated'}"
+                                 + (f", screen log-error {r['screen_log_error']:.3f}" if "screen_log_error" in r else "")
+                                 + ")" for r in rs)
+            L.append(f"- {s['site']} group {s['group'][0]}:{s['group'][1]} keep {s['k']}: only exact keeps "
+                     f"{fmt(s['only_exact_keeps'])}; only hybrid keeps {fmt(s['only_scores_keeps'])}; exact gap "
+                     f"{s['exact_gap_rel']:.1e} relative"
+                     + (f"; margin required {s['calibration']['margin']:.3f} (z sigma {s['calibration']['z_sigma']:.3f}, "
+                        f"largest scored error {s['calibration']['max_dev_scored']:.3f})" if "calibration" in s else "")
+                     + ".")
+    if f.get("tail_sweep"):
+        L += ["", "Hybrid's rule replayed with other `tail` margins (the full run's exact values standing in for its "
+              "exact rounds: its rounds gave bit-identical values; the default 1.6 row reproduces the measured run):", "",
+              "| tail | target | keep-set diffs (embed/attn/ffn) | exact fraction of channels | of exact's CPU time | rounds |",
+              "|---|---|---|---|---|---|"]
+        for r in f["tail_sweep"]:
+            d = r["keep_set_differences_vs_exact"]
+            L.append(f"| {r['tail']} | {r['target']} | {d['embed']}/{d['attn']}/{d['ffn']} | {r['exact_fraction']:.1%} | "
+                     f"{num(r.get('exact_cpu_fraction'), '.1%')} | {r['rounds']} |")
+    return L
 
 
 def markdown(rep: dict) -> str:
@@ -440,19 +679,7 @@ def markdown(rep: dict) -> str:
             L += ["", "Keep sets " + ("match: bf16 is safe here, still an option (`dtype='bf16'`)." if same else
                                       "differ: bf16 stays an option, fp32 the default.")]
     if rep.get("fast"):
-        f = rep["fast"]
-        L += ["", "## Fast scorers against exact", "", f"Model: {f['model']}; proxy: {f['proxy']}.", "",
-              f"Exact (fp32, all channels): {f['exact_s']:.1f} s. Fisher: {f['fisher_s']:.2f} s = "
-              f"**{f['fisher_speedup_vs_exact']:.0f}x** faster (goal >= 1000x).", "",
-              "| kind | Spearman fisher vs exact (pooled) | worst site |", "|---|---|---|"]
-        for k, s in f["fisher_spearman"].items():
-            L.append(f"| {k} | {s['pooled']:.3f} | {s['min_per_site']:.3f} |")
-        L += ["", "| hybrid target | seconds | speed-up vs exact | exact fraction | rounds | keep-set diffs vs exact "
-              "(embed/attn/ffn) | fisher's diffs |", "|---|---|---|---|---|---|---|"]
-        for t, h in f["hybrid"].items():
-            d, fd = h["keep_set_differences_vs_exact"], h["fisher_keep_set_differences_vs_exact"]
-            L.append(f"| {t} {h['target']} | {h['seconds']} | {h['speedup_vs_exact']:.1f}x | {h['exact_fraction']:.1%} | "
-                     f"{h['rounds']} | {d['embed']}/{d['attn']}/{d['ffn']} | {fd['embed']}/{fd['attn']}/{fd['ffn']} |")
+        L += fast_markdown(rep["fast"])
     for shape, p in (rep.get("projection") or {}).items():
         if not p:
             continue
@@ -465,11 +692,13 @@ def markdown(rep: dict) -> str:
               "| exact bf16 | not projected (bf16 not measured on this shape: no native bf16) |",
               f"| fisher | {p['fisher_hours']:,.2f} |"]
         if "hybrid_hours" in p:
-            L.append(f"| hybrid (exact fraction {p['hybrid_exact_fraction_used']:.1%} from the fast part) | "
+            L.append(f"| hybrid ({p['hybrid_exact_fraction_used']:.1%} of exact's time, from the fast part's fractions) | "
                      f"{p['hybrid_hours']:,.0f} |")
         L += ["", "Exact: every site's channels x images / the measured rate of its kind, scaled by the share of the "
-              "model the site's candidates rerun. Hybrid: its screen (Fisher with local attention) plus its exact "
-              "fraction of exact's time (the largest fraction measured in the fast part, on a ViT-S at low resolution: it varies with the model, the proxy and the target)."]
+              "model the site's candidates rerun. Hybrid: its screen (Fisher with local attention) plus, per site kind, "
+              "the exact fraction of that kind's channels measured in the fast part (the larger of its two targets) "
+              "times exact's time on that kind (on a ViT-S at low resolution with a small proxy: the fraction varies "
+              "with the model, the proxy and the target)."]
     if rep.get("reading"):
         L += ["", "## Reading", "", rep["reading"]]
     return "\n".join(L) + "\n"
@@ -487,6 +716,8 @@ def main() -> None:
                     "(keep sets need 1)")
     ap.add_argument("--fast-images", type=int, default=16)
     ap.add_argument("--fast-px", type=int, default=56)
+    ap.add_argument("--fast-model", default=EMOJI, help="the emoji-headed DINOv2 ViT-S/14 directory of the fast part")
+    ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "scale"), help="where the fast part's stages persist")
     ap.add_argument("--reading", default=None, help="a Markdown file attached as the reading")
     ap.add_argument("--merge", nargs="*", default=[], help="results JSON of other runs (e.g. a part run with its own "
                     "--out at the same time): their parts are taken into this report")
@@ -503,7 +734,7 @@ def main() -> None:
     else:
         cfg = dict(shapes=SHAPES, px=224, patch=16, classes=1000, images=args.images, k=args.candidates, mm_seconds=1.5,
                    mem_images=4, bf16_images=args.bf16_images, bf16_fraction=args.bf16_fraction, fast_images=args.fast_images, fast_px=args.fast_px,
-                   smoke=False, runs=os.path.join(ROOT, "runs", "scale"))
+                   fast_model=args.fast_model, smoke=False, runs=args.runs)
     path = args.out + ".json"
     report = {}
     if os.path.exists(path) and not args.smoke:

@@ -54,10 +54,32 @@ def test_scale_smoke(tmp_path):
     for kind in ("residual", "attn", "ffn"):
         e = r["bf16"]["error_by_kind"][kind]
         assert 0 <= e["max_abs_err_over_site_max"] < 0.2 and e["min_spearman"] > 0.5  # bf16, not garbage
+    f = r["fast"]
+    assert math.isclose(f["exact_cpu_s"], sum(s["cpu_s"] for s in f["exact_timing"]["sites"].values()), rel_tol=1e-9)
+    assert math.isclose(f["fisher_speedup_vs_exact"], f["exact_cpu_s"] / f["fisher_cpu_s"], rel_tol=1e-9)
+    assert math.isclose(sum(k["exact_cpu_s"] for k in f["kinds"].values()), f["exact_cpu_s"], rel_tol=1e-9)
     for t in ("Ti-like", "mild"):
-        h = r["fast"]["hybrid"][t]
+        h = f["hybrid"][t]
         assert 0 < h["exact_fraction"] <= 1
         assert h["keep_set_differences_vs_exact"] == {"embed": 0, "attn": 0, "ffn": 0}  # hybrid's contract
+        assert h["diagnosis"]["swaps"] == [] and 0 <= h["diagnosis"]["engine_rel_err"]["max"] < 1e-3
+        # the channels per kind it scored exactly, as a share of the kind's channels, average to the overall share
+        total = sum(k["channels"] for k in f["kinds"].values())
+        assert math.isclose(sum(h["exact_fraction_by_kind"][k] * f["kinds"][k]["channels"] for k in f["kinds"]) / total,
+                            h["exact_fraction"], rel_tol=1e-9)
+    for row in f["tail_sweep"]:  # the replay at hybrid's default margin reproduces the measured run
+        if row["tail"] == 1.6:
+            h = f["hybrid"][row["target"]]
+            assert row["exact_fraction"] == h["exact_fraction"]
+            assert row["keep_set_differences_vs_exact"] == h["keep_set_differences_vs_exact"]
+    for name, shape in r["rates"].items():  # hybrid: its screen + per kind, the larger measured fraction x exact's time
+        p = r["projection"][name]
+        frac = {k: max(h["exact_fraction_by_kind"][k] for h in f["hybrid"].values()) for k in f["kinds"]}
+        expect = shape["fisher_local_attn_s_per_image"] * 2000 / 3600 + sum(
+            frac[k] * p["exact_fp32_hours_by_kind"][k] for k in frac)
+        assert math.isclose(p["hybrid_hours"], expect, rel_tol=1e-9) or math.isnan(expect)
+        assert math.isclose(sum(p["exact_fp32_hours_by_kind"].values()), p["exact_fp32_hours"], rel_tol=1e-9) or \
+            math.isnan(p["exact_fp32_hours"])
 
 
 def test_gpu_smoke(tmp_path):

@@ -17,7 +17,9 @@ drops, and every unscored channel below is the margin under the worst kept one. 
 larger of z sigma and ``tail`` times the largest error seen among the site's exactly scored channels:
 the estimate's errors have heavy tails (on the Swin teacher 2-5% of attention dims lie beyond 3 sigma),
 so a fixed number of sigmas alone lets an outlier through. This is an empirical safeguard, not a
-proof: the keep sets equal exact scoring's on every teacher we checked (benchmarks/results/), and
+proof: the keep sets equal exact scoring's on the small teachers in benchmarks/results/, but on the DINOv2
+ViT-S/14 at 56 px with 8 proxy images 1-2 channels per target differ (estimates off by 2.4-4.2x, beyond the
+margin; equal keep sets there needed tail >= 3, i.e. most channels scored exactly: benchmarks/results/scale.md);
 larger ``z``/``tail`` trade speed for more safety. Otherwise the band
 grows on that side by exactly the channels that fail (it doubles while the site is uncalibrated),
 and the exact engine scores them; a band covering the whole problem is exact.
