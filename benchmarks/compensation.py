@@ -5,8 +5,8 @@ For the shipped teacher (``upvit/assets/teacher``, 192 wide, 12 heads, 6 blocks)
 S (96 / 6 heads / 384) and T (48 / 3 / 192) shapes, each row prunes once and measures, without any training:
 top-1 on the 2,000 validation images, KL(teacher || student) summed over the 256 proxy images the scores and
 the compensation used, the same KL on 512 *held-out* training images outside the proxy set (a refit that
-only memorised the proxy set would show here), and the seconds compensation took. Rows: selection (exact KL scores, magnitude,
-Taylor, random) x heads (merge = the paper, whole) x compensation (none = the paper, bias, lsq); then, for
+only memorised the proxy set would show here), and the seconds compensation took. Rows: selection (exact KL scores,
+magnitude, Taylor, random) x heads (merge = the paper, whole) x compensation (none = the paper, bias, lsq); then, for
 kl + lsq, the ridge strength and a variant that leaves the classifier head as sliced (how much of the gain
 is the residual-channel correction at the head).
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     # held out from the fit: training images outside the proxy set (the validation set has only 2,000 images)
     used = set(proxy.indices)
     rest = [i for i in torch.randperm(len(train), generator=torch.Generator().manual_seed(1)).tolist() if i not in used]
-    held_out = proxy_tensor(torch.utils.data.Subset(train, rest[:512 if not args.smoke else 16]), tuple(dc["input_size"]))
+    held_out = proxy_tensor(torch.utils.data.Subset(train, rest[:512 if not args.smoke else 16]),
+                            tuple(dc["input_size"]))
     images, labels = proxy_tensor(proxy, tuple(dc["input_size"])), proxy_labels(proxy)
     selections = {
         "kl": (Scores.load(args.kl_scores) if not args.smoke else upvit.score(teacher, images, method="kl")),
@@ -148,7 +149,8 @@ def markdown(result: dict) -> str:
     lines = ["# Before fine-tuning: whole heads and compensation (issue 26)", "",
              f"Teacher `{result['teacher']}`; proxy: {result['proxy'].get('num_images')} training images (seed 0), the "
              f"scoring proxy, also the compensation's fitting set; top-1 on {result['val_images']} validation images; "
-             f"held-out KL on {result['held_out_images']} training images outside the proxy set. Whole-head exact scores: "
+             f"held-out KL on {result['held_out_images']} training images outside the proxy set. "
+             "Whole-head exact scores: "
              f"{result['head_scores_seconds']:.1f} s for every head of the model. Machine: {result['machine']} "
              "(shared). Written by `python benchmarks/compensation.py`.", "",
              "| shape | selection | heads | compensation | top-1 before FT | proxy KL | held-out KL | seconds |",
@@ -157,9 +159,11 @@ def markdown(result: dict) -> str:
                        key=lambda r: (r["shape"], ["kl", "magnitude", "taylor", "random"].index(r["selection"]),
                                       r["heads"] != "merge", comp.MODES.index(r["compensation"])))
     for r in main_rows:
-        lines.append(f"| {r['shape']} | {r['selection']} | {r['heads']} | {r['compensation']} | {r['top1_before_ft']:.2f} "
+        lines.append(f"| {r['shape']} | {r['selection']} | {r['heads']} | {r['compensation']} | "
+                     f"{r['top1_before_ft']:.2f} "
                      f"| {r['proxy_kl']:.1f} | {r['held_out_kl']:.1f} | {r['seconds']:.1f} |")
-    lines += ["", "kl + merged heads + lsq, variants (ridge relative to the mean diagonal of the inputs' second moment; "
+    lines += ["", "kl + merged heads + lsq, variants (ridge relative to the mean diagonal of the inputs' "
+              "second moment; "
               f"default {comp.DEFAULT_RIDGE:g}):", "",
               "| shape | variant | top-1 before FT | proxy KL | held-out KL |", "|---|---|---:|---:|---:|"]
     for r in result["rows"]:

@@ -136,7 +136,8 @@ class DiskCachedTeacher(SharedTeacher):
         self.disk_hits = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + "-" + "x".join(map(str, x.shape))
+        key = (hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest() + "-"
+               + "x".join(map(str, x.shape)))
         if key not in self._cache:
             path = os.path.join(self.directory, key + ".safetensors")
             if os.path.exists(path):
@@ -223,7 +224,8 @@ class Context:
                 self._scores["taylor"] = Scores.load(path)
             else:
                 scores = upvit.score(self.teacher, self.images, method="taylor", labels=self.labels,
-                                     proxy_meta=self.proxy_record, meta={"teacher_fingerprint": self.teacher_fingerprint})
+                                     proxy_meta=self.proxy_record,
+                                     meta={"teacher_fingerprint": self.teacher_fingerprint})
                 scores.save(path)
                 self._scores["taylor"] = scores
         return self._scores["taylor"]
@@ -240,7 +242,8 @@ class Context:
                 state = os.path.join(self.work, f"greedy_state_{self.teacher_fingerprint}.json")
                 scores = upvit.score(self.teacher, self.images, method="greedy", initial=self.kl(),
                                      targets=list(self.s.shapes.values()), batch=self.s.greedy_batch, state_path=state,
-                                     proxy_meta=self.proxy_record, meta={"teacher_fingerprint": self.teacher_fingerprint})
+                                     proxy_meta=self.proxy_record,
+                                     meta={"teacher_fingerprint": self.teacher_fingerprint})
                 scores.save(path)
                 self._scores["greedy"] = scores
         return self._scores["greedy"]
@@ -410,7 +413,8 @@ def run_cell(ctx: Context, shape: str, method: str, budget: int, seed: int) -> d
             log = [json.loads(line) for line in f]
         record = {
             "cell": key, "shape": shape, "method": method, "budget": budget, "seed": seed,
-            "top1_before": before, "proxy_kl_before": kl_before, "top1": log[-1]["val_top1"], "val_curve": [r["val_top1"] for r in log],
+            "top1_before": before, "proxy_kl_before": kl_before, "top1": log[-1]["val_top1"],
+            "val_curve": [r["val_top1"] for r in log],
             "finetune_epochs": epochs, "pre_epochs": pre_epochs, "params": count_params(student),
             "plan": student.upvit_config.extra.get("plan"), "selection": selection,
             "seconds": {"selection": round(t_select, 1), "finetune": round(time.time() - t1, 1),
@@ -526,7 +530,8 @@ def summarise(cells: list[dict[str, Any]], shapes=("S", "T")) -> dict[str, Any]:
                     kls = [r["proxy_kl_before"] for r in rows if r.get("proxy_kl_before") is not None]
                     table[f"{shape}-{method}-ep{budget}"] = {
                         "shape": shape, "method": method, "budget": budget, "n": len(rows), "mean": m, "se": se,
-                        "seeds": sorted(r["seed"] for r in rows), "top1": [r["top1"] for r in sorted(rows, key=lambda r: r["seed"])],
+                        "seeds": sorted(r["seed"] for r in rows),
+                        "top1": [r["top1"] for r in sorted(rows, key=lambda r: r["seed"])],
                         "top1_before_mean": mb, "proxy_kl_before_mean": sum(kls) / len(kls) if kls else None,
                         "finetune_seconds_mean": sum(r["seconds"]["finetune"] for r in rows) / len(rows)}
     comparisons: dict[str, Any] = {}
@@ -616,12 +621,14 @@ def markdown(result: dict[str, Any]) -> str:
               f"**INCOMPLETE**: {len(result['missing'])} cells missing (listed at the end)")
     lines = ["# Quality benchmark: UP-ViT vs magnitude, random, Taylor, scratch, and the options beyond the paper", "",
              f"Teacher `{_shown_path(result['teacher'])}` (fingerprint {result['teacher_fingerprint']}); KL scores "
-             f"`{_shown_path(result['kl_scores'])}` (exact, {result['proxy']['num_images']}-image proxy, seed {result['proxy']['seed']}). "
+             f"`{_shown_path(result['kl_scores'])}` (exact, {result['proxy']['num_images']}-image proxy, "
+             f"seed {result['proxy']['seed']}). "
              f"Fine-tuning: batch {s['batch_size']}, lr {s['lr']}, weight decay {s['weight_decay']}, warm-up "
              f"{s['warmup_epochs']} epoch, distillation alpha {s['alpha']} from the teacher, seeds 0/1/2; top-1 on "
              f"{result['val_images']} validation images. Machine: {result['machine']} (shared). Status: {status}.", "",
              "Mean ± standard error over fine-tuning seeds (n = seeds finished). Proxy KL before FT: sum over the "
-             f"{result['proxy']['num_images']} proxy images of KL(teacher || student) before fine-tuning (kl-iterative: "
+             f"{result['proxy']['num_images']} proxy images of KL(teacher || student) before fine-tuning "
+             "(kl-iterative: "
              "not recorded, its student is made by training).", ""]
     for budget in result["budgets"]:
         lines += [f"## Budget {budget} epochs", "", "| method | S top-1 | T top-1 | S before FT | T before FT | "
@@ -633,10 +640,12 @@ def markdown(result: dict[str, Any]) -> str:
             before = [f"{c[sh]['top1_before_mean']:.2f}" if c[sh] else "-" for sh in ("S", "T")]
             kl = [f"{c[sh]['proxy_kl_before_mean']:.1f}" if c[sh] and c[sh].get("proxy_kl_before_mean") is not None
                   else "-" for sh in ("S", "T")]
-            lines.append(f"| {method} | {_fmt(c['S'])} | {_fmt(c['T'])} | {before[0]} | {before[1]} | {kl[0]} | {kl[1]} |")
+            lines.append(f"| {method} | {_fmt(c['S'])} | {_fmt(c['T'])} | {before[0]} | {before[1]} | "
+                         f"{kl[0]} | {kl[1]} |")
         comps = [(k, v) for k, v in result["comparisons"].items() if k.split(":")[0].endswith(f"ep{budget}")]
         if comps:
-            lines += ["", "| comparison | difference ± SE | paired over seeds | verdict (1 SE rule) |", "|---|---:|---:|---|"]
+            lines += ["", "| comparison | difference ± SE | paired over seeds | verdict (1 SE rule) |",
+                      "|---|---:|---:|---|"]
             for k, v in comps:
                 se = f" ± {v['se']:.2f}" if math.isfinite(v["se"]) else ""
                 paired = f"{v['paired_diff']:+.2f} ± {v['paired_se']:.2f}" if "paired_diff" in v else "-"
@@ -645,17 +654,20 @@ def markdown(result: dict[str, Any]) -> str:
     g = result.get("greedy")
     if g:
         lines += ["## Greedy residual path: joint divergence on the proxy set", "",
-                  "sum over the proxy images of KL(teacher || teacher with the residual channels removed, all at once):", "",
+                  "sum over the proxy images of KL(teacher || teacher with the residual channels removed, "
+                  "all at once):", "",
                   "| residual width | one-shot KL choice | greedy choice |", "|---:|---:|---:|"]
         for w, v in sorted(g["joint_kl_one_shot"].items(), key=lambda t: -int(t[0])):
             lines.append(f"| {w} | {v:.2f} | {g['joint_kl_greedy'].get(str(w)) or float('nan'):.2f} |")
-        lines += ["", f"{g['rounds']} rounds, {g['exact_evaluations']} exact evaluations, {g['wall_time_s']:.0f} s.", ""]
+        lines += ["", f"{g['rounds']} rounds, {g['exact_evaluations']} exact evaluations, {g['wall_time_s']:.0f} s.",
+                  ""]
     if result.get("reading"):
         lines += ["## Reading", "", result["reading"], ""]
     if result["missing"]:
         lines += ["## Missing cells", "", "Finish them with (resumable; each command runs what is missing):", "",
                   "```bash", "nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quality.py run "
-                  f"--teacher {result['teacher']}" + (f" --kl-scores {result['kl_scores']}" if result["kl_scores"] else ""),
+                  f"--teacher {result['teacher']}"
+                  + (f" --kl-scores {result['kl_scores']}" if result["kl_scores"] else ""),
                   "```", "",
                   ", ".join(result["missing"]), ""]
     return "\n".join(lines)
@@ -667,7 +679,8 @@ SMOKE_SHAPES = {"S": {"embed_dim": 12, "num_heads": 2, "mlp_hidden": 24},  # of 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the requested cells that are not finished (priority order)")
     run.add_argument("--teacher", default=None, help="default: upvit/assets/teacher (with --smoke: a tiny random ViT)")
@@ -677,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--method", nargs="+", default=list(METHODS), choices=list(METHODS))
     run.add_argument("--budget", nargs="+", type=int, default=list(BUDGETS))
     run.add_argument("--seed", nargs="+", type=int, default=list(SEEDS))
-    run.add_argument("--results", default=None, help="default: benchmarks/results/quality (--smoke: a temporary folder)")
+    run.add_argument("--results", default=None,
+                     help="default: benchmarks/results/quality (--smoke: a temporary folder)")
     run.add_argument("--work", default=None, help="default: runs/quality (--smoke: a temporary folder)")
     run.add_argument("--limit", type=int, default=None, help="stop after this many cells")
     run.add_argument("--smoke", action="store_true", help="test-sized: a tiny teacher's shapes given by --shapes-json, "
@@ -719,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
 
         where = smoke_dir("quality")
         args.teacher = tiny_teacher("vit", where)
-        args.results, args.work = args.results or os.path.join(where, "results"), args.work or os.path.join(where, "work")
+        args.results, args.work = (args.results or os.path.join(where, "results"),
+                                   args.work or os.path.join(where, "work"))
         args.shapes_json = args.shapes_json or json.dumps(SMOKE_SHAPES)
         args.proxy_size = min(args.proxy_size, 16)
     args.teacher = args.teacher or os.path.join(ROOT, "upvit", "assets", "teacher")
@@ -732,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"budgets are {BUDGETS}, got {bad}")
     settings = Settings(teacher=os.path.abspath(args.teacher),
-                        kl_scores=os.path.abspath(args.kl_scores) if args.kl_scores else None, proxy_size=args.proxy_size)
+                        kl_scores=os.path.abspath(args.kl_scores) if args.kl_scores else None,
+                        proxy_size=args.proxy_size)
     if args.shapes_json:
         settings.shapes = json.loads(args.shapes_json)
     if args.smoke:

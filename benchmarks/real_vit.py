@@ -182,7 +182,8 @@ def finetune_rows(args: argparse.Namespace) -> None:
 def finetune_cell(results: dict, args: argparse.Namespace, method: str, shape: str, model: str, seed: int) -> None:
     """One fine-tuning row (resumed from its checkpoint if a run was interrupted), its val top-1 stored."""
     ft = f"{RUNS}/{method}_{shape}_ft{args.epochs}_s{seed}"
-    cell = step(results, f"finetune/{method}/{shape}/s{seed}", finetune_args(model, ft, args.epochs, seed, args.max_steps)
+    cell = step(results, f"finetune/{method}/{shape}/s{seed}",
+                finetune_args(model, ft, args.epochs, seed, args.max_steps)
                 + (["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []))
     if cell is not None:
         cell["val_top1"] = last_val(ft)
@@ -205,7 +206,8 @@ def bench(results: dict) -> None:
                                                                    "mlp_ratio": m / e, "num_classes": 9}).eval()
             tp = throughput(model, batch_size=16, input_size=(3, size, size), warmup=2, runs=5)
             rows.append({"model": name, "shape": [e, h, m], "img_size": size, "params": count_params(model),
-                         "macs": count_macs(model, (3, size, size)), "images_per_second": round(tp["images_per_second"], 1),
+                         "macs": count_macs(model, (3, size, size)),
+                         "images_per_second": round(tp["images_per_second"], 1),
                          "threads": torch.get_num_threads()})
             print(rows[-1], flush=True)
     results["bench"] = rows

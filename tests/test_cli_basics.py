@@ -16,7 +16,8 @@ def test_bench_with_unknown_model_name():
 def test_eval_with_corrupt_weights(tmp_path):
     save(tiny_vit(), str(tmp_path / "m"))
     (tmp_path / "m" / "model.safetensors").write_bytes(b"this is not a safetensors file")
-    assert_one_line_error(run_main("eval", str(tmp_path / "m"), "--data", "animal-mnist:val"), "not a readable safetensors")
+    assert_one_line_error(run_main("eval", str(tmp_path / "m"), "--data", "animal-mnist:val"),
+                          "not a readable safetensors")
 
 
 def test_eval_with_wrong_input_size(tmp_path):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from helpers import assert_one_line_error, run_cli, run_main
 
-TINY_SPEC = "timm:vit_base_patch16_224,img_size=16,patch_size=4,in_chans=3,num_classes=2,embed_dim=24,depth=1,num_heads=4"
+TINY_SPEC = ("timm:vit_base_patch16_224,img_size=16,patch_size=4,in_chans=3,num_classes=2,embed_dim=24,"
+             "depth=1,num_heads=4")
 
 
 # ------------------------------------------------------------------------------- item 7: --data FILE

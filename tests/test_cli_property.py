@@ -75,8 +75,8 @@ class World:
         """Arguments that would run (relative paths: the example runs inside the scratch directory)."""
         return {
             "train": ["train", SPEC, "--data", "data", "--out", "runs/t", "--epochs", "1", "--batch-size", "2"],
-            "finetune": ["finetune", "model", "--teacher", "model", "--data", "data", "--out", "runs/f", "--epochs", "1",
-                         "--batch-size", "2"],
+            "finetune": ["finetune", "model", "--teacher", "model", "--data", "data", "--out", "runs/f",
+                         "--epochs", "1", "--batch-size", "2"],
             "eval": ["eval", "model", "--data", "data", "--json", "runs/e.json"],
             "bench": ["bench", "model", "--runs", "1", "--batch-size", "1", "--json", "runs/b.json"],
             "score": ["score", "model", "--data", "data", "--proxy-size", "2", "--method", "magnitude", "--out",
@@ -168,7 +168,8 @@ def bad_invocations(draw, world: World) -> list[str]:
     if kind == "bad-method":
         return _set(argv, "--method", draw(st.sampled_from(["klx", "", "magnitude2", "KL "])))
     if kind == "bad-class-map":
-        return _set(argv, "--class-map", draw(st.sampled_from(["zzz", "a=", "a=b,b=a", "a=0", "nowhere.json", "by-name"])))
+        return _set(argv, "--class-map",
+                    draw(st.sampled_from(["zzz", "a=", "a=b,b=a", "a=0", "nowhere.json", "by-name"])))
     raise AssertionError(kind)
 
 

@@ -30,7 +30,8 @@ def test_prune_from_scores_then_replay_plan(tmp_path, capsys):
                  "--mlp-hidden", "20", "--out", out]) == 0
     printed = capsys.readouterr().out
     pruned = upvit.load(out)
-    assert pruned.embed_dim == 12 and pruned.blocks[0].attn.num_heads == 2 and pruned.blocks[0].mlp.fc1.out_features == 20
+    assert (pruned.embed_dim == 12 and pruned.blocks[0].attn.num_heads == 2
+            and pruned.blocks[0].mlp.fc1.out_features == 20)
     numbers = lambda line: [int(n.replace(",", "")) for n in re.findall(r"[\d,]{2,}", line)]  # noqa: E731
     params_line = next(line for line in printed.splitlines() if line.startswith("params"))
     macs_line = next(line for line in printed.splitlines() if line.startswith("MACs"))

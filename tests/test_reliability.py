@@ -91,7 +91,8 @@ def test_score_never_overwrites_an_existing_scores_file(tmp_path, capsys):
     assert main(args[:-1] + [str(tmp_path / "new.safetensors")]) == 2
     assert "--resume to continue it" in capsys.readouterr().err
     assert main(args[:-1] + [str(model_dir / "scores.safetensors"), "--force"]) == 2
-    assert "lies inside the input" in capsys.readouterr().err and sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors"]
+    assert ("lies inside the input" in capsys.readouterr().err
+            and sorted(os.listdir(model_dir)) == ["config.json", "model.safetensors"])
     assert main(args + ["--resume"]) == 2 and "cannot resume" in capsys.readouterr().err  # magnitude keeps no state
     assert out.read_bytes() == b"hours of exact KL scoring"
     assert main(args + ["--force"]) == 0
@@ -106,7 +107,8 @@ def test_train_finetune_and_demo_refuse_a_non_empty_out(tmp_path, capsys):
     (full / "results.json").write_text("{}")
     model = folder_model(tmp_path / "m")
     cases = [
-        (["train", FOLDER_SPEC, "--data", str(folder), "--epochs", "1", "--batch-size", "2", "--out", str(full)], "is not empty"),
+        (["train", FOLDER_SPEC, "--data", str(folder), "--epochs", "1", "--batch-size", "2", "--out", str(full)],
+         "is not empty"),
         (["finetune", model, "--teacher", model, "--data", str(folder), "--epochs", "1", "--batch-size", "2",
           "--out", str(full)], "is not empty"),
         (["demo", "--quick", "--teacher", model, "--out", str(full)], "is not empty"),
@@ -130,7 +132,8 @@ def test_train_on_an_image_folder_follows_the_model_input_size_and_channels(tmp_
     folder = tmp_path / "data"
     write_image_folder(folder, per_class=4, size=40)  # RGB 40x40 files, a 32x32 model
     spec = "timm:vit_base_patch16_224,img_size=32,patch_size=8,num_classes=2,embed_dim=16,depth=1,num_heads=2"
-    common = ["--data", folder, "--val-data", folder, "--epochs", "1", "--batch-size", "4", "--max-steps-per-epoch", "1"]
+    common = ["--data", folder, "--val-data", folder, "--epochs", "1", "--batch-size", "4",
+              "--max-steps-per-epoch", "1"]
     r = run_main("train", spec, *common, "--out", tmp_path / "rgb")
     assert r.returncode == 0, r.stderr
     config = json.loads((tmp_path / "rgb" / "config.json").read_text())
@@ -254,7 +257,8 @@ def test_fingerprint_helpers_keep_the_resume_hashes():
     # the model fingerprint: weights change only the weights hash, heads change the architecture hash
     fp = model_fingerprint(model)
     other = tiny_vit(seed=1)
-    assert model_fingerprint(other)["architecture"] == fp["architecture"] and model_fingerprint(other)["weights"] != fp["weights"]
+    assert (model_fingerprint(other)["architecture"] == fp["architecture"]
+            and model_fingerprint(other)["weights"] != fp["weights"])
     assert model_fingerprint(tiny_vit(num_heads=2))["architecture"] != fp["architecture"]
 
 
@@ -343,7 +347,8 @@ def test_startup_shim_installs_idempotently_and_suffices(tmp_path):
     purelib = sysconfig.get_paths()["purelib"]
     # the shim needs no upvit; upvit's own declaration coexists with the shim's, in either order
     for code, printed in (
-            ("import timm; print('upvit' in sys.modules); from upvit._compat import import_timm; import_timm()", "False"),
+            ("import timm; print('upvit' in sys.modules); "
+             "from upvit._compat import import_timm; import_timm()", "False"),
             ("from upvit._compat import import_timm; import_timm(); import torchvision; print('ok')", "ok")):
         r = subprocess.run([sys.executable, "-S", "-c", f"import sys, site; sys.path.append({purelib!r}); "
                             f"site.addsitedir({str(target)!r}); {code}"], capture_output=True, text=True,
@@ -354,16 +359,19 @@ def test_startup_shim_installs_idempotently_and_suffices(tmp_path):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_makefile_installs_the_shim_with_the_environment():
-    r = subprocess.run(["make", "-n", "-B", ".venv/.upvit-installed"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    r = subprocess.run(["make", "-n", "-B", ".venv/.upvit-installed"], capture_output=True, text=True, cwd=REPO,
+                       timeout=60)
     assert r.returncode == 0 and "tools/install_shim.py" in r.stdout, r.stdout + r.stderr
     r = subprocess.run(["make", "-p", "-n", "-q", "shim"], capture_output=True, text=True, cwd=REPO, timeout=60)
     rule = next(line for line in r.stdout.splitlines() if line.startswith(".venv/.upvit-installed:"))
-    assert "tools/_upvit_torchvision_shim.py" in rule and "tools/upvit-torchvision-shim.pth" in rule and "pyproject.toml" in rule
+    assert ("tools/_upvit_torchvision_shim.py" in rule and "tools/upvit-torchvision-shim.pth" in rule
+            and "pyproject.toml" in rule)
 
 
 # ------------------------------------------------------------------ 7. one line, not a traceback
 @pytest.mark.parametrize("args,message", [
-    (["eval", ASSET_TEACHER, "--data", "animal-mnist:val", "--batch-size", "0"], "argument --batch-size: must be an integer of at least 1"),
+    (["eval", ASSET_TEACHER, "--data", "animal-mnist:val", "--batch-size", "0"],
+     "argument --batch-size: must be an integer of at least 1"),
     (["bench", ASSET_TEACHER, "--runs", "0"], "argument --runs: must be an integer of at least 1"),
     (["eval", ASSET_TEACHER, "--data", "animal-mnist:val", "--device", "cuda:99"], "--device cuda:99"),
 ])
@@ -375,7 +383,8 @@ def test_bad_numbers_and_devices_are_one_line(args, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_machine_without_cuda_is_one_line():
-    assert_one_line_error(run_main("bench", ASSET_TEACHER, "--device", "cuda"), "no usable CUDA device: use --device cpu")
+    assert_one_line_error(run_main("bench", ASSET_TEACHER, "--device", "cuda"),
+                          "no usable CUDA device: use --device cpu")
 
 
 def test_eval_json_into_a_missing_folder(tmp_path, capsys):

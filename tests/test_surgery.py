@@ -144,7 +144,8 @@ def test_hand_written_plan_with_permuted_heads_runs():
     model, x = tiny_vit(), tiny_images()
     # heads listed in another order: a permutation of heads gives the same function
     keep_attn = [list(range(18, 24)) + list(range(0, 18))] * 2
-    plan = Plan.from_v1(dict(keep_embed=list(range(24)), keep_attn=keep_attn, keep_ffn=[list(range(48))] * 2, num_heads=4))
+    plan = Plan.from_v1(dict(keep_embed=list(range(24)), keep_attn=keep_attn, keep_ffn=[list(range(48))] * 2,
+                             num_heads=4))
     with torch.no_grad():
         torch.testing.assert_close(upvit.prune(model, plan)(x), model(x), rtol=0, atol=1e-5)
 

@@ -840,7 +840,8 @@ def cmd_depth(args: argparse.Namespace) -> int:
                             temperature=args.temperature, score_batch_size=args.score_batch_size,
                             bench_batch=args.bench_batch, bench_runs=args.bench_runs)
     check_output_dir(args.out, force=args.force, resume=args.resume,
-                     inputs=[args.model, args.checkpoint, args.teacher, args.teacher_checkpoint, args.data, args.val_data])
+                     inputs=[args.model, args.checkpoint, args.teacher, args.teacher_checkpoint, args.data,
+                             args.val_data])
     model = load_model(args.model, args.checkpoint)
     random_weights_warning(args.model, args.checkpoint)
     teacher = load_model(args.teacher or args.model, args.teacher_checkpoint if args.teacher else args.checkpoint)
@@ -904,7 +905,8 @@ def _depth_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", help="validation data: accuracy before and after each step's fine-tuning")
     p.add_argument("--remove", type=positive_int, required=True,
                    help="blocks-worth to remove in all (2 units each: a block attn.i+ffn.i or a hybrid ffn.i+attn.i+1)")
-    p.add_argument("--steps", type=positive_int, default=1, help="rounds of score -> remove -> fine-tune (--remove splits evenly)")
+    p.add_argument("--steps", type=positive_int, default=1,
+                   help="rounds of score -> remove -> fine-tune (--remove splits evenly)")
     p.add_argument("--criterion", default="kl", choices=["kl", "block_influence", "last"],
                    help="kl: the paper's summed KL on the proxy set; block_influence: ShortGPT's 1 - cos(in, out); "
                         "last: the last blocks")
@@ -912,15 +914,18 @@ def _depth_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidate-blocks", type=positive_int, default=1,
                    help="blocks-worth per candidate (2: pairs, e.g. inside a shifted Swin stage)")
     p.add_argument("--proxy-size", type=positive_int, default=256, help="random proxy images (seeded) for the scores")
-    p.add_argument("--per-class", type=positive_int, default=None, help="instead: this many proxy images of every class")
+    p.add_argument("--per-class", type=positive_int, default=None,
+                   help="instead: this many proxy images of every class")
     p.add_argument("--proxy-seed", type=nonneg_int, default=0, help="seed of the proxy sampling")
     p.add_argument("--epochs", type=nonneg_int, required=True,
                    help="fine-tuning epochs of the whole run, split evenly over the steps (0: no fine-tuning)")
-    p.add_argument("--alpha", type=nonneg_float, default=1.0, help="weight of the batch-mean KL(teacher || student) term")
+    p.add_argument("--alpha", type=nonneg_float, default=1.0,
+                   help="weight of the batch-mean KL(teacher || student) term")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the KL term (x T^2)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size of the fine-tuning (split over "
-                   "torchrun ranks)")
-    p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate of each step (default 1e-3 x batch / 256)")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="global batch size of the fine-tuning (split over torchrun ranks)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate of each step (default 1e-3 x batch / 256)")
     p.add_argument("--min-lr", type=nonneg_float, default=1e-5, help="learning rate at the end of each step's cosine")
     p.add_argument("--weight-decay", type=nonneg_float, default=WEIGHT_DECAY, help=WEIGHT_DECAY_HELP)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=None,

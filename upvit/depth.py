@@ -96,8 +96,8 @@ def candidates(model: Any, candidate_blocks: int = 1, kinds: Sequence[str] = KIN
     adapter = get_adapter(model)
     topo = adapter.topology()
     if not topo.rules.depth_pruning:
-        raise UpvitError(f"{type(adapter.model).__name__} cannot be rebuilt with fewer blocks yet: depth pruning covers timm "
-                         "ViT/DeiT, Swin and PVTv2")
+        raise UpvitError(f"{type(adapter.model).__name__} cannot be rebuilt with fewer blocks yet: depth pruning "
+                         "covers timm ViT/DeiT, Swin and PVTv2")
     units = [u.key for u in topo.units]
     out = []
     for run in topo.unit_runs(2 * candidate_blocks):
@@ -280,8 +280,9 @@ class DepthConfig:
                 bound = "at least 0" if low is not None else "above 0"
                 raise UpvitError(f"{name} must be a finite number {bound}, got {value!r}")
         if self.remove % self.steps:
-            raise UpvitError(f"--remove {self.remove} blocks-worth does not split into {self.steps} equal steps: choose "
-                             f"--steps among {', '.join(str(k) for k in range(1, self.remove + 1) if self.remove % k == 0)}")
+            raise UpvitError(f"--remove {self.remove} blocks-worth does not split into {self.steps} equal steps: "
+                             "choose --steps among "
+                             f"{', '.join(str(k) for k in range(1, self.remove + 1) if self.remove % k == 0)}")
         if self.per_step % self.candidate_blocks:
             raise UpvitError(f"each step removes {self.per_step} blocks-worth, not a multiple of the candidates' "
                              f"{self.candidate_blocks} blocks: change --steps or --candidate-blocks")
@@ -596,10 +597,12 @@ def markdown_table(records: list[dict[str, Any]], settings: dict[str, Any] | Non
         lines += [f"criterion `{settings['criterion']}`, remove {settings['remove']} blocks-worth in "
                   f"{settings['steps']} step(s), candidates {'/'.join(settings['kinds'])}, fine-tuning "
                   f"{cfg.get('epochs', 0)} epoch(s) in all", ""]
-    lines += ["| step | removed (original units) | depth | top-1 before FT | top-1 after FT | params (M) | MMACs | images/s |",
+    lines += ["| step | removed (original units) | depth | top-1 before FT | top-1 after FT | params (M) | MMACs "
+              "| images/s |",
               "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
-        lines.append(f"| {r['step']} | {describe_removed(r['removed'])} | {r['depth']} | {pct(r.get('top1_before_ft'))} | "
+        lines.append(f"| {r['step']} | {describe_removed(r['removed'])} | {r['depth']} | "
+                     f"{pct(r.get('top1_before_ft'))} | "
                      f"{pct(r.get('top1'))} | {r['params'] / 1e6:.3f} | {r['macs'] / 1e6:.1f} | "
                      f"{r['images_per_second']:.0f} |")
     return "\n".join(lines)

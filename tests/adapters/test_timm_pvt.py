@@ -46,7 +46,8 @@ def test_topology_rules_and_stage_transitions(linear):
     assert [topo.start_unit(k) for k in ("res.0", "res.1", "res.2", "attn.2", "ffn.5")] == [-1, 4, 8, 4, 11]
     # the sr convs really reduce: stage 0 (8x8 map, sr 4) and stage 1 (4x4, sr 2) attend to 2x2 keys
     srs = [blk.attn.sr for stage in model.stages for blk in stage.blocks]
-    assert [None if c is None else c.stride[0] for c in srs] == ([1, 1, 1, 1, 1, 1] if linear else [4, 4, 2, 2, None, None])
+    assert [None if c is None else c.stride[0] for c in srs] == (
+        [1, 1, 1, 1, 1, 1] if linear else [4, 4, 2, 2, None, None])
     stream = adapter.begin(x)
     assert stream.x.shape == (3, 64, 8) and stream.info["feat_size"] == (8, 8)
     for unit in topo.units[:5]:
@@ -171,10 +172,11 @@ def test_cli_score_prune_finetune_bench_on_a_pvt_directory(tmp_path):
     assert "stage widths [4, 8, 16]" in r.stdout
     small = upvit.load(pruned)
     assert [s.blocks[0].attn.num_heads for s in small.stages] == [1, 2, 4]
-    r = run_main("finetune", pruned, "--teacher", str(tmp_path / "pvt"), "--data", "animal-mnist:train", "--epochs", "1",
-                "--max-steps-per-epoch", "2", "--batch-size", "8", "--out", tuned)
+    r = run_main("finetune", pruned, "--teacher", str(tmp_path / "pvt"), "--data", "animal-mnist:train",
+                 "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8", "--out", tuned)
     assert r.returncode == 0, r.stderr
-    r = run_main("bench", str(tmp_path / "pvt"), tuned, "--batch-size", "2", "--runs", "1", "--json", str(tmp_path / "b.json"))
+    r = run_main("bench", str(tmp_path / "pvt"), tuned, "--batch-size", "2", "--runs", "1",
+                 "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
     assert rows[1]["params"] == sum(p.numel() for p in small.parameters()) and rows[1]["macs"] < rows[0]["macs"]

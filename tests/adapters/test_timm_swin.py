@@ -162,10 +162,11 @@ def test_cli_score_prune_finetune_bench_on_a_swin_directory(tmp_path):
     assert "stage widths [4, 8]" in r.stdout
     small = upvit.load(pruned)
     assert small.layers[1].blocks[0].attn.num_heads == 2 and small.embed_dim == 4
-    r = run_main("finetune", pruned, "--teacher", str(tmp_path / "swin"), "--data", "animal-mnist:train", "--epochs", "1",
-                "--max-steps-per-epoch", "2", "--batch-size", "8", "--out", tuned)
+    r = run_main("finetune", pruned, "--teacher", str(tmp_path / "swin"), "--data", "animal-mnist:train",
+                 "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "8", "--out", tuned)
     assert r.returncode == 0, r.stderr
-    r = run_cli("bench", str(tmp_path / "swin"), tuned, "--batch-size", "2", "--runs", "1", "--json", str(tmp_path / "b.json"))
+    r = run_cli("bench", str(tmp_path / "swin"), tuned, "--batch-size", "2", "--runs", "1",
+                "--json", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
     assert rows[1]["params"] == sum(p.numel() for p in small.parameters()) and rows[1]["macs"] < rows[0]["macs"]

@@ -24,7 +24,8 @@ ENV = {"HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", 
 
 
 def run(args: list[str], timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**ENV, **(env or {})})
 
 
 def assert_one_line_error(result, fragment):
@@ -51,7 +52,8 @@ def test_cli_score_samples_proxy_and_records_metadata(tmp_path):
     scores = upvit.Scores.load(out)
     meta = scores.meta
     assert meta["criterion"] == "kl" and meta["seed"] == 3 and meta["num_images"] == 6
-    assert meta["proxy"]["sampling"] == "random" and meta["proxy"]["seed"] == 3 and meta["proxy"]["data"] == "animal-mnist:train"
+    assert (meta["proxy"]["sampling"] == "random" and meta["proxy"]["seed"] == 3
+            and meta["proxy"]["data"] == "animal-mnist:train")
     assert meta["model"]["depths"] == [2] and meta["wall_time_s"] > 0 and meta["model_spec"] == mdir
 
     # the same proxy images, drawn independently, scored in-process and by the naive reference
