@@ -25,7 +25,8 @@ import torch
 RANDOM_SPEC = ("timm:vit_base_patch16_224,img_size=28,patch_size=4,in_chans=1,num_classes=10,"
                "embed_dim=192,depth=6,num_heads=12,mlp_ratio=4.0")
 TARGETS = {"S": dict(embed_dim=96, num_heads=6, mlp_hidden=384), "T": dict(embed_dim=48, num_heads=3, mlp_hidden=192)}
-SMOKE_TARGETS = {"S": dict(embed_dim=12, num_heads=2, mlp_hidden=24), "T": dict(embed_dim=8, num_heads=1, mlp_hidden=12)}
+SMOKE_TARGETS = {"S": dict(embed_dim=12, num_heads=2, mlp_hidden=24),
+                 "T": dict(embed_dim=8, num_heads=1, mlp_hidden=12)}
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,7 +52,8 @@ def keep_agreement(model, scores, reference, target) -> dict[str, float]:
     from upvit.plan import make_plan
 
     a, b = make_plan(model, scores, **target), make_plan(model, reference, **target)
-    sizes = {"embed": len(scores.embed), "attn": sum(len(t) for t in scores.attn), "ffn": sum(len(t) for t in scores.ffn)}
+    sizes = {"embed": len(scores.embed), "attn": sum(len(t) for t in scores.attn),
+             "ffn": sum(len(t) for t in scores.ffn)}
     diff = {"embed": len(set(a.keep_embed) ^ set(b.keep_embed)),
             "attn": sum(len(set(x) ^ set(y)) for x, y in zip(a.keep_attn, b.keep_attn)),
             "ffn": sum(len(set(x) ^ set(y)) for x, y in zip(a.keep_ffn, b.keep_ffn))}
@@ -113,7 +115,8 @@ def main() -> None:
         exact = Scores.load(args.exact_scores)
         exact.check_matches(adapter)
         if exact.meta.get("num_images") != len(images):
-            raise SystemExit(f"{args.exact_scores} has {exact.meta.get('num_images')} images, the proxy here {len(images)}")
+            raise SystemExit(f"{args.exact_scores} has {exact.meta.get('num_images')} images, "
+                             f"the proxy here {len(images)}")
         times["exact"] = float(exact.meta.get("wall_time_total_s", exact.meta["wall_time_s"]))
         result["exact_source"] = f"{args.exact_scores} (recorded wall time)"
     else:
@@ -180,7 +183,8 @@ def render(r: dict) -> str:
     for name, s in r["spearman"].items():
         c = s["component"]
         worst = min(s["per_block"], key=s["per_block"].get)
-        lines.append(f"| {name} | {c['embed']:.3f} | {c['attn']:.3f} | {c['ffn']:.3f} | {worst} {s['per_block'][worst]:.3f} |")
+        lines.append(f"| {name} | {c['embed']:.3f} | {c['attn']:.3f} | {c['ffn']:.3f} | "
+                     f"{worst} {s['per_block'][worst]:.3f} |")
     for name, s in r["spearman"].items():
         lines += ["", f"Per block ({name}): " + ", ".join(f"{k} {v:.4f}" for k, v in s["per_block"].items())]
     lines += ["",

@@ -60,7 +60,8 @@ SHAPES = {"deit_s": dict(e=384, d=12, h=6), "deit_b": dict(e=768, d=12, h=12)}
 SMOKE_SHAPES = {"tiny_s": dict(e=32, d=4, h=2), "tiny_b": dict(e=48, d=4, h=4)}
 TEACHER = os.path.join(ROOT, "upvit", "assets", "teacher")
 EMOJI = os.path.join(ROOT, "runs", "dinov2", "emoji_teacher_112")
-TEACHER_TARGETS = {"S": dict(embed_dim=96, num_heads=6, mlp_hidden=384), "T": dict(embed_dim=48, num_heads=3, mlp_hidden=192)}
+TEACHER_TARGETS = {"S": dict(embed_dim=96, num_heads=6, mlp_hidden=384),
+                   "T": dict(embed_dim=48, num_heads=3, mlp_hidden=192)}
 VIT_S_TARGETS = {"Ti-like": dict(embed_dim=192, num_heads=3, mlp_hidden=768),
                  "mild": dict(embed_dim=288, num_heads=6, mlp_hidden=1152)}
 PAPER = dict(images=2000, shape="deit_b")
@@ -76,7 +77,8 @@ def clock() -> float:
 
 
 def clock_name() -> str:
-    return "process CPU time, 1 thread" if torch.get_num_threads() == 1 else f"wall time, {torch.get_num_threads()} threads"
+    return ("process CPU time, 1 thread" if torch.get_num_threads() == 1
+            else f"wall time, {torch.get_num_threads()} threads")
 
 
 def matmul_rate(rows: int, width: int, dtype: torch.dtype, seconds: float) -> float:
@@ -301,7 +303,8 @@ def vit_s_at(px: int, path: str = EMOJI):
     model = load_model(spec, init_seed=0).eval()
     state, _ = load_tensors(os.path.join(path, "model.safetensors"))
     g = px // 14
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (g, g), num_prefix_tokens=1, interpolation="bicubic",
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (g, g), num_prefix_tokens=1,
+                                                interpolation="bicubic",
                                                 antialias=False)
     model.load_state_dict(state, strict=True)
     return model, f"{os.path.relpath(path, ROOT)} at {px} px (pos_embed resized 8x8 -> {g}x{g})", "emoji"
@@ -366,7 +369,8 @@ def keep_swaps(model, scores, exact, target) -> list[dict]:
     out = []
     for p in problems(topo, t):
         ch = set(int(c) for c in p.channels)
-        only_exact, only_scores = sorted((kept_b[p.site] - kept_a[p.site]) & ch), sorted((kept_a[p.site] - kept_b[p.site]) & ch)
+        only_exact, only_scores = (sorted((kept_b[p.site] - kept_a[p.site]) & ch),
+                                   sorted((kept_a[p.site] - kept_b[p.site]) & ch))
         if only_exact or only_scores:
             out.append({"site": p.site, "group": [min(ch), max(ch) + 1], "k": p.k,
                         "only_exact_keeps": only_exact, "only_scores_keeps": only_scores})
@@ -406,7 +410,8 @@ def diagnose(model, hyb, exact, target, screen=None) -> dict:
             s["calibration"] = calib
 
         def rec(c):
-            r = {"channel": c, "exact": float(exact[k][c]), "hybrid": float(hyb[k][c]), "hybrid_scored_exactly": c in sk}
+            r = {"channel": c, "exact": float(exact[k][c]), "hybrid": float(hyb[k][c]),
+                 "hybrid_scored_exactly": c in sk}
             if calib is not None and c not in sk:
                 r["screen_log_error"] = abs(math.log(float(exact[k][c]) / float(screen[k][c])) - calib["mu"])
             return r
@@ -437,7 +442,8 @@ def tail_sweep(adapter, model, images, exact, targets, n: int, tails=(1.6, 2.0, 
         for tail in tails:
             for tname, tg in targets.items():
                 h = hybrid_scores(adapter, images, targets=[tg], batch_size=n, progress=False, tail=tail)
-                row = {"tail": tail, "target": tname, "exact_fraction": h.meta["exact_fraction"], "rounds": h.meta["rounds"],
+                row = {"tail": tail, "target": tname, "exact_fraction": h.meta["exact_fraction"],
+                       "rounds": h.meta["rounds"],
                        "keep_set_differences_vs_exact": keep_diff(model, h, exact, tg)}
                 if all(c is not None for c in cost.values()):
                     row["exact_cpu_fraction"] = sum(len(v) * cost[k] / sites[k] for k, v in
@@ -502,7 +508,8 @@ def part_fast(cfg: dict) -> dict:
         kinds[kind] = {"sites": len(keys), "channels": sum(topo.site(k).size for k in keys), "exact_cpu_s": cpu,
                        # fisher scores every kind in one pass: its whole time set against this kind's exact time
                        "fisher_speedup_vs_exact_kind": cpu / tf["cpu_s"],
-                       "spearman_pooled": spearman(torch.cat([fisher[k] for k in keys]), torch.cat([exact[k] for k in keys])),
+                       "spearman_pooled": spearman(torch.cat([fisher[k] for k in keys]),
+                                                   torch.cat([exact[k] for k in keys])),
                        "spearman_min_per_site": min(spearman(fisher[k], exact[k]) for k in keys),
                        "spearman_per_site": {k: spearman(fisher[k], exact[k]) for k in keys}}
     # hybrid's screen (Fisher, attention by the local estimate), for the diagnosis of any differing channel
@@ -512,7 +519,8 @@ def part_fast(cfg: dict) -> dict:
         h, th = _stage(f"{stem}_hybrid_{tname}.safetensors",
                        timed(lambda tg=tg: hybrid_scores(adapter, images, targets=[tg], batch_size=n, progress=False)))
         counts = h.meta["exact_counts"]
-        hyb[tname] = {"target": tg, "cpu_s": th["cpu_s"], "wall_s": th["wall_s"], "speedup_vs_exact": te["cpu_s"] / th["cpu_s"],
+        hyb[tname] = {"target": tg, "cpu_s": th["cpu_s"], "wall_s": th["wall_s"],
+                      "speedup_vs_exact": te["cpu_s"] / th["cpu_s"],
                       "exact_fraction": h.meta["exact_fraction"], "rounds": h.meta["rounds"],
                       "exact_fraction_by_kind": {kind: sum(counts[s.key] for s in topo.sites if s.kind == kind) /
                                                  kinds[kind]["channels"] for kind in kinds},
@@ -527,8 +535,10 @@ def part_fast(cfg: dict) -> dict:
         h["diagnosis"]["engine_rel_err"]["max"] == 0 for h in hyb.values()) else None
     return {"model": desc, "proxy": proxy, "images": n, "px": px, "clock": clock_name(), "tail_sweep": sweep,
             "exact_cpu_s": te["cpu_s"], "exact_wall_s": te["wall_s"], "exact_timing": te,
-            "fisher_cpu_s": tf["cpu_s"], "fisher_wall_s": tf["wall_s"], "fisher_speedup_vs_exact": te["cpu_s"] / tf["cpu_s"],
-            "kinds": kinds, "hybrid": hyb, "stages": os.path.relpath(stem, ROOT) + "_*", "load_after": os.getloadavg()[0]}
+            "fisher_cpu_s": tf["cpu_s"], "fisher_wall_s": tf["wall_s"],
+            "fisher_speedup_vs_exact": te["cpu_s"] / tf["cpu_s"],
+            "kinds": kinds, "hybrid": hyb, "stages": os.path.relpath(stem, ROOT) + "_*",
+            "load_after": os.getloadavg()[0]}
 
 
 # ------------------------------------------------------------------------------------------ projection
@@ -582,23 +592,30 @@ def fast_markdown(f: dict) -> list[str]:
     L = ["", "## Fast scorers against exact", "", f"Model: {f['model']}; proxy: {f['proxy']}. Clock: {f['clock']} "
          "(per-core CPU seconds; wall seconds in the JSON).", "",
          f"Exact KL (fp32, every channel): **{f['exact_cpu_s']:,.0f} s** of one core. Fisher (every kind in one pass): "
-         f"**{f['fisher_cpu_s']:.2f} s** = **{f['fisher_speedup_vs_exact']:,.0f}x** faster than exact (goal >= 1000x).", "",
-         "| kind | sites | channels | exact CPU s | fisher speed-up vs exact's time on this kind | Spearman fisher vs exact "
+         f"**{f['fisher_cpu_s']:.2f} s** = **{f['fisher_speedup_vs_exact']:,.0f}x** faster than exact "
+         "(goal >= 1000x).", "",
+         "| kind | sites | channels | exact CPU s | "
+         "fisher speed-up vs exact's time on this kind | Spearman fisher vs exact "
          "(pooled) | worst site |", "|---|---|---|---|---|---|---|"]
     for k, s in f["kinds"].items():
         worst = min(s["spearman_per_site"], key=s["spearman_per_site"].get)
-        L.append(f"| {k} | {s['sites']} | {s['channels']:,} | {s['exact_cpu_s']:,.0f} | {s['fisher_speedup_vs_exact_kind']:,.0f}x | "
+        L.append(f"| {k} | {s['sites']} | {s['channels']:,} | {s['exact_cpu_s']:,.0f} | "
+                 f"{s['fisher_speedup_vs_exact_kind']:,.0f}x | "
                  f"{s['spearman_pooled']:.3f} | {worst} {s['spearman_min_per_site']:.3f} |")
-    L += ["", "The fisher speed-up per kind sets fisher's whole time (it scores every kind in one pass) against exact's "
+    L += ["", "The fisher speed-up per kind sets fisher's whole time (it scores every kind in one pass) "
+          "against exact's "
           "time on that kind alone, so it is a lower bound.", "",
-          "| hybrid target | CPU s | speed-up vs exact | exact fraction (all / res / attn / ffn) | rounds | keep-set diffs vs "
+          "| hybrid target | CPU s | speed-up vs exact | exact fraction (all / res / attn / ffn) | rounds | "
+          "keep-set diffs vs "
           "exact (embed/attn/ffn) | fisher's diffs |", "|---|---|---|---|---|---|---|"]
     for t, h in f["hybrid"].items():
-        d, fd, e = h["keep_set_differences_vs_exact"], h["fisher_keep_set_differences_vs_exact"], h["exact_fraction_by_kind"]
+        d, fd, e = (h["keep_set_differences_vs_exact"], h["fisher_keep_set_differences_vs_exact"],
+                    h["exact_fraction_by_kind"])
         tg = h["target"]
         L.append(f"| {t} ({tg['embed_dim']} / {tg['num_heads']} heads / {tg['mlp_hidden']}) | {h['cpu_s']:,.0f} | "
                  f"{h['speedup_vs_exact']:.1f}x | {h['exact_fraction']:.1%} / {e['residual']:.0%} / {e['attn']:.0%} / "
-                 f"{e['ffn']:.0%} | {h['rounds']} | {d['embed']}/{d['attn']}/{d['ffn']} | {fd['embed']}/{fd['attn']}/{fd['ffn']} |")
+                 f"{e['ffn']:.0%} | {h['rounds']} | {d['embed']}/{d['attn']}/{d['ffn']} | "
+                 f"{fd['embed']}/{fd['attn']}/{fd['ffn']} |")
     for t, h in f["hybrid"].items():
         g = h["diagnosis"]
         err = g["engine_rel_err"]
@@ -609,22 +626,27 @@ def fast_markdown(f: dict) -> list[str]:
             def fmt(rs):
                 return ", ".join(f"{r['channel']} (exact {r['exact']:.4e}, hybrid {r['hybrid']:.4e}"
                                  f"{', scored exactly' if r['hybrid_scored_exactly'] else ', estimated'}"
-                                 + (f", screen log-error {r['screen_log_error']:.3f}" if "screen_log_error" in r else "")
+                                 + (f", screen log-error {r['screen_log_error']:.3f}"
+                                    if "screen_log_error" in r else "")
                                  + ")" for r in rs)
             L.append(f"- {s['site']} group {s['group'][0]}:{s['group'][1]} keep {s['k']}: only exact keeps "
                      f"{fmt(s['only_exact_keeps'])}; only hybrid keeps {fmt(s['only_scores_keeps'])}; exact gap "
                      f"{s['exact_gap_rel']:.1e} relative"
-                     + (f"; margin required {s['calibration']['margin']:.3f} (z sigma {s['calibration']['z_sigma']:.3f}, "
+                     + (f"; margin required {s['calibration']['margin']:.3f} "
+                        f"(z sigma {s['calibration']['z_sigma']:.3f}, "
                         f"largest scored error {s['calibration']['max_dev_scored']:.3f})" if "calibration" in s else "")
                      + ".")
     if f.get("tail_sweep"):
         L += ["", "Hybrid's rule replayed with other `tail` margins (the full run's exact values standing in for its "
-              "exact rounds: its rounds gave bit-identical values; the default 1.6 row reproduces the measured run):", "",
-              "| tail | target | keep-set diffs (embed/attn/ffn) | exact fraction of channels | of exact's CPU time | rounds |",
+              "exact rounds: its rounds gave bit-identical values; the default 1.6 row reproduces the measured "
+              "run):", "",
+              "| tail | target | keep-set diffs (embed/attn/ffn) | exact fraction of channels | "
+              "of exact's CPU time | rounds |",
               "|---|---|---|---|---|---|"]
         for r in f["tail_sweep"]:
             d = r["keep_set_differences_vs_exact"]
-            L.append(f"| {r['tail']} | {r['target']} | {d['embed']}/{d['attn']}/{d['ffn']} | {r['exact_fraction']:.1%} | "
+            L.append(f"| {r['tail']} | {r['target']} | {d['embed']}/{d['attn']}/{d['ffn']} | "
+                     f"{r['exact_fraction']:.1%} | "
                      f"{num(r.get('exact_cpu_fraction'), '.1%')} | {r['rounds']} |")
     return L
 
@@ -634,7 +656,8 @@ def markdown(rep: dict) -> str:
          f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch {rep['machine']['torch']}, "
          f"{rep['machine']['torch_threads']} threads; load average at start {rep['machine']['loadavg_1_5_15']} "
          "(other agents share the machine). Rates part clock: "
-         f"{next(iter(rep.get('rates', {}).values()), {}).get('clock', 'wall time')} (rates per core when CPU time).", ""]
+         f"{next(iter(rep.get('rates', {}).values()), {}).get('clock', 'wall time')} "
+         "(rates per core when CPU time).", ""]
     if rep.get("rates"):
         L += ["## Candidate-images/s per site kind (224 px, seeded random weights)", "",
               "Achieved fraction = the engine's FLOP/s on the FLOPs exactness requires (counted) / the engine-shaped "
@@ -655,7 +678,8 @@ def markdown(rep: dict) -> str:
               f"difference), {next(iter(rep['rates'].values()))['images']} images."]
     if rep.get("memory"):
         L += ["", "## Peak memory (fresh process, one full candidate stack)", "",
-              "| budget | site | candidate batch | stacked images | RSS after load (GiB) | peak RSS (GiB) |", "|---|---|---|---|---|---|"]
+              "| budget | site | candidate batch | stacked images | RSS after load (GiB) | peak RSS (GiB) |",
+              "|---|---|---|---|---|---|"]
         for label, m in rep["memory"].items():
             L.append(f"| {label} | {m['site']} | {m['candidate_batch']} | {m['stacked_images']} | "
                      f"{m['rss_after_load_bytes'] / 2**30:.2f} | {m['peak_gib']:.2f} |")
@@ -664,10 +688,13 @@ def markdown(rep: dict) -> str:
         b = rep["bf16"]
         L += ["", "## bf16 against fp32 on one proxy set", "",
               f"Model: {b['model']}, {b['proxy_images']} proxy images, {b.get('channels_fraction', 1):.0%} of every "
-              f"site's channels (seeded); fp32 {b['fp32_s']} s, bf16 {b['bf16_s']} s ({b.get('clock', 'wall time')}).", "",
-              "| kind | max abs error / site max | median relative error | min Spearman (per site) |", "|---|---|---|---|"]
+              f"site's channels (seeded); fp32 {b['fp32_s']} s, bf16 {b['bf16_s']} s "
+              f"({b.get('clock', 'wall time')}).", "",
+              "| kind | max abs error / site max | median relative error | min Spearman (per site) |",
+              "|---|---|---|---|"]
         for k, e in b["error_by_kind"].items():
-            L.append(f"| {k} | {e['max_abs_err_over_site_max']:.2e} | {e['median_rel_err']:.2e} | {e['min_spearman']:.5f} |")
+            L.append(f"| {k} | {e['max_abs_err_over_site_max']:.2e} | {e['median_rel_err']:.2e} | "
+                     f"{e['min_spearman']:.5f} |")
         if isinstance(b["keep_set_differences"], str):
             L += ["", f"Keep sets: {b['keep_set_differences']}; bf16 stays an option, fp32 the default."]
         else:
@@ -684,7 +711,8 @@ def markdown(rep: dict) -> str:
         if not p:
             continue
         per_core = "CPU" in (rep.get("rates", {}).get(shape, {}).get("clock") or "")
-        L += ["", f"## Projected cost of the paper's setting ({shape}, 224 px, {p['images']:,} images) on this machine", "",
+        L += ["", f"## Projected cost of the paper's setting ({shape}, 224 px, {p['images']:,} images) "
+              "on this machine", "",
               "| method | " + ("hours of one core (CPU time; halve for both cores of an idle machine)" if per_core
                                 else "hours") + " |", "|---|---|",
               f"| exact fp32 | {p['exact_fp32_hours']:,.0f} |",
@@ -692,10 +720,12 @@ def markdown(rep: dict) -> str:
               "| exact bf16 | not projected (bf16 not measured on this shape: no native bf16) |",
               f"| fisher | {p['fisher_hours']:,.2f} |"]
         if "hybrid_hours" in p:
-            L.append(f"| hybrid ({p['hybrid_exact_fraction_used']:.1%} of exact's time, from the fast part's fractions) | "
+            L.append(f"| hybrid ({p['hybrid_exact_fraction_used']:.1%} of exact's time, "
+                     "from the fast part's fractions) | "
                      f"{p['hybrid_hours']:,.0f} |")
         L += ["", "Exact: every site's channels x images / the measured rate of its kind, scaled by the share of the "
-              "model the site's candidates rerun. Hybrid: its screen (Fisher with local attention) plus, per site kind, "
+              "model the site's candidates rerun. Hybrid: its screen (Fisher with local attention) "
+              "plus, per site kind, "
               "the exact fraction of that kind's channels measured in the fast part (the larger of its two targets) "
               "times exact's time on that kind (on a ViT-S at low resolution with a small proxy: the fraction varies "
               "with the model, the proxy and the target)."]
@@ -730,10 +760,12 @@ def main() -> None:
 
     if args.smoke:
         cfg = dict(shapes=SMOKE_SHAPES, px=16, patch=4, classes=10, images=2, k=3, mm_seconds=0.01, mem_images=2,
-                   bf16_images=4, fast_images=4, fast_px=16, smoke=True, runs=os.path.join(os.path.dirname(args.out), "runs"))
+                   bf16_images=4, fast_images=4, fast_px=16, smoke=True,
+                   runs=os.path.join(os.path.dirname(args.out), "runs"))
     else:
         cfg = dict(shapes=SHAPES, px=224, patch=16, classes=1000, images=args.images, k=args.candidates, mm_seconds=1.5,
-                   mem_images=4, bf16_images=args.bf16_images, bf16_fraction=args.bf16_fraction, fast_images=args.fast_images, fast_px=args.fast_px,
+                   mem_images=4, bf16_images=args.bf16_images, bf16_fraction=args.bf16_fraction,
+                   fast_images=args.fast_images, fast_px=args.fast_px,
                    fast_model=args.fast_model, smoke=False, runs=args.runs)
     path = args.out + ".json"
     report = {}
