@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .adapters import input_size_of
 from .errors import UpvitError
 
 
@@ -37,15 +38,6 @@ def unfused_attention(model: nn.Module) -> contextlib.AbstractContextManager:
     """Attention as explicit matmuls while inside (so the FLOP counter sees them); the adapter knows how."""
     adapter = _adapter(model)
     return adapter.explicit_attention() if adapter is not None else contextlib.nullcontext()
-
-
-def input_size_of(model: nn.Module) -> tuple[int, ...]:
-    config = getattr(model, "upvit_config", None)
-    if config is not None and config.data_config.get("input_size"):
-        return tuple(config.data_config["input_size"])
-    adapter = _adapter(model)
-    size = adapter.input_size() if adapter is not None else None
-    return tuple(size) if size else (3, 224, 224)
 
 
 def example_batch(model: nn.Module, batch_size: int, input_size: tuple[int, ...] | None, device, random: bool = False):

@@ -20,31 +20,9 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed as dist_utils
 from .data import collate_readable
 from .progress import progress
-from .tasks import mean_pooled  # the sentence-embedding task's output; importable from here as before
 
-
-def logits_of(output, inputs=None) -> torch.Tensor:
-    """A model's logits: distilled DeiTs return (cls, dist) pairs in training mode; Hugging Face
-    models return a ModelOutput (``.logits``; a bare encoder's ``last_hidden_state`` becomes the
-    mean over its attention mask, L2-normalised: the sentence embedding)."""
-    if isinstance(output, (tuple, list)):
-        return (output[0] + output[1]) / 2
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is not None:
-        return logits
-    hidden = getattr(output, "last_hidden_state", None)
-    if hidden is not None:
-        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-        return mean_pooled(hidden, mask)
-    raise TypeError(f"cannot find logits in a {type(output).__name__}")
-
-
-def model_output(model: nn.Module, inputs) -> torch.Tensor:
-    """``model`` run on ``inputs`` (an image tensor or a dict of per-sample tensors) -> logits."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
-    return logits_of(out, inputs)
+# what a model's forward returns, reduced to logits (tasks.py, below the data modules); importable from here
+from .tasks import logits_of, mean_pooled, model_output  # noqa: F401
 
 
 def _to(inputs, device):

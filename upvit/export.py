@@ -82,7 +82,7 @@ def wrapped(model: nn.Module) -> OutputOf:
 
 def sequence_length(model: nn.Module) -> int:
     """A text model's sequence length from its data config (block size / max length)."""
-    from .bench import input_size_of
+    from .adapters import input_size_of
 
     return int(input_size_of(model)[0])
 
@@ -102,7 +102,7 @@ def sample_inputs(model: nn.Module, batch_size: int, seq_len: int | None = None,
         if batch_size > 1 and length > 3:
             mask[-1, length - length // 4:] = 0
         return {"input_ids": ids, "attention_mask": mask}
-    from .bench import input_size_of
+    from .adapters import input_size_of
 
     size = input_size_of(model)
     config = getattr(model, "upvit_config", None)

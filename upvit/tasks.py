@@ -44,4 +44,28 @@ def mean_pooled(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return F.normalize(pooled, dim=-1)
 
 
-__all__ = ["TEXT_TASKS", "Task", "is_text", "mean_pooled", "output_name"]
+def logits_of(output, inputs=None) -> torch.Tensor:
+    """A model's logits: distilled DeiTs return (cls, dist) pairs in training mode; Hugging Face
+    models return a ModelOutput (``.logits``; a bare encoder's ``last_hidden_state`` becomes the
+    mean over its attention mask, L2-normalised: the sentence embedding)."""
+    if isinstance(output, (tuple, list)):
+        return (output[0] + output[1]) / 2
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is not None:
+        return logits
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is not None:
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        return mean_pooled(hidden, mask)
+    raise TypeError(f"cannot find logits in a {type(output).__name__}")
+
+
+def model_output(model: torch.nn.Module, inputs) -> torch.Tensor:
+    """``model`` run on ``inputs`` (an image tensor or a dict of per-sample tensors) -> logits."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return logits_of(out, inputs)
+
+
+__all__ = ["TEXT_TASKS", "Task", "is_text", "logits_of", "mean_pooled", "model_output", "output_name"]

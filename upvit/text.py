@@ -273,7 +273,7 @@ def embed(model, dataset: Dataset, max_samples: int | None = None, batch_size: i
     """Sentence embeddings ``[N, D]`` of the first ``max_samples`` samples of a text dataset."""
     from torch.utils.data import DataLoader, Subset
 
-    from .evaluation import model_output
+    from .tasks import model_output
 
     n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     device = torch.device(device or "cpu")

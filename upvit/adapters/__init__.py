@@ -72,6 +72,18 @@ def task_of(model: nn.Module) -> str | None:
     return family.task_of_class(type(model).__name__) if family is not None else None
 
 
+def input_size_of(model: nn.Module) -> tuple[int, ...]:
+    """A model's input size: from its upvit config's data config, else its adapter's, else (3, 224, 224)."""
+    config = getattr(model, "upvit_config", None)
+    if config is not None and config.data_config.get("input_size"):
+        return tuple(config.data_config["input_size"])
+    try:
+        size = get_adapter(model).input_size()
+    except UpvitError:
+        size = None
+    return tuple(size) if size else (3, 224, 224)
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     if isinstance(model, Adapter):
         return model
@@ -83,5 +95,5 @@ def get_adapter(model: nn.Module) -> Adapter:
     raise UpvitError(f"no adapter for model class {type(model).__name__}: supported families are {names}")
 
 
-__all__ = ["Adapter", "Family", "Masks", "Stream", "families", "family_of_class", "forward_from",
+__all__ = ["Adapter", "Family", "Masks", "Stream", "families", "family_of_class", "forward_from", "input_size_of",
            "get_adapter", "register", "task_of"]
