@@ -543,7 +543,8 @@ def summarise(cells: list[dict[str, Any]], shapes=("S", "T")) -> dict[str, Any]:
                          ("kl-greedy", "magnitude"), ("taylor", "magnitude"),
                          ("kl-lsq", "kl"), ("magnitude-lsq", "magnitude"), ("kl-lsq", "magnitude-lsq"),
                          ("kl-whole", "kl"), ("magnitude-whole", "magnitude"), ("kl-whole", "magnitude-whole"),
-                         ("kl-whole-lsq", "kl-lsq"), ("kl-lsq", "kl-iterative"), ("kl-whole-lsq", "kl-iterative")]:
+                         ("kl-whole-lsq", "kl-lsq"), ("kl-lsq", "kl-iterative"), ("kl-whole-lsq", "kl-iterative"),
+                         ("kl-whole-lsq", "magnitude-lsq"), ("kl-whole-lsq", "taylor")]:
                 c = compare(pick(shape, a, budget), pick(shape, b, budget))
                 if c is not None:
                     comparisons[f"{shape}-ep{budget}: {a} vs {b}"] = c
