@@ -30,28 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import upvit  # noqa: E402
+from quality import kl_sum  # noqa: E402  (the quality benchmark's proxy KL, the same measure)
 from upvit import compensation as comp  # noqa: E402
 from upvit.demo import SHAPES, machine_description  # noqa: E402
+from upvit.evaluation import evaluate  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 KL_SCORES = os.path.join(RESULTS, "teacher60_scores_p256_seed0.safetensors")
 TAYLOR_SCORES = os.path.join(RESULTS, "quality", "scores_taylor_p256_seed0.safetensors")
-
-
-def kl_sum(teacher, student, images: torch.Tensor) -> float:
-    with torch.no_grad():
-        t = torch.log_softmax(teacher(images).double(), -1)
-        q = torch.log_softmax(student(images).double(), -1)
-    return float((t.exp() * (t - q)).sum())
-
-
-def top1(model, data) -> float:
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(data, batch_size=500):
-            correct += int((model(x).argmax(-1) == y).sum())
-            total += len(y)
-    return 100.0 * correct / total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         report = comp.compensate(teacher, student, plan, images, mode=mode, ridge=ridge, exclude=exclude)
         row = {"selection": selection, "shape": shape, "heads": heads, "compensation": mode, "ridge": ridge,
                "exclude": list(exclude), "seconds": round(time.time() - t1, 2),
-               "top1_before_ft": top1(student, val), "proxy_kl": kl_sum(teacher, student, images),
+               "top1_before_ft": evaluate(student, val)["top1"], "proxy_kl": kl_sum(teacher, student, images),
                "held_out_kl": kl_sum(teacher, student, held_out),
                "layers_refitted": sum(layer.changed for layer in report.layers)}
         rows.append(row)

@@ -125,6 +125,17 @@ def _atomic_json(path: str, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+def kl_sum(teacher: torch.nn.Module, student: torch.nn.Module, images: torch.Tensor) -> float:
+    """sum over ``images`` of KL(teacher || student), both in eval mode (the student's mode is restored)."""
+    with torch.no_grad():
+        was = student.training
+        student.eval()
+        t = torch.log_softmax(teacher(images).double(), -1)
+        q = torch.log_softmax(student(images).double(), -1)
+        student.train(was)
+    return float((t.exp() * (t - q)).sum())
+
+
 class DiskCachedTeacher(SharedTeacher):
     """The demo's shared teacher, with its logits also kept on disk (one small file per batch), so
     separate processes and resumed runs reuse them; bit-identical to running the teacher."""
@@ -319,13 +330,7 @@ class Context:
 
     def proxy_kl(self, student: torch.nn.Module) -> float:
         """sum over the proxy images of KL(teacher || student): how far the student starts from its teacher."""
-        with torch.no_grad():
-            was = student.training
-            student.eval()
-            t = torch.log_softmax(self.teacher(self.images).double(), -1)
-            q = torch.log_softmax(student(self.images).double(), -1)
-            student.train(was)
-        return float((t.exp() * (t - q)).sum())
+        return kl_sum(self.teacher, student, self.images)
 
     def iterative(self, shape: str, seed: int) -> tuple[torch.nn.Module, int, dict[str, Any]]:
         """Steps 1..k of iterative pruning (distillation between them), cached per (shape, seed)."""
