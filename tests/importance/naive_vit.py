@@ -96,6 +96,8 @@ def functional_vit(p: dict, heads: list, x: torch.Tensor, patch: int, scale: flo
         if f"ffn.{b}" not in skip:
             t = t + (hdn @ p[pre + "mlp.fc2.weight"].T + p[pre + "mlp.fc2.bias"]) * p.get(pre + "ls2.gamma", 1.0)
     t = F.layer_norm(t, (D,), p["norm.weight"], p["norm.bias"], eps)
+    if "head.weight" not in p:  # a headless model (num_classes=0, class-token pooling): the embedding
+        return t[:, 0]
     logits = t[:, 0] @ p["head.weight"].T + p["head.bias"]
     if "head_dist.weight" in p:
         logits = (logits + t[:, 1] @ p["head_dist.weight"].T + p["head_dist.bias"]) / 2

@@ -125,6 +125,19 @@ def rebuild_from_state(model: nn.Module, base_name: str, kwargs: dict[str, Any],
     return new
 
 
+def output_divergence(model: nn.Module, problems: list[str]) -> str:
+    """How the scoring engines compare a timm model's outputs: ``"kl"`` for a classifier (its forward gives
+    logits), ``"cosine"`` for a headless backbone (``num_classes=0``: its forward gives the pooled embedding,
+    whose softmax means nothing; 1 - cos of the embedding, as for sentence encoders). A headless model
+    without pooling (``global_pool=''``: per-token features) adds a line to ``problems``."""
+    if getattr(model, "num_classes", None) != 0:
+        return "kl"
+    if not getattr(model, "global_pool", ""):
+        problems.append("a headless model without pooling (num_classes=0, global_pool=''): its output is per-token "
+                        "features, not one embedding; build it with global_pool='token' or 'avg'")
+    return "cosine"
+
+
 def base_config(model: nn.Module, default_kwargs: dict[str, Any]):
     """The model's ModelConfig, or one reconstructed from timm's pretrained_cfg."""
     config = getattr(model, "upvit_config", None)

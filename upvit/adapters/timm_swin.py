@@ -39,7 +39,15 @@ from .base import Adapter, Masks, Stream, per_window
 from .family import Family
 from .hooks import HookMasking, norm_hook, scale_hook, zero_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
-from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state, staged_unit_moves
+from .timm_common import (
+    base_config,
+    exact_ratio,
+    explicit_attention,
+    new_config,
+    output_divergence,
+    rebuild_from_state,
+    staged_unit_moves,
+)
 
 EQUIVALENT_CANDIDATES = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
                          "swin_base_patch4_window7_224", "swin_base_patch4_window12_384"]
@@ -89,6 +97,8 @@ class TimmSwinAdapter(HookMasking, Adapter):
                     problems.append(f"stage {s} FFN is {type(blk.mlp).__name__}")
                 elif not isinstance(blk.norm1, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm):
                     problems.append(f"stage {s} norms are not LayerNorm")
+        # a headless backbone (num_classes=0) outputs its pooled embedding: scored by 1 - cos, not KL
+        self.divergence = output_divergence(model, problems)
         if problems:
             raise UpvitError("this timm SwinTransformer variant is not supported yet: " + "; ".join(problems[:3]))
         self._where: list[tuple[int, int]] = [(s, i) for s, layer in enumerate(model.layers)

@@ -34,7 +34,7 @@ from .base import Adapter, MaskProbe, Masks, Stream, masked_layer_norm
 from .family import Family
 from .hooks import HookMasking, grouped_scale_hook, scale_hook, zero_hook
 from .slicing import ChannelSlice, Declaration, apply_rules, fold_q_scale, move_sublayers
-from .timm_common import base_config, exact_ratio, explicit_attention, new_config, rebuild_from_state
+from .timm_common import base_config, exact_ratio, explicit_attention, new_config, output_divergence, rebuild_from_state
 
 
 def _timm_classes():
@@ -85,9 +85,12 @@ class TimmViTAdapter(HookMasking, Adapter):
                 problems.append(f"block {i} FFN is {type(blk.mlp).__name__} (GLU or normed MLP)")
             if not isinstance(blk.norm1, nn.LayerNorm) or not isinstance(blk.norm2, nn.LayerNorm):
                 problems.append(f"block {i} norms are not LayerNorm")
+        # a headless backbone (num_classes=0) outputs its pooled embedding: scored by 1 - cos, not KL
+        divergence = output_divergence(model, problems)
         if problems:
             raise UpvitError("this timm VisionTransformer variant is not supported yet: " + "; ".join(problems[:3]))
         self.distilled = hasattr(model, "head_dist")
+        self.divergence = divergence
 
     # ---------------------------------------------------------------- structure
     def build_topology(self) -> Topology:

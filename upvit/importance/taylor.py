@@ -135,6 +135,9 @@ def taylor_scores(adapter: Adapter, images: torch.Tensor, labels: Any = None, ba
                          f"(|sum of w * dL/dw|), got {reduction!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UpvitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if adapter.divergence != "kl":  # an embedding (headless backbone, sentence encoder): no logits to take CE of
+        raise UpvitError(f"method 'taylor' needs a classifier's logits and labels, but this {adapter.family} model "
+                         "outputs an embedding: use method 'kl' (exact 1 - cos of the embedding) or 'magnitude'")
     t0 = time.perf_counter()
     y = check_labels(labels, images.shape[0], getattr(adapter.model, "num_classes", None))
     n = int(images.shape[0])
