@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import upvit
 from helpers import tiny_images, tiny_swin, tiny_vit
 from importance.naive_vit import functional_vit, sliced_params
+from plan_helpers import random_scores
 from upvit.adapters import get_adapter
 from upvit.errors import UpvitError
 
@@ -97,3 +99,88 @@ def test_headless_swin_is_scored_by_one_minus_cos_too():
             ref = float((1 - F.cosine_similarity(e, e1, dim=-1)).sum())
             assert ref > 1e-6
             assert float(scores[key][j]) == pytest.approx(ref, rel=1e-3, abs=1e-8), key
+
+
+# ---------------------------------------------------------------------------------- label-free distillation
+def _teacher_student(seed: int = 0):
+    teacher = tiny_vit(num_classes=0, seed=seed)
+    plan = upvit.make_plan(teacher, random_scores(teacher), embed_dim=16, num_heads=4, mlp_hidden=32)
+    return teacher, upvit.prune(teacher, plan, compensate="none"), plan
+
+
+def test_label_free_feature_loss_equals_a_hand_computation():
+    from upvit.distill import EmbeddingFeatureDistillation, feature_channels_from_plan
+
+    teacher, student, plan = _teacher_student()
+    channels = feature_channels_from_plan(student, teacher)
+    assert channels == plan.keep["res.0"] and len(channels) == 16
+    crit = EmbeddingFeatureDistillation(teacher, student, channels, alpha=3.0)
+    x = tiny_images(4, seed=5)
+    emb = student(x)
+    loss, parts = crit(emb, x, torch.tensor([0, 1, 2, 3]))
+    with torch.no_grad():
+        s = emb.detach().double().numpy()
+        t = teacher(x).double().numpy()[:, channels]  # the teacher's embedding at the kept channels
+    mse = np.mean((s - t) ** 2)
+    assert mse > 1e-3
+    assert parts["mse"] == pytest.approx(mse, rel=1e-5) and loss.item() == pytest.approx(3.0 * mse, rel=1e-5)
+    for labels in (torch.tensor([3, 2, 1, 0]), torch.tensor([999, -5, 7, 0]), None):  # labels are never read
+        assert crit(emb, x, labels)[0].item() == loss.item()
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(UpvitError, match="matches 3 teacher channels"):
+        EmbeddingFeatureDistillation(teacher, student, [0, 1, 2])
+    with pytest.raises(UpvitError, match="needs a headless student and teacher"):
+        EmbeddingFeatureDistillation(tiny_vit(), tiny_vit())
+
+
+def _unlabelled(labels, n: int = 12, augment: bool = False):
+    from upvit.data import ImageTensorDataset
+
+    rng = np.random.default_rng(0)
+    return ImageTensorDataset(rng.integers(0, 256, size=(n, 3, 16, 16), dtype=np.uint8), np.asarray(labels),
+                              [0.5] * 3, [0.5] * 3, augment=augment, seed=0)
+
+
+def test_finetune_a_headless_student_label_free(tmp_path):
+    """Two steps of ``distill='features'`` on a pruned headless ViT: the loss is alpha x MSE only, the student
+    changes, its embedding moves towards the teacher's, and the data's labels do not matter (two runs with
+    different labels give the same loss and weights). The teacher cache (deterministic data) gives the same."""
+    from upvit.train import TrainConfig
+
+    teacher, student0, plan = _teacher_student()
+    cfg = TrainConfig(epochs=1, batch_size=6, lr=2e-3, warmup_epochs=0, ema_decay=None, amp="off", seed=0)  # 2 steps
+    x = torch.stack([_unlabelled(np.zeros(12, dtype=int))[i][0] for i in range(12)])
+    keep = plan.keep["res.0"]
+
+    def gap(model):
+        with torch.no_grad():
+            return float(F.mse_loss(model(x), teacher(x)[:, keep]))
+
+    runs = []
+    for name, labels, cache in (("a", np.zeros(12, dtype=int), "auto"), ("b", np.arange(12) * 37, False)):
+        student = copy.deepcopy(student0)
+        record = upvit.finetune(student, teacher, _unlabelled(labels), cfg, str(tmp_path / name), alpha=20.0,
+                                distill="features", cache_teacher=cache)
+        runs.append((record, student))
+    (rec_a, st_a), (rec_b, st_b) = runs
+    assert "train_ce" not in rec_a and rec_a["train_loss"] == pytest.approx(20.0 * rec_a["train_mse"], rel=1e-5)
+    assert rec_a["train_loss"] == rec_b["train_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(st_a.state_dict().values(), st_b.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(st_a.state_dict().values(), student0.state_dict().values()))
+    assert gap(st_a) < gap(student0)
+    saved = upvit.load(str(tmp_path / "a")).upvit_config.extra["distillation"]
+    assert saved["criterion"] == "feature_distillation" and saved["channels"] == keep and saved["teacher_cache"]
+    assert upvit.load(str(tmp_path / "b")).upvit_config.extra["distillation"]["teacher_cache"] is False
+
+
+def test_headless_finetune_refuses_logits_and_validation(tmp_path):
+    from upvit.train import TrainConfig
+
+    teacher, student, _ = _teacher_student()
+    cfg = TrainConfig(epochs=1, batch_size=6, amp="off")
+    data = _unlabelled(np.zeros(12, dtype=int))
+    with pytest.raises(UpvitError, match="use --distill features"):
+        upvit.finetune(student, teacher, data, cfg, str(tmp_path / "a"))
+    with pytest.raises(UpvitError, match="knn-train"):
+        upvit.finetune(student, teacher, data, cfg, str(tmp_path / "b"), distill="features", val_data=data)

@@ -141,7 +141,8 @@ def _distillation_image_data(args: argparse.Namespace, model, data_config: dict 
     classes, outputs = model.upvit_config.class_names, _num_classes(model, None)
     train_ds, info = load_data(args.data, data_config=data_config, train=True, seed=args.seed,
                                skip_bad_images=args.skip_bad_images)
-    train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
+    if outputs != 0:  # a headless backbone (num_classes=0) is distilled label-free: any image set will do
+        train_ds = align_classes(train_ds, info, classes, outputs, args.class_map, repr(args.data))
     val_ds = None
     if args.val_data:
         val_ds, val_info = load_data(args.val_data, data_config=data_config, skip_bad_images=args.skip_bad_images)
@@ -369,7 +370,9 @@ def _finetune_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", default="logits", choices=["logits", "features"],
                    help="logits: KL(teacher || student) (default); features: --alpha x MSE on the pooled penultimate "
                         "features, the teacher's read at the channels the student's plan kept (the paper's PVTv2 "
-                        "setting, alpha 20)")
+                        "setting, alpha 20). A headless backbone (num_classes=0) takes features only: --alpha x MSE "
+                        "on its output embedding, no CE, the data's labels unused (no --val-data: measure it with "
+                        "upvit eval --knn-train)")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="softmax temperature of the KL term (x T^2)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size (split over torchrun ranks)")
     p.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-3 x batch / 256)")

@@ -22,6 +22,14 @@ The pruned student's feature channel i *is* the teacher's residual channel ``kee
 stage (the plan recorded it, ``config.extra["plan"]``), so the teacher's features are read at those
 channels: no learned projection, nothing added to the student.
 
+A headless backbone (a timm model with ``num_classes=0``: its forward gives the pooled embedding, there is no
+classifier and no class) is distilled label-free with ``distill="features"`` (:class:`EmbeddingFeatureDistillation`):
+
+    loss = alpha * mean over the batch and channels of (e_student - e_teacher[:, keep])^2
+
+where e is the model's output embedding (what its forward returns) and ``keep`` the plan's kept channels
+of the last residual site as above; no CE, the labels of the data are never read (any image set will do).
+
 Language models (logits ``[B, T, V]``, labels ``[B, T]`` with -100 where there is no target): the
 same loss per token, the CE and the KL both averaged over the positions that have a target (for
 the fixed blocks of :mod:`upvit.text`, every position), i.e. "batchmean" over tokens.
@@ -185,6 +193,23 @@ class DistillationLoss:
 DISTILL_KINDS = ("logits", "features")
 
 
+def is_headless(model: nn.Module) -> bool:
+    """A timm backbone built with ``num_classes=0``: its forward returns the pooled embedding (no classifier)."""
+    return getattr(model, "num_classes", None) == 0
+
+
+def _feature_width(model: nn.Module, role: str) -> int:
+    """The width of the features feature distillation matches: the embedding a headless backbone outputs
+    (timm's ``num_features``), else the input of the final linear classifier."""
+    if is_headless(model):
+        width = getattr(model, "num_features", None)
+        if not isinstance(width, int):
+            raise UpvitError(f"the {role} is a headless {type(model).__name__} that does not say its embedding width "
+                             "(num_features): use a timm backbone")
+        return width
+    return _classifier(model, role).in_features
+
+
 def _classifier(model: nn.Module, role: str) -> nn.Linear:
     from .adapters import get_adapter
 
@@ -199,13 +224,13 @@ def _classifier(model: nn.Module, role: str) -> nn.Linear:
 
 
 def feature_channels_from_plan(student: nn.Module, teacher: nn.Module) -> list[int] | None:
-    """The teacher's penultimate-feature channels that the student's features correspond to: the kept
-    channels of the plan's last residual site (recorded in ``student.upvit_config.extra["plan"]``).
+    """The teacher's penultimate-feature channels (a headless backbone's: its output embedding) that the
+    student's features correspond to: the kept channels of the plan's last residual site (recorded in
+    ``student.upvit_config.extra["plan"]``).
     None when the widths are equal and there is no plan (same channels)."""
     from .plan import Plan
 
-    s_width = _classifier(student, "student").in_features
-    t_width = _classifier(teacher, "teacher").in_features
+    s_width, t_width = _feature_width(student, "student"), _feature_width(teacher, "teacher")
     config = getattr(student, "upvit_config", None)
     plan_dict = (config.extra if config is not None else {}).get("plan")
     if plan_dict is None:
@@ -304,6 +329,76 @@ class FeatureDistillationLoss:
         return f"FeatureDistillationLoss(alpha={self.alpha})"
 
 
+class EmbeddingFeatureDistillation:
+    """Label-free feature distillation of a headless backbone (``num_classes=0``): ``alpha`` x MSE between
+    the student's output embedding (the ``logits`` argument of the criterion contract: what the headless
+    model's forward returns) and the teacher's at ``channels`` (all when None). No CE: ``labels`` are
+    never read, so the training images may come from any set. The teacher runs frozen, in eval mode,
+    under ``torch.no_grad`` (bfloat16 autocast on CUDA as for :class:`DistillationLoss`); ``cache``: a
+    :class:`TeacherCache` of its embeddings."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, channels: list[int] | None = None,
+                 alpha: float = 20.0, amp: str = "auto", cache: TeacherCache | None = None) -> None:
+        if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
+            raise UpvitError("feature distillation needs the teacher and the student as torch modules")
+        if not (is_headless(teacher) and is_headless(student)):
+            raise UpvitError("label-free feature distillation needs a headless student and teacher (num_classes=0); "
+                             "a classifier pair uses FeatureDistillationLoss")
+        if alpha < 0:
+            raise UpvitError(f"alpha must be non-negative, got {alpha}")
+        if amp not in ("auto", "off", "bf16"):
+            raise UpvitError("amp must be auto, off or bf16")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.alpha, self.amp, self.cache = float(alpha), amp, cache
+        s_width, t_width = _feature_width(student, "student"), _feature_width(teacher, "teacher")
+        self.channels = None if channels is None else torch.as_tensor(channels, dtype=torch.long)
+        n = t_width if self.channels is None else len(self.channels)
+        if n != s_width or (self.channels is not None and (self.channels.min() < 0 or self.channels.max() >= t_width)):
+            raise UpvitError(f"feature distillation matches {n} teacher channels (of {t_width}) to the student's "
+                             f"{s_width}: give one teacher channel per student channel")
+        self._teacher_id: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data identity of the criterion (part of the resume fingerprint and provenance)."""
+        if self._teacher_id is None:
+            self._teacher_id = model_fingerprint(self.teacher)
+        return {"criterion": "feature_distillation", "alpha": self.alpha,
+                "features": "output embedding of the headless backbone",
+                "loss": "alpha * MSE (mean over batch and channels), no CE: labels unused",
+                "channels": None if self.channels is None else self.channels.tolist(),
+                "teacher_fingerprint": self._teacher_id}
+
+    @torch.no_grad()
+    def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's float32 output embedding ``[B, D_teacher]``."""
+        first = next(self.teacher.parameters(), None)
+        if first is not None and first.device != images.device:
+            self.teacher.to(images.device)
+        self.teacher.eval()
+        use_bf16 = self.amp == "bf16" or (self.amp == "auto" and images.device.type == "cuda")
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model_output(self.teacher, images)
+        return out.float()
+
+    def __call__(self, logits: torch.Tensor, images: torch.Tensor,
+                 labels: Any = None) -> tuple[torch.Tensor, dict[str, float]]:
+        teacher = self.cache(images, self.teacher_features) if self.cache is not None else self.teacher_features(images)
+        if self.channels is not None:
+            teacher = teacher.index_select(1, self.channels.to(teacher.device))
+        if logits.shape != teacher.shape:
+            raise UpvitError(f"the student outputs {list(logits.shape[1:])} per image and the teacher's kept features "
+                             f"are {list(teacher.shape[1:])}: both must be pooled embeddings (global_pool 'token' or "
+                             "'avg')")
+        mse = F.mse_loss(logits.float(), teacher)
+        return self.alpha * mse, {"mse": mse.item()}
+
+    def close(self) -> None:
+        """Nothing to release (no hooks); the same interface as :class:`FeatureDistillationLoss`."""
+
+    def __repr__(self) -> str:
+        return f"EmbeddingFeatureDistillation(alpha={self.alpha})"
+
+
 class EmbeddingDistillation(DistillationLoss):
     """For sentence encoders: ``loss = alpha * mean over pairs i != j of (cos_s(i, j) - cos_t(i, j))^2``,
     the student's and the teacher's in-batch cosine similarities of their (L2-normalised) sentence
@@ -349,12 +444,14 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
 
     ``cfg`` is a :class:`upvit.train.TrainConfig`. ``distill``: "logits" (the KL above, the default)
     or "features" (MSE on the pooled penultimate features, the teacher's read at the channels the
-    student's plan kept; ``temperature`` does not apply). The model directory written to ``out_dir``
-    records the teacher (``teacher_name`` or its timm name, plus a weight fingerprint) and the
-    criterion under ``config.extra["distillation"]``. ``cache_teacher``: keep the teacher's outputs per distinct
-    training image (:class:`TeacherCache`) so it runs once per image instead of once per epoch; "auto" (default) does so
-    when the training set declares a deterministic transform (``augment`` False, as ``emoji:``,
-    ``animal-mnist-rgb:`` and an un-augmented ``animal-mnist:`` dataset do). The loss is the same either way.
+    student's plan kept; ``temperature`` does not apply). A headless student and teacher (``num_classes=0``)
+    take "features" only: alpha x MSE on the output embeddings, no CE, labels unused, no ``val_data``.
+    The model directory written to ``out_dir`` records the teacher (``teacher_name`` or its timm name, plus a
+    weight fingerprint) and the criterion under ``config.extra["distillation"]``. ``cache_teacher``: keep the
+    teacher's outputs per distinct training image (:class:`TeacherCache`) so it runs once per image instead of once
+    per epoch; "auto" (default) does so when the training set declares a deterministic transform (``augment``
+    False, as ``emoji:``, ``animal-mnist-rgb:`` and an un-augmented ``animal-mnist:`` dataset do). The loss is the
+    same either way.
     Returns the last epoch's log record.
 
     >>> import upvit                                                     # doctest: +SKIP
@@ -373,13 +470,21 @@ def finetune(student: nn.Module, teacher: nn.Module, train_data, cfg, out_dir: s
         raise UpvitError(f"cache_teacher must be True, False or 'auto', got {cache_teacher!r}")
     deterministic = getattr(train_data, "augment", None) is False
     cache = TeacherCache() if cache_teacher is True or (cache_teacher == "auto" and deterministic) else None
+    headless = is_headless(student)
+    if headless and distill != "features":
+        raise UpvitError("the student is a headless backbone (num_classes=0): it has no logits to distil; use "
+                         "--distill features (distill='features': MSE on its embedding, labels unused)")
+    if headless and val_data is not None:
+        raise UpvitError("a headless backbone has no classes to validate: drop --val-data (val_data) and measure kNN "
+                         "top-1 with `upvit eval MODEL --data VAL --knn-train TRAIN`")
     if distill == "features":
         if is_text(task_of(student)):
             raise UpvitError("distill='features' reads an image classifier's penultimate features: "
                              "use distill='logits' "
                              "for text models")
-        criterion: Any = FeatureDistillationLoss(teacher, student, feature_channels_from_plan(student, teacher),
-                                                 alpha=alpha, amp=cfg.amp, cache=cache)
+        kind_f = EmbeddingFeatureDistillation if headless else FeatureDistillationLoss
+        criterion: Any = kind_f(teacher, student, feature_channels_from_plan(student, teacher), alpha=alpha,
+                                amp=cfg.amp, cache=cache)
     else:
         kind = EmbeddingDistillation if task_of(student) == Task.SENTENCE_EMBEDDING else DistillationLoss
         criterion = kind(teacher, alpha=alpha, temperature=temperature, amp=cfg.amp, cache=cache)
