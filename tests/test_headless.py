@@ -4,6 +4,7 @@ compensation), distilled label-free on its embedding, and evaluated by kNN top-1
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -184,3 +185,113 @@ def test_headless_finetune_refuses_logits_and_validation(tmp_path):
         upvit.finetune(student, teacher, data, cfg, str(tmp_path / "a"))
     with pytest.raises(UpvitError, match="knn-train"):
         upvit.finetune(student, teacher, data, cfg, str(tmp_path / "b"), distill="features", val_data=data)
+
+
+def test_certificate_divergence_of_a_pruned_headless_model():
+    """The defect: prune's report compared a 24-wide source embedding with a 16-wide pruned one (a crash). The
+    pruned embedding is placed at the channels its plan kept: the sum of 1 - cos equals a hand computation and
+    the masked source's (the model that scoring compared)."""
+    from plan_helpers import plan_masks
+    from upvit.certificate import proxy_divergence
+
+    teacher, student, plan = _teacher_student()
+    x = tiny_images(5, seed=3)
+    got = proxy_divergence(teacher, student, x)
+    assert got["criterion"] == "1 - cos" and got["samples"] == 5
+    with torch.no_grad():
+        e, placed = teacher(x).double(), torch.zeros(5, 24, dtype=torch.float64)
+        placed[:, plan.keep["res.0"]] = student(x).double()
+        masked = get_adapter(teacher).forward(x, plan_masks(teacher, plan)).double()
+    want = float((1 - F.cosine_similarity(e, placed, dim=-1)).sum())
+    assert want > 1e-3 and got["sum"] == pytest.approx(want, rel=1e-5)
+    assert got["sum"] == pytest.approx(float((1 - F.cosine_similarity(e, masked, dim=-1)).sum()), rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------- kNN evaluation, the CLI path
+def naive_knn_top1(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, k: int) -> float:
+    """kNN top-1 (%) written out: cosine similarity, the k most similar training images vote, ties in the vote go
+    to the lowest label."""
+    a = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    right = 0
+    for x, y in zip(val_x, val_y):
+        sims = a @ (x / np.linalg.norm(x))
+        votes = np.bincount(train_y[np.argsort(-sims)[:k]], minlength=int(train_y.max()) + 1)
+        right += int(np.argmax(votes) == y)
+    return 100.0 * right / len(val_y)
+
+
+def _folders(tmp_path):
+    from helpers import write_image_folder
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    write_image_folder(train, classes=("a", "b", "c"), per_class=4, size=16, seed=0)
+    write_image_folder(val, classes=("a", "b", "c"), per_class=3, size=16, seed=1)
+    return str(train), str(val)
+
+
+def test_knn_eval_of_a_pruned_headless_backbone_equals_a_naive_knn(tmp_path):
+    from helpers import assert_one_line_error, run_main
+    from upvit.data import load_data
+
+    _, student, _ = _teacher_student()
+    upvit.save(student, str(tmp_path / "s"))
+    train, val = _folders(tmp_path)
+    out = tmp_path / "knn.json"
+    r = run_main("eval", str(tmp_path / "s"), "--data", val, "--knn-train", train, "--knn-k", "3", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())
+    cfg = student.upvit_config.data_config
+    (tr, _), (va, _) = load_data(train, data_config=cfg), load_data(val, data_config=cfg)
+
+    def embed(ds):  # the model's own forward: a headless model returns its embedding
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        with torch.no_grad():
+            return student(x).double().numpy(), np.array([ds[i][1] for i in range(len(ds))])
+
+    (xtr, ytr), (xva, yva) = embed(tr), embed(va)
+    assert xtr.shape[1] == 16  # narrower than the teacher's 24
+    assert got["knn_top1"] == pytest.approx(naive_knn_top1(xtr, ytr, xva, yva, 3), abs=1e-9)
+    assert got["k"] == 3 and got["n"] == 9 and got["train_images"] == 12 and got["feature_dim"] == 16
+    assert f"kNN@3 top-1 {got['knn_top1']:.2f}%" in r.stdout
+    assert_one_line_error(run_main("eval", str(tmp_path / "s"), "--data", val), "--knn-train TRAIN_DATA")
+    assert_one_line_error(run_main("eval", str(tmp_path / "s"), "--data", val, "--knn-train", train, "--knn-k", "13"),
+                          "larger than the 12 images")
+    from helpers import write_image_folder
+
+    write_image_folder(tmp_path / "other", classes=("a", "z"), per_class=2, size=16)
+    assert_one_line_error(run_main("eval", str(tmp_path / "s"), "--data", val, "--knn-train", str(tmp_path / "other")),
+                          "have different classes")
+
+
+def test_the_cli_path_score_prune_finetune_knn(tmp_path):
+    """score (exact 1 - cos) -> prune (compensation auto = lsq with --data) -> finetune --distill features (labels
+    of the folder unused) -> eval --knn-train, on a tiny headless ViT; the pruned model reloads with the same
+    embedding, and the finetuned one differs from it."""
+    from helpers import run_main
+    from upvit.data import load_data
+
+    train, val = _folders(tmp_path)
+    teacher = tiny_vit(num_classes=0)
+    t, s, ft = str(tmp_path / "t"), str(tmp_path / "s"), str(tmp_path / "ft")
+    upvit.save(teacher, t)
+    scores = str(tmp_path / "scores.safetensors")
+    r = run_main("score", t, "--data", train, "--proxy-size", "8", "--out", scores)
+    assert r.returncode == 0 and "1 - cos" in r.stdout, r.stdout + r.stderr
+    r = run_main("prune", t, "--scores", scores, "--embed-dim", "16", "--num-heads", "4", "--mlp-hidden", "32",
+                 "--data", train, "--proxy-size", "8", "--out", s)
+    assert r.returncode == 0, r.stderr
+    student = upvit.load(s)  # and the certificate's fresh-process reload through timm passed (report.json)
+    assert student.num_classes == 0 and student.embed_dim == 16
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["proxy_divergence"]["criterion"] == "1 - cos" and report["reload"]
+    assert student.upvit_config.extra["compensation"]["mode"] == "lsq"
+    x = torch.stack([load_data(val, data_config=student.upvit_config.data_config)[0][i][0] for i in range(3)])
+    r = run_main("finetune", s, "--teacher", t, "--data", train, "--distill", "features", "--epochs", "1",
+                 "--batch-size", "6", "--lr", "1e-3", "--out", ft)
+    assert r.returncode == 0, r.stderr
+    tuned = upvit.load(ft)
+    assert tuned.upvit_config.extra["distillation"]["criterion"] == "feature_distillation"
+    with torch.no_grad():
+        assert not torch.equal(tuned(x), student(x))
+    r = run_main("eval", ft, "--data", val, "--knn-train", train)
+    assert r.returncode == 0 and "kNN@10 top-1" in r.stdout, r.stderr

@@ -155,9 +155,33 @@ def proxy_divergence(source: nn.Module, model: nn.Module, proxy, batch_size: int
     for start in range(0, n, batch_size):
         x = batch_slice(proxy, start, min(n, start + batch_size))
         ref = a_src.output_reference(a_src.events(x))
-        total += float(a_src.output_divergence(ref, a_new.events(x).unsqueeze(0), a_src.event_weights(x))[0])
+        out = a_new.events(x)
+        if a_src.divergence == "cosine" and out.shape[-1] != ref[0].shape[-1]:
+            out = _at_source_channels(model, out, ref[0].shape[-1])
+        total += float(a_src.output_divergence(ref, out.unsqueeze(0), a_src.event_weights(x))[0])
     return {"criterion": {"kl": "KL(source || pruned)", "cosine": "1 - cos"}[a_src.divergence], "sum": total,
             "per_sample": total / max(n, 1), "samples": n}
+
+
+def _at_source_channels(model: nn.Module, embedding: torch.Tensor, width: int) -> torch.Tensor:
+    """A pruned model's embedding ``[B, E, d]`` laid out as the source's ``[B, E, width]``: channel i at the
+    source channel its plan kept (the last residual site's ``keep[i]``), 0 at removed ones, the layout of the
+    masked source that scoring compared (an embedding is compared channel by channel, 1 - cos)."""
+    from .plan import Plan
+
+    config = getattr(model, "upvit_config", None)
+    plan = (config.extra if config is not None else {}).get("plan")
+    if plan is None:
+        raise UpvitError(f"the pruned model's embedding has {embedding.shape[-1]} channels and the source's {width}, "
+                         "and it records no plan saying which source channels it kept: prune it with upvit")
+    p = Plan.from_dict(plan)
+    keep = torch.as_tensor(p.keep[p.residual_sites()[-1]], device=embedding.device)
+    if len(keep) != embedding.shape[-1] or int(keep.max()) >= width:
+        raise UpvitError(f"the pruned model's plan keeps {len(keep)} final channels but its embedding has "
+                         f"{embedding.shape[-1]}: compare it with the model it was pruned from")
+    placed = embedding.new_zeros(*embedding.shape[:-1], width)
+    placed[..., keep] = embedding
+    return placed
 
 
 def certify(directory: str, model: nn.Module, source: nn.Module | None = None, proxy=None, onnx: bool = False,
