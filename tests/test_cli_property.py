@@ -36,7 +36,7 @@ NUMERIC = {
                  "--batch-size": positive_int, "--lr": positive_float, "--min-lr": nonneg_float,
                  "--weight-decay": nonneg_float, "--warmup-epochs": nonneg_float, "--ema-decay": open_unit,
                  "--workers": nonneg_int, "--seed": nonneg_int, "--max-steps-per-epoch": positive_int},
-    "eval": {"--batch-size": positive_int},
+    "eval": {"--batch-size": positive_int, "--knn-k": positive_int},
     "bench": {"--batch-size": positive_int, "--runs": positive_int},
     "score": {"--proxy-size": positive_int, "--per-class": positive_int, "--seed": nonneg_int,
               "--batch-size": positive_int, "--ratios": fraction},

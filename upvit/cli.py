@@ -401,6 +401,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .adapters import task_of
     from .tasks import Task
 
+    if args.knn_train or _num_classes(model, None) == 0:
+        return _eval_knn(args, model)
     if _text_kwargs(model):
         dataset, _ = load_data(args.data, data_config=model.upvit_config.data_config,
                                tokenizer=getattr(model, "upvit_tokenizer", None))
@@ -434,6 +436,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_knn(args: argparse.Namespace, model) -> int:
+    """--knn-train: kNN@k top-1 of the model's features (a backbone, pruned or not; a classifier's pre-logits),
+    the --data images labelled by their k nearest --knn-train images (cosine); the model's classes unused."""
+    from .data import load_data
+    from .io import atomic_write_json
+    from .probe import knn_eval
+
+    if _text_kwargs(model):
+        raise UpvitError("--knn-train evaluates image backbones: this is a text model")
+    if not args.knn_train:
+        raise UpvitError("this backbone has no classifier (num_classes=0): measure its features by kNN with "
+                         "--knn-train TRAIN_DATA (e.g. --data emoji:val --knn-train emoji:train)")
+    cfg = model.upvit_config.data_config
+    val, info = load_data(args.data, data_config=cfg, skip_bad_images=args.skip_bad_images)
+    train, train_info = load_data(args.knn_train, data_config=cfg, skip_bad_images=args.skip_bad_images)
+    if list(train_info.class_names) != list(info.class_names):
+        raise UpvitError(f"--knn-train {args.knn_train} and --data {args.data} have different classes: use two "
+                         "splits of the same labelled set")
+    flush_warnings()
+    metrics = knn_eval(model, train, val, k=args.knn_k, batch_size=args.batch_size, device=args.device)
+    _report_unreadable(val, train)
+    print(f"kNN@{metrics['k']} top-1 {metrics['knn_top1']:.2f}%  ({metrics['n']} images, {metrics['train_images']} "
+          f"neighbours to choose from, {metrics['feature_dim']} features)")
+    if args.json:
+        atomic_write_json(args.json, {"model": args.model, "data": args.data, "knn_train": args.knn_train, **metrics})
+    return 0
+
+
 def _eval_parser(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--data", required=True,
@@ -442,6 +472,10 @@ def _eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", help="sentence encoders: the model whose sentence similarities should be kept")
     p.add_argument("--max-sentences", type=positive_int, default=1000,
                    help="sentence encoders: sentences compared (first N)")
+    p.add_argument("--knn-train", help="image backbones (a headless model needs it): instead of top-1 of the "
+                   "classifier, kNN top-1 of the model's features: each --data image gets the majority label of its "
+                   "--knn-k most cosine-similar images of this labelled set (same classes as --data)")
+    p.add_argument("--knn-k", type=positive_int, default=10, help="neighbours voting in --knn-train (kNN@k)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", help="also write the metrics to this JSON file (its folder is created)")
     _add_data_args(p)
@@ -1025,7 +1059,9 @@ PARSERS = {"train": (_train_parser, ("train a model (timm or Hugging Face; image
                                      "timm:/hf: spec, further for a model directory")),
            "finetune": (_finetune_parser, "fine-tune a pruned model with distillation from the original"),
            "eval": (_eval_parser, ("evaluate a model on a dataset: top-1 accuracy and loss (classifiers), perplexity "
-                                   "(language models) or similarity agreement with --teacher (sentence encoders)")),
+                                   "(language models), similarity agreement with --teacher (sentence encoders) or "
+                                   "kNN top-1 of its features with --knn-train (image backbones, headless ones "
+                                   "included)")),
            "bench": (_bench_parser, "parameters, MACs and throughput of models"),
            "score": (_score_parser, "importance of every channel (exact KL by default) on a seeded proxy set"),
            "prune": (_prune_parser, "prune a model to a smaller one of the same family from scores or a plan"),

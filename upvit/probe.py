@@ -7,6 +7,9 @@ classification head reads with ``global_pool="token"``), fits a multinomial logi
 (full-batch L-BFGS, fixed L2 weight, no tuning on the validation set), and writes the backbone with the
 fitted head as a classification model directory (``num_classes`` = the data's classes), plus ``head.safetensors``
 (the head alone: small enough to ship) and ``probe.json`` (accuracies, timings, the split's files).
+
+``upvit eval MODEL --data VAL --knn-train TRAIN [--knn-k 10]`` measures any backbone (a bare or pruned one
+included) by kNN top-1 on its features (:func:`knn_eval`).
 """
 from __future__ import annotations
 
@@ -28,12 +31,22 @@ from .errors import UpvitError
 
 
 @torch.no_grad()
-def features(model: nn.Module, dataset: Dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pre-logits features [N, D], labels [N]) of a timm model: ``forward_head(..., pre_logits=True)``."""
+def features(model: nn.Module, dataset: Dataset, batch_size: int = 64,
+             device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-logits features [N, D], labels [N]) of a timm model: ``forward_head(..., pre_logits=True)`` (a
+    headless backbone's output embedding; a classifier's pooled input of its head), on CPU in float32.
+    ``device``: where the model runs (default: where its parameters are)."""
+    if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
+        raise UpvitError(f"features are read from a timm model (forward_features / forward_head); this "
+                         f"{type(model).__name__} has none: use a timm backbone or classifier")
+    if device is not None:
+        model.to(device)
+    where = next(model.parameters()).device
     model.eval()
     feats, labels = [], []
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+        x = x.to(where)
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
 
@@ -63,7 +76,25 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     a, b = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
     idx = (b @ a.T).topk(k, dim=1).indices
     votes = F.one_hot(train_y[idx], int(train_y.max()) + 1).sum(1)
-    return float((votes.argmax(1) == test_y).float().mean() * 100)
+    return float((votes.argmax(1) == test_y).double().mean() * 100)
+
+
+def knn_eval(model: nn.Module, train: Dataset, val: Dataset, k: int = 10, batch_size: int = 64,
+             device: torch.device | str | None = None) -> dict[str, Any]:
+    """kNN@``k`` top-1 (%) of a model's features (:func:`features`; any backbone, pruned or not, and any
+    timm classifier's pre-logits): every ``val`` image takes the majority label of the ``k`` ``train`` images
+    of highest cosine similarity (:func:`knn_top1`). The two sets' labels must use the same classes; the
+    model's own classes (if any) are not used. Returns ``knn_top1``, ``k``, ``n`` (val images),
+    ``train_images`` and ``feature_dim``."""
+    if not isinstance(k, int) or k < 1:
+        raise UpvitError(f"--knn-k must be a positive integer, got {k!r}")
+    if k > len(train):
+        raise UpvitError(f"--knn-k {k} is larger than the {len(train)} images of the kNN training set: "
+                         "use a smaller k or more training images")
+    xtr, ytr = features(model, train, batch_size, device)
+    xva, yva = features(model, val, batch_size, device)
+    return {"knn_top1": knn_top1(xtr, ytr, xva, yva, k), "k": k, "n": len(yva), "train_images": len(ytr),
+            "feature_dim": int(xtr.shape[1])}
 
 
 def with_head(backbone: nn.Module, head: nn.Linear, class_names: list[str]) -> nn.Module:
