@@ -284,7 +284,9 @@ def test_the_cli_path_score_prune_finetune_knn(tmp_path):
     assert student.num_classes == 0 and student.embed_dim == 16
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["proxy_divergence"]["criterion"] == "1 - cos" and report["reload"]
-    assert student.upvit_config.extra["compensation"]["mode"] == "lsq"
+    comp = student.upvit_config.extra["compensation"]  # the attention proj and fc2 layers refitted, none worse
+    assert comp["mode"] == "lsq" and {layer["name"].split(".")[-1] for layer in comp["layers"]} == {"proj", "fc2"}
+    assert all(layer["error_after"] <= layer["error_before"] for layer in comp["layers"])
     x = torch.stack([load_data(val, data_config=student.upvit_config.data_config)[0][i][0] for i in range(3)])
     r = run_main("finetune", s, "--teacher", t, "--data", train, "--distill", "features", "--epochs", "1",
                  "--batch-size", "6", "--lr", "1e-3", "--out", ft)
