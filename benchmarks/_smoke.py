@@ -17,6 +17,8 @@ MNIST = {"mean": [0.2725], "std": [0.4056]}
 TINY = {
     "vit": "timm:vit_base_patch16_224,img_size=28,patch_size=7,in_chans=1,num_classes=10,embed_dim=24,depth=4,"
            "num_heads=4,mlp_ratio=2.0",
+    "vit-headless": "timm:vit_base_patch16_224,img_size=28,patch_size=7,in_chans=1,num_classes=0,embed_dim=24,"
+                    "depth=4,num_heads=4,mlp_ratio=2.0",
     "swin": "timm:swin_tiny_patch4_window7_224,img_size=28,patch_size=2,window_size=7,in_chans=1,num_classes=10,"
             "embed_dim=8,depths=[2,2,2,2],num_heads=[2,2,4,8]",
     "pvt": "timm:pvt_v2_b0,in_chans=1,num_classes=10,sr_ratios=[4,2,1,1],embed_dims=[8,16,24,32],num_heads=[1,2,2,4],"

@@ -9,6 +9,7 @@ Prerequisites: ``make dinov2 dinov2-teacher`` (the converted backbone and the em
 
     python benchmarks/real_vit.py run [--epochs 1] [--proxy 64] [--methods fisher,magnitude,...] [--shapes ti,mild]
                                       [--finetune-shapes ti] [--kl-proxy 1] [--seeds 1] [--compensate-proxy 128]
+    python benchmarks/real_vit.py agnostic [--proxy 2] [--epochs 1]   # item 5: the bare backbone, kNN
     python benchmarks/real_vit.py report
     python benchmarks/real_vit.py run --smoke   # seconds: the same CLI steps on a tiny random ViT and animal-mnist
 
@@ -204,6 +205,99 @@ def run(args: argparse.Namespace) -> None:
         report(args)
 
 
+BACKBONE = os.path.join("runs", "dinov2", "vit_s14_112")  # the converted backbone, no head (num_classes=0)
+KNN_TASKS = {"emoji": ("emoji:train", "emoji:val"), "animal-mnist": ("animal-mnist-rgb:train", "animal-mnist-rgb:val")}
+AGNOSTIC_RESULTS = os.path.join(ROOT, "benchmarks", "results", "real_vit_agnostic.json")
+
+
+def agnostic(args: argparse.Namespace) -> None:
+    """Item 5, beyond the paper: the bare backbone (no head, no labels) pruned task-agnostically. Scores: exact
+    ``1 - cos`` of the class-token embedding when one channel is removed (``--proxy`` emoji training images;
+    upvit scores a headless model by that divergence) against L2 magnitude; each plan pruned to ``--shape``
+    with the default compensation (lsq on ``--compensate-proxy`` images), then distilled on the emoji training
+    images without their labels (``--distill features``: MSE to the backbone's embedding at the kept channels)
+    for ``--epochs``. kNN@10 top-1 on emoji and Animal-MNIST (3 channels, 112 px) for the unpruned backbone and
+    each student, before (emoji only) and after distillation. Cells go to ``real_vit_agnostic.json``."""
+    global RESULTS, DATA_TRAIN, SHAPES
+    backbone, tasks, runs = BACKBONE, KNN_TASKS, os.path.join(RUNS, "agnostic")
+    if args.smoke:
+        from _smoke import smoke_dir, tiny_teacher
+
+        global SMOKE
+        where = smoke_dir("real_vit")
+        SMOKE, RESULTS = True, os.path.join(where, "real_vit_agnostic.json")
+        backbone, runs = tiny_teacher("vit-headless", where), os.path.join(where, "agnostic")
+        tasks = {"animal-mnist": ("animal-mnist:train", "animal-mnist:val")}
+        DATA_TRAIN, SHAPES = "animal-mnist:train", {"ti": (12, 2, 24)}
+        args.shape, args.proxy, args.compensate_proxy, args.max_steps = "ti", 2, 8, 1
+    else:
+        RESULTS = AGNOSTIC_RESULTS
+    results = load()
+    results["settings"] = {"backbone": backbone, "proxy": args.proxy, "compensate_proxy": args.compensate_proxy,
+                           "epochs": args.epochs, "max_steps_per_epoch": args.max_steps, "shape": args.shape,
+                           "distill": "features (embedding MSE at the kept channels), emoji train without labels"}
+    store(results)
+    os.makedirs(os.path.join(ROOT, runs), exist_ok=True)
+
+    def knn(key: str, model: str, task: str) -> None:
+        train, val = tasks[task]
+        out = f"{runs}/knn_{key.replace('/', '_')}_{task}.json"
+        step(results, f"agnostic/knn/{key}/{task}", ["eval", model, "--data", val, "--knn-train", train,
+                                                     "--knn-k", "10", "--json", out], out)
+
+    for task in tasks:
+        knn("backbone", backbone, task)
+    for method in ("kl", "magnitude"):
+        scores = f"{runs}/scores_{method}.safetensors"
+        if step(results, f"agnostic/score/{method}", ["score", backbone, "--data", DATA_TRAIN, "--proxy-size",
+                                                      str(args.proxy), "--method", method, "--out", scores]) is None:
+            continue
+        pruned = f"{runs}/{method}_{args.shape}"
+        if step(results, f"agnostic/prune/{method}", ["prune", backbone, "--scores", scores, *shape_args(args.shape),
+                                                      "--data", DATA_TRAIN, "--proxy-size", str(args.compensate_proxy),
+                                                      "--out", pruned, "--force"]) is None:
+            continue
+        knn(f"{method}/before", pruned, next(iter(tasks)))
+        ft = f"{pruned}_ft{args.epochs}"
+        cut = ["--max-steps-per-epoch", str(args.max_steps)] if args.max_steps else []
+        resume = ["--resume"] if os.path.isfile(os.path.join(ROOT, ft, "checkpoint.pt")) else []
+        if step(results, f"agnostic/finetune/{method}", [
+                "finetune", pruned, "--teacher", backbone, "--data", DATA_TRAIN, "--distill", "features",
+                "--epochs", str(args.epochs), "--batch-size", "64", "--lr", "5e-4", "--warmup-epochs", "0.2",
+                "--seed", "0", *cut, *resume, "--out", ft]) is None:
+            continue
+        for task in tasks:
+            knn(f"{method}/after", ft, task)
+    print(json.dumps({k: c.get("result", {}).get("knn_top1", c.get("cpu_seconds"))
+                      for k, c in results["cells"].items()}, indent=1))
+
+
+def agnostic_lines() -> list[str]:
+    """The report's section on item 5 (from real_vit_agnostic.json), empty until it has run."""
+    if not os.path.isfile(AGNOSTIC_RESULTS) or SMOKE:
+        return []
+    with open(AGNOSTIC_RESULTS) as f:
+        data = json.load(f)
+    cells, st = data["cells"], data.get("settings", {})
+
+    def top1(key: str) -> str:
+        value = cells.get(key, {}).get("result", {}).get("knn_top1")
+        return f"{value:.2f}" if value is not None else "-"
+
+    lines = ["", "## Task-agnostic backbone pruning (item 5, beyond the paper): kNN@10 top-1", "",
+             f"Settings: {json.dumps(st)}. Scoring: `kl` on a headless model is the exact 1 - cos of its class-token "
+             "embedding.", "", "| model | score CPU s | emoji (before distillation) | emoji | animal-mnist |",
+             "|---|---:|---:|---:|---:|",
+             f"| backbone (384 / 6 / 1536) | - | - | {top1('agnostic/knn/backbone/emoji')} | "
+             f"{top1('agnostic/knn/backbone/animal-mnist')} |"]
+    for method, name in (("kl", "1 - cos (exact)"), ("magnitude", "L2 magnitude")):
+        cpu = cells.get(f"agnostic/score/{method}", {}).get("cpu_seconds", "-")
+        lines.append(f"| {name} at {st.get('shape')} {SHAPES.get(st.get('shape'), '')} | {cpu} | "
+                     f"{top1(f'agnostic/knn/{method}/before/emoji')} | {top1(f'agnostic/knn/{method}/after/emoji')} | "
+                     f"{top1(f'agnostic/knn/{method}/after/animal-mnist')} |")
+    return lines
+
+
 def finetune_rows(args: argparse.Namespace) -> None:
     """Only the fine-tuning of existing pruned models (METHOD:SHAPE; scratch:SHAPE), e.g. in a second process
     (``REAL_VIT_RESULTS=benchmarks/results/real_vit_ft.json``) while the first one still scores and prunes."""
@@ -314,6 +408,7 @@ def report(_: argparse.Namespace) -> None:
         for r in results["bench"]:
             lines.append(f"| {r['model']} | {tuple(r['shape'])} | {r['img_size']} | {r['params'] / 1e6:.2f} M | "
                          f"{r['macs'] / 1e9:.2f} G | {r['images_per_second']:.1f} |")
+    lines += agnostic_lines()
     reading = os.path.join(ROOT, "benchmarks", "readings", "real_vit.md")
     if os.path.isfile(reading) and not SMOKE:
         with open(reading) as f:
@@ -351,6 +446,14 @@ def main() -> None:
     f.add_argument("--max-steps", type=int)
     f.add_argument("--seeds", type=int, default=1)
     f.set_defaults(func=finetune_rows)
+    a = sub.add_parser("agnostic", help="item 5: the bare backbone pruned task-agnostically, kNN on two tasks")
+    a.add_argument("--proxy", type=int, default=2, help="proxy images of the exact 1 - cos scores")
+    a.add_argument("--compensate-proxy", type=int, default=128)
+    a.add_argument("--epochs", type=int, default=1)
+    a.add_argument("--max-steps", type=int)
+    a.add_argument("--shape", default="ti", choices=list(SHAPES))
+    a.add_argument("--smoke", action="store_true", help="seconds: a tiny random headless ViT on animal-mnist")
+    a.set_defaults(func=agnostic)
     sub.add_parser("report").set_defaults(func=report)
     args = p.parse_args()
     args.func(args)

@@ -34,6 +34,9 @@ SMOKE = {
     "real_vit.py": (["run", "--smoke"], ["real_vit/real_vit.json", "real_vit/real_vit.md",
                                          "real_vit/runs/magnitude_ti/eval.json",
                                          "real_vit/runs/magnitude_ti_ft1_s0/log.jsonl"]),
+    "real_vit.py agnostic": (["agnostic", "--smoke"], ["real_vit/real_vit_agnostic.json",
+                                                       "real_vit/agnostic/knn_kl_after_animal-mnist.json",
+                                                       "real_vit/agnostic/knn_magnitude_after_animal-mnist.json"]),
 }
 
 
