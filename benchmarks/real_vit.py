@@ -214,7 +214,7 @@ def agnostic(args: argparse.Namespace) -> None:
     """Item 5, beyond the paper: the bare backbone (no head, no labels) pruned task-agnostically. Scores: exact
     ``1 - cos`` of the class-token embedding when one channel is removed (``--proxy`` emoji training images;
     upvit scores a headless model by that divergence) against L2 magnitude; each plan pruned to ``--shape``
-    with the default compensation (lsq on ``--compensate-proxy`` images), then distilled on the emoji training
+    with lsq compensation on ``--compensate-proxy`` images, then distilled on the emoji training
     images without their labels (``--distill features``: MSE to the backbone's embedding at the kept channels)
     for ``--epochs``. kNN@10 top-1 on emoji and Animal-MNIST (3 channels, 112 px) for the unpruned backbone and
     each student, before (emoji only) and after distillation. Cells go to ``real_vit_agnostic.json``."""
@@ -254,7 +254,8 @@ def agnostic(args: argparse.Namespace) -> None:
             continue
         pruned = f"{runs}/{method}_{args.shape}"
         if step(results, f"agnostic/prune/{method}", ["prune", backbone, "--scores", scores, *shape_args(args.shape),
-                                                      "--data", DATA_TRAIN, "--proxy-size", str(args.compensate_proxy),
+                                                      "--compensate", "lsq", "--data", DATA_TRAIN,
+                                                      "--proxy-size", str(args.compensate_proxy),
                                                       "--out", pruned, "--force"]) is None:
             continue
         knn(f"{method}/before", pruned, next(iter(tasks)))

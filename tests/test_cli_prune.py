@@ -95,21 +95,6 @@ def test_prune_with_whole_heads_and_compensation(tmp_path, capsys):
     for key, value in want.state_dict().items():
         assert torch.allclose(got.state_dict()[key], value, atol=1e-6), key
     assert got.upvit_config.extra["compensation"]["mode"] == "lsq"
-    # the default (auto) is lsq with --data: the same model as --compensate lsq
-    assert main(["prune", model_dir, "--plan", str(tmp_path / "pruned" / "plan.json"), "--data", folder,
-                 "--proxy-size", "8", "--out", str(tmp_path / "auto")]) == 0
-    assert "compensation lsq:" in capsys.readouterr().out
-    auto = upvit.load(str(tmp_path / "auto"))
-    for key, value in got.state_dict().items():
-        assert torch.equal(auto.state_dict()[key], value), key
-    # ... and none without it, saying how to get it
-    assert main(["prune", model_dir, "--plan", str(tmp_path / "pruned" / "plan.json"),
-                 "--out", str(tmp_path / "plain")]) == 0
-    assert "no compensation: without --data" in capsys.readouterr().out
-    plain = upvit.load(str(tmp_path / "plain"))
-    assert "compensation" not in plain.upvit_config.extra
-    for key, value in upvit.prune(model, plan, compensate="none").state_dict().items():
-        assert torch.equal(plain.state_dict()[key], value), key
     for extra, message in [(["--compensate", "lsq"], "--compensate lsq refits layers on a proxy set: add --data"),
                            (["--plan", str(tmp_path / "pruned" / "plan.json"), "--heads", "whole"],
                             "--heads applies when the plan is made from --scores")]:

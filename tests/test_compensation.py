@@ -117,28 +117,6 @@ def test_refusals_are_one_clear_line():
     assert compensate(model, pruned, plan, None, mode="none").layers == []
 
 
-def test_the_default_is_lsq_with_a_proxy_and_none_without():
-    """upvit.prune's default (auto): lsq where proxy samples are given, none without them or for a plan that
-    removes whole blocks (which compensation refuses when asked for explicitly)."""
-    model, images = tiny_vit(), tiny_images(8)
-    plan, _ = _pruned(model)
-
-    def same(a, b):
-        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-    auto = upvit.prune(model, plan, proxy=images)
-    assert auto.upvit_config.extra["compensation"]["mode"] == "lsq"
-    assert same(auto, upvit.prune(model, plan, compensate="lsq", proxy=images))
-    assert not same(auto, upvit.prune(model, plan, compensate="none"))
-    plain = upvit.prune(model, plan)
-    assert "compensation" not in plain.upvit_config.extra and same(plain, upvit.prune(model, plan, compensate="none"))
-    depth = upvit.make_plan(model, random_scores(model), embed_dim=12, num_heads=2, mlp_hidden=24,
-                            drop_units=["attn.1", "ffn.1"])
-    assert "compensation" not in upvit.prune(model, depth, proxy=images).upvit_config.extra
-    with pytest.raises(UpvitError, match="compensation mode 'always' is unknown: choose one of auto, none"):
-        upvit.prune(model, plan, compensate="always", proxy=images)
-
-
 # ------------------------------------------------------------------------------- every family
 def _families():
     from helpers import tiny_swin

@@ -264,7 +264,7 @@ def test_knn_eval_of_a_pruned_headless_backbone_equals_a_naive_knn(tmp_path):
 
 
 def test_the_cli_path_score_prune_finetune_knn(tmp_path):
-    """score (exact 1 - cos) -> prune (compensation auto = lsq with --data) -> finetune --distill features (labels
+    """score (exact 1 - cos) -> prune (--compensate lsq on the --data proxy) -> finetune --distill features (labels
     of the folder unused) -> eval --knn-train, on a tiny headless ViT; the pruned model reloads with the same
     embedding, and the finetuned one differs from it."""
     from helpers import run_main
@@ -278,7 +278,7 @@ def test_the_cli_path_score_prune_finetune_knn(tmp_path):
     r = run_main("score", t, "--data", train, "--proxy-size", "8", "--out", scores)
     assert r.returncode == 0 and "1 - cos" in r.stdout, r.stdout + r.stderr
     r = run_main("prune", t, "--scores", scores, "--embed-dim", "16", "--num-heads", "4", "--mlp-hidden", "32",
-                 "--data", train, "--proxy-size", "8", "--out", s)
+                 "--compensate", "lsq", "--data", train, "--proxy-size", "8", "--out", s)
     assert r.returncode == 0, r.stderr
     student = upvit.load(s)  # and the certificate's fresh-process reload through timm passed (report.json)
     assert student.num_classes == 0 and student.embed_dim == 16

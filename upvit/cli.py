@@ -552,7 +552,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif args.plan is None and not given and args.ratio is None:
         raise UpvitError("no target given: pass --ratio R, --embed-dim/--num-heads/--mlp-hidden or --budget "
                          "KIND=FRACTION")
-    if args.compensate not in ("none", "auto") and not args.data:
+    if args.compensate != "none" and not args.data:
         raise UpvitError(f"--compensate {args.compensate} refits layers on a proxy set: add --data (the data `upvit "
                          "score` used, e.g. --data animal-mnist:train)")
     if args.heads != "merge" and (args.plan is not None or args.budget is not None):
@@ -583,16 +583,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      "the exact divergence of removing each head")
             plan = make_plan(model, scores, ratio=args.ratio, keep_heads=args.keep_heads, head_bias=args.head_bias,
                              heads=args.heads, head_scores=head_scores, **targets)
-    from .compensation import resolve_mode
-
-    mode = resolve_mode(args.compensate, plan, proxy)
-    pruned = prune(model, plan, compensate=mode, proxy=proxy)
-    if mode != "none":
+    pruned = prune(model, plan, compensate=args.compensate, proxy=proxy)
+    if args.compensate != "none":
         print(pruned.upvit_config.extra["compensation"]["summary"])
-    elif args.compensate == "auto" and proxy is None:
-        print("no compensation: without --data the weights are only sliced (the paper's way); add --data (the "
-              "scoring proxy) to refit the layers that read pruned channels (--compensate lsq, the default with "
-              "--data)")
     p0, p1 = count_params(model), count_params(pruned)
     m0, m1 = count_macs(model), count_macs(pruned)
     pruned.upvit_config.extra.update(_run_record(args, _prune_inputs(args, model,
@@ -699,11 +692,10 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
                    help="merge: each new head takes the best dims of consecutive original heads (the paper); "
                    "whole: keep the best whole original heads, ranked by the exact divergence of removing each on the "
                    "--data proxy set (without --data: by the sum of their dims' scores)")
-    p.add_argument("--compensate", default="auto", choices=["auto", "none", "bias", "lsq"],
+    p.add_argument("--compensate", default="none", choices=["none", "bias", "lsq"],
                    help="after pruning, refit the layers that read pruned channels on the --data proxy set so they "
-                   "reproduce the original's outputs: lsq = weights and bias by ridge least squares, bias = bias only, "
-                   "none = sliced weights only (the paper's). Default auto: lsq with --data, none without (see "
-                   "README 'Compensation')")
+                   "reproduce the original's outputs: lsq = weights and bias by ridge least squares, bias = bias only "
+                   "(default none, the paper's; see README 'Compensation')")
     p.add_argument("--data",
                    help="proxy data (animal-mnist:train, an ImageFolder, shakespeare:train ...): the report's "
                    "divergence of the pruned model from the original is measured on --proxy-size samples of it; "
@@ -1051,8 +1043,8 @@ def _demo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-size", type=positive_int, default=None, help="proxy images for scoring (default 32)")
     p.add_argument("--method", default=None, help="scoring method for the UP-ViT students (default hybrid)")
     p.add_argument("--compensate", default=None, choices=["none", "bias", "lsq"],
-                   help="fine-tune every pruned student after this compensation (default lsq; none = as pruned, "
-                   "the paper's); the report shows the top-1 before fine-tuning without and with lsq either way")
+                   help="fine-tune every pruned student after this compensation (default none, the paper's); the "
+                   "report shows the top-1 before fine-tuning without and with lsq either way")
 
 
 PARSERS = {"train": (_train_parser, ("train a model (timm or Hugging Face; images or text): from scratch for a "

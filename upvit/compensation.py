@@ -43,7 +43,6 @@ from .adapters.base import Inputs, batch_len, batch_slice, batch_to, forward_fro
 from .errors import UpvitError
 
 MODES = ("none", "bias", "lsq")
-AUTO = "auto"  # the default of upvit.prune and `upvit prune`: lsq where a proxy set is given, else none
 DEFAULT_RIDGE = 1e-3  # relative to the mean diagonal of the inputs' second moment
 
 
@@ -92,25 +91,10 @@ class _Stop(Exception):
     """Raised by a capture hook once the layer of interest has run: the rest of the forward is not needed."""
 
 
-def check_mode(mode: str, allow_auto: bool = False) -> str:
-    if mode not in MODES and not (allow_auto and mode == AUTO):
-        choices = (AUTO, *MODES) if allow_auto else MODES
-        raise UpvitError(f"compensation mode {mode!r} is unknown: choose one of {', '.join(choices)}")
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UpvitError(f"compensation mode {mode!r} is unknown: choose one of {', '.join(MODES)}")
     return mode
-
-
-def resolve_mode(mode: str, plan, proxy: Inputs | None) -> str:
-    """The mode ``auto`` stands for: ``lsq`` where there is a proxy set to fit on and the plan keeps every
-    block, else ``none`` (the paper's). It is the default because it won at both shapes of the quality
-    benchmark beyond 2 standard errors (benchmarks/results/quality.md); other modes pass through.
-
-    >>> resolve_mode("auto", plan, None)                                       # doctest: +SKIP
-    'none'
-    """
-    check_mode(mode, allow_auto=True)
-    if mode != AUTO:
-        return mode
-    return "lsq" if proxy is not None and getattr(plan, "units", None) is None else "none"
 
 
 def _is_conv1d(module: nn.Module) -> bool:

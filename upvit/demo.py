@@ -51,10 +51,9 @@ class DemoConfig:
     warmup_epochs: float = 0.5
     alpha: float = 1.0
     seed: int = 0
-    # "lsq" (the default, as upvit.prune's with a proxy set) fine-tunes the students after least-squares
-    # compensation on the proxy images (upvit.compensation); "none" as pruned (the paper); "bias".
+    # "none" fine-tunes the students as pruned (the paper); "lsq"/"bias" after compensation (upvit.compensation).
     # The report shows the top-1 before fine-tuning both without compensation and with lsq either way.
-    compensate: str = "lsq"
+    compensate: str = "none"
     max_steps_per_epoch: int | None = None
     val_limit: int | None = None  # evaluate on N validation images only, evenly from every class (quick runs)
     bench_batch: int = 256

@@ -28,14 +28,13 @@ from .errors import UpvitError
 from .plan import Plan
 
 
-def prune(model: nn.Module, plan: Plan, compensate: str = "auto", proxy: Any = None) -> nn.Module:
+def prune(model: nn.Module, plan: Plan, compensate: str = "none", proxy: Any = None) -> nn.Module:
     """A new model of ``model``'s family at ``plan``'s shape, with sliced weights.
 
-    ``compensate`` ("lsq", "bias"): then refit the layers that read pruned channels on ``proxy`` (the
-    scoring proxy: images ``[N, C, H, W]`` or a dict of token tensors) so that they reproduce the
-    original's outputs (:mod:`upvit.compensation`); the report goes to ``upvit_config.extra["compensation"]``.
-    "none" is the paper's (sliced weights only). The default "auto" is "lsq" when ``proxy`` is given (it won
-    the quality benchmark at both shapes) and "none" without a proxy or for plans that remove whole blocks.
+    ``compensate`` ("none", the paper's; "bias"; "lsq"): then refit the layers that read pruned channels
+    on ``proxy`` (the scoring proxy: images ``[N, C, H, W]`` or a dict of token tensors) so that they
+    reproduce the original's outputs (:mod:`upvit.compensation`); the report goes to
+    ``upvit_config.extra["compensation"]``.
 
     The result carries ``upvit_config`` (rebuildable by ``upvit.load`` after ``upvit.save``) whose
     ``extra["plan"]`` is the plan as JSON data and whose ``timm_equivalent`` names a registered timm
@@ -43,9 +42,9 @@ def prune(model: nn.Module, plan: Plan, compensate: str = "auto", proxy: Any = N
     moves under ``extra["source"]`` (:mod:`upvit.provenance`): it describes the model pruned, not the result.
     """
     from .adapters import get_adapter
-    from .compensation import resolve_mode
+    from .compensation import check_mode
 
-    compensate = resolve_mode(compensate, plan, proxy)
+    check_mode(compensate)
     if compensate != "none" and proxy is None:
         raise UpvitError(f"compensate={compensate!r} refits layers on proxy samples: give proxy= (the scoring proxy "
                          "images), or compensate='none'")
