@@ -249,6 +249,14 @@ def feature_channels_from_plan(student: nn.Module, teacher: nn.Module) -> list[i
     return list(keep)
 
 
+def _ready_teacher(teacher: nn.Module, images: torch.Tensor) -> None:
+    """Move the frozen teacher to the images' device (once) and keep it in eval mode."""
+    first = next(teacher.parameters(), None)
+    if first is not None and first.device != images.device:
+        teacher.to(images.device)
+    teacher.eval()
+
+
 class FeatureDistillationLoss:
     """CE on the labels plus ``alpha`` x MSE between the student's pooled penultimate features and
     the teacher's at ``channels`` (all when None), in the criterion contract (module doc).
@@ -295,10 +303,7 @@ class FeatureDistillationLoss:
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's float32 penultimate features ``[B, D_teacher]``."""
-        first = next(self.teacher.parameters(), None)
-        if first is not None and first.device != images.device:
-            self.teacher.to(images.device)
-        self.teacher.eval()
+        _ready_teacher(self.teacher, images)
         got: list[torch.Tensor] = []
         handle = self._teacher_head.register_forward_pre_hook(lambda module, inputs: got.append(inputs[0]))
         use_bf16 = self.amp == "bf16" or (self.amp == "auto" and images.device.type == "cuda")
@@ -371,10 +376,7 @@ class EmbeddingFeatureDistillation:
     @torch.no_grad()
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's float32 output embedding ``[B, D_teacher]``."""
-        first = next(self.teacher.parameters(), None)
-        if first is not None and first.device != images.device:
-            self.teacher.to(images.device)
-        self.teacher.eval()
+        _ready_teacher(self.teacher, images)
         use_bf16 = self.amp == "bf16" or (self.amp == "auto" and images.device.type == "cuda")
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model_output(self.teacher, images)
