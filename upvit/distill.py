@@ -172,7 +172,7 @@ class DistillationLoss:
         if first is not None and first.device != device:
             self.teacher.to(device)
         self.teacher.eval()
-        use_bf16 = self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda")
+        use_bf16 = _bf16_autocast(self.amp, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model_output(self.teacher, images)
         return out.float()
@@ -249,6 +249,11 @@ def feature_channels_from_plan(student: nn.Module, teacher: nn.Module) -> list[i
     return list(keep)
 
 
+def _bf16_autocast(amp: str, device: torch.device) -> bool:
+    """Whether the teacher runs under bfloat16 autocast: always with "bf16", on CUDA only with "auto"."""
+    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+
+
 def _ready_teacher(teacher: nn.Module, images: torch.Tensor) -> None:
     """Move the frozen teacher to the images' device (once) and keep it in eval mode."""
     first = next(teacher.parameters(), None)
@@ -306,7 +311,7 @@ class FeatureDistillationLoss:
         _ready_teacher(self.teacher, images)
         got: list[torch.Tensor] = []
         handle = self._teacher_head.register_forward_pre_hook(lambda module, inputs: got.append(inputs[0]))
-        use_bf16 = self.amp == "bf16" or (self.amp == "auto" and images.device.type == "cuda")
+        use_bf16 = _bf16_autocast(self.amp, images.device)
         try:
             with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 self.teacher(images)
@@ -377,7 +382,7 @@ class EmbeddingFeatureDistillation:
     def teacher_features(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's float32 output embedding ``[B, D_teacher]``."""
         _ready_teacher(self.teacher, images)
-        use_bf16 = self.amp == "bf16" or (self.amp == "auto" and images.device.type == "cuda")
+        use_bf16 = _bf16_autocast(self.amp, images.device)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model_output(self.teacher, images)
         return out.float()
