@@ -51,7 +51,16 @@ def load() -> dict:
     if os.path.isfile(RESULTS):
         with open(RESULTS) as f:
             return json.load(f)
+    return _fresh_results()
+
+
+def _fresh_results() -> dict:
     return {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)", "cells": {}}
+
+
+def _resume_flag(scores: str) -> list[str]:
+    """``--resume`` when an interrupted exact-KL run left its finished sites in ``scores + '.partial'``."""
+    return ["--resume"] if os.path.isfile(os.path.join(ROOT, scores + ".partial")) else []
 
 
 def store(results: dict) -> None:
@@ -110,9 +119,8 @@ def finetune_args(model: str, out: str, epochs: int, seed: int, max_steps: int |
 def kl_cost(results: dict, proxy: int) -> None:
     """The cost of exact KL scoring at this size, on a proxy of ``proxy`` images."""
     out = f"{RUNS}/scores_kl_{proxy}.safetensors"
-    resume = ["--resume"] if os.path.isfile(os.path.join(ROOT, out + ".partial")) else []
     step(results, "score/kl_cost", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
-                                    "--method", "kl", "--out", out, *resume])
+                                    "--method", "kl", "--out", out, *_resume_flag(out)])
 
 
 def last_val(out_dir: str) -> float | None:
@@ -170,10 +178,9 @@ def run(args: argparse.Namespace) -> None:
         extra = targets if method == "hybrid" else []
         proxy = args.hybrid_proxy if method == "hybrid" else args.proxy
         scores = f"{RUNS}/scores_{method}.safetensors"
-        # an interrupted exact-KL run left its finished sites in scores + ".partial": continue it
-        resume = ["--resume"] if os.path.isfile(os.path.join(ROOT, scores + ".partial")) else []
         if step(results, f"score/{method}", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
-                                             "--method", method, *extra, "--out", scores, *resume]) is None:
+                                             "--method", method, *extra, "--out", scores,
+                                             *_resume_flag(scores)]) is None:
             continue
         for shape in args.shapes:
             pruned = f"{RUNS}/{method}_{shape}"
@@ -367,16 +374,15 @@ def merged_results(folder: str) -> dict:
     """``real_vit.json`` in ``folder`` plus the cells of every ``real_vit_*.json`` beside it (runs started with
     REAL_VIT_RESULTS=...), whatever REAL_VIT_RESULTS says now: the report always shows every measured cell."""
     base = os.path.join(folder, "real_vit.json")
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)", "cells": {}}
+    results = _fresh_results()
     if os.path.isfile(base):
         with open(base) as f:
             results = json.load(f)
     cells = results.setdefault("cells", {})
     for extra in sorted(os.listdir(folder)):
-        path = os.path.join(folder, extra)
         if not (extra.startswith("real_vit_") and extra.endswith(".json")):
             continue
-        with open(path) as f:
+        with open(os.path.join(folder, extra)) as f:
             data = json.load(f)
         for key, cell in data.get("cells", {}).items():  # the same key from two files: both kept
             cells[key if key not in cells else f"{key}#{extra}"] = cell

@@ -55,3 +55,20 @@ def test_report_without_a_main_file_uses_the_side_files(tmp_path):
     _write(tmp_path / "real_vit_a.json", {"score/taylor": {"command": "c", "seconds": 1.0}})
     merged = rv.merged_results(str(tmp_path))
     assert list(merged["cells"]) == ["score/taylor"]
+
+
+def test_the_written_report_shows_cells_of_both_files(tmp_path, monkeypatch):
+    rv = _module()
+    _write(tmp_path / "real_vit.json",
+           {"score/fisher": {"command": "upvit score T --proxy-size 32 --method fisher", "seconds": 460.0,
+                             "cpu_seconds": 320.0},
+            "eval/fisher/ti": {"command": "upvit eval", "result": {"top1": 5.49}}})
+    _write(tmp_path / "real_vit_ft6.json",
+           {"finetune/fisher/ti/ep6/s0": {"command": "upvit finetune M --epochs 6 --out X", "val_top1": 74.81}})
+    monkeypatch.setenv("REAL_VIT_RESULTS", str(tmp_path / "real_vit_ft6.json"))
+    monkeypatch.setattr(rv, "REPORT", str(tmp_path / "real_vit.md"))
+    rv.report(None)
+    text = (tmp_path / "real_vit.md").read_text()
+    # 320 CPU s over 32 images = 10 s each; 2,000 images = 20,000 s = 5.6 h
+    assert "| fisher | 32 | 460 | 320.0 | 10.0 | 5.6 |" in text
+    assert "| fisher | ti (192, 3, 768) | 5.49 | 74.81 |" in text
