@@ -415,14 +415,13 @@ def report(_: argparse.Namespace) -> None:
         if key.startswith("score/"):
             parts = cell["command"].split()
             n = int(parts[parts.index("--proxy-size") + 1])
-            cpu = cell.get("cpu_seconds")
+            cpu, method = cell.get("cpu_seconds"), key[len("score/"):]
+            name = method
             if "--resume" in parts:  # the recorded times are those of the run that finished it, not the whole
-                cpu, name = None, f"{key[6:]} (resumed: times of the last part only)"
-            else:
-                name = key[6:]
+                cpu, name = None, f"{method} (resumed: times of the last part only)"
             per = f"{cpu / n:.1f}" if cpu is not None else "-"
             # criteria that run the model on every proxy image grow linearly with it; magnitude and random do not
-            grows = key[6:] in ("kl", "kl_cost", "hybrid", "fisher", "taylor")
+            grows = method in ("kl", "kl_cost", "hybrid", "fisher", "taylor")
             paper = f"{cpu / n * 2000 / 3600:.1f}" if cpu is not None and grows else "-"
             lines.append(f"| {name} | {n} | {cell['seconds']:.0f} | {cpu if cpu is not None else '-'} | {per} "
                          f"| {paper} |")
