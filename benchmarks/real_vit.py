@@ -8,7 +8,7 @@ own checkpoint). ``report`` writes ``benchmarks/results/real_vit.md`` from the J
 Prerequisites: ``make dinov2 dinov2-teacher`` (the converted backbone and the emoji teacher at 112 px).
 
     python benchmarks/real_vit.py run [--epochs 1] [--proxy 64] [--methods fisher,magnitude,...] [--shapes ti,mild]
-                                      [--finetune-shapes ti] [--kl-proxy 1] [--seeds 1] [--compensate-proxy 128]
+                                      [--finetune-shapes ti] [--cost kl:1] [--seeds 1] [--compensate-proxy 128]
     python benchmarks/real_vit.py agnostic [--proxy 2] [--epochs 1]   # item 5: the bare backbone, kNN
     python benchmarks/real_vit.py report
     python benchmarks/real_vit.py run --smoke   # seconds: the same CLI steps on a tiny random ViT and animal-mnist
@@ -116,11 +116,12 @@ def finetune_args(model: str, out: str, epochs: int, seed: int, max_steps: int |
             "--seed", str(seed), *cut, "--out", out]
 
 
-def kl_cost(results: dict, proxy: int) -> None:
-    """The cost of exact KL scoring at this size, on a proxy of ``proxy`` images."""
-    out = f"{RUNS}/scores_kl_{proxy}.safetensors"
-    step(results, "score/kl_cost", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
-                                    "--method", "kl", "--out", out, *_resume_flag(out)])
+def score_cost(results: dict, method: str, proxy: int) -> None:
+    """A timing run: ``method``'s scoring on ``proxy`` images into a file of its own (nothing is pruned from it).
+    For criteria too slow for the main run's proxy (exact KL) or recorded before CPU seconds were."""
+    out = f"{RUNS}/scores_{method}_{proxy}.safetensors"
+    step(results, f"score/{method}_cost", ["score", TEACHER, "--data", DATA_TRAIN, "--proxy-size", str(proxy),
+                                          "--method", method, "--out", out, *_resume_flag(out)])
 
 
 def last_val(out_dir: str) -> float | None:
@@ -199,8 +200,8 @@ def run(args: argparse.Namespace) -> None:
                     continue
                 step(results, f"eval/{method}+lsq/{shape}", ["eval", fixed, "--data", DATA_VAL, "--json",
                                                            f"{fixed}/eval.json"], f"{fixed}/eval.json")
-    if args.kl_proxy > 0:
-        kl_cost(results, args.kl_proxy)
+    for method, proxy in args.cost:
+        score_cost(results, method, proxy)
     # phase 2 (expensive): distillation fine-tuning, the same epochs for every row; scratch = random init
     rows = [(m, s, p) for m, s, p in pruned_ok if s in args.finetune_shapes]
     if args.scratch:
@@ -415,13 +416,13 @@ def report(_: argparse.Namespace) -> None:
         if key.startswith("score/"):
             parts = cell["command"].split()
             n = int(parts[parts.index("--proxy-size") + 1])
-            cpu, method = cell.get("cpu_seconds"), key[len("score/"):]
-            name = method
+            cpu, method = cell.get("cpu_seconds"), key[len("score/"):].removesuffix("_cost")
+            name = method if not key.endswith("_cost") else f"{method} (timing run)"
             if "--resume" in parts:  # the recorded times are those of the run that finished it, not the whole
                 cpu, name = None, f"{method} (resumed: times of the last part only)"
             per = f"{cpu / n:.1f}" if cpu is not None else "-"
             # criteria that run the model on every proxy image grow linearly with it; magnitude and random do not
-            grows = method in ("kl", "kl_cost", "hybrid", "fisher", "taylor")
+            grows = method in ("kl", "hybrid", "fisher", "taylor")
             paper = f"{cpu / n * 2000 / 3600:.1f}" if cpu is not None and grows else "-"
             lines.append(f"| {name} | {n} | {cell['seconds']:.0f} | {cpu if cpu is not None else '-'} | {per} "
                          f"| {paper} |")
@@ -465,6 +466,17 @@ def report(_: argparse.Namespace) -> None:
     print(f"wrote {REPORT}")
 
 
+def _cost_runs(text: str) -> list[tuple[str, int]]:
+    """``kl:1,fisher:32`` -> [("kl", 1), ("fisher", 32)]."""
+    runs = []
+    for item in text.split(","):
+        method, _, n = item.partition(":")
+        if not n.isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"--cost wants METHOD:N with N >= 1 proxy images, got {item!r}")
+        runs.append((method, int(n)))
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -472,7 +484,8 @@ def main() -> None:
     r.add_argument("--epochs", type=int, default=1)
     r.add_argument("--proxy", type=int, default=64)
     r.add_argument("--hybrid-proxy", type=int, default=8)
-    r.add_argument("--kl-proxy", type=int, default=0, help="exact KL on this many proxy images (0: skip)")
+    r.add_argument("--cost", type=_cost_runs, default=[], metavar="METHOD:N,...",
+                   help="timing runs only: score with METHOD on N proxy images (e.g. kl:1 for exact KL)")
     r.add_argument("--max-steps", type=int, help="fine-tuning steps per epoch (batch 64; default: the whole set)")
     r.add_argument("--teacher-eval", action="store_true", help="also evaluate the teacher directory")
     r.add_argument("--seeds", type=int, default=1)

@@ -72,3 +72,29 @@ def test_the_written_report_shows_cells_of_both_files(tmp_path, monkeypatch):
     # 320 CPU s over 32 images = 10 s each; 2,000 images = 20,000 s = 5.6 h
     assert "| fisher | 32 | 460 | 320.0 | 10.0 | 5.6 |" in text
     assert "| fisher | ti (192, 3, 768) | 5.49 | 74.81 |" in text
+
+
+def test_a_timing_run_is_named_and_projected_like_its_method(tmp_path, monkeypatch):
+    rv = _module()
+    _write(tmp_path / "real_vit.json",
+           {"score/fisher": {"command": "upvit score T --proxy-size 32 --method fisher", "seconds": 460.0},
+            "score/fisher_cost": {"command": "upvit score T --proxy-size 16 --method fisher --out F",
+                                  "seconds": 90.0, "cpu_seconds": 72.0}})
+    monkeypatch.setattr(rv, "REPORT", str(tmp_path / "real_vit.md"))
+    rv.report(None)
+    text = (tmp_path / "real_vit.md").read_text()
+    assert "| fisher | 32 | 460 | - | - | - |" in text  # the main run's cell has no CPU time
+    # 72 CPU s over 16 images = 4.5 s each; 2,000 images = 9,000 s = 2.5 h
+    assert "| fisher (timing run) | 16 | 90 | 72.0 | 4.5 | 2.5 |" in text
+
+
+def test_cost_runs_are_parsed_and_a_missing_count_is_refused():
+    import argparse
+
+    import pytest
+
+    rv = _module()
+    assert rv._cost_runs("kl:1,fisher:32") == [("kl", 1), ("fisher", 32)]
+    for bad in ("fisher", "fisher:0", "fisher:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="METHOD:N"):
+            rv._cost_runs(bad)
