@@ -491,7 +491,8 @@ def main() -> None:
     r.add_argument("--seeds", type=int, default=1)
     r.add_argument("--compensate-proxy", type=int, default=0, help="also prune each plan with --compensate lsq "
                    "fitted on this many emoji training images (issue 26; 0: skip)")
-    r.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
+    r.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=list(METHODS),
+                   help="scoring criteria of the main run ('': none, e.g. with --cost only)")
     r.add_argument("--finetune-shapes", type=lambda s: s.split(","), default=list(SHAPES))
     r.add_argument("--shapes", type=lambda s: s.split(","), default=list(SHAPES))
     r.add_argument("--no-scratch", dest="scratch", action="store_false")
