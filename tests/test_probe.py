@@ -64,13 +64,17 @@ def test_probe_writes_a_classifier_equal_to_head_on_features(tmp_path, monkeypat
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
 
 
-def test_shipped_emoji_head_fits_vit_s():
+@pytest.mark.parametrize("task, classes", [("dinov2_emoji", 9), ("dinov2_animal", 10)])
+def test_shipped_heads_fit_vit_s(task, classes):
     import os
 
     import upvit as pkg
     from upvit.io import load_tensors
 
-    path = os.path.join(os.path.dirname(pkg.__file__), "assets", "dinov2_emoji", "head.safetensors")
+    path = os.path.join(os.path.dirname(pkg.__file__), "assets", task, "head.safetensors")
     tensors, meta = load_tensors(path)
-    assert tensors["weight"].shape == (9, 384) and tensors["bias"].shape == (9,)
-    assert len(json.loads(meta["classes"])) == 9 and "Component" not in meta["classes"]
+    assert tensors["weight"].shape == (classes, 384) and tensors["bias"].shape == (classes,)
+    names = json.loads(meta["classes"])
+    assert len(names) == classes and "Component" not in names
+    with open(os.path.join(os.path.dirname(path), "probe.json")) as f:
+        assert json.load(f)["classes"] == names  # the record beside the head describes this head
