@@ -42,6 +42,11 @@ DATA_TRAIN, DATA_VAL, DATA_NOTE = "emoji:train", "emoji:val", "emoji at 112 px"
 # bench(): the architecture timed at each resolution, the teacher's shape (the students' are SHAPES)
 BENCH_ARCH = ("vit_small_patch14_dinov2", {"num_classes": 9}, (112, 224), (384, 6, 1536))
 SMOKE = False  # set by `run --smoke` (see smoke_setup)
+KEY_PREFIX = ""  # result keys of a second task start with its name (see task_setup); emoji's have none
+# --task: the teacher (ViT-S/14 + linear head at 112 px), its data, its class count
+TASKS = {"emoji": (TEACHER, "emoji:train", "emoji:val", "emoji at 112 px", 9),
+         "animal-mnist": (os.path.join("runs", "dinov2", "animal_teacher_112"), "animal-mnist-rgb:train",
+                          "animal-mnist-rgb:val", "animal-mnist at 112 px, 3 channels", 10)}
 
 
 def load() -> dict:
@@ -63,6 +68,17 @@ def _resume_flag(scores: str) -> list[str]:
     return ["--resume"] if os.path.isfile(os.path.join(ROOT, scores + ".partial")) else []
 
 
+def task_setup(task: str) -> None:
+    """Point the run at a second task's teacher and data (``make dinov2-animal-teacher``); its runs go to
+    ``runs/real_vit/TASK`` and its result keys start with ``TASK/`` so both tasks share one report."""
+    global TEACHER, DATA_TRAIN, DATA_VAL, DATA_NOTE, RUNS, KEY_PREFIX, SCRATCH
+    if task == "emoji":
+        return
+    TEACHER, DATA_TRAIN, DATA_VAL, DATA_NOTE, classes = TASKS[task]
+    RUNS, KEY_PREFIX = os.path.join(RUNS, task), f"{task}/"
+    SCRATCH = SCRATCH.replace("num_classes=9", f"num_classes={classes}")
+
+
 def store(results: dict) -> None:
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     tmp = RESULTS + ".tmp"
@@ -73,6 +89,7 @@ def store(results: dict) -> None:
 
 def step(results: dict, key: str, args: list[str], out_json: str | None = None) -> dict | None:
     """Run one CLI command unless ``key`` is already recorded; record its wall time and JSON output."""
+    key = KEY_PREFIX + key
     if key in results["cells"]:
         return results["cells"][key]
     # a smoke run calls this checkout's upvit (cwd=ROOT comes first on sys.path with -m)
@@ -160,6 +177,7 @@ def smoke_setup(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    task_setup(args.task)
     if args.smoke:
         smoke_setup(args)
     results = load()
@@ -316,6 +334,7 @@ def agnostic_lines() -> list[str]:
 def finetune_rows(args: argparse.Namespace) -> None:
     """Only the fine-tuning of existing pruned models (METHOD:SHAPE; scratch:SHAPE), e.g. in a second process
     (``REAL_VIT_RESULTS=benchmarks/results/real_vit_ft.json``) while the first one still scores and prunes."""
+    task_setup(args.task)
     results = load()
     for seed in range(args.seeds):
         for row in args.rows:
@@ -337,6 +356,24 @@ def finetune_cell(results: dict, args: argparse.Namespace, method: str, shape: s
     if cell is not None:
         cell["val_top1"] = last_val(ft)
         store(results)
+
+
+def top1_rows(cells: dict, budgets: list[int]) -> list[str]:
+    """The top-1 table: a row per method and shape, before fine-tuning and after each budget (seeds in order)."""
+    lines = ["| method | shape | before fine-tuning | " + " | ".join(f"after {e} epochs" for e in budgets) + " |",
+             "|---|---|---:|" + "---:|" * len(budgets)]
+    # exact KL is not a default method of `run` (hours per proxy image here) but its rows are reported
+    for method in (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch"):
+        for shape, dims in SHAPES.items():
+            before = cells.get(f"eval/{method}/{shape}", {}).get("result", {}).get("top1")
+            mine = [c for k, c in cells.items() if k.startswith(f"finetune/{method}/{shape}/")]
+            if before is None and not mine:
+                continue
+            b = f"{before:.2f}" if before is not None else ("random init" if method == "scratch" else "-")
+            after = [", ".join(f"{c['val_top1']:.2f}" for c in mine
+                               if _epochs_of(c) == e and c.get("val_top1") is not None) or "-" for e in budgets]
+            lines.append(f"| {method} | {shape} {dims} | {b} | " + " | ".join(after) + " |")
+    return lines
 
 
 def _epochs_of(cell: dict) -> int:
@@ -430,20 +467,8 @@ def report(_: argparse.Namespace) -> None:
     lines += ["", ("(Wall times include loading the model and the data set, about half a minute; the machine "
                    "was shared with other jobs.)"), "", "## Top-1 on emoji val (802 images, 9 classes)", "",
               "Fine-tuning: distillation from the teacher, batch 64, lr 5e-4, the same recipe for every row; a column "
-              "per budget (epochs over the 2,979 training images), the values of seeds 0, 1, ... in order.", "",
-              "| method | shape | before fine-tuning | " + " | ".join(f"after {e} epochs" for e in budgets) + " |",
-              "|---|---|---:|" + "---:|" * len(budgets)]
-    # exact KL is not a default method of `run` (hours per proxy image here) but its rows are reported
-    for method in (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch"):
-        for shape, dims in SHAPES.items():
-            before = cells.get(f"eval/{method}/{shape}", {}).get("result", {}).get("top1")
-            mine = [c for k, c in cells.items() if k.startswith(f"finetune/{method}/{shape}/")]
-            if before is None and not mine:
-                continue
-            b = f"{before:.2f}" if before is not None else ("random init" if method == "scratch" else "-")
-            after = [", ".join(f"{c['val_top1']:.2f}" for c in mine
-                               if _epochs_of(c) == e and c.get("val_top1") is not None) or "-" for e in budgets]
-            lines.append(f"| {method} | {shape} {dims} | {b} | " + " | ".join(after) + " |")
+              "per budget (epochs over the 2,979 training images), the values of seeds 0, 1, ... in order.", ""]
+    lines += top1_rows(cells, budgets)
     if results.get("sizes") and "bench" not in results:  # the speed table below repeats the sizes
         lines += ["", "## Size (one forward of one image)", "", "| model | shape | px | params | MACs |",
                   "|---|---|---:|---:|---:|"]
@@ -456,6 +481,21 @@ def report(_: argparse.Namespace) -> None:
         for r in results["bench"]:
             lines.append(f"| {r['model']} | {tuple(r['shape'])} | {r['img_size']} | {r['params'] / 1e6:.2f} M | "
                          f"{r['macs'] / 1e9:.2f} G | {r['images_per_second']:.1f} |")
+    second = [t for t in TASKS if t != "emoji" and any(k.startswith(f"{t}/eval/") for k in cells)]
+    for task in second:
+        teacher, _, _, note, classes = TASKS[task]
+        task_cells = {k[len(task) + 1:]: c for k, c in cells.items() if k.startswith(f"{task}/")}
+        task_budgets = sorted({_epochs_of(c) for k, c in task_cells.items() if k.startswith("finetune/")})
+        lines += ["", f"## Second task: {note} ({classes} classes)", "",
+                  f"The same backbone with a linear head fitted on {task} (`{teacher}`); the same scoring proxy size, "
+                  "shapes and fine-tuning recipe as above.", ""]
+        probe_path = os.path.join(ROOT, teacher, "probe.json")
+        if os.path.isfile(probe_path):
+            with open(probe_path) as f:
+                t = json.load(f)
+            lines += [f"Teacher: val top-1 **{t['val_top1']:.2f}%** (train {t['train_top1']:.2f}%, kNN@10 "
+                      f"{t['knn10_val_top1']:.2f}%), {t['train_images']} train / {t['val_images']} val images.", ""]
+        lines += top1_rows(task_cells, task_budgets)
     lines += agnostic_lines()
     reading = os.path.join(ROOT, "benchmarks", "readings", "real_vit.md")
     if os.path.isfile(reading) and not SMOKE:
@@ -500,12 +540,16 @@ def main() -> None:
     r.add_argument("--smoke", action="store_true", help="seconds: the same CLI steps on a tiny random ViT and "
                    "animal-mnist (one method, one shape, one fine-tuning step, no scratch row), results "
                    "and report in $UPVIT_BENCH_SMOKE_DIR/real_vit; checks that the script runs")
+    r.add_argument("--task", choices=list(TASKS), default="emoji",
+                   help="the downstream task: its teacher, data, runs folder and result keys")
     r.set_defaults(func=run)
     f = sub.add_parser("finetune")
     f.add_argument("--rows", type=lambda s: s.split(","), required=True, help="METHOD:SHAPE,... (scratch:SHAPE)")
     f.add_argument("--epochs", type=int, default=1)
     f.add_argument("--max-steps", type=int)
     f.add_argument("--seeds", type=int, default=1)
+    f.add_argument("--task", choices=list(TASKS), default="emoji",
+                   help="the downstream task: its teacher, data, runs folder and result keys")
     f.set_defaults(func=finetune_rows)
     a = sub.add_parser("agnostic", help="item 5: the bare backbone pruned task-agnostically, kNN on two tasks")
     a.add_argument("--proxy", type=int, default=2, help="proxy images of the exact 1 - cos scores")

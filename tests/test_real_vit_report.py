@@ -98,3 +98,32 @@ def test_cost_runs_are_parsed_and_a_missing_count_is_refused():
     for bad in ("fisher", "fisher:0", "fisher:x"):
         with pytest.raises(argparse.ArgumentTypeError, match="METHOD:N"):
             rv._cost_runs(bad)
+
+
+def test_a_second_task_gets_its_own_table_and_leaves_the_emoji_table_alone(tmp_path, monkeypatch):
+    rv = _module()
+    _write(tmp_path / "real_vit.json",
+           {"eval/fisher/ti": {"command": "upvit eval", "result": {"top1": 5.49}}})
+    _write(tmp_path / "real_vit_animal.json",
+           {"animal-mnist/eval/fisher/ti": {"command": "upvit eval", "result": {"top1": 41.25}},
+            "animal-mnist/finetune/scratch/ti/ep2/s0": {"command": "upvit finetune M --epochs 2 --out X",
+                                                        "val_top1": 80.5}})
+    monkeypatch.setattr(rv, "REPORT", str(tmp_path / "real_vit.md"))
+    rv.report(None)
+    text = (tmp_path / "real_vit.md").read_text()
+    emoji, animal = text.split("## Second task: animal-mnist")
+    assert "| fisher | ti (192, 3, 768) | 5.49 |" in emoji and "41.25" not in emoji and "80.5" not in emoji
+    assert "| fisher | ti (192, 3, 768) | 41.25 | - |" in animal
+    assert "| scratch | ti (192, 3, 768) | random init | 80.50 |" in animal
+
+
+def test_task_setup_points_runs_keys_and_scratch_at_the_second_task(monkeypatch):
+    rv = _module()
+    rv.task_setup("emoji")
+    assert (rv.KEY_PREFIX, rv.DATA_TRAIN) == ("", "emoji:train") and "num_classes=9" in rv.SCRATCH
+    rv.task_setup("animal-mnist")
+    assert rv.KEY_PREFIX == "animal-mnist/" and rv.DATA_TRAIN == "animal-mnist-rgb:train"
+    assert rv.RUNS == os.path.join("runs", "real_vit", "animal-mnist") and "num_classes=10" in rv.SCRATCH
+    recorded = {"cells": {"animal-mnist/eval/fisher/ti": {"command": "done before"}}}
+    # a recorded cell of the second task is found under its prefixed key (no command is run)
+    assert rv.step(recorded, "eval/fisher/ti", ["eval"]) == {"command": "done before"}
