@@ -360,8 +360,8 @@ def finetune_cell(results: dict, args: argparse.Namespace, method: str, shape: s
 
 def top1_rows(cells: dict, budgets: list[int]) -> list[str]:
     """The top-1 table: a row per method and shape, before fine-tuning and after each budget (seeds in order)."""
-    lines = ["| method | shape | before fine-tuning | " + " | ".join(f"after {e} epochs" for e in budgets) + " |",
-             "|---|---|---:|" + "---:|" * len(budgets)]
+    columns = ["method", "shape", "before fine-tuning", *(f"after {e} epochs" for e in budgets)]
+    lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 2)]
     # exact KL is not a default method of `run` (hours per proxy image here) but its rows are reported
     for method in (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch"):
         for shape, dims in SHAPES.items():
@@ -372,7 +372,7 @@ def top1_rows(cells: dict, budgets: list[int]) -> list[str]:
             b = f"{before:.2f}" if before is not None else ("random init" if method == "scratch" else "-")
             after = [", ".join(f"{c['val_top1']:.2f}" for c in mine
                                if _epochs_of(c) == e and c.get("val_top1") is not None) or "-" for e in budgets]
-            lines.append(f"| {method} | {shape} {dims} | {b} | " + " | ".join(after) + " |")
+            lines.append("| " + " | ".join([method, f"{shape} {dims}", b, *after]) + " |")
     return lines
 
 
@@ -487,8 +487,8 @@ def report(_: argparse.Namespace) -> None:
         task_cells = {k[len(task) + 1:]: c for k, c in cells.items() if k.startswith(f"{task}/")}
         task_budgets = sorted({_epochs_of(c) for k, c in task_cells.items() if k.startswith("finetune/")})
         lines += ["", f"## Second task: {note} ({classes} classes)", "",
-                  f"The same backbone with a linear head fitted on {task} (`{teacher}`); the same scoring proxy size, "
-                  "shapes and fine-tuning recipe as above.", ""]
+                  f"The same backbone with a linear head fitted on {task} (`{teacher}`); the same proxy sizes (32 "
+                  "images, exact KL 1), shapes and fine-tuning recipe as above.", ""]
         probe_path = os.path.join(ROOT, teacher, "probe.json")
         if os.path.isfile(probe_path):
             with open(probe_path) as f:

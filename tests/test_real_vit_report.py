@@ -114,7 +114,17 @@ def test_a_second_task_gets_its_own_table_and_leaves_the_emoji_table_alone(tmp_p
     emoji, animal = text.split("## Second task: animal-mnist")
     assert "| fisher | ti (192, 3, 768) | 5.49 |" in emoji and "41.25" not in emoji and "80.5" not in emoji
     assert "| fisher | ti (192, 3, 768) | 41.25 | - |" in animal
+    assert "| method | shape | before fine-tuning | after 2 epochs |\n|---|---|---:|---:|\n" in animal
     assert "| scratch | ti (192, 3, 768) | random init | 80.50 |" in animal
+
+
+def test_a_table_without_fine_tuning_has_no_empty_column(tmp_path, monkeypatch):
+    rv = _module()
+    _write(tmp_path / "real_vit.json", {"eval/taylor/ti": {"command": "upvit eval", "result": {"top1": 10.0}}})
+    monkeypatch.setattr(rv, "REPORT", str(tmp_path / "real_vit.md"))
+    rv.report(None)
+    text = (tmp_path / "real_vit.md").read_text()
+    assert "| method | shape | before fine-tuning |\n|---|---|---:|\n| taylor | ti (192, 3, 768) | 10.00 |\n" in text
 
 
 def test_task_setup_points_runs_keys_and_scratch_at_the_second_task(monkeypatch):
