@@ -304,6 +304,56 @@ def agnostic(args: argparse.Namespace) -> None:
                       for k, c in results["cells"].items()}, indent=1))
 
 
+def confidence(args: argparse.Namespace) -> None:
+    """How the sliced students answer before fine-tuning: mean top-class probability and KL(teacher || student)
+    on ``--images`` training images (seeded pick), for every pruned model of the emoji study. A student that is
+    confidently wrong starts distillation from a larger loss than a random network's near-uniform output."""
+    import torch
+
+    import upvit
+    from upvit.data import load_data
+    from upvit.models import load_model
+
+    results = load()
+    teacher = upvit.load(os.path.join(ROOT, TEACHER)).eval()
+    data, _ = load_data(DATA_TRAIN, data_config=teacher.upvit_config.data_config)
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:args.images].tolist()
+    x = torch.stack([data[i][0] for i in pick])
+    with torch.no_grad():
+        log_t = teacher(x).log_softmax(-1)
+        rows = {"teacher": {"top_prob": round(log_t.exp().max(-1).values.mean().item(), 3), "kl": 0.0}}
+        for method in (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch"):
+            for shape, (e, h, m) in SHAPES.items():
+                folder = os.path.join(ROOT, RUNS, f"{method}_{shape}")
+                if method == "scratch":  # the scratch rows' start: seeded random weights (init seed 0 = --seed 0)
+                    student = load_model(SCRATCH.format(e=e, h=h, r=m / e))
+                elif os.path.isfile(os.path.join(folder, "config.json")):
+                    student = upvit.load(folder)
+                else:
+                    continue
+                log_s = student.eval()(x).log_softmax(-1)
+                kl = (log_t.exp() * (log_t - log_s)).sum(-1).mean().item()
+                rows[f"{method}/{shape}"] = {"top_prob": round(log_s.exp().max(-1).values.mean().item(), 3),
+                                             "kl": round(kl, 2)}
+    results["confidence"] = {"images": args.images, "rows": rows}
+    store(results)
+    print(json.dumps(rows, indent=1))
+
+
+def confidence_lines(results: dict) -> list[str]:
+    """The report's table of the students' outputs before fine-tuning (``confidence``), empty until it has run."""
+    found = results.get("confidence")
+    if not found:
+        return []
+    lines = ["", f"## Before fine-tuning: how the students answer ({found['images']} emoji training images)", "",
+             ("Mean probability of the top class and KL(teacher || student) of the softmax outputs, each pruned model "
+              "as it starts fine-tuning; `scratch` is the scratch rows' start (seeded random weights). Written by "
+              "`python benchmarks/real_vit.py confidence`."), "",
+             "| model | top-class probability | KL(teacher \\|\\| student) |", "|---|---:|---:|"]
+    lines += [f"| {name} | {row['top_prob']:.3f} | {row['kl']:.2f} |" for name, row in found["rows"].items()]
+    return lines
+
+
 def agnostic_lines() -> list[str]:
     """The report's section on item 5 (from real_vit_agnostic.json), empty until it has run."""
     if not os.path.isfile(AGNOSTIC_RESULTS) or SMOKE:
@@ -424,8 +474,9 @@ def merged_results(folder: str) -> dict:
             data = json.load(f)
         for key, cell in data.get("cells", {}).items():  # the same key from two files: both kept
             cells[key if key not in cells else f"{key}#{extra}"] = cell
-        if data.get("sizes"):
-            results["sizes"] = data["sizes"]
+        for part in ("sizes", "confidence"):  # whole-run records: the side file's when it has one
+            if data.get(part):
+                results[part] = data[part]
     return results
 
 
@@ -496,6 +547,7 @@ def report(_: argparse.Namespace) -> None:
             lines += [f"Teacher: val top-1 **{t['val_top1']:.2f}%** (train {t['train_top1']:.2f}%, kNN@10 "
                       f"{t['knn10_val_top1']:.2f}%), {t['train_images']} train / {t['val_images']} val images.", ""]
         lines += top1_rows(task_cells, task_budgets)
+    lines += confidence_lines(results)
     lines += agnostic_lines()
     reading = os.path.join(ROOT, "benchmarks", "readings", "real_vit.md")
     if os.path.isfile(reading) and not SMOKE:
@@ -559,6 +611,9 @@ def main() -> None:
     a.add_argument("--shape", default="ti", choices=list(SHAPES))
     a.add_argument("--smoke", action="store_true", help="seconds: a tiny random headless ViT on animal-mnist")
     a.set_defaults(func=agnostic)
+    c = sub.add_parser("confidence", help="the pruned students' outputs before fine-tuning vs the teacher's")
+    c.add_argument("--images", type=int, default=128)
+    c.set_defaults(func=confidence)
     sub.add_parser("report").set_defaults(func=report)
     args = p.parse_args()
     args.func(args)

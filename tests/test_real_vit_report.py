@@ -137,3 +137,15 @@ def test_task_setup_points_runs_keys_and_scratch_at_the_second_task(monkeypatch)
     recorded = {"cells": {"animal-mnist/eval/fisher/ti": {"command": "done before"}}}
     # a recorded cell of the second task is found under its prefixed key (no command is run)
     assert rv.step(recorded, "eval/fisher/ti", ["eval"]) == {"command": "done before"}
+
+
+def test_the_confidence_record_of_a_side_file_is_reported(tmp_path, monkeypatch):
+    rv = _module()
+    _write(tmp_path / "real_vit.json", {})
+    _write(tmp_path / "real_vit_conf.json", {}, confidence={"images": 4, "rows": {
+        "teacher": {"top_prob": 0.98, "kl": 0.0}, "fisher/mild": {"top_prob": 0.997, "kl": 11.88}}})
+    monkeypatch.setattr(rv, "REPORT", str(tmp_path / "real_vit.md"))
+    rv.report(None)
+    text = (tmp_path / "real_vit.md").read_text()
+    assert "how the students answer (4 emoji training images)" in text
+    assert "| teacher | 0.980 | 0.00 |\n| fisher/mild | 0.997 | 11.88 |\n" in text
