@@ -42,6 +42,9 @@ DATA_TRAIN, DATA_VAL, DATA_NOTE = "emoji:train", "emoji:val", "emoji at 112 px"
 # bench(): the architecture timed at each resolution, the teacher's shape (the students' are SHAPES)
 BENCH_ARCH = ("vit_small_patch14_dinov2", {"num_classes": 9}, (112, 224), (384, 6, 1536))
 SMOKE = False  # set by `run --smoke` (see smoke_setup)
+# the rows of the report and of `confidence`, in order; exact KL is not a default method of `run` (hours per
+# proxy image here) but its rows are reported
+ROW_METHODS = (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch")
 KEY_PREFIX = ""  # result keys of a second task start with its name (see task_setup); emoji's have none
 # --task: the teacher (ViT-S/14 + linear head at 112 px), its data, its class count
 TASKS = {"emoji": (TEACHER, "emoji:train", "emoji:val", "emoji at 112 px", 9),
@@ -322,7 +325,7 @@ def confidence(args: argparse.Namespace) -> None:
     with torch.no_grad():
         log_t = teacher(x).log_softmax(-1)
         rows = {"teacher": {"top_prob": round(log_t.exp().max(-1).values.mean().item(), 3), "kl": 0.0}}
-        for method in (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch"):
+        for method in ROW_METHODS:
             for shape, (e, h, m) in SHAPES.items():
                 folder = os.path.join(ROOT, RUNS, f"{method}_{shape}")
                 if method == "scratch":  # the scratch rows' start: seeded random weights (init seed 0 = --seed 0)
@@ -412,8 +415,7 @@ def top1_rows(cells: dict, budgets: list[int]) -> list[str]:
     """The top-1 table: a row per method and shape, before fine-tuning and after each budget (seeds in order)."""
     columns = ["method", "shape", "before fine-tuning", *(f"after {e} epochs" for e in budgets)]
     lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 2)]
-    # exact KL is not a default method of `run` (hours per proxy image here) but its rows are reported
-    for method in (*[v for m in ("kl", *METHODS) for v in (m, f"{m}+lsq")], "scratch"):
+    for method in ROW_METHODS:
         for shape, dims in SHAPES.items():
             before = cells.get(f"eval/{method}/{shape}", {}).get("result", {}).get("top1")
             mine = [c for k, c in cells.items() if k.startswith(f"finetune/{method}/{shape}/")]
