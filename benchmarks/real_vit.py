@@ -482,6 +482,18 @@ def merged_results(folder: str) -> dict:
     return results
 
 
+def teacher_lines(teacher: str, lead: str, knn: str) -> list[str]:
+    """The report's line on a teacher, from the probe.json ``python -m upvit.probe`` wrote beside it (none
+    without one)."""
+    path = os.path.join(ROOT, teacher, "probe.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        t = json.load(f)
+    return [f"{lead} top-1 **{t['val_top1']:.2f}%** (train {t['train_top1']:.2f}%{knn} {t['knn10_val_top1']:.2f}%), "
+            f"{t['train_images']} train / {t['val_images']} val images.", ""]
+
+
 def report(_: argparse.Namespace) -> None:
     folder = os.path.dirname(REPORT)
     results = merged_results(folder)
@@ -492,13 +504,8 @@ def report(_: argparse.Namespace) -> None:
               "the teacher is that backbone + a linear head fitted on its frozen class-token features "
               "(`make dinov2-teacher`). Written by `python benchmarks/real_vit.py report`; every cell below is "
               "a command the script ran (see real_vit.json for the exact commands and wall times)."), ""]
-    probe_path = os.path.join(ROOT, TEACHER, "probe.json")
-    if os.path.isfile(probe_path):
-        with open(probe_path) as f:
-            t = json.load(f)
-        lines += [(f"Teacher (ViT-S/14 + linear head, 112 px, `make dinov2-teacher`): emoji val top-1 "
-                   f"**{t['val_top1']:.2f}%** (train {t['train_top1']:.2f}%; kNN@10 on the same features "
-                   f"{t['knn10_val_top1']:.2f}%), {t['train_images']} train / {t['val_images']} val images."), ""]
+    lines += teacher_lines(TEACHER, "Teacher (ViT-S/14 + linear head, 112 px, `make dinov2-teacher`): emoji val",
+                           "; kNN@10 on the same features")
     lines += ["## Scoring cost at 112 px (emoji train proxy)", "",
               ("| method | proxy images | wall seconds | CPU seconds | CPU s / image | the paper's 2,000 images "
                "(projected CPU hours) |"), "|---|---:|---:|---:|---:|---:|"]
@@ -542,12 +549,7 @@ def report(_: argparse.Namespace) -> None:
         lines += ["", f"## Second task: {note} ({classes} classes)", "",
                   f"The same backbone with a linear head fitted on {task} (`{teacher}`); the same proxy sizes (32 "
                   "images, exact KL 1), shapes and fine-tuning recipe as above.", ""]
-        probe_path = os.path.join(ROOT, teacher, "probe.json")
-        if os.path.isfile(probe_path):
-            with open(probe_path) as f:
-                t = json.load(f)
-            lines += [f"Teacher: val top-1 **{t['val_top1']:.2f}%** (train {t['train_top1']:.2f}%, kNN@10 "
-                      f"{t['knn10_val_top1']:.2f}%), {t['train_images']} train / {t['val_images']} val images.", ""]
+        lines += teacher_lines(teacher, "Teacher: val", ", kNN@10")
         lines += top1_rows(task_cells, task_budgets)
     lines += confidence_lines(results)
     lines += agnostic_lines()
